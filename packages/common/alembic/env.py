@@ -1,0 +1,66 @@
+"""Alembic environment: the database comes from `heimdex db` or the settings, never the ini."""
+
+from __future__ import annotations
+
+from logging.config import fileConfig
+
+from alembic import context
+from alembic.util import CommandError
+from sqlalchemy import Connection, pool
+from sqlalchemy.exc import OperationalError
+
+from heimdex_common.db import connection_error, make_engine
+from heimdex_common.errors import HeimdexError
+from heimdex_common.models import Base
+from heimdex_common.settings import load_settings, normalize_url
+
+config = context.config
+target_metadata = Base.metadata
+
+if config.config_file_name is not None and config.attributes.get("configure_logger", True):
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+COMMON_OPTIONS = {
+    "target_metadata": target_metadata,
+    # One transaction per revision: a failing revision leaves the database at the one before.
+    "transaction_per_migration": True,
+    "compare_type": True,
+}
+
+
+def run_offline() -> None:
+    # Offline output must not depend on any reachable (or configured) database.
+    context.configure(dialect_name="postgresql", literal_binds=True, **COMMON_OPTIONS)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_with(connection: Connection) -> None:
+    context.configure(connection=connection, **COMMON_OPTIONS)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_online() -> None:
+    given = config.attributes.get("connection")
+    if given is not None:
+        run_with(given)
+        return
+    try:
+        url = config.attributes.get("database_url") or load_settings().sqlalchemy_url
+        engine = make_engine(normalize_url(url), poolclass=pool.NullPool)
+    except HeimdexError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        connection = engine.connect()
+    except OperationalError as exc:
+        raise CommandError(str(connection_error(engine.url, exc))) from None
+    with connection:
+        run_with(connection)
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    run_offline()
+else:
+    run_online()

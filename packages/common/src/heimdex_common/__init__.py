@@ -1,0 +1,3 @@
+"""Heimdex core shared package."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,46 @@
+"""The `heimdex` command. A thin shell: commands live in plain functions elsewhere.
+
+Sub-commands come from the `heimdex.cli` entry-point group, so `heimdex api`, `heimdex worker`
+and friends are contributed by the apps without this package importing them.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib.metadata import entry_points
+
+import click
+
+from heimdex_common import __version__
+from heimdex_common.errors import HeimdexError
+
+ENTRY_POINT_GROUP = "heimdex.cli"
+
+
+class HeimdexGroup(click.Group):
+    """Loads plugin commands lazily and turns `HeimdexError` into one line and exit code 1."""
+
+    def _plugins(self) -> dict[str, click.Command]:
+        found: dict[str, click.Command] = {}
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            found[ep.name] = ep.load()
+        return found
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._plugins()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return super().get_command(ctx, cmd_name) or self._plugins().get(cmd_name)
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except HeimdexError as exc:
+            click.secho(f"error: {exc}", err=True, fg="red")
+            sys.exit(1)
+
+
+@click.group(cls=HeimdexGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="heimdex")
+def main() -> None:
+    """Heimdex core: the durable job ledger, its migrations, API and workers."""

@@ -1,0 +1,1 @@
+"""`heimdex db` as plain functions: history, schema comparison, artifacts, lint, locking."""

@@ -1,0 +1,183 @@
+"""The ledger's tables as SQLAlchemy models: the schema Alembic's head must produce exactly."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ENUM, JSONB, TIMESTAMP, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# One convention for every constraint and index. Revisions pass final names through `op.f()`
+# so the convention is never applied twice (upstream produced `ck_job__ck_job_status`).
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "idx_%(table_name)s__%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s__%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s__%(constraint_name)s",
+    "fk": "fk_%(table_name)s__%(column_0_N_name)s__%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    DEAD_LETTER = "dead_letter"
+
+
+TERMINAL_STATUSES: frozenset[JobStatus] = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.DEAD_LETTER}
+)
+
+
+class BackoffPolicy(StrEnum):
+    NONE = "none"
+    FIXED = "fixed"
+    EXP = "exp"
+
+
+def _values(enum: type[StrEnum]) -> list[str]:
+    return [member.value for member in enum]
+
+
+job_status_type = ENUM(JobStatus, name="job_status", values_callable=_values, create_type=False)
+backoff_policy_type = ENUM(
+    BackoffPolicy, name="job_backoff_policy", values_callable=_values, create_type=False
+)
+
+ERROR_CODE_MAX = 64
+ERROR_MESSAGE_MAX = 2048
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Job(Base):
+    __tablename__ = "job"
+    __table_args__ = (
+        Index(
+            "idx_job__org_id_idempotency_key",
+            "org_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
+        Index("idx_job__org_id_created_at_desc", "org_id", text("created_at DESC")),
+        Index(None, "status", "created_at"),
+        CheckConstraint(
+            "(status IN ('succeeded', 'failed', 'canceled', 'dead_letter')"
+            " AND finished_at IS NOT NULL)"
+            " OR (status IN ('queued', 'running') AND finished_at IS NULL)",
+            name="status_finished_at_consistency",
+        ),
+        {"comment": "Durable ledger for asynchronous jobs with retry and idempotency support"},
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True),
+        primary_key=True,
+        server_default=text("gen_random_uuid()"),
+        comment="Globally unique job identifier",
+    )
+    org_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), comment="Organization/tenant identifier for RLS"
+    )
+    type: Mapped[str] = mapped_column(
+        String(100), comment="Job type discriminator (e.g., 'mock_process', 'drive_ingest')"
+    )
+    status: Mapped[JobStatus] = mapped_column(
+        job_status_type, server_default=text("'queued'"), comment="Current job state"
+    )
+    attempt: Mapped[int] = mapped_column(
+        Integer,
+        server_default=text("0"),
+        comment="Retry attempt counter (0 = first attempt)",
+    )
+    max_attempts: Mapped[int] = mapped_column(
+        Integer,
+        server_default=text("5"),
+        comment="Maximum retry attempts before dead-lettering",
+    )
+    backoff_policy: Mapped[BackoffPolicy] = mapped_column(
+        backoff_policy_type,
+        server_default=text("'exp'"),
+        comment="Backoff policy for retry scheduling",
+    )
+    priority: Mapped[int] = mapped_column(
+        Integer,
+        server_default=text("0"),
+        comment="Job priority (higher = more urgent, future use)",
+    )
+    idempotency_key: Mapped[str | None] = mapped_column(
+        String(255), comment="Client-provided key for deduplication"
+    )
+    requested_by: Mapped[str | None] = mapped_column(
+        String(255), comment="User/service that requested the job"
+    )
+    created_at: Mapped[datetime] = mapped_column(
+        TIMESTAMP(timezone=True), server_default=text("now()"), comment="Job creation timestamp"
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        TIMESTAMP(timezone=True),
+        server_default=text("now()"),
+        comment="Last modification timestamp",
+    )
+    started_at: Mapped[datetime | None] = mapped_column(
+        TIMESTAMP(timezone=True), comment="When job execution started"
+    )
+    finished_at: Mapped[datetime | None] = mapped_column(
+        TIMESTAMP(timezone=True), comment="When job reached terminal state"
+    )
+    last_error_code: Mapped[str | None] = mapped_column(
+        String(ERROR_CODE_MAX),
+        comment="Error classification (e.g., 'TIMEOUT', 'VALIDATION_ERROR')",
+    )
+    last_error_message: Mapped[str | None] = mapped_column(
+        String(ERROR_MESSAGE_MAX), comment="Human-readable error detail"
+    )
+
+
+class JobEvent(Base):
+    __tablename__ = "job_event"
+    __table_args__ = (
+        Index(None, "job_id", "ts"),
+        Index(None, "ts"),
+        {"comment": "Immutable audit log of job state transitions"},
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True),
+        primary_key=True,
+        server_default=text("gen_random_uuid()"),
+        comment="Unique event identifier",
+    )
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True),
+        ForeignKey("job.id", ondelete="CASCADE"),
+        comment="Reference to parent job",
+    )
+    ts: Mapped[datetime] = mapped_column(
+        TIMESTAMP(timezone=True), server_default=text("now()"), comment="Event occurrence timestamp"
+    )
+    prev_status: Mapped[str | None] = mapped_column(
+        String(50), comment="Status before transition (NULL for initial state)"
+    )
+    next_status: Mapped[str] = mapped_column(String(50), comment="Status after transition")
+    detail_json: Mapped[dict[str, Any] | None] = mapped_column(
+        JSONB(), comment="Additional event metadata (stage, progress, error details)"
+    )

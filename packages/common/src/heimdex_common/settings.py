@@ -1,0 +1,100 @@
+"""The one settings object every Heimdex process reads once at its entrypoint."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import cached_property
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+
+from heimdex_common.errors import HeimdexError
+
+DRIVER = "postgresql+psycopg"
+PLACEHOLDER_JWT_SECRET = "local-dev-secret-change-me"  # noqa: S105 - refused outside local
+
+
+class Environment(StrEnum):
+    LOCAL = "local"
+    DEV = "dev"
+    STAGING = "staging"
+    PROD = "prod"
+
+
+class Settings(BaseSettings):
+    """Configuration from the environment (and an optional `.env` file).
+
+    The database is addressed either by `DATABASE_URL` or by the libpq variables
+    (`PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`); `DATABASE_URL` wins when set.
+    """
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    database_url: SecretStr | None = Field(default=None, validation_alias="DATABASE_URL")
+    pghost: str = Field(default="localhost", validation_alias="PGHOST")
+    pgport: int = Field(default=5432, validation_alias="PGPORT")
+    pguser: str = Field(default="postgres", validation_alias="PGUSER")
+    pgpassword: SecretStr | None = Field(default=None, validation_alias="PGPASSWORD")
+    pgdatabase: str = Field(default="heimdex", validation_alias="PGDATABASE")
+
+    redis_url: str = Field(default="redis://localhost:6379/0", validation_alias="REDIS_URL")
+    jwt_secret: SecretStr = Field(
+        default=SecretStr(PLACEHOLDER_JWT_SECRET),
+        validation_alias=AliasChoices("HEIMDEX_JWT_SECRET"),
+    )
+    env: Environment = Field(default=Environment.LOCAL, validation_alias="HEIMDEX_ENV")
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secret(self) -> Settings:
+        if self.env is not Environment.LOCAL and (
+            self.jwt_secret.get_secret_value() in ("", PLACEHOLDER_JWT_SECRET)
+        ):
+            raise ValueError(
+                f"HEIMDEX_JWT_SECRET must be set to a real secret when HEIMDEX_ENV={self.env.value}"
+            )
+        return self
+
+    @cached_property
+    def sqlalchemy_url(self) -> URL:
+        """The database URL, built with `URL.create` so any password character is safe."""
+        if self.database_url is not None:
+            return normalize_url(self.database_url.get_secret_value())
+        return URL.create(
+            DRIVER,
+            username=self.pguser,
+            password=self.pgpassword.get_secret_value() if self.pgpassword else None,
+            host=self.pghost,
+            port=self.pgport,
+            database=self.pgdatabase,
+        )
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Parse a PostgreSQL URL and pin the psycopg 3 driver."""
+    try:
+        parsed = make_url(url) if isinstance(url, str) else url
+    except Exception as exc:  # sqlalchemy raises ArgumentError; never echo the URL (password)
+        raise HeimdexError("DATABASE_URL is not a valid URL (postgresql://user@host/db)") from exc
+    if parsed.get_backend_name() != "postgresql":
+        raise HeimdexError(
+            f"DATABASE_URL must point at PostgreSQL, not {parsed.get_backend_name()!r}"
+        )
+    return parsed.set(drivername=DRIVER)
+
+
+def describe_url(url: URL) -> str:
+    """`host:port/database` for messages; never includes the password."""
+    return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
+
+
+def load_settings() -> Settings:
+    """Read the settings, turning validation errors into one readable `HeimdexError`."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise HeimdexError(f"invalid settings: {problems}") from None
