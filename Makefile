@@ -1,10 +1,13 @@
-# The README's commands. Everything runs through uv, from the workspace's one lock file.
-.PHONY: test lint test-containers bench
+# Shortcuts for the scripts the README names.
+.PHONY: test lint bench
 
-test: lint
-	uv run pytest
+test:
+	scripts/test
 
 lint:
 	uv run ruff check .
 	uv run ruff format --check .
 	uv run mypy
+
+bench:
+	uv run python bench/migration_hardening.py

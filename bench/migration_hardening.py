@@ -1,0 +1,253 @@
+"""Cost of 001_job_ledger_init -> 3af4686817cc on a realistic table, ours vs the naive sequence.
+
+Loads N job rows shaped like the field's data at 001 (mostly succeeded, some failed, retries
+with a stale finished_at, terminal rows without one, long error texts), clones the database,
+then runs each variant while a writer inserts a job every 10 ms, and prints a table:
+wall time of the migration and the writer's longest stall.
+
+    uv run python bench/migration_hardening.py            # 1,000,000 rows, own throwaway cluster
+    uv run python bench/migration_hardening.py --rows 200000 --database-url postgresql://...
+
+The naive sequence is each change as its own statement, as autogenerate emits it (plus the
+normalisation a naive migration needs to pass its CHECK): several table rewrites, status
+updates over every row, rebuilt indexes, no lock_timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from alembic import command
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import URL
+
+from heimdex_common.localpg import LocalPostgres
+from heimdex_common.migrations.config import alembic_config
+from heimdex_common.settings import normalize_url
+
+LOAD = """
+INSERT INTO job (org_id, type, status, attempt, created_at, updated_at, started_at,
+                 finished_at, last_error_code, last_error_message)
+SELECT orgs.org, 'mock_process', s.status, s.attempt, s.created, s.created + interval '2 min',
+       CASE WHEN s.status <> 'queued' THEN s.created + interval '5 s' END,
+       CASE
+         WHEN s.status IN ('succeeded', 'canceled') AND g % 50 <> 0
+           THEN s.created + interval '2 min'
+         WHEN s.status = 'failed' THEN s.created + interval '1 min'
+         WHEN s.status = 'running' AND g % 3 = 0 THEN s.created + interval '1 min'
+       END,
+       CASE WHEN s.status = 'failed' THEN
+         CASE WHEN g % 7 = 0 THEN repeat('E', 90) ELSE 'WORKER_ERROR' END END,
+       CASE WHEN s.status = 'failed' THEN
+         CASE WHEN g % 5 = 0 THEN repeat('Traceback line ', 400) ELSE 'boom' END END
+  FROM generate_series(1, :rows) AS g
+  CROSS JOIN LATERAL (
+    SELECT CASE
+             WHEN g % 100 < 78 THEN 'succeeded'
+             WHEN g % 100 < 88 THEN 'failed'
+             WHEN g % 100 < 92 THEN 'canceled'
+             WHEN g % 100 < 96 THEN 'running'
+             ELSE 'queued'
+           END AS status,
+           (g % 3) AS attempt,
+           now() - (g || ' seconds')::interval AS created
+  ) AS s
+  CROSS JOIN LATERAL (
+    SELECT ('00000000-0000-0000-0000-' || lpad(((g % 200) + 1)::text, 12, '0'))::uuid AS org
+  ) AS orgs
+"""
+
+NAIVE = [
+    "CREATE TYPE job_status AS ENUM "
+    "('queued', 'running', 'succeeded', 'failed', 'canceled', 'dead_letter')",
+    "CREATE TYPE job_backoff_policy AS ENUM ('none', 'fixed', 'exp')",
+    "UPDATE job SET status = 'queued' WHERE status IN ('pending', 'queued')",
+    "UPDATE job SET status = 'running' WHERE status IN ('processing', 'running')",
+    "UPDATE job SET status = 'succeeded' WHERE status IN ('completed', 'succeeded')",
+    "UPDATE job SET finished_at = CASE WHEN status IN ('queued', 'running') THEN NULL "
+    "ELSE coalesce(finished_at, updated_at) END",
+    "UPDATE job SET last_error_code = left(last_error_code, 64), "
+    "last_error_message = left(last_error_message, 2048)",
+    "ALTER TABLE job ADD COLUMN max_attempts INTEGER DEFAULT 5 NOT NULL",
+    "ALTER TABLE job ADD COLUMN backoff_policy job_backoff_policy DEFAULT 'exp' NOT NULL",
+    "ALTER TABLE job DROP CONSTRAINT ck_job_status",
+    "ALTER TABLE job ALTER COLUMN status DROP DEFAULT",
+    "ALTER TABLE job ALTER COLUMN status TYPE job_status USING status::job_status",
+    "ALTER TABLE job ALTER COLUMN status SET DEFAULT 'queued'::job_status",
+    "ALTER TABLE job ALTER COLUMN last_error_code TYPE VARCHAR(64)",
+    "ALTER TABLE job ALTER COLUMN last_error_message TYPE VARCHAR(2048)",
+    "DROP INDEX idx_job_org_status",
+    "DROP INDEX idx_job_type_status",
+    "DROP INDEX uq_job_org_idempotency",
+    "CREATE INDEX idx_job__org_id_created_at_desc ON job (org_id, created_at DESC)",
+    "CREATE UNIQUE INDEX idx_job__org_id_idempotency_key ON job (org_id, idempotency_key) "
+    "WHERE idempotency_key IS NOT NULL",
+    "CREATE INDEX idx_job__status_created_at ON job (status, created_at)",
+    "ALTER TABLE job ADD CONSTRAINT ck_job__status_finished_at_consistency CHECK ("
+    "(status IN ('succeeded', 'failed', 'canceled', 'dead_letter') AND finished_at IS NOT NULL)"
+    " OR (status IN ('queued', 'running') AND finished_at IS NULL))",
+    "DROP INDEX idx_job_event_job_ts",
+    "DROP INDEX idx_job_event_ts",
+    "CREATE INDEX idx_job_event__job_id_ts ON job_event (job_id, ts)",
+    "CREATE INDEX idx_job_event__ts ON job_event (ts)",
+]
+
+
+@dataclass
+class Writer:
+    """Inserts one job every `interval` seconds and records how long each insert took."""
+
+    engine: Engine
+    interval: float = 0.010
+    latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        org = uuid.uuid4()
+        autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        with autocommit.connect() as conn:
+            next_at = time.perf_counter()
+            while not self._stop.is_set():
+                start = time.perf_counter()
+                try:
+                    conn.execute(
+                        text("INSERT INTO job (org_id, type) VALUES (:org, 'noop')"), {"org": org}
+                    )
+                except Exception as exc:
+                    self.errors.append(type(exc).__name__)
+                self.latencies.append(time.perf_counter() - start)
+                next_at += self.interval
+                time.sleep(max(0.0, next_at - time.perf_counter()))
+
+    def __enter__(self) -> Writer:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        time.sleep(0.3)  # steady state before the migration starts
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(0.3)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+@dataclass
+class Result:
+    variant: str
+    wall_s: float
+    stall_ms: float
+    p50_ms: float
+    inserts: int
+    errors: int
+
+
+def measure(variant: str, url: URL, migrate: Callable[[], None]) -> Result:
+    engine = create_engine(url, pool_size=2)
+    with Writer(engine) as writer:
+        start = time.perf_counter()
+        migrate()
+        wall = time.perf_counter() - start
+    engine.dispose()
+    lat = writer.latencies or [0.0]
+    return Result(
+        variant,
+        wall,
+        max(lat) * 1000,
+        statistics.median(lat) * 1000,
+        len(writer.latencies),
+        len(writer.errors),
+    )
+
+
+def run_naive(url: URL) -> None:
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for statement in NAIVE:
+            conn.execute(text(statement))
+        conn.execute(text("UPDATE alembic_version SET version_num = '3af4686817cc'"))
+    engine.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument(
+        "--database-url", help="a server to use (superuser); default: a throwaway cluster"
+    )
+    args = parser.parse_args()
+
+    cluster = None
+    if args.database_url:
+        admin_url = normalize_url(args.database_url)
+    else:
+        cluster = LocalPostgres.throwaway().start()
+        admin_url = cluster.url()
+    try:
+        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            for name in ("bench_seed", "bench_ours", "bench_naive"):
+                conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            conn.execute(text("CREATE DATABASE bench_seed"))
+        seed = admin_url.set(database="bench_seed")
+        command.upgrade(alembic_config(database_url=seed), "001_job_ledger_init")
+        print(f"loading {args.rows:,} job rows at 001_job_ledger_init ...", flush=True)
+        start = time.perf_counter()
+        engine = create_engine(seed)
+        with engine.begin() as conn:
+            conn.execute(text(LOAD), {"rows": args.rows})
+        with engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE job"))
+        engine.dispose()
+        print(f"loaded in {time.perf_counter() - start:.1f} s", flush=True)
+        with admin.connect() as conn:
+            conn.execute(text("CREATE DATABASE bench_ours TEMPLATE bench_seed"))
+            conn.execute(text("CREATE DATABASE bench_naive TEMPLATE bench_seed"))
+
+        ours_url = admin_url.set(database="bench_ours")
+        naive_url = admin_url.set(database="bench_naive")
+        results = [
+            measure(
+                "ours (3af4686817cc)",
+                ours_url,
+                lambda: command.upgrade(alembic_config(database_url=ours_url), "3af4686817cc"),
+            ),
+            measure("naive (one statement per change)", naive_url, lambda: run_naive(naive_url)),
+        ]
+        with admin.connect() as conn:
+            for name in ("bench_seed", "bench_ours", "bench_naive"):
+                conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+    finally:
+        if cluster is not None:
+            cluster.destroy()
+
+    header = (
+        "variant",
+        "rows",
+        "wall s",
+        "writer max stall ms",
+        "writer p50 ms",
+        "inserts",
+        "errors",
+    )
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for r in results:
+        print(
+            f"| {r.variant} | {args.rows:,} | {r.wall_s:.1f} | {r.stall_ms:.0f} | "
+            f"{r.p50_ms:.1f} | {r.inserts} | {r.errors} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

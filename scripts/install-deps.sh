@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what Heimdex needs on a Debian machine and is missing: the PostgreSQL server binaries,
+# redis-server, make, and uv; then syncs the workspace from uv.lock. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+need=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 \
+  || need+=(postgresql)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v make >/dev/null 2>&1 || need+=(make)
+if ! command -v uv >/dev/null 2>&1 && ! python3 -m pip --version >/dev/null 2>&1; then
+  need+=(python3-pip)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  echo "install-deps: installing ${need[*]} (apt)" >&2
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if ! command -v uv >/dev/null 2>&1; then
+  echo "install-deps: installing uv (pip)" >&2
+  python3 -m pip install -q --user uv 2>/dev/null \
+    || python3 -m pip install -q --user --break-system-packages uv
+  export PATH="$HOME/.local/bin:$PATH"
+fi
+
+uv sync --frozen --quiet
