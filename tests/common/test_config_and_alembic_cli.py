@@ -14,6 +14,7 @@ from sqlalchemy.engine import URL
 from heimdex_common.db import check_connection, make_engine
 from heimdex_common.errors import DatabaseUnavailable, HeimdexError
 from heimdex_common.localpg import LocalPostgres
+from heimdex_common.migrations.config import alembic_config, script_directory
 from heimdex_common.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -164,7 +165,7 @@ def test_playbook_command_verbatim(empty_db_url: URL) -> None:
     engine = create_engine(empty_db_url)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == (
-            "3af4686817cc"
+            script_directory(alembic_config()).get_current_head()
         )
     engine.dispose()
 

@@ -8,8 +8,11 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
+    Boolean,
     CheckConstraint,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     MetaData,
@@ -61,6 +64,7 @@ backoff_policy_type = ENUM(
 
 ERROR_CODE_MAX = 64
 ERROR_MESSAGE_MAX = 2048
+STAGE_MAX = 50
 
 
 class Base(DeclarativeBase):
@@ -150,6 +154,42 @@ class Job(Base):
     last_error_message: Mapped[str | None] = mapped_column(
         String(ERROR_MESSAGE_MAX), comment="Human-readable error detail"
     )
+    params: Mapped[dict[str, Any]] = mapped_column(
+        JSONB(),
+        server_default=text("'{}'::jsonb"),
+        comment="Job type specific input, as submitted",
+    )
+    request_fingerprint: Mapped[str | None] = mapped_column(
+        String(64),
+        comment="sha256 of the canonical submitted body; tells an idempotent replay from a clash",
+    )
+    stage: Mapped[str | None] = mapped_column(
+        String(STAGE_MAX), comment="Stage the running attempt last reported"
+    )
+    progress: Mapped[int] = mapped_column(
+        Integer, server_default=text("0"), comment="Progress of the current attempt, 0-100"
+    )
+    result: Mapped[dict[str, Any] | None] = mapped_column(
+        JSONB(), comment="Handler output of the succeeded attempt"
+    )
+    cancel_requested: Mapped[bool] = mapped_column(
+        Boolean,
+        server_default=text("false"),
+        comment="Cancel asked while running; the worker stops at the next stage boundary",
+    )
+    lease_token: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), comment="Identifies the claim of the running attempt"
+    )
+    leased_by: Mapped[str | None] = mapped_column(
+        String(255), comment="Worker holding the lease of the running attempt"
+    )
+    lease_expires_at: Mapped[datetime | None] = mapped_column(
+        TIMESTAMP(timezone=True),
+        comment="The reaper requeues a running job whose lease expired before this time",
+    )
+    heartbeat_at: Mapped[datetime | None] = mapped_column(
+        TIMESTAMP(timezone=True), comment="Last heartbeat of the worker holding the lease"
+    )
 
 
 class JobEvent(Base):
@@ -180,4 +220,44 @@ class JobEvent(Base):
     next_status: Mapped[str] = mapped_column(String(50), comment="Status after transition")
     detail_json: Mapped[dict[str, Any] | None] = mapped_column(
         JSONB(), comment="Additional event metadata (stage, progress, error details)"
+    )
+
+
+class JobOutbox(Base):
+    __tablename__ = "job_outbox"
+    __table_args__ = (
+        Index(None, "deliver_after", postgresql_where=text("sent_at IS NULL")),
+        Index(None, "job_id"),
+        {"comment": "Transactional outbox: job deliveries the dispatcher publishes to the broker"},
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger, Identity(always=False), primary_key=True, comment="Message sequence number"
+    )
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True),
+        ForeignKey("job.id", ondelete="CASCADE"),
+        comment="Job to deliver to a worker",
+    )
+    queue_name: Mapped[str] = mapped_column(
+        String(100), server_default=text("'default'"), comment="Broker queue to publish to"
+    )
+    created_at: Mapped[datetime] = mapped_column(
+        TIMESTAMP(timezone=True),
+        server_default=text("now()"),
+        comment="When the message was written",
+    )
+    deliver_after: Mapped[datetime] = mapped_column(
+        TIMESTAMP(timezone=True),
+        server_default=text("now()"),
+        comment="Not published before this time (retry backoff)",
+    )
+    sent_at: Mapped[datetime | None] = mapped_column(
+        TIMESTAMP(timezone=True), comment="When the dispatcher published it; NULL while pending"
+    )
+    publish_attempts: Mapped[int] = mapped_column(
+        Integer, server_default=text("0"), comment="Failed publish attempts so far"
+    )
+    last_error: Mapped[str | None] = mapped_column(
+        String(ERROR_MESSAGE_MAX), comment="Broker error of the last failed publish"
     )

@@ -45,6 +45,37 @@ class Settings(BaseSettings):
     )
     env: Environment = Field(default=Environment.LOCAL, validation_alias="HEIMDEX_ENV")
 
+    # The job runtime. Seconds throughout; tests shrink them to run in well under a second.
+    api_host: str = Field(default="127.0.0.1", validation_alias="HEIMDEX_API_HOST")
+    api_port: int = Field(default=8000, validation_alias="HEIMDEX_API_PORT")
+    queue_name: str = Field(default="default", validation_alias="HEIMDEX_QUEUE")
+    worker_threads: int = Field(default=4, ge=1, validation_alias="HEIMDEX_WORKER_THREADS")
+    worker_idle_ms: int = Field(default=1000, ge=10, validation_alias="HEIMDEX_WORKER_IDLE_MS")
+    lease_seconds: float = Field(default=30.0, gt=0, validation_alias="HEIMDEX_LEASE_SECONDS")
+    heartbeat_seconds: float = Field(
+        default=10.0, gt=0, validation_alias="HEIMDEX_HEARTBEAT_SECONDS"
+    )
+    reaper_interval_seconds: float = Field(
+        default=5.0, gt=0, validation_alias="HEIMDEX_REAPER_INTERVAL_SECONDS"
+    )
+    backoff_base_seconds: float = Field(
+        default=2.0, ge=0, validation_alias="HEIMDEX_BACKOFF_BASE_SECONDS"
+    )
+    backoff_max_seconds: float = Field(
+        default=300.0, ge=0, validation_alias="HEIMDEX_BACKOFF_MAX_SECONDS"
+    )
+    dispatch_interval_seconds: float = Field(
+        default=0.5, gt=0, validation_alias="HEIMDEX_DISPATCH_INTERVAL_SECONDS"
+    )
+    dispatch_batch: int = Field(default=100, ge=1, validation_alias="HEIMDEX_DISPATCH_BATCH")
+    shutdown_grace_seconds: float = Field(
+        default=30.0, ge=0, validation_alias="HEIMDEX_SHUTDOWN_GRACE_SECONDS"
+    )
+    worker_metrics_port: int = Field(
+        default=0, ge=0, validation_alias="HEIMDEX_WORKER_METRICS_PORT"
+    )
+    dev_port: int = Field(default=0, ge=0, validation_alias="HEIMDEX_DEV_PG_PORT")
+
     @model_validator(mode="after")
     def _refuse_placeholder_secret(self) -> Settings:
         if self.env is not Environment.LOCAL and (
@@ -52,6 +83,11 @@ class Settings(BaseSettings):
         ):
             raise ValueError(
                 f"HEIMDEX_JWT_SECRET must be set to a real secret when HEIMDEX_ENV={self.env.value}"
+            )
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError(
+                "HEIMDEX_HEARTBEAT_SECONDS must be shorter than HEIMDEX_LEASE_SECONDS, "
+                "or every lease expires before its renewal"
             )
         return self
 

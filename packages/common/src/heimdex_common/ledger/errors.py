@@ -33,3 +33,52 @@ class IllegalTransition(LedgerError):
         self.job_id = job_id
         self.current = current
         self.target = target
+
+
+class IdempotencyConflict(LedgerError):
+    """The idempotency key was used before with a different request body."""
+
+    def __init__(self, key: str, job_id: uuid.UUID) -> None:
+        super().__init__(
+            f"idempotency key {key!r} was already used for job {job_id} with a different body; "
+            "use a new key for a different request"
+        )
+        self.key = key
+        self.job_id = job_id
+
+
+class JobAlreadyFinished(LedgerError):
+    def __init__(self, job_id: uuid.UUID, status: JobStatus) -> None:
+        super().__init__(
+            f"job {job_id} is already {status.value}; only queued or running jobs can change"
+        )
+        self.job_id = job_id
+        self.status = status
+
+
+class UnknownJobType(LedgerError):
+    def __init__(self, type: str, known: list[str]) -> None:
+        super().__init__(f"unknown job type {type!r}; known types: {', '.join(known)}")
+        self.type = type
+
+
+class InvalidParams(LedgerError):
+    def __init__(self, type: str, problems: str) -> None:
+        super().__init__(f"invalid params for job type {type!r}: {problems}")
+        self.type = type
+
+
+class LeaseLost(LedgerError):
+    """The attempt no longer holds the job: the reaper requeued it or another claim won."""
+
+    def __init__(self, job_id: uuid.UUID) -> None:
+        super().__init__(f"job {job_id}: the lease of this attempt is no longer held")
+        self.job_id = job_id
+
+
+class CancelRequested(LedgerError):
+    """Raised at a stage boundary of a job whose cancellation was requested."""
+
+    def __init__(self, job_id: uuid.UUID) -> None:
+        super().__init__(f"job {job_id}: cancel requested")
+        self.job_id = job_id

@@ -1,0 +1,69 @@
+"""Bearer tokens: HS256 JWTs carrying `sub` and `org_id` (Supabase-compatible secret)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+import jwt
+
+from heimdex_common.errors import HeimdexError
+
+ALGORITHM = "HS256"
+
+
+class AuthenticationFailed(HeimdexError):
+    """Missing, malformed, expired or wrongly signed credentials."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    sub: str
+    org_id: uuid.UUID
+
+
+def decode_token(token: str, secret: str) -> Principal:
+    try:
+        claims = jwt.decode(
+            token,
+            secret,
+            algorithms=[ALGORITHM],
+            options={"require": ["sub"], "verify_aud": False},
+        )
+    except jwt.ExpiredSignatureError:
+        raise AuthenticationFailed("the bearer token has expired") from None
+    except jwt.InvalidTokenError as exc:
+        raise AuthenticationFailed(f"the bearer token is invalid: {exc}") from None
+    raw_org = claims.get("org_id")
+    if not isinstance(raw_org, str):
+        raise AuthenticationFailed("the bearer token has no org_id claim")
+    try:
+        org_id = uuid.UUID(raw_org)
+    except ValueError:
+        raise AuthenticationFailed("the bearer token's org_id claim is not a UUID") from None
+    return Principal(sub=str(claims["sub"]), org_id=org_id)
+
+
+def bearer(header: str | None) -> str:
+    if not header:
+        raise AuthenticationFailed("missing Authorization header (Authorization: Bearer <JWT>)")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationFailed("the Authorization header must be 'Bearer <JWT>'")
+    return token.strip()
+
+
+def issue_token(
+    secret: str, *, org_id: uuid.UUID, sub: str = "dev-user", ttl_seconds: int = 24 * 3600
+) -> str:
+    """A signed token for local use (`heimdex dev-token`) and tests."""
+    now = int(time.time())
+    claims = {
+        "sub": sub,
+        "org_id": str(org_id),
+        "role": "authenticated",
+        "iat": now,
+        "exp": now + ttl_seconds,
+    }
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)

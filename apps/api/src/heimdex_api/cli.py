@@ -1,0 +1,47 @@
+"""`heimdex api` and `heimdex dev-token`."""
+
+from __future__ import annotations
+
+import uuid
+
+import click
+import uvicorn
+
+from heimdex_api.app import create_app
+from heimdex_api.auth import issue_token
+from heimdex_common.errors import HeimdexError
+from heimdex_common.logs import configure_logging
+from heimdex_common.settings import Environment, load_settings
+
+
+@click.command()
+@click.option("--host", help="Interface to bind (default: HEIMDEX_API_HOST or 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port (default: HEIMDEX_API_PORT).")
+def api(host: str | None, port: int | None) -> None:
+    """Serve the jobs API."""
+    settings = load_settings()
+    configure_logging()
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.api_host,
+        port=settings.api_port if port is None else port,
+        log_config=None,
+    )
+
+
+@click.command("dev-token")
+@click.option("--org", "org", required=True, help="Organization UUID to put in org_id.")
+@click.option("--sub", default="dev-user", show_default=True, help="Subject (user id).")
+@click.option("--ttl", default=24 * 3600, show_default=True, help="Lifetime in seconds.")
+def dev_token(org: str, sub: str, ttl: int) -> None:
+    """Print a signed token for local use. Refused when HEIMDEX_ENV=prod."""
+    settings = load_settings()
+    if settings.env is Environment.PROD:
+        raise HeimdexError("dev-token refuses to run with HEIMDEX_ENV=prod")
+    try:
+        org_id = uuid.UUID(org)
+    except ValueError:
+        raise HeimdexError(f"--org must be a UUID, got {org!r}") from None
+    click.echo(
+        issue_token(settings.jwt_secret.get_secret_value(), org_id=org_id, sub=sub, ttl_seconds=ttl)
+    )

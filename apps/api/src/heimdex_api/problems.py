@@ -1,0 +1,107 @@
+"""Every error leaves the API as RFC 9457 problem details, mapped here and only here."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from heimdex_api.auth import AuthenticationFailed
+from heimdex_common.errors import DatabaseUnavailable, HeimdexError
+from heimdex_common.ledger.errors import (
+    IdempotencyConflict,
+    InvalidParams,
+    JobAlreadyFinished,
+    JobNotFound,
+    UnknownJobType,
+)
+
+logger = logging.getLogger(__name__)
+
+MEDIA_TYPE = "application/problem+json"
+TYPE_BASE = "https://heimdex.dev/problems/"
+
+# Most specific first: the first matching class decides.
+ERROR_STATUS: tuple[tuple[type[HeimdexError], int, str], ...] = (
+    (AuthenticationFailed, 401, "unauthenticated"),
+    (JobNotFound, 404, "job-not-found"),
+    (IdempotencyConflict, 409, "idempotency-conflict"),
+    (JobAlreadyFinished, 409, "job-finished"),
+    (UnknownJobType, 422, "unknown-job-type"),
+    (InvalidParams, 422, "invalid-params"),
+    (DatabaseUnavailable, 503, "database-unavailable"),
+    (HeimdexError, 400, "bad-request"),
+)
+
+
+class BadRequest(HeimdexError):
+    """Input the API refuses before it reaches the ledger (a bad cursor, an oversized body)."""
+
+    def __init__(self, message: str, status: int = 400, slug: str = "bad-request") -> None:
+        super().__init__(message)
+        self.status = status
+        self.slug = slug
+
+
+def problem(
+    status: int, slug: str, detail: str, request: Request, **extensions: Any
+) -> JSONResponse:
+    body = {
+        "type": TYPE_BASE + slug,
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+        **extensions,
+    }
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
+
+
+def status_of(exc: HeimdexError) -> tuple[int, str]:
+    if isinstance(exc, BadRequest):
+        return exc.status, exc.slug
+    for cls, status, slug in ERROR_STATUS:
+        if isinstance(exc, cls):
+            return status, slug
+    return 500, "internal"  # unreachable: HeimdexError is in the table
+
+
+async def _heimdex_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HeimdexError)
+    status, slug = status_of(exc)
+    return problem(status, slug, str(exc), request)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type")}
+        for err in exc.errors()
+    ]
+    detail = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors
+    )  # fmt: skip
+    return problem(422, "validation-error", detail, request, errors=errors)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return problem(exc.status_code, "http-error", str(exc.detail), request)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error", extra={"action": "api.unhandled", "path": request.url.path})
+    return problem(500, "internal", "internal error; it has been logged", request)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(HeimdexError, _heimdex_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

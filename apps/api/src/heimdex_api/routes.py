@@ -1,0 +1,193 @@
+"""The HTTP surface. Handlers are sync `def`s: FastAPI runs them in its thread pool, so the
+blocking database calls never hold the event loop."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from alembic.migration import MigrationContext
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from heimdex_api.auth import Principal, bearer, decode_token
+from heimdex_api.problems import BadRequest, problem
+from heimdex_api.schemas import EventList, EventOut, JobCreate, JobOut, JobPage
+from heimdex_api.state import AppState
+from heimdex_common.db import unit_of_work
+from heimdex_common.ledger import get_job, list_events, service
+from heimdex_common.models import JobStatus
+
+router = APIRouter()
+
+IDEMPOTENCY_KEY_MAX = 255
+
+
+def app_state(request: Request) -> AppState:
+    state: AppState = request.app.state.heimdex
+    return state
+
+
+def principal(
+    state: Annotated[AppState, Depends(app_state)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> Principal:
+    return decode_token(bearer(authorization), state.settings.jwt_secret.get_secret_value())
+
+
+State = Annotated[AppState, Depends(app_state)]
+Caller = Annotated[Principal, Depends(principal)]
+
+
+def _encode_cursor(created_at: datetime, job_id: uuid.UUID) -> str:
+    raw = json.dumps([created_at.isoformat(), str(job_id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        ts, job_id = json.loads(raw)
+        return datetime.fromisoformat(ts), uuid.UUID(job_id)
+    except (binascii.Error, ValueError, TypeError):
+        raise BadRequest("cursor is not one this API issued; pass next_cursor back as is") from None
+
+
+@router.post("/jobs", status_code=201, response_model=JobOut)
+def submit(
+    body: JobCreate,
+    response: Response,
+    state: State,
+    caller: Caller,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> JobOut:
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_MAX:
+        raise BadRequest(f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters")
+    with unit_of_work(state.factory) as session:
+        job, created = service.submit_job(
+            session,
+            org_id=caller.org_id,
+            type=body.type,
+            params=body.params,
+            priority=body.priority,
+            max_attempts=body.max_attempts,
+            backoff_policy=body.backoff_policy,
+            idempotency_key=idempotency_key,
+            requested_by=caller.sub,
+            queue_name=state.settings.queue_name,
+        )
+        out = JobOut.of(job)
+    if created:
+        state.metrics.transitions.labels(job.type, "", JobStatus.QUEUED.value).inc()
+    else:
+        response.status_code = 200
+    return out
+
+
+@router.get("/jobs", response_model=JobPage)
+def list_(
+    *,
+    state: State,
+    caller: Caller,
+    status: JobStatus | None = None,
+    type: Annotated[str | None, Query(max_length=100)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> JobPage:
+    before = _decode_cursor(cursor) if cursor else None
+    with unit_of_work(state.factory) as session:
+        jobs = service.list_jobs(
+            session,
+            org_id=caller.org_id,
+            status=status,
+            type=type,
+            limit=limit + 1,
+            before=before,
+        )
+        items = [JobOut.of(job) for job in jobs[:limit]]
+    next_cursor = _encode_cursor(items[-1].created_at, items[-1].id) if len(jobs) > limit else None
+    return JobPage(items=items, next_cursor=next_cursor)
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut)
+def read(job_id: uuid.UUID, state: State, caller: Caller) -> JobOut:
+    with unit_of_work(state.factory) as session:
+        return JobOut.of(get_job(session, job_id, org_id=caller.org_id))
+
+
+@router.get("/jobs/{job_id}/events", response_model=EventList)
+def events(job_id: uuid.UUID, state: State, caller: Caller) -> EventList:
+    with unit_of_work(state.factory) as session:
+        get_job(session, job_id, org_id=caller.org_id)
+        return EventList(
+            items=[
+                EventOut(
+                    id=e.id,
+                    ts=e.ts,
+                    prev_status=e.prev_status,
+                    next_status=e.next_status,
+                    detail=e.detail_json,
+                )
+                for e in list_events(session, job_id)
+            ]
+        )
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut)
+def cancel(job_id: uuid.UUID, response: Response, state: State, caller: Caller) -> JobOut:
+    """200 when the job is canceled now; 202 when a running job will stop at its next stage."""
+    with unit_of_work(state.factory) as session:
+        before = get_job(session, job_id, org_id=caller.org_id).status
+        job = service.cancel_job(
+            session, org_id=caller.org_id, job_id=job_id, requested_by=caller.sub
+        )
+        out = JobOut.of(job)
+    if job.status is JobStatus.CANCELED:
+        state.metrics.transitions.labels(job.type, before.value, job.status.value).inc()
+    else:
+        response.status_code = 202
+    return out
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=None)
+def readyz(request: Request, state: State) -> Any:
+    checks: dict[str, str] = {}
+    try:
+        with state.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+            current = MigrationContext.configure(conn).get_current_revision()
+        checks["postgres"] = "ok"
+        checks["schema"] = (
+            "ok"
+            if current == state.schema_head
+            else f"at {current or 'no revision'}, expected {state.schema_head}; run migrations"
+        )
+    except Exception as exc:
+        checks["postgres"] = f"unreachable: {type(exc).__name__}"
+        checks["schema"] = "unknown"
+    try:
+        state.redis.ping()
+        checks["redis"] = "ok"
+    except Exception as exc:
+        checks["redis"] = f"unreachable: {type(exc).__name__}"
+    failing = {name: reason for name, reason in checks.items() if reason != "ok"}
+    if failing:
+        detail = "; ".join(f"{name}: {reason}" for name, reason in failing.items())
+        return problem(503, "not-ready", detail, request, checks=checks)
+    return JSONResponse({"status": "ready", "checks": checks})
+
+
+@router.get("/metrics")
+def metrics(state: State) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

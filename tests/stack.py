@@ -1,0 +1,152 @@
+"""Fixtures for the service tests: a real redis-server, fast settings, the API, processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import URL
+
+from heimdex_api.app import create_app
+from heimdex_api.auth import issue_token
+from heimdex_common.localpg import free_port
+from heimdex_common.settings import Settings
+
+SECRET = "test-secret-for-heimdex-tests-0123456789"
+FAST = {
+    "HEIMDEX_JWT_SECRET": SECRET,
+    "HEIMDEX_LEASE_SECONDS": "1.0",
+    "HEIMDEX_HEARTBEAT_SECONDS": "0.2",
+    "HEIMDEX_REAPER_INTERVAL_SECONDS": "0.2",
+    "HEIMDEX_BACKOFF_BASE_SECONDS": "0.05",
+    "HEIMDEX_DISPATCH_INTERVAL_SECONDS": "0.05",
+    "HEIMDEX_WORKER_IDLE_MS": "50",
+    "HEIMDEX_WORKER_THREADS": "2",
+    "HEIMDEX_SHUTDOWN_GRACE_SECONDS": "10",
+}
+
+
+@dataclass
+class RedisServer:
+    port: int = field(default_factory=free_port)
+    workdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="heimdex-redis-"))
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.workdir],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis.from_url(self.url)
+        wait_for(lambda: _pings(client), what="redis-server to accept connections")
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def wait_for(
+    predicate: Callable[[], Any], *, what: str, timeout: float = 30.0, interval: float = 0.05
+) -> Any:
+    """Poll until `predicate()` is truthy; the timeout only guards against a hung test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is required (apt-get install -y redis-server)")
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def stack_env(db_url: URL, redis_server: RedisServer) -> dict[str, str]:
+    return {
+        **FAST,
+        "DATABASE_URL": db_url.render_as_string(hide_password=False),
+        "REDIS_URL": redis_server.url,
+        "HEIMDEX_ENV": "local",
+    }
+
+
+@pytest.fixture
+def settings(stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    for key, value in stack_env.items():
+        monkeypatch.setenv(key, value)
+    return Settings()
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def auth(org_id: uuid.UUID, sub: str = "tester") -> dict[str, str]:
+    return {"Authorization": f"Bearer {issue_token(SECRET, org_id=org_id, sub=sub)}"}
+
+
+@dataclass
+class Processes:
+    env: dict[str, str]
+    running: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start(self, *args: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from heimdex_common.cli import main; main()", *args],
+            env={**os.environ, **self.env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self.running.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.running:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+
+
+@pytest.fixture
+def processes(stack_env: dict[str, str]) -> Iterator[Processes]:
+    procs = Processes(stack_env)
+    yield procs
+    procs.stop_all()

@@ -1,0 +1,162 @@
+"""End to end: API -> outbox -> dispatcher -> Redis -> worker -> ledger, as real processes."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from typing import Any
+
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, text
+
+from tests.stack import Processes, RedisServer, auth, wait_for
+
+
+def _submit(client: TestClient, org: uuid.UUID, body: dict[str, Any]) -> str:
+    resp = client.post("/jobs", json=body, headers=auth(org))
+    assert resp.status_code == 201, resp.text
+    return str(resp.json()["id"])
+
+
+def _job(client: TestClient, org: uuid.UUID, job_id: str) -> dict[str, Any]:
+    return dict(client.get(f"/jobs/{job_id}", headers=auth(org)).json())
+
+
+def _events(client: TestClient, org: uuid.UUID, job_id: str) -> list[dict[str, Any]]:
+    return list(client.get(f"/jobs/{job_id}/events", headers=auth(org)).json()["items"])
+
+
+def _status_is(client: TestClient, org: uuid.UUID, job_id: str, *statuses: str) -> Any:
+    job = _job(client, org, job_id)
+    return job if job["status"] in statuses else None
+
+
+def test_submit_runs_to_succeeded_with_stage_events(
+    client: TestClient, processes: Processes, org_id: uuid.UUID
+) -> None:
+    processes.start("dispatcher")
+    processes.start("worker")
+    job_id = _submit(client, org_id, {"type": "mock_process", "params": {"stage_seconds": 0.02}})
+    job = wait_for(lambda: _status_is(client, org_id, job_id, "succeeded"), what="success")
+    assert (job["attempt"], job["progress"], job["stage"]) == (0, 100, "indexing")
+    assert job["result"] == {"stages": ["extracting", "analyzing", "indexing"], "attempt": 0}
+    events = _events(client, org_id, job_id)
+    assert [(e["next_status"], (e["detail"] or {}).get("stage")) for e in events] == [
+        ("queued", None),
+        ("running", None),
+        ("running", "extracting"),
+        ("running", "analyzing"),
+        ("running", "indexing"),
+        ("succeeded", None),
+    ]
+
+
+def test_failing_stage_retries_with_exponential_backoff_then_dead_letters(
+    client: TestClient, processes: Processes, org_id: uuid.UUID
+) -> None:
+    processes.start("dispatcher")
+    processes.start("worker")
+    job_id = _submit(
+        client,
+        org_id,
+        {
+            "type": "mock_process",
+            "params": {"stage_seconds": 0.01, "fail_at_stage": "analyzing"},
+            "max_attempts": 3,
+            "backoff_policy": "exp",
+        },
+    )
+    job = wait_for(lambda: _status_is(client, org_id, job_id, "dead_letter"), what="dead letter")
+    assert (job["attempt"], job["max_attempts"]) == (3, 3)
+    assert job["last_error"]["code"] == "MOCK_STAGE_FAILED"
+    failures = [
+        e["detail"] for e in _events(client, org_id, job_id)
+        if (e["detail"] or {}).get("action") == "attempt_failed"
+    ]  # fmt: skip
+    assert [f["attempt"] for f in failures] == [1, 2, 3]
+    assert [f.get("retry_in_seconds") for f in failures] == [0.05, 0.1, None]
+    claims = [e for e in _events(client, org_id, job_id) if e["next_status"] == "running"]
+    assert len([c for c in claims if c["detail"]["action"] == "claimed"]) == 3
+
+
+def test_cancel_running_job_stops_at_the_next_stage_boundary(
+    client: TestClient, processes: Processes, org_id: uuid.UUID
+) -> None:
+    processes.start("dispatcher")
+    processes.start("worker")
+    job_id = _submit(client, org_id, {"type": "mock_process", "params": {"stage_seconds": 0.5}})
+    wait_for(lambda: _job(client, org_id, job_id)["stage"] == "extracting", what="first stage")
+    resp = client.post(f"/jobs/{job_id}/cancel", headers=auth(org_id))
+    assert resp.status_code == 202
+    assert resp.json()["cancel_requested"] is True
+    job = wait_for(lambda: _status_is(client, org_id, job_id, "canceled"), what="cancellation")
+    assert job["stage"] == "extracting"
+    assert job["result"] is None
+    assert client.post(f"/jobs/{job_id}/cancel", headers=auth(org_id)).status_code == 409
+
+
+def test_redis_down_at_submit_time_job_runs_once_redis_is_back(
+    client: TestClient,
+    processes: Processes,
+    redis_server: RedisServer,
+    org_id: uuid.UUID,
+    engine: Engine,
+) -> None:
+    redis_server.stop()
+    processes.start("dispatcher")
+    job_id = _submit(client, org_id, {"type": "noop"})
+
+    def publish_failed() -> bool:
+        with engine.connect() as conn:
+            return bool(
+                conn.execute(
+                    text("SELECT publish_attempts FROM job_outbox WHERE job_id = :id"),
+                    {"id": job_id},
+                ).scalar()
+            )
+
+    wait_for(publish_failed, what="a failed publish attempt")
+    assert _job(client, org_id, job_id)["status"] == "queued"
+    redis_server.start()
+    processes.start("worker")
+    wait_for(lambda: _status_is(client, org_id, job_id, "succeeded"), what="success")
+    claims = [e for e in _events(client, org_id, job_id) if e["next_status"] == "running"]
+    assert len(claims) == 1
+
+
+def test_worker_killed_mid_job_is_reaped_and_the_job_recovers(
+    client: TestClient, processes: Processes, org_id: uuid.UUID
+) -> None:
+    processes.start("dispatcher")
+    doomed = processes.start("worker")
+    job_id = _submit(client, org_id, {"type": "mock_process", "params": {"stage_seconds": 0.4}})
+    wait_for(lambda: _job(client, org_id, job_id)["stage"] == "analyzing", what="mid-job")
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait()
+    requeued = wait_for(
+        lambda: _status_is(client, org_id, job_id, "queued"), what="reaper to requeue"
+    )
+    assert requeued["attempt"] == 1
+    assert requeued["last_error"]["code"] == "LEASE_EXPIRED"
+    processes.start("worker")
+    job = wait_for(lambda: _status_is(client, org_id, job_id, "succeeded"), what="recovery")
+    assert job["attempt"] == 1
+    actions = [(e["detail"] or {}).get("action") for e in _events(client, org_id, job_id)]
+    assert actions.count("lease_expired") == 1
+    assert actions.count("succeeded") == 1
+
+
+def test_sigterm_releases_the_running_job_without_counting_an_attempt(
+    client: TestClient, processes: Processes, org_id: uuid.UUID
+) -> None:
+    processes.start("dispatcher")
+    first = processes.start("worker")
+    job_id = _submit(client, org_id, {"type": "mock_process", "params": {"stage_seconds": 0.4}})
+    wait_for(lambda: _job(client, org_id, job_id)["stage"] == "extracting", what="first stage")
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=30) == 0
+    released = _job(client, org_id, job_id)
+    assert (released["status"], released["attempt"]) == ("queued", 0)
+    processes.start("worker")
+    job = wait_for(lambda: _status_is(client, org_id, job_id, "succeeded"), what="success")
+    assert job["attempt"] == 0
