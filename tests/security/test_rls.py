@@ -280,3 +280,19 @@ def test_database_built_from_artifacts_equals_the_migrated_one(
         snaps["migrated"], snaps["artifacts"]
     )
     assert snaps["migrated"]["policies"], "the migrated database has no policies at all"
+
+
+def test_policies_read_the_claim_once_per_statement_and_keep_the_org_index(
+    ledger_db: Ledger,
+) -> None:
+    db = ledger_db
+    with acting_as(db, "authenticated", claims(db.org_a)) as conn:
+        conn.execute(text("SET LOCAL enable_seqscan = off"))
+        plan = "\n".join(
+            conn.execute(
+                text("EXPLAIN SELECT id FROM job ORDER BY created_at DESC LIMIT 20")
+            ).scalars()
+        )
+    assert plan.count("InitPlan") == 1, plan
+    assert "Index Cond: (org_id = $0)" in plan, plan
+    assert "idx_job__org_id_created_at_desc" in plan, plan
