@@ -173,7 +173,9 @@ def run_naive(url: URL) -> None:
     with engine.begin() as conn:
         for statement in NAIVE:
             conn.execute(text(statement))
-        conn.execute(text("UPDATE alembic_version SET version_num = '3af4686817cc'"))
+        conn.execute(
+            text("UPDATE heimdex_private.alembic_version SET version_num = '3af4686817cc'")
+        )
     engine.dispose()
 
 

@@ -216,7 +216,9 @@ def test_readyz_reports_redis_down_and_health_stays_up(
 
 def test_readyz_reports_a_schema_behind_head(client: TestClient, engine: Engine) -> None:
     with engine.begin() as conn:
-        conn.execute(text("UPDATE alembic_version SET version_num = '3af4686817cc'"))
+        conn.execute(
+            text("UPDATE heimdex_private.alembic_version SET version_num = '3af4686817cc'")
+        )
     resp = client.get("/readyz")
     assert resp.status_code == 503
     assert "schema: at 3af4686817cc, expected" in resp.json()["detail"]

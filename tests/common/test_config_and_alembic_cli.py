@@ -73,7 +73,12 @@ def test_password_with_special_characters_authenticates(tmp_path: Path) -> None:
         with admin.connect() as conn:
             conn.execute(text("SET password_encryption = 'scram-sha-256'"))
             conn.execute(
-                text("CREATE ROLE app LOGIN PASSWORD '" + NASTY_PASSWORD.replace("'", "''") + "'")
+                # CREATEROLE: the history creates the NOLOGIN roles its policies name.
+                text(
+                    "CREATE ROLE app LOGIN CREATEROLE PASSWORD '"
+                    + NASTY_PASSWORD.replace("'", "''")
+                    + "'"
+                )
             )
             conn.execute(text("CREATE DATABASE appdb OWNER app"))
         hba = cluster.datadir / "pg_hba.conf"
@@ -164,9 +169,8 @@ def test_playbook_command_verbatim(empty_db_url: URL) -> None:
         assert proc.returncode == 0, proc.stderr
     engine = create_engine(empty_db_url)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == (
-            script_directory(alembic_config()).get_current_head()
-        )
+        version = conn.execute(text("SELECT version_num FROM heimdex_private.alembic_version"))
+        assert version.scalar() == script_directory(alembic_config()).get_current_head()
     engine.dispose()
 
 
@@ -198,7 +202,7 @@ def test_offline_sql_needs_no_database() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "CREATE TYPE job_status AS ENUM" in proc.stdout
-    assert "UPDATE alembic_version SET version_num='3af4686817cc'" in proc.stdout
+    assert "UPDATE heimdex_private.alembic_version SET version_num='3af4686817cc'" in proc.stdout
 
 
 def test_invalid_database_url_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

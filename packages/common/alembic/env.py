@@ -11,6 +11,7 @@ from sqlalchemy.exc import OperationalError
 
 from heimdex_common.db import connection_error, make_engine
 from heimdex_common.errors import HeimdexError
+from heimdex_common.migrations.config import VERSION_TABLE_OPTIONS, VERSION_TABLE_PRELUDE
 from heimdex_common.models import Base
 from heimdex_common.settings import load_settings, normalize_url
 
@@ -25,17 +26,33 @@ COMMON_OPTIONS = {
     # One transaction per revision: a failing revision leaves the database at the one before.
     "transaction_per_migration": True,
     "compare_type": True,
+    **VERSION_TABLE_OPTIONS,
 }
 
 
 def run_offline() -> None:
     # Offline output must not depend on any reachable (or configured) database.
     context.configure(dialect_name="postgresql", literal_binds=True, **COMMON_OPTIONS)
+    # First in every compiled file, so an artifact applied to a database whose version table
+    # is still in `public` moves it before it is read or written.
+    context.execute(VERSION_TABLE_PRELUDE)
     with context.begin_transaction():
         context.run_migrations()
 
 
+def prepare_version_table(connection: Connection) -> None:
+    # Committed before alembic configures itself, so alembic still sees a connection of its own
+    # (not an external transaction) and keeps one transaction per revision. A connection handed
+    # over inside the caller's transaction stays in it: the caller owns that transaction.
+    if connection.in_transaction():
+        connection.exec_driver_sql(VERSION_TABLE_PRELUDE)
+    else:
+        with connection.begin():
+            connection.exec_driver_sql(VERSION_TABLE_PRELUDE)
+
+
 def run_with(connection: Connection) -> None:
+    prepare_version_table(connection)
     context.configure(connection=connection, **COMMON_OPTIONS)
     with context.begin_transaction():
         context.run_migrations()

@@ -10,7 +10,6 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from alembic.migration import MigrationContext
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -22,6 +21,7 @@ from heimdex_api.schemas import EventList, EventOut, JobCreate, JobOut, JobPage
 from heimdex_api.state import AppState
 from heimdex_common.db import unit_of_work
 from heimdex_common.ledger import get_job, list_events, service
+from heimdex_common.migrations.config import migration_context
 from heimdex_common.models import JobStatus
 
 router = APIRouter()
@@ -166,7 +166,7 @@ def readyz(request: Request, state: State) -> Any:
     try:
         with state.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
-            current = MigrationContext.configure(conn).get_current_revision()
+            current = migration_context(conn).get_current_revision()
         checks["postgres"] = "ok"
         checks["schema"] = (
             "ok"

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from alembic.config import Config
+from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import Connection
 from sqlalchemy.engine import URL
 
 from heimdex_common.errors import HeimdexError
@@ -13,6 +15,32 @@ from heimdex_common.settings import normalize_url
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_INI = PACKAGE_ROOT / "alembic.ini"
+
+# Alembic's bookkeeping lives outside `public`, which Supabase's Data API exposes.
+VERSION_TABLE_SCHEMA = "heimdex_private"
+VERSION_TABLE_OPTIONS = {"version_table_schema": VERSION_TABLE_SCHEMA}
+
+# Alembic reads the version table before any revision runs, so moving it out of `public` cannot
+# be a revision's job: env.py runs this first, online and at the top of offline SQL alike.
+# Idempotent, and a no-op on an up-to-date database (it only reads the catalogs then).
+VERSION_TABLE_PRELUDE = f"""DO $version_table$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = '{VERSION_TABLE_SCHEMA}') THEN
+        CREATE SCHEMA {VERSION_TABLE_SCHEMA};
+    END IF;
+    IF to_regclass('public.alembic_version') IS NULL THEN
+        RETURN;
+    END IF;
+    IF to_regclass('{VERSION_TABLE_SCHEMA}.alembic_version') IS NOT NULL THEN
+        RAISE EXCEPTION USING
+            MESSAGE = 'both public.alembic_version and {VERSION_TABLE_SCHEMA}.alembic_version '
+                      'exist: the revision this database is at is ambiguous',
+            HINT = 'keep the one holding the right revision, drop the other, and run again; '
+                   'nothing was changed';
+    END IF;
+    ALTER TABLE public.alembic_version SET SCHEMA {VERSION_TABLE_SCHEMA};
+END
+$version_table$"""
 
 
 def alembic_config(
@@ -38,3 +66,12 @@ def alembic_config(
 
 def script_directory(cfg: Config) -> ScriptDirectory:
     return ScriptDirectory.from_config(cfg)
+
+
+def migration_context(connection: Connection) -> MigrationContext:
+    """A `MigrationContext` that reads the version table where env.py keeps it.
+
+    Anything that asks a database for its revision outside env.py must go through this:
+    a bare `MigrationContext.configure(conn)` looks in `public` and reports no revision.
+    """
+    return MigrationContext.configure(connection, opts=dict(VERSION_TABLE_OPTIONS))

@@ -44,6 +44,34 @@ _QUERIES: dict[str, str] = {
          WHERE n.nspname = :schema
          GROUP BY t.typname
     """,
+    "row_security": """
+        SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = :schema AND c.relkind IN ('r', 'p')
+    """,
+    # Normalised through acldefault(): "never granted" and "granted, then revoked" compare equal.
+    "grants": """
+        SELECT c.relname || '.' || CASE WHEN a.grantee = 0 THEN 'PUBLIC'
+                                        ELSE pg_get_userbyid(a.grantee) END,
+               string_agg(a.privilege_type, ',' ORDER BY a.privilege_type)
+          FROM pg_class c
+          JOIN pg_namespace n ON n.oid = c.relnamespace
+         CROSS JOIN LATERAL aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a
+         WHERE n.nspname = :schema AND c.relkind IN ('r', 'p', 'v', 'm')
+           AND a.grantee <> c.relowner
+         GROUP BY 1
+    """,
+    "column_grants": """
+        SELECT c.relname || '.' || att.attname || '.'
+               || CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END,
+               string_agg(a.privilege_type, ',' ORDER BY a.privilege_type)
+          FROM pg_attribute att
+          JOIN pg_class c ON c.oid = att.attrelid
+          JOIN pg_namespace n ON n.oid = c.relnamespace
+         CROSS JOIN LATERAL aclexplode(att.attacl) a
+         WHERE n.nspname = :schema AND att.attnum > 0 AND NOT att.attisdropped
+         GROUP BY 1
+    """,
     "policies": """
         SELECT tablename || '.' || policyname,
                cmd || ' ' || array_to_string(roles, ',') || ' using ' || coalesce(qual, '')
@@ -54,12 +82,15 @@ _QUERIES: dict[str, str] = {
 
 
 BOOKKEEPING = ("alembic_version",)
+# Only the history expresses these (models cannot): compare them between databases, not with
+# a schema built from the models.
+ACCESS_CONTROL = ("row_security", "grants", "column_grants", "policies")
 
 
 def snapshot(
     connection: Connection, schema: str = "public", *, exclude: tuple[str, ...] = BOOKKEEPING
 ) -> Snapshot:
-    """Tables, columns, constraints, indexes, enums and policies of `schema`.
+    """Tables, columns, constraints, indexes, enums, RLS flags, grants and policies of `schema`.
 
     Objects of the `exclude` tables (Alembic's own bookkeeping by default) are left out.
     """
@@ -75,6 +106,10 @@ def snapshot(
             )
         }
     return result
+
+
+def without_access_control(snap: Snapshot) -> Snapshot:
+    return {kind: objects for kind, objects in snap.items() if kind not in ACCESS_CONTROL}
 
 
 def diff(before: Snapshot, after: Snapshot) -> list[str]:
