@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -69,6 +70,20 @@ def dev_org(state_dir: Path) -> uuid.UUID:
     return org
 
 
+def ensure_port_free(port: int) -> None:
+    """Refuse early: readiness polling would otherwise find whatever else holds the port."""
+    with socket.socket() as sock:
+        # As the API's server will: only a live listener, not TIME_WAIT leftovers, is "in use".
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise HeimdexError(
+                f"port {port} is already in use (another Heimdex stack?): stop it, or pass "
+                "--port / set HEIMDEX_API_PORT"
+            ) from None
+
+
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -97,6 +112,7 @@ class DevStack:
     def start(self) -> tuple[str, str]:
         from heimdex_api.auth import issue_token  # noqa: PLC0415 - dev only; apps stay apart
 
+        ensure_port_free(self.api_port)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o755)  # noqa: S103 - the PostgreSQL user must traverse it
         redis_bin = find_redis_server()
@@ -174,7 +190,14 @@ class DevStack:
 
 @click.command()
 @click.option("--port", type=click.IntRange(1, 65535), help="API port (default: settings).")
-def dev(port: int | None) -> None:
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=REPO_ROOT / ".heimdex",
+    show_default=True,
+    help="Where the cluster, Redis data, dev org and dev.env live.",
+)
+def dev(port: int | None, state_dir: Path) -> None:
     """Run the whole stack locally (PostgreSQL + Redis from system binaries) until Ctrl-C."""
     settings = load_settings()
     configure_logging()
@@ -183,7 +206,7 @@ def dev(port: int | None) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    stack = DevStack(settings, REPO_ROOT / ".heimdex", port or settings.api_port)
+    stack = DevStack(settings, state_dir.resolve(), port or settings.api_port)
     try:
         url, token = stack.start()
         click.echo(
