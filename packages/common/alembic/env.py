@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from logging.config import fileConfig
 
 from alembic import context
@@ -14,10 +15,10 @@ from heimdex_common.errors import HeimdexError
 from heimdex_common.models import Base
 from heimdex_common.settings import load_settings, normalize_url
 
-try:  # enum create/drop and VARCHAR -> enum with USING in autogenerate (the migrations extra)
+# Enum create/drop and VARCHAR -> enum with USING in autogenerate (the migrations extra; an
+# image without it never autogenerates).
+with contextlib.suppress(ImportError):
     import alembic_postgresql_enum  # noqa: F401
-except ImportError:  # pragma: no cover - a runtime image without the extra never autogenerates
-    pass
 
 config = context.config
 target_metadata = Base.metadata

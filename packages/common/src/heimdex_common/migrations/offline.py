@@ -61,18 +61,24 @@ class _CapturingBuffer(io.StringIO):
         super().__init__()
         self._source = str(source)
         self._line = 1
+        self._in_block = False
         self.chunks: list[Chunk] = []
 
     def write(self, s: str) -> int:
         source_line: int | None = None
-        autocommit = False
+        from_block_edge = False
         frame = sys._getframe(1)
         while frame is not None:
             if source_line is None and frame.f_code.co_filename == self._source:
                 source_line = frame.f_lineno
             if frame.f_code.co_name == "autocommit_block":
-                autocommit = True
+                from_block_edge = True
             frame = frame.f_back  # type: ignore[assignment]
+        # autocommit_block() itself writes only the COMMIT that opens the block and the BEGIN
+        # that closes it; the statements in between come from the revision's own frame.
+        if from_block_edge:
+            self._in_block = s.strip() == "COMMIT;"
+        autocommit = from_block_edge or self._in_block
         self.chunks.append(Chunk(s, self._line, source_line, autocommit))
         self._line += s.count("\n")
         return super().write(s)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy.engine import URL
 
 from heimdex_common.errors import HeimdexError
@@ -66,6 +68,8 @@ def describe_diff(diff: object) -> str:
         name, *args = diff
         rendered = []
         for arg in args:
+            if arg is None:
+                continue
             named = getattr(arg, "name", None)
             rendered.append(str(named) if named is not None else repr(arg))
         return f"{name} {' '.join(rendered)}"
@@ -80,6 +84,13 @@ def model_drift(context: MigrationContext) -> list[str]:
     return [describe_diff(d) for d in compare_metadata(context, metadata)]
 
 
+def _known(scripts: ScriptDirectory, revision: str) -> bool:
+    try:
+        return scripts.get_revision(revision) is not None
+    except CommandError:  # ResolutionError: not in this history
+        return False
+
+
 def status(config: Path | str | None = None, database_url: URL | str | None = None) -> Status:
     """Current revision, heads, pending revisions (oldest first) and model drift.
 
@@ -92,7 +103,7 @@ def status(config: Path | str | None = None, database_url: URL | str | None = No
     heads = tuple(scripts.get_heads())
     with connect(url) as conn:
         current = current_revisions(cfg, conn)
-        unknown = tuple(r for r in current if scripts.get_revision(r) is None)
+        unknown = tuple(r for r in current if not _known(scripts, r))
         result = Status(current=current, heads=heads, unknown=unknown)
         if len(heads) != 1 or unknown:
             return result
