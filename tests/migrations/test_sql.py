@@ -1,4 +1,4 @@
-"""`heimdex db sql`: the Supabase artifacts, byte for byte the playbook's, applied as Supabase does."""
+"""`heimdex db sql`: Supabase artifacts, byte for byte the playbook's, applied as Supabase does."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import URL
 
 from heimdex_common.migrations.artifacts import ArtifactsStale, sql
-from heimdex_common.migrations.status import status
 from heimdex_common.migrations.migrate import upgrade
 from heimdex_common.migrations.schema import render_diff, snapshot
+from heimdex_common.migrations.status import status
 
 from .conftest import COMMON, REPO, HistoryCopy, clean_env, heimdex, url_arg
 
@@ -64,12 +64,15 @@ def test_check_fails_naming_the_file_after_a_revision_changes(
     sql(config=history.ini, output_dir=out)
     hardening = history.versions / "3af4686817cc_hardening_job_ledger_enums_indexes.py"
     hardening.write_text(
-        hardening.read_text().replace("CODE_MAX, MESSAGE_MAX = 64, 2048", "CODE_MAX, MESSAGE_MAX = 80, 2048")
+        hardening.read_text().replace(
+            "CODE_MAX, MESSAGE_MAX = 64, 2048", "CODE_MAX, MESSAGE_MAX = 80, 2048"
+        )
     )
     proc = heimdex("db", "sql", "--check", "-c", history.ini, "--output-dir", out)
     assert proc.returncode == 1
-    assert f"{out / '0002_job_ledger_hardening.sql'}: stale (differs from revision 3af4686817cc)" in (
-        proc.stderr
+    assert (
+        f"{out / '0002_job_ledger_hardening.sql'}: stale (differs from revision 3af4686817cc)"
+        in (proc.stderr)
     )
     assert "0001_job_ledger_init.sql" not in proc.stderr
 
@@ -77,8 +80,12 @@ def test_check_fails_naming_the_file_after_a_revision_changes(
 def test_check_names_missing_and_unexpected_files(history: HistoryCopy, tmp_path: Path) -> None:
     out = tmp_path / "migrations"
     sql(config=history.ini, output_dir=out)
-    history.add_revision("beef00000001", "3af4686817cc", "op.execute(\"SET LOCAL lock_timeout = '5s'\")",
-                         message="add job region")
+    history.add_revision(
+        "beef00000001",
+        "3af4686817cc",
+        "op.execute(\"SET LOCAL lock_timeout = '5s'\")",
+        message="add job region",
+    )
     (out / "0009_hand_written.sql").write_text("SELECT 1;\n")
     with pytest.raises(ArtifactsStale) as info:
         sql(config=history.ini, output_dir=out, check=True)
@@ -156,9 +163,19 @@ def test_a_statement_that_cannot_run_in_a_transaction_gets_a_file_of_its_own(
     whole = b"".join((out / n).read_bytes() for n in names[2:])
     env = clean_env()
     playbook = subprocess.run(
-        [sys.executable, "-m", "alembic", "-c", str(history.ini), "upgrade",
-         "3af4686817cc:face00000001", "--sql"],
-        env=env, capture_output=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "alembic",
+            "-c",
+            str(history.ini),
+            "upgrade",
+            "3af4686817cc:face00000001",
+            "--sql",
+        ],
+        env=env,
+        capture_output=True,
+        check=True,
     ).stdout
     assert whole == playbook
     _apply_like_supabase(empty_db_url, [out / n for n in names])

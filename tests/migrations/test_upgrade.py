@@ -55,7 +55,9 @@ def test_four_upgraders_started_at_once_apply_each_revision_exactly_once(
     # (interpreter start-up alone would otherwise spread them out).
     holder_engine = create_engine(empty_db_url, poolclass=NullPool)
     holder = holder_engine.connect()
-    holder.execute(text("SELECT pg_advisory_lock(:a, :b)"), dict(zip("ab", MIGRATION_LOCK)))
+    holder.execute(
+        text("SELECT pg_advisory_lock(:a, :b)"), {"a": MIGRATION_LOCK[0], "b": MIGRATION_LOCK[1]}
+    )
     procs = [
         subprocess.Popen(
             [str(HEIMDEX), "db", "upgrade", "--database-url", url_arg(empty_db_url)],
@@ -141,8 +143,14 @@ def test_a_failing_revision_is_named_with_its_statement_and_rolled_back(
     assert "statement: UPDATE job SET region = 'eu' WHERE 1 / 0 = 1" in message
     assert "Traceback" not in proc.stderr
     # Transactional DDL: the column added before the failure is gone too.
-    assert scalar(db_url, "SELECT count(*) FROM information_schema.columns "
-                  "WHERE table_name = 'job' AND column_name = 'region'") == 0
+    assert (
+        scalar(
+            db_url,
+            "SELECT count(*) FROM information_schema.columns "
+            "WHERE table_name = 'job' AND column_name = 'region'",
+        )
+        == 0
+    )
 
 
 def _hold_lock_on_job(url: URL, released: threading.Event, holding: threading.Event) -> None:
@@ -211,5 +219,6 @@ def test_lock_timeout_is_retried_once_the_long_transaction_ends(
         blocker.join()
         releaser.join()
     assert result.applied == ["3af4686817cc"]
-    assert any("lock_timeout" in r.getMessage() and "retry 1/3" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "lock_timeout" in r.getMessage() and "retry 1/3" in r.getMessage() for r in caplog.records
+    )

@@ -12,6 +12,7 @@ from sqlalchemy.exc import OperationalError
 
 from heimdex_common.db import connection_error, make_engine
 from heimdex_common.errors import HeimdexError
+from heimdex_common.migrations.autogen import rewriter as enum_change_around_default
 from heimdex_common.models import Base
 from heimdex_common.settings import load_settings, normalize_url
 
@@ -31,6 +32,7 @@ COMMON_OPTIONS = {
     # One transaction per revision: a failing revision leaves the database at the one before.
     "transaction_per_migration": True,
     "compare_type": True,
+    "process_revision_directives": enum_change_around_default,
 }
 
 

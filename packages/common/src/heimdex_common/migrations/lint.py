@@ -261,7 +261,8 @@ def squawk_binary() -> str:
     return found
 
 
-def _squawk(compiled: CompiledRevision) -> list[tuple[int, str, str]]:
+def _squawk(compiled: CompiledRevision, created_here: set[str]) -> list[tuple[int, str, str]]:
+    """squawk's findings, except on tables this revision creates (squawk only exempts some)."""
     statements = _statements(compiled)
     if not statements:
         return []
@@ -295,8 +296,21 @@ def _squawk(compiled: CompiledRevision) -> list[tuple[int, str, str]]:
         owner = next((c for c in reversed(compiled.chunks) if c.first_line <= line), None)
         if owner is None or owner.source_line is None:
             continue  # Alembic's own bookkeeping (alembic_version)
+        if _target_table(owner.sql) in created_here:
+            continue  # nobody else can see a table this revision creates: no lock to fear
         found.append((owner.source_line, item["rule_name"], item["message"]))
     return found
+
+
+def _target_table(sql: str) -> str | None:
+    flat = " ".join(sql.split())
+    m = re.match(rf"ALTER TABLE (?:IF EXISTS )?(?:ONLY )?({_IDENT})", flat, re.I) or re.match(
+        rf"CREATE (?:UNIQUE )?INDEX (?:CONCURRENTLY )?(?:IF NOT EXISTS )?(?:{_IDENT} )?"
+        rf"ON (?:ONLY )?({_IDENT})",
+        flat,
+        re.I,
+    )
+    return _name(m.group(1)) if m else None
 
 
 def _acknowledge(path: Path, raw: list[tuple[int, str, str]]) -> tuple[list[Finding], int]:
@@ -359,7 +373,11 @@ def lint(
         compiled = compile_revision(cfg, script)
         if not wanted or script.revision in wanted:
             downgrade = compile_revision(cfg, script, direction="downgrade")
-            raw = _squawk(compiled) + _own_rules(compiled, downgrade, before, script)
+            created = _Schema()
+            for chunk in _statements(compiled):
+                _apply_to_schema(created, chunk.sql)
+            raw = _squawk(compiled, created.tables - before.tables)
+            raw += _own_rules(compiled, downgrade, before, script)
             findings, acknowledged = _acknowledge(Path(script.path), raw)
             report.findings += findings
             report.acknowledged += acknowledged
