@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy.engine import URL
 
 from heimdex_common.errors import HeimdexError
-from heimdex_common.migrations.migrate import upgrade
+from heimdex_common.migrations.migrate import downgrade, upgrade
 from heimdex_common.migrations.revision import revision
 from heimdex_common.migrations.status import StatusCode, status
 
@@ -75,6 +75,9 @@ def test_varchar_to_enum_autogenerates_create_type_and_using_and_applies(
     upgrade(config=history.ini, database_url=db_url)
     result = status(config=history.ini, database_url=db_url)
     assert result.code is StatusCode.AT_HEAD, result
+    # And the generated downgrade works too (enum -> VARCHAR around the default as well).
+    downgrade("3af4686817cc", config=history.ini, database_url=db_url)
+    upgrade(config=history.ini, database_url=db_url)
 
 
 def test_output_dir_receives_the_file_and_the_history_stays_untouched(

@@ -1,8 +1,8 @@
 """Autogenerate fixes env.py applies to every generated revision (heimdex db or plain alembic).
 
 alembic-postgresql-enum renders a VARCHAR -> enum change with `postgresql_using`, but a column
-with a default still fails ("default for column ... cannot be cast automatically"): the default
-must be dropped before the type change and set again, from the model, after it.
+with a default still fails ("default for column ... cannot be cast automatically"), both ways:
+the default must be dropped before the type change and set again after it.
 """
 
 from __future__ import annotations
@@ -30,8 +30,17 @@ def _model_default(context: MigrationContext, table: str, column: str) -> Any:
 def enum_change_around_default(
     context: MigrationContext, revision: Any, op: ops.AlterColumnOp
 ) -> ops.AlterColumnOp | list[ops.AlterColumnOp]:
-    if not isinstance(op.modify_type, Enum) or op.existing_server_default in (None, False):
+    to_enum = isinstance(op.modify_type, Enum)
+    from_enum = op.modify_type is not None and isinstance(op.existing_type, Enum)
+    if not (to_enum or from_enum) or op.existing_server_default in (None, False):
         return op
+    # Going to the enum, the default comes from the model; going back (the downgrade), it is
+    # the one the column had before (reflected from the database at autogenerate time).
+    default = (
+        _model_default(context, op.table_name, op.column_name)
+        if to_enum
+        else op.existing_server_default
+    )
     drop = ops.AlterColumnOp(
         op.table_name,
         op.column_name,
@@ -47,6 +56,6 @@ def enum_change_around_default(
         schema=op.schema,
         existing_type=op.modify_type,
         existing_nullable=op.existing_nullable,
-        modify_server_default=_model_default(context, op.table_name, op.column_name),
+        modify_server_default=default,
     )
     return [drop, op, restore]
