@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from logging.config import fileConfig
 
 from alembic import context
@@ -12,8 +13,14 @@ from sqlalchemy.exc import OperationalError
 from heimdex_common.db import connection_error, make_engine
 from heimdex_common.errors import HeimdexError
 from heimdex_common.migrations.config import VERSION_TABLE_OPTIONS, VERSION_TABLE_PRELUDE
+from heimdex_common.migrations.autogen import rewriter as enum_change_around_default
 from heimdex_common.models import Base
 from heimdex_common.settings import load_settings, normalize_url
+
+# Enum create/drop and VARCHAR -> enum with USING in autogenerate (the migrations extra; an
+# image without it never autogenerates).
+with contextlib.suppress(ImportError):
+    import alembic_postgresql_enum  # noqa: F401
 
 config = context.config
 target_metadata = Base.metadata
@@ -27,6 +34,7 @@ COMMON_OPTIONS = {
     "transaction_per_migration": True,
     "compare_type": True,
     **VERSION_TABLE_OPTIONS,
+    "process_revision_directives": enum_change_around_default,
 }
 
 

@@ -131,10 +131,18 @@ def upgrade() -> None:
     _normalize_rows()
 
     # Indexes on `status` would be rebuilt by the rewrite below only to be dropped: drop first.
+    # The rewrite holds ACCESS EXCLUSIVE on job for the whole transaction, so a concurrent drop
+    # (impossible in a transaction anyway) would not shorten any lock.
+    # heimdex-lint: ignore[require-concurrent-index-deletion] job is locked by the rewrite
     op.drop_index(op.f("idx_job_org_status"), table_name="job")
+    # heimdex-lint: ignore[require-concurrent-index-deletion] job is locked by the rewrite
     op.drop_index(op.f("idx_job_type_status"), table_name="job")
     # One statement, one table rewrite; the CHECK is verified during that same pass.
     # (Alembic's alter_column would emit one ALTER per change, each its own rewrite.)
+    # heimdex-lint: ignore[changing-column-type] the point of this revision: one rewrite
+    # heimdex-lint: ignore[ban-drop-constraint] replaced by a stricter CHECK in this statement
+    # heimdex-lint: ignore[ban-drop-default] set again to 'queued' in this statement
+    # heimdex-lint: ignore[constraint-missing-not-valid] checked during the same rewrite
     op.execute(f"""
 ALTER TABLE job
     DROP CONSTRAINT IF EXISTS ck_job_status,
@@ -150,12 +158,18 @@ ALTER TABLE job
         "COMMENT ON COLUMN job.max_attempts IS 'Maximum retry attempts before dead-lettering'"
     )
     op.execute("COMMENT ON COLUMN job.backoff_policy IS 'Backoff policy for retry scheduling'")
+    # Index and constraint names are not referenced by clients (no hints, no ON CONFLICT ON
+    # CONSTRAINT); the ledger repository maps errors by the new index name.
     for kind, old, new in RENAMES:
+        # heimdex-lint: ignore[renaming-object] names only, unused by clients
         op.execute(f"ALTER {kind} {old} RENAME TO {new}")
+    # heimdex-lint: ignore[renaming-object] names only, unused by clients
     op.execute(f"ALTER TABLE job_event RENAME CONSTRAINT {FK_OLD} TO {FK_NEW}")
     # Not CONCURRENTLY: job is rewritten under ACCESS EXCLUSIVE in this same transaction, so a
     # concurrent build could not shorten the lock (and cannot run in a transaction at all).
+    # heimdex-lint: ignore[index-not-concurrent] job is locked by the rewrite above
     op.execute("CREATE INDEX idx_job__org_id_created_at_desc ON job (org_id, created_at DESC)")
+    # heimdex-lint: ignore[index-not-concurrent] job is locked by the rewrite above
     op.execute("CREATE INDEX idx_job__status_created_at ON job (status, created_at)")
 
 

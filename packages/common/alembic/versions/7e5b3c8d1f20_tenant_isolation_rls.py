@@ -34,6 +34,7 @@ revision = "7e5b3c8d1f20"
 down_revision = "4c2f9a1e7b3d"
 branch_labels = None
 depends_on = None
+supabase_slug = "tenant_isolation_rls"
 
 PRIVATE_SCHEMA = "heimdex_private"
 ROLES = ("anon", "authenticated", "service_role")

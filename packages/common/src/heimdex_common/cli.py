@@ -13,6 +13,7 @@ import click
 
 from heimdex_common import __version__
 from heimdex_common.errors import HeimdexError
+from heimdex_common.migrations.cli import db
 
 ENTRY_POINT_GROUP = "heimdex.cli"
 
@@ -44,3 +45,6 @@ class HeimdexGroup(click.Group):
 @click.version_option(__version__, prog_name="heimdex")
 def main() -> None:
     """Heimdex core: the durable job ledger, its migrations, API and workers."""
+
+
+main.add_command(db)

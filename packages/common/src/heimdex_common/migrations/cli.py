@@ -1,0 +1,324 @@
+"""`heimdex db ...`: a thin click shell over the functions of `heimdex_common.migrations`.
+
+`HeimdexError` from any of them is printed as one line with exit code 1 by the root group.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from heimdex_common.migrations import artifacts as artifacts_cmd
+from heimdex_common.migrations import lint as lint_cmd
+from heimdex_common.migrations import migrate as migrate_cmd
+from heimdex_common.migrations import revision as revision_cmd
+from heimdex_common.migrations import status as status_cmd
+from heimdex_common.migrations import verify as verify_cmd
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CONFIG_HELP = "Alembic config (default: the repository's packages/common/alembic.ini)."
+URL_HELP = "Database URL (default: DATABASE_URL or PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE)."
+
+
+def _config_option(f: F) -> F:
+    return click.option(
+        "-c",
+        "--config",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help=CONFIG_HELP,
+    )(f)
+
+
+def _url_option(help_text: str = URL_HELP) -> Callable[[F], F]:
+    return click.option("--database-url", metavar="URL", default=None, help=help_text)
+
+
+def _lock_options(f: F) -> F:
+    f = click.option(
+        "--lock-timeout",
+        default="5s",
+        show_default=True,
+        help="Session lock_timeout for the DDL (revisions also SET LOCAL their own).",
+    )(f)
+    f = click.option(
+        "--retries",
+        type=click.IntRange(min=0),
+        default=3,
+        show_default=True,
+        help="Retries of a revision that failed on lock_timeout (it was rolled back).",
+    )(f)
+    f = click.option(
+        "--lock-wait",
+        type=click.FloatRange(min=0),
+        default=600.0,
+        show_default=True,
+        help="Seconds to wait for another upgrader's migration lock.",
+    )(f)
+    return f
+
+
+def _setup_logging() -> None:
+    # Progress for people: which revision, how long it took. One handler, on stderr.
+    log = logging.getLogger("heimdex_common")
+    if not any(getattr(h, "_heimdex_db", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._heimdex_db = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+@click.group("db")
+def db() -> None:
+    """Migrations of the ledger database: the Alembic playbook as one-line commands.
+
+    Every command takes -c/--config (another alembic.ini, e.g. a copy of the history) and,
+    where it touches a database, --database-url (default: the settings). Errors are one line
+    and exit code 1. The plain `python -m alembic ...` commands keep working alongside.
+    """
+    _setup_logging()
+
+
+@db.command(
+    epilog="""\b
+Exit codes:
+  0  at head, models match the database
+  1  error (database unreachable, bad config, ...)
+  3  revisions pending (listed)
+  4  at head, but the models differ from the database (drift, listed)
+  5  the history has several heads (merge them)
+  6  the database is at a revision this history does not know
+"""
+)
+@_config_option
+@_url_option()
+def status(*, config: Path | None, database_url: str | None) -> None:
+    """Current revision against head: pending revisions, multiple heads, model drift."""
+    result = status_cmd.status(config=config, database_url=database_url)
+    click.echo(f"current: {', '.join(result.current) or 'base (empty database)'}")
+    click.echo(f"head:    {', '.join(result.heads)}")
+    if len(result.heads) > 1:
+        click.echo("multiple heads: merge them (`alembic merge heads`) before upgrading")
+    for rev in result.unknown:
+        click.echo(f"unknown revision in the database: {rev} (another branch or checkout?)")
+    for pending in result.pending:
+        click.echo(f"pending: {pending.revision}  {pending.message}")
+    for line in result.drift:
+        click.echo(f"drift:   {line}")
+    if result.code == 0:
+        click.echo("up to date")
+    sys.exit(int(result.code))
+
+
+def _report_migration(result: Any) -> None:
+    if result.applied:
+        click.echo(f"{', '.join(result.applied)} applied; now at {result.after or 'base'}")
+    else:
+        click.echo(f"nothing to do; at {result.after or 'base'}")
+
+
+@db.command(
+    epilog="""\b
+Concurrency: every upgrade/downgrade takes a PostgreSQL advisory lock first, so
+replicas starting together apply each revision once; the others wait (--lock-wait),
+then find nothing to do. Exit codes: 0 done, 1 error (a failed revision names itself
+and the statement; it was rolled back, the database stays at the previous revision).
+"""
+)
+@click.argument("revision", default="head")
+@_config_option
+@_url_option()
+@_lock_options
+def upgrade(
+    *,
+    revision: str,
+    config: Path | None,
+    database_url: str | None,
+    lock_timeout: str,
+    retries: int,
+    lock_wait: float,
+) -> None:
+    """Apply revisions up to REVISION (default: head; also an id prefix or +N)."""
+    result = migrate_cmd.upgrade(
+        revision,
+        config=config,
+        database_url=database_url,
+        lock_timeout=lock_timeout,
+        retries=retries,
+        lock_wait=lock_wait,
+    )
+    _report_migration(result)
+
+
+@db.command(
+    epilog="Exit codes: 0 done, 1 error. Serialised with upgrade by the same lock.",
+    context_settings={"ignore_unknown_options": True},
+)
+@click.argument("revision")
+@_config_option
+@_url_option()
+@_lock_options
+def downgrade(
+    *,
+    revision: str,
+    config: Path | None,
+    database_url: str | None,
+    lock_timeout: str,
+    retries: int,
+    lock_wait: float,
+) -> None:
+    """Revert revisions down to REVISION (an id or prefix, base, or -N)."""
+    result = migrate_cmd.downgrade(
+        revision,
+        config=config,
+        database_url=database_url,
+        lock_timeout=lock_timeout,
+        retries=retries,
+        lock_wait=lock_wait,
+    )
+    _report_migration(result)
+
+
+@db.command(
+    epilog="""\b
+Exit codes: 0 written, 1 error (database not at head for --autogenerate,
+target directory not writable: pass --output-dir, ...).
+Needs the migrations extra for formatting and enum support:
+  uv sync (workspace) or pip install 'heimdex-common[migrations]'
+"""
+)
+@click.option("-m", "--message", required=True, help="What the revision does (its docstring).")
+@click.option(
+    "--autogenerate",
+    is_flag=True,
+    help="Compare the models with the database (which must be at head) and write the ops.",
+)
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write the revision here instead of the versions directory (e.g. /tmp in a container).",
+)
+@click.option("--rev-id", default=None, help="Revision id to use instead of a random one.")
+@_config_option
+@_url_option("Database to compare against with --autogenerate (default: the settings).")
+def revision(
+    *,
+    message: str,
+    autogenerate: bool,
+    output_dir: Path | None,
+    rev_id: str | None,
+    config: Path | None,
+    database_url: str | None,
+) -> None:
+    """Write a new revision file (formatted with ruff) and print its path."""
+    path = revision_cmd.revision(
+        message,
+        autogenerate=autogenerate,
+        output_dir=output_dir,
+        rev_id=rev_id,
+        config=config,
+        database_url=database_url,
+    )
+    click.echo(str(path))
+
+
+@db.command(
+    epilog="""\b
+Files: supabase/migrations/NNNN_<slug>.sql, one per revision in history order
+(plus one per statement that cannot run in a transaction). Each is exactly what
+`python -m alembic upgrade <prev>:<rev> --sql` prints. Needs no database.
+Exit codes: 0 current/written, 1 error or (with --check) missing/stale files.
+"""
+)
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Artifact directory (default: the repository's supabase/migrations; created).",
+)
+@click.option("--check", is_flag=True, help="Write nothing; fail naming missing or stale files.")
+@_config_option
+def sql(*, output_dir: Path | None, check: bool, config: Path | None) -> None:
+    """Compile the Supabase SQL artifacts from the revision history."""
+    result = artifacts_cmd.sql(config=config, output_dir=output_dir, check=check)
+    if check:
+        click.echo(f"{len(result.unchanged)} artifact(s) in {result.directory} are current")
+    else:
+        click.echo(
+            f"{result.directory}: {len(result.written)} written, {len(result.unchanged)} unchanged"
+        )
+
+
+@db.command(
+    epilog="""\b
+Checks: a single head; for every revision, upgrade -> downgrade -> upgrade with
+the schema compared (on seeded rows, see heimdex_common.migrations.seeds);
+models equal to the database at head; Supabase artifacts current.
+Never touches the configured database. Exit codes: 0 all good, 1 a check failed
+(the revision and the schema diff are printed) or error.
+"""
+)
+@_config_option
+@_url_option(
+    "A server to use: a scratch database is created on it and dropped "
+    "(default: a throwaway cluster from the local PostgreSQL binaries)."
+)
+@click.option(
+    "--artifacts-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Supabase artifact directory to check (default: the repository's).",
+)
+@click.option("--skip-artifacts", is_flag=True, help="Do not check the Supabase artifacts.")
+def verify(
+    *,
+    config: Path | None,
+    database_url: str | None,
+    artifacts_dir: Path | None,
+    skip_artifacts: bool,
+) -> None:
+    """Verify the whole history in a throwaway database, as the playbook asks a human to."""
+    report = verify_cmd.verify(
+        config=config,
+        database_url=database_url,
+        artifacts_dir=artifacts_dir,
+        check_artifacts=not skip_artifacts,
+    )
+    for line in report.passed:
+        click.echo(f"ok: {line}")
+    click.echo(f"verified {len(report.revisions)} revision(s) in {report.seconds:.1f}s")
+
+
+@db.command(
+    epilog="""\b
+Rules: squawk (squawk-cli) on each revision's upgrade SQL, plus our own:
+  enum-without-using, enum-not-dropped, index-not-concurrent,
+  not-null-without-default, missing-lock-timeout.
+Acknowledge one finding with a comment on or just above the offending line:
+  # heimdex-lint: ignore[rule-name] why this is safe here
+Exit codes: 0 clean, 1 findings (file:line rule message) or error.
+Needs the migrations extra: pip install 'heimdex-common[migrations]'.
+"""
+)
+@_config_option
+@click.argument("revisions", nargs=-1)
+def lint(*, config: Path | None, revisions: tuple[str, ...]) -> None:
+    """Check revisions (default: all) for operations that lock or break a live database."""
+    report = lint_cmd.lint(config=config, revisions=revisions or None)
+    for finding in report.findings:
+        click.echo(finding.render())
+    click.echo(
+        f"{len(report.findings)} finding(s), {report.acknowledged} acknowledged, "
+        f"{report.revisions} revision(s) checked",
+        err=True,
+    )
+    if report.findings:
+        sys.exit(1)

@@ -1,0 +1,387 @@
+"""`heimdex db lint`: SQL that locks or breaks a live database, found before it ships.
+
+Each revision's upgrade SQL is compiled offline (no database) and checked twice:
+
+- by squawk, on that revision's SQL alone: squawk treats a table created earlier in the same
+  file as new, and every other table as existing, which is exactly the schema before the
+  revision;
+- by our own rules, which know the schema before the revision from the SQL of the revisions
+  before it (tables and enum types created, dropped and renamed).
+
+A finding is reported at the line of the revision's source that emitted the statement, so a
+comment on or just above that line acknowledges it:
+
+    # heimdex-lint: ignore[index-not-concurrent] job is rewritten in this transaction anyway
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alembic.script import Script
+
+from heimdex_common.errors import HeimdexError
+from heimdex_common.migrations.history import make_config, ordered_revisions, scripts_of
+from heimdex_common.migrations.offline import Chunk, CompiledRevision, compile_revision
+from heimdex_common.migrations.revision import EXTRA_HINT
+
+# Squawk rules we do not run, and why. Everything else squawk reports is a finding.
+SQUAWK_EXCLUDED: dict[str, str] = {
+    "transaction-nesting": "Alembic's BEGIN/COMMIT around each revision is the transaction",
+    "prefer-bigint-over-int": "column width is a schema choice, not a lock or a break",
+    "prefer-bigint-over-smallint": "column width is a schema choice, not a lock or a break",
+    "prefer-identity": "id generation is a schema choice, not a lock or a break",
+    "prefer-text-field": "a varchar limit is a schema choice; changing it is changing-column-type",
+    "prefer-robust-stmts": "revisions run once, in a transaction, under the migration lock",
+    "require-statement-timeout": "our missing-lock-timeout rule; statement_timeout would abort "
+    "long data migrations",
+    "require-timeout-settings": "our missing-lock-timeout rule covers lock waits",
+    "require-concurrent-index-creation": "our index-not-concurrent rule, which knows the tables "
+    "that exist before the revision",
+}
+OWN_RULES = (
+    "enum-without-using",
+    "enum-not-dropped",
+    "index-not-concurrent",
+    "not-null-without-default",
+    "missing-lock-timeout",
+)
+MARKER = re.compile(r"#\s*heimdex-lint:\s*ignore\[([^\]]*)\](.*)$")
+_IDENT = r'(?:"[^"]+"|[\w$]+)(?:\.(?:"[^"]+"|[\w$]+))?'
+
+
+@dataclass(frozen=True)
+class Finding:
+    path: Path
+    line: int
+    rule: str
+    message: str
+
+    def render(self) -> str:
+        return f"{self.path}:{self.line} {self.rule} {self.message}"
+
+
+@dataclass
+class LintReport:
+    findings: list[Finding] = field(default_factory=list)
+    acknowledged: int = 0
+    revisions: int = 0
+
+
+@dataclass
+class _Schema:
+    tables: set[str] = field(default_factory=set)
+    enums: set[str] = field(default_factory=set)
+
+
+def _name(raw: str) -> str:
+    """`public."Job"` -> `job`-style key: schema dropped (one schema), quotes removed."""
+    last = raw.rsplit(".", maxsplit=1)[-1]
+    return last[1:-1] if last.startswith('"') else last.lower()
+
+
+def _split_top_level(body: str) -> list[str]:
+    """Split on commas outside parentheses and quotes."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(body):
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(body[start:i])
+            start = i + 1
+    parts.append(body[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _statements(compiled: CompiledRevision) -> list[Chunk]:
+    return [
+        c
+        for c in compiled.chunks
+        if c.source_line is not None and c.sql and not c.sql.startswith("--")
+    ]
+
+
+def _apply_to_schema(schema: _Schema, sql: str) -> None:
+    flat = " ".join(sql.split())
+    for m in re.finditer(rf"CREATE TABLE (?:IF NOT EXISTS )?({_IDENT})", flat, re.I):
+        schema.tables.add(_name(m.group(1)))
+    for m in re.finditer(rf"DROP TABLE (?:IF EXISTS )?({_IDENT})", flat, re.I):
+        schema.tables.discard(_name(m.group(1)))
+    for m in re.finditer(
+        rf"ALTER TABLE (?:IF EXISTS )?({_IDENT}) RENAME TO ({_IDENT})", flat, re.I
+    ):
+        schema.tables.discard(_name(m.group(1)))
+        schema.tables.add(_name(m.group(2)))
+    for m in re.finditer(rf"CREATE TYPE ({_IDENT}) AS ENUM", flat, re.I):
+        schema.enums.add(_name(m.group(1)))
+    for m in re.finditer(rf"DROP TYPE (?:IF EXISTS )?({_IDENT})", flat, re.I):
+        schema.enums.discard(_name(m.group(1)))
+
+
+def _alter_findings(
+    flat: str, line: int, existing: set[str], enums: set[str]
+) -> list[tuple[int, str, str]]:
+    """enum-without-using and not-null-without-default, clause by clause of an ALTER TABLE."""
+    found: list[tuple[int, str, str]] = []
+    alter = re.match(rf"ALTER TABLE (?:IF EXISTS )?(?:ONLY )?({_IDENT}) (.*?);?$", flat, re.I)
+    if not alter:
+        return found
+    table = _name(alter.group(1))
+    for clause in _split_top_level(alter.group(2)):
+        col_type = re.match(
+            rf"ALTER (?:COLUMN )?({_IDENT}) (?:SET DATA )?TYPE ({_IDENT})", clause, re.I
+        )
+        if (
+            col_type
+            and _name(col_type.group(2)) in enums
+            and not re.search(r"\bUSING\b", clause, re.I)
+        ):
+            found.append(
+                (
+                    line,
+                    "enum-without-using",
+                    f"{table}.{_name(col_type.group(1))} changed to enum "
+                    f"{_name(col_type.group(2))} without USING: PostgreSQL cannot cast it "
+                    f"automatically (postgresql_using='{_name(col_type.group(1))}::"
+                    f"{_name(col_type.group(2))}')",
+                )
+            )
+        add = re.match(
+            rf"ADD (?!CONSTRAINT\b)(?:COLUMN )?(?:IF NOT EXISTS )?({_IDENT}) (.*)",
+            clause,
+            re.I,
+        )
+        if (
+            add
+            and table in existing
+            and re.search(r"\bNOT NULL\b", add.group(2), re.I)
+            and not re.search(r"\b(DEFAULT|GENERATED)\b", add.group(2), re.I)
+        ):
+            found.append(
+                (
+                    line,
+                    "not-null-without-default",
+                    f"NOT NULL column {table}.{_name(add.group(1))} added to an existing "
+                    "table without a default fails on any existing row",
+                )
+            )
+    return found
+
+
+def _own_rules(
+    compiled: CompiledRevision, downgrade: CompiledRevision, before: _Schema, script: Script
+) -> list[tuple[int, str, str]]:
+    found: list[tuple[int, str, str]] = []
+    statements = _statements(compiled)
+    created_here = _Schema()
+    for chunk in statements:
+        _apply_to_schema(created_here, chunk.sql)
+    enums = before.enums | created_here.enums
+    existing = before.tables
+
+    for chunk in statements:
+        flat = " ".join(chunk.sql.split())
+        line = chunk.source_line or 1
+        index = re.match(
+            rf"CREATE (?:UNIQUE )?INDEX (?!CONCURRENTLY)(?:IF NOT EXISTS )?(?:{_IDENT} )?"
+            rf"ON (?:ONLY )?({_IDENT})",
+            flat,
+            re.I,
+        )
+        if index and _name(index.group(1)) in existing:
+            found.append(
+                (
+                    line,
+                    "index-not-concurrent",
+                    f"CREATE INDEX on existing table {_name(index.group(1))} without "
+                    "CONCURRENTLY blocks its writes while the index builds "
+                    "(use op.create_index(..., postgresql_concurrently=True) in an "
+                    "autocommit_block)",
+                )
+            )
+        found += _alter_findings(flat, line, existing, enums)
+
+    dropped = _Schema(enums=set(created_here.enums))
+    for chunk in _statements(downgrade):
+        for m in re.finditer(rf"DROP TYPE (?:IF EXISTS )?({_IDENT})", chunk.sql, re.I):
+            dropped.enums.discard(_name(m.group(1)))
+    for chunk in statements:
+        for m in re.finditer(rf"CREATE TYPE ({_IDENT}) AS ENUM", chunk.sql, re.I):
+            if _name(m.group(1)) in dropped.enums:
+                found.append(
+                    (
+                        chunk.source_line or 1,
+                        "enum-not-dropped",
+                        f"enum {_name(m.group(1))} created in upgrade is not dropped in "
+                        "downgrade (a re-upgrade would fail on CREATE TYPE)",
+                    )
+                )
+
+    for direction, rev in (("upgrade", compiled), ("downgrade", downgrade)):
+        stmts = _statements(rev)
+        if not stmts:
+            continue
+        first = " ".join(stmts[0].sql.split())
+        if not re.match(r"SET (?:LOCAL )?lock_timeout\b", first, re.I):
+            fn = getattr(script.module, direction, None)
+            code = getattr(fn, "__code__", None)
+            found.append(
+                (
+                    code.co_firstlineno if code is not None else 1,
+                    "missing-lock-timeout",
+                    f'{direction}() does not start with op.execute("SET LOCAL lock_timeout = '
+                    "'5s'\"): a DDL queued behind a long transaction would block every writer",
+                )
+            )
+    return found
+
+
+def squawk_binary() -> str:
+    """squawk-cli installs a binary next to the interpreter (a venv's bin/), else on PATH."""
+    beside = Path(sys.executable).parent / "squawk"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("squawk")
+    if found is None:
+        raise HeimdexError(f"heimdex db lint needs squawk (squawk-cli): {EXTRA_HINT}")
+    return found
+
+
+def _squawk(compiled: CompiledRevision, created_here: set[str]) -> list[tuple[int, str, str]]:
+    """squawk's findings, except on tables this revision creates (squawk only exempts some)."""
+    statements = _statements(compiled)
+    if not statements:
+        return []
+    with tempfile.TemporaryDirectory(prefix="heimdex-lint-") as tmp:
+        sql_file = Path(tmp) / f"{compiled.revision}.sql"
+        sql_file.write_text(compiled.text, encoding="utf-8")
+        proc = subprocess.run(
+            [
+                squawk_binary(),
+                "--reporter",
+                "json",
+                "--exclude",
+                ",".join(sorted(SQUAWK_EXCLUDED)),
+                str(sql_file),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    try:
+        if not proc.stdout.strip() and proc.returncode != 0:
+            raise json.JSONDecodeError("no output", "", 0)
+        reported = json.loads(proc.stdout or "[]")
+    except json.JSONDecodeError:
+        raise HeimdexError(
+            f"squawk failed on {compiled.revision}: {(proc.stderr or proc.stdout).strip()}"
+        ) from None
+    found = []
+    for item in reported:
+        line = int(item["line"]) + 1  # squawk counts from 0
+        owner = next((c for c in reversed(compiled.chunks) if c.first_line <= line), None)
+        if owner is None or owner.source_line is None:
+            continue  # Alembic's own bookkeeping (alembic_version)
+        if _target_table(owner.sql) in created_here:
+            continue  # nobody else can see a table this revision creates: no lock to fear
+        found.append((owner.source_line, item["rule_name"], item["message"]))
+    return found
+
+
+def _target_table(sql: str) -> str | None:
+    flat = " ".join(sql.split())
+    m = re.match(rf"ALTER TABLE (?:IF EXISTS )?(?:ONLY )?({_IDENT})", flat, re.I) or re.match(
+        rf"CREATE (?:UNIQUE )?INDEX (?:CONCURRENTLY )?(?:IF NOT EXISTS )?(?:{_IDENT} )?"
+        rf"ON (?:ONLY )?({_IDENT})",
+        flat,
+        re.I,
+    )
+    return _name(m.group(1)) if m else None
+
+
+def _acknowledge(path: Path, raw: list[tuple[int, str, str]]) -> tuple[list[Finding], int]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    markers: dict[int, tuple[set[str], str]] = {}
+    for number, text in enumerate(lines, start=1):
+        m = MARKER.search(text)
+        if m:
+            rules = {r.strip() for r in m.group(1).split(",") if r.strip()}
+            markers[number] = (rules, m.group(2).strip())
+    used: set[tuple[int, str]] = set()
+    findings: list[Finding] = []
+    acknowledged = 0
+    for line, rule, message in sorted(set(raw)):
+        candidates = [line]
+        above = line - 1
+        while above >= 1 and lines[above - 1].strip().startswith("#"):
+            candidates.append(above)
+            above -= 1
+        marker_line = next((c for c in candidates if c in markers and rule in markers[c][0]), None)
+        if marker_line is None:
+            findings.append(Finding(path, line, rule, message))
+            continue
+        used.add((marker_line, rule))
+        if markers[marker_line][1]:
+            acknowledged += 1
+        else:
+            findings.append(
+                Finding(
+                    path,
+                    marker_line,
+                    "lint-marker-without-reason",
+                    f"ignore[{rule}] needs a reason after the bracket",
+                )
+            )
+    for number, (rules, _reason) in markers.items():
+        for rule in sorted(rules):
+            if (number, rule) not in used:
+                findings.append(
+                    Finding(path, number, "unused-lint-marker", f"nothing here triggers {rule}")
+                )
+    return findings, acknowledged
+
+
+def lint(
+    *, config: Path | str | None = None, revisions: tuple[str, ...] | list[str] | None = None
+) -> LintReport:
+    """Lint the given revisions (ids or prefixes; default: all) in history order."""
+    cfg = make_config(config)
+    history = ordered_revisions(scripts_of(cfg))
+    wanted = set()
+    for given in revisions or []:
+        matches = [s.revision for s in history if s.revision.startswith(given)]
+        if len(matches) != 1:
+            raise HeimdexError(f"{given!r} does not name exactly one revision of this history")
+        wanted.add(matches[0])
+    report = LintReport()
+    before = _Schema()
+    for script in history:
+        compiled = compile_revision(cfg, script)
+        if not wanted or script.revision in wanted:
+            downgrade = compile_revision(cfg, script, direction="downgrade")
+            created = _Schema()
+            for chunk in _statements(compiled):
+                _apply_to_schema(created, chunk.sql)
+            raw = _squawk(compiled, created.tables - before.tables)
+            raw += _own_rules(compiled, downgrade, before, script)
+            findings, acknowledged = _acknowledge(Path(script.path), raw)
+            report.findings += findings
+            report.acknowledged += acknowledged
+            report.revisions += 1
+        for chunk in _statements(compiled):
+            _apply_to_schema(before, chunk.sql)
+    return report

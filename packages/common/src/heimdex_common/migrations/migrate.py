@@ -1,0 +1,280 @@
+"""`heimdex db upgrade` / `downgrade`: one revision at a time, under the migration lock."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.script import Script
+from alembic.util import CommandError
+from sqlalchemy import text
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
+
+from heimdex_common.errors import HeimdexError
+from heimdex_common.migrations.history import (
+    connect,
+    current_revisions,
+    make_config,
+    ordered_revisions,
+    resolve_url,
+    scripts_of,
+)
+from heimdex_common.migrations.locking import is_lock_timeout, migration_lock
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LOCK_TIMEOUT = "5s"
+DEFAULT_RETRIES = 3
+DEFAULT_LOCK_WAIT = 600.0
+_DURATION = re.compile(r"^\d+(ms|s|min)?$")
+
+
+class RevisionFailed(HeimdexError):
+    """A revision's transaction failed and was rolled back."""
+
+
+@dataclass(frozen=True)
+class Step:
+    script: Script
+    direction: str  # "upgrade" | "downgrade"
+
+    @property
+    def target(self) -> str:
+        if self.direction == "upgrade":
+            return self.script.revision
+        return str(self.script.down_revision or "base")
+
+    def describe(self) -> str:
+        arrow = (
+            f"{self.script.down_revision or 'base'} -> {self.script.revision}"
+            if self.direction == "upgrade"
+            else f"{self.script.revision} -> {self.script.down_revision or 'base'}"
+        )
+        return f"{self.direction} {arrow} ({self.script.doc})"
+
+
+@dataclass(frozen=True)
+class MigrateResult:
+    before: str | None
+    after: str | None
+    applied: list[str]
+
+
+def _index(history: list[Script], revision: str | None) -> int:
+    """Position of `revision` in `history` (-1 for base)."""
+    if revision is None:
+        return -1
+    for i, script in enumerate(history):
+        if script.revision == revision:
+            return i
+    raise HeimdexError(
+        f"the database is at {revision}, which this history does not contain "
+        "(a revision from another branch or a newer checkout?)"
+    )
+
+
+def _resolve(history: list[Script], target: str, current: int) -> int:
+    if target in ("head", "heads"):
+        return len(history) - 1
+    if target == "base":
+        return -1
+    if re.fullmatch(r"[+-]\d+", target):
+        return current + int(target)
+    matches = [i for i, s in enumerate(history) if s.revision.startswith(target)]
+    if len(matches) != 1:
+        known = ", ".join(s.revision for s in history)
+        problem = "is ambiguous" if matches else "is not a revision of this history"
+        raise HeimdexError(f"{target!r} {problem} (known: {known}, head, base, +N, -N)")
+    return matches[0]
+
+
+def _check_duration(value: str) -> str:
+    if not _DURATION.match(value):
+        raise HeimdexError(f"--lock-timeout must look like 5s, 500ms or 1min, not {value!r}")
+    return value
+
+
+def _single(revisions: tuple[str, ...]) -> str | None:
+    if len(revisions) > 1:
+        raise HeimdexError(
+            f"the database is stamped with several revisions ({', '.join(revisions)}); "
+            "this tool migrates single-head histories only"
+        )
+    return revisions[0] if revisions else None
+
+
+def _failure_message(step: Step, exc: DBAPIError, now_at: str | None) -> str:
+    orig = exc.orig
+    reason = str(orig).strip().splitlines()[0] if orig is not None else str(exc)
+    hint = getattr(getattr(orig, "diag", None), "message_hint", None)
+    statement = " ".join((exc.statement or "").split())
+    if len(statement) > 200:
+        statement = statement[:197] + "..."
+    return (
+        f"revision {step.script.revision} ({step.direction}) failed and was rolled back; "
+        f"the database is still at {now_at or 'base'}: {reason}"
+        + (f" (hint: {hint})" if hint else "")
+        + f"; statement: {statement}"
+    )
+
+
+def _run_step(
+    cfg: Config, url: URL, step: Step, *, lock_timeout: str, retries: int, retry_delay: float
+) -> None:
+    attempt = 0
+    while True:
+        attempt += 1
+        started = time.monotonic()
+        logger.info("%s ...", step.describe(), extra={"action": f"db.{step.direction}.start"})
+        with connect(url) as conn:
+            conn.execute(text(f"SET lock_timeout = '{lock_timeout}'"))
+            conn.commit()
+            cfg.attributes["connection"] = conn
+            try:
+                if step.direction == "upgrade":
+                    command.upgrade(cfg, step.target)
+                else:
+                    command.downgrade(cfg, step.target)
+                if conn.in_transaction():
+                    conn.commit()
+            except DBAPIError as exc:
+                if conn.in_transaction():
+                    conn.rollback()
+                if is_lock_timeout(exc) and attempt <= retries:
+                    delay = retry_delay * attempt
+                    logger.warning(
+                        "%s: lock_timeout (%s) waiting for a lock; retry %d/%d in %.1fs",
+                        step.script.revision,
+                        lock_timeout,
+                        attempt,
+                        retries,
+                        delay,
+                        extra={"action": "db.lock_timeout.retry"},
+                    )
+                    time.sleep(delay)
+                    continue
+                now_at = _single(current_revisions(cfg, conn))
+                message = _failure_message(step, exc, now_at)
+                if is_lock_timeout(exc):
+                    message += (
+                        f" (gave up after {attempt} attempts: a long transaction holds a lock "
+                        "this revision needs)"
+                    )
+                raise RevisionFailed(message) from None
+            except CommandError as exc:
+                raise HeimdexError(f"{step.describe()}: {exc}") from None
+            finally:
+                cfg.attributes.pop("connection", None)
+        logger.info(
+            "%s done in %.2fs",
+            step.script.revision,
+            time.monotonic() - started,
+            extra={"action": f"db.{step.direction}.done"},
+        )
+        return
+
+
+def _migrate(
+    *,
+    direction: str,
+    target: str,
+    config: Path | str | None,
+    database_url: URL | str | None,
+    lock_timeout: str,
+    retries: int,
+    retry_delay: float,
+    lock_wait: float,
+) -> MigrateResult:
+    _check_duration(lock_timeout)
+    if retries < 0:
+        raise HeimdexError("--retries must be 0 or more")
+    url = resolve_url(database_url)
+    cfg = make_config(config, url)
+    history = ordered_revisions(scripts_of(cfg))
+    with connect(url) as lock_conn, migration_lock(lock_conn, wait_seconds=lock_wait):
+        # Read the position only once we hold the lock: another upgrader may just have moved it.
+        before = _single(current_revisions(cfg, lock_conn))
+        here = _index(history, before)
+        goal = _resolve(history, target, here)
+        if direction == "upgrade" and goal < here:
+            raise HeimdexError(
+                f"the database is at {before}, past {target}: use `heimdex db downgrade {target}`"
+            )
+        if direction == "downgrade" and goal > here:
+            raise HeimdexError(
+                f"the database is at {before or 'base'}, before {target}: "
+                f"use `heimdex db upgrade {target}`"
+            )
+        if not -1 <= goal < len(history):
+            last = history[-1].revision
+            raise HeimdexError(f"{target!r} is outside the history (base .. {last})")
+        if direction == "upgrade":
+            steps = [Step(s, "upgrade") for s in history[here + 1 : goal + 1]]
+        else:
+            steps = [Step(s, "downgrade") for s in reversed(history[goal + 1 : here + 1])]
+        if not steps:
+            logger.info("nothing to do: the database is at %s", before or "base")
+        applied = []
+        for step in steps:
+            _run_step(
+                cfg, url, step, lock_timeout=lock_timeout, retries=retries, retry_delay=retry_delay
+            )
+            applied.append(step.script.revision)
+        after = _single(current_revisions(cfg, lock_conn))
+    return MigrateResult(before=before, after=after, applied=applied)
+
+
+def upgrade(
+    target: str = "head",
+    *,
+    config: Path | str | None = None,
+    database_url: URL | str | None = None,
+    lock_timeout: str = DEFAULT_LOCK_TIMEOUT,
+    retries: int = DEFAULT_RETRIES,
+    retry_delay: float = 1.0,
+    lock_wait: float = DEFAULT_LOCK_WAIT,
+) -> MigrateResult:
+    """Apply the revisions up to `target`, each in its own transaction, under the migration lock.
+
+    A revision failing on `lock_timeout` is retried `retries` times (it was rolled back, so the
+    database is at the previous revision); any other failure stops with `RevisionFailed`.
+    """
+    return _migrate(
+        direction="upgrade",
+        target=target,
+        config=config,
+        database_url=database_url,
+        lock_timeout=lock_timeout,
+        retries=retries,
+        retry_delay=retry_delay,
+        lock_wait=lock_wait,
+    )
+
+
+def downgrade(
+    target: str,
+    *,
+    config: Path | str | None = None,
+    database_url: URL | str | None = None,
+    lock_timeout: str = DEFAULT_LOCK_TIMEOUT,
+    retries: int = DEFAULT_RETRIES,
+    retry_delay: float = 1.0,
+    lock_wait: float = DEFAULT_LOCK_WAIT,
+) -> MigrateResult:
+    """Revert revisions down to `target` (a revision, `base` or `-N`), like `upgrade`."""
+    return _migrate(
+        direction="downgrade",
+        target=target,
+        config=config,
+        database_url=database_url,
+        lock_timeout=lock_timeout,
+        retries=retries,
+        retry_delay=retry_delay,
+        lock_wait=lock_wait,
+    )

@@ -1,0 +1,86 @@
+"""Realistic rows for `heimdex db verify`, per revision: the data each revision must carry.
+
+`SEEDS[rev]` is inserted while the database is at `rev` (`None`: before the first revision),
+just before the next revision is applied and again before `rev` is downgraded. A revision may
+also declare its own `seed_sql = [...]` (statements valid at that revision). The rows include
+what production holds and the migrations must survive: upstream's pre-ledger `jobs` table,
+legacy status names, terminal rows without `finished_at`, over-long error texts.
+"""
+
+from __future__ import annotations
+
+from alembic.script import Script
+
+LEGACY_JOBS_TABLE = """
+CREATE TABLE IF NOT EXISTS public.jobs (
+    id uuid PRIMARY KEY,
+    status varchar(20) NOT NULL,
+    stage varchar(50),
+    progress integer DEFAULT 0,
+    result jsonb,
+    error text,
+    created_at timestamptz DEFAULT now(),
+    updated_at timestamptz DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS idx_jobs_status ON public.jobs (status);
+CREATE INDEX IF NOT EXISTS idx_jobs_created_at ON public.jobs (created_at DESC)
+"""
+
+SEEDS: dict[str | None, list[str]] = {
+    None: [
+        LEGACY_JOBS_TABLE,
+        """
+INSERT INTO public.jobs (id, status, stage, progress, result, error, created_at, updated_at)
+SELECT gen_random_uuid(), s.status, 'ingest', s.progress, s.result, s.error,
+       now() - interval '3 days', s.updated_at
+  FROM (VALUES ('pending', 0, NULL::jsonb, NULL, now() - interval '3 days'),
+               ('processing', 40, NULL, NULL, now() - interval '2 days'),
+               ('completed', 100, '{"frames": 12}'::jsonb, NULL, now() - interval '1 day'),
+               ('failed', 70, NULL, 'ffmpeg exited with 1', NULL::timestamptz))
+       AS s(status, progress, result, error, updated_at)
+""",
+    ],
+    "001_job_ledger_init": [
+        """
+INSERT INTO job (org_id, type, status, attempt, idempotency_key, requested_by, created_at,
+                 updated_at, started_at, finished_at, last_error_code, last_error_message)
+VALUES
+  ('11111111-1111-1111-1111-111111111111', 'drive_ingest', 'succeeded', 1, 'seed-1', 'svc',
+   now() - interval '2 hours', now() - interval '1 hour', now() - interval '2 hours',
+   NULL, NULL, NULL),
+  ('11111111-1111-1111-1111-111111111111', 'drive_ingest', 'queued', 0, NULL, NULL,
+   now(), now(), NULL, now(), NULL, NULL),
+  ('22222222-2222-2222-2222-222222222222', 'mock_process', 'failed', 3, 'seed-2', 'user:7',
+   now() - interval '1 day', now() - interval '1 day', now() - interval '1 day',
+   now() - interval '1 day', repeat('E', 100), repeat('stack frame ', 300)),
+  ('22222222-2222-2222-2222-222222222222', 'mock_process', 'running', 1, NULL, NULL,
+   now(), now(), now(), NULL, NULL, NULL)
+""",
+        """
+INSERT INTO job_event (job_id, prev_status, next_status, detail_json)
+SELECT id, NULL, status, jsonb_build_object('action', 'seed') FROM job
+""",
+    ],
+    "3af4686817cc": [
+        """
+INSERT INTO job (org_id, type, status, attempt, max_attempts, backoff_policy, created_at,
+                 updated_at, finished_at, last_error_code)
+VALUES
+  ('33333333-3333-3333-3333-333333333333', 'drive_ingest', 'dead_letter', 9, 9, 'fixed',
+   now(), now(), now(), 'TIMEOUT'),
+  ('33333333-3333-3333-3333-333333333333', 'drive_ingest', 'canceled', 0, 5, 'none',
+   now(), now(), now(), NULL),
+  ('33333333-3333-3333-3333-333333333333', 'mock_process', 'queued', 0, 5, 'exp',
+   now(), now(), NULL, NULL)
+""",
+    ],
+}
+
+
+def seeds_for(script: Script | None) -> list[str]:
+    """The statements to run while the database is at `script` (None: empty database)."""
+    if script is None:
+        return list(SEEDS[None])
+    declared = getattr(script.module, "seed_sql", None)
+    own = list(declared) if isinstance(declared, list | tuple) else []
+    return [*SEEDS.get(script.revision, []), *own]

@@ -1,0 +1,159 @@
+"""A copy of the history to break on purpose, and the `heimdex` CLI run as a real process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import URL
+
+REPO = Path(__file__).resolve().parents[2]
+COMMON = REPO / "packages" / "common"
+HEIMDEX = Path(sys.executable).parent / "heimdex"
+
+
+@dataclass
+class HistoryCopy:
+    """packages/common/alembic and alembic.ini copied to a temporary directory."""
+
+    root: Path
+
+    @property
+    def ini(self) -> Path:
+        return self.root / "alembic.ini"
+
+    @property
+    def versions(self) -> Path:
+        return self.root / "alembic" / "versions"
+
+    def add_revision(
+        self,
+        rev: str,
+        down: str,
+        upgrade: str,
+        downgrade: str = "pass",
+        *,
+        message: str | None = None,
+        header: str = "",
+    ) -> Path:
+        """Append a revision; `upgrade`/`downgrade` are function bodies (dedented)."""
+        body = textwrap.dedent(
+            '''\
+            """{message}
+
+            Revision ID: {rev}
+            Revises: {down}
+            """
+
+            from __future__ import annotations
+
+            import sqlalchemy as sa
+            from alembic import op
+
+            revision = {rev!r}
+            down_revision = {down!r}
+            branch_labels = None
+            depends_on = None
+            {header}
+
+            def upgrade() -> None:
+            {upgrade}
+
+
+            def downgrade() -> None:
+            {downgrade}
+            '''
+        ).format(
+            message=message or f"test revision {rev}",
+            rev=rev,
+            down=down,
+            header=header,
+            upgrade=textwrap.indent(textwrap.dedent(upgrade).strip(), "    "),
+            downgrade=textwrap.indent(textwrap.dedent(downgrade).strip(), "    "),
+        )
+        path = self.versions / f"{rev}_test.py"
+        path.write_text(body)
+        return path
+
+
+@pytest.fixture
+def history(tmp_path: Path) -> HistoryCopy:
+    root = tmp_path / "history"
+    root.mkdir()
+    shutil.copytree(
+        COMMON / "alembic", root / "alembic", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    shutil.copy(COMMON / "alembic.ini", root / "alembic.ini")
+    return HistoryCopy(root)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without database settings or PYTHONPATH: only what a test passes."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PG") and k not in ("DATABASE_URL", "PYTHONPATH", "ALEMBIC_CONFIG")
+    }
+    env.update(extra)
+    return env
+
+
+def heimdex(
+    *args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(HEIMDEX), *map(str, args)],
+        cwd=cwd or REPO,
+        env=env or clean_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def url_arg(url: URL) -> str:
+    return url.render_as_string(hide_password=False)
+
+
+def scalar(url: URL, sql: str) -> object:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text(sql)).scalar()
+    finally:
+        engine.dispose()
+
+
+def execute(url: URL, *statements: str) -> None:
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            for statement in statements:
+                conn.exec_driver_sql(statement)
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def read_only(directory: Path) -> Iterator[None]:
+    """A directory nobody may write to; root included (immutable), as `appuser` meets /app."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(directory)], check=True)
+    else:
+        directory.chmod(0o555)
+    try:
+        yield
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+        else:
+            directory.chmod(0o755)

@@ -1,0 +1,115 @@
+"""`heimdex db lint`: unsafe revisions fail, acknowledged ones pass, the existing ones pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from heimdex_common.migrations.lint import lint
+
+from .conftest import HistoryCopy, heimdex
+
+LOCK = "op.execute(\"SET LOCAL lock_timeout = '5s'\")"
+
+
+def test_the_existing_revisions_pass_with_their_acknowledgements() -> None:
+    proc = heimdex("db", "lint")
+    assert proc.returncode == 0, proc.stdout
+    assert "0 finding(s), 10 acknowledged, 2 revision(s) checked" in proc.stderr
+
+
+def _line_of(path: Path, needle: str) -> int:
+    lines = path.read_text().splitlines()
+    return next(i for i, line in enumerate(lines, start=1) if needle in line)
+
+
+def test_an_unsafe_revision_fails_with_file_line_rule_message(history: HistoryCopy) -> None:
+    path = history.add_revision(
+        "bad000000001",
+        "3af4686817cc",
+        """
+        op.execute("CREATE TYPE job_region AS ENUM ('eu', 'us')")
+        op.add_column("job", sa.Column("region", sa.String(2)))
+        op.add_column("job", sa.Column("tenant_tier", sa.Integer(), nullable=False))
+        op.execute("ALTER TABLE job ALTER COLUMN region TYPE job_region")
+        op.create_index("idx_job__region", "job", ["region"])
+        op.execute("ALTER TABLE job ADD CONSTRAINT ck_job__tier CHECK (tenant_tier > 0)")
+        """,
+        """
+        op.drop_column("job", "region")
+        op.drop_column("job", "tenant_tier")
+        """,
+    )
+    proc = heimdex("db", "lint", "-c", history.ini)
+    assert proc.returncode == 1
+    found = set(proc.stdout.splitlines())
+    expect = {
+        (_line_of(path, "def upgrade"), "missing-lock-timeout"),
+        (_line_of(path, "def downgrade"), "missing-lock-timeout"),
+        (_line_of(path, "CREATE TYPE job_region"), "enum-not-dropped"),
+        (_line_of(path, 'tenant_tier", sa.Integer'), "not-null-without-default"),
+        (_line_of(path, 'TYPE job_region")'), "enum-without-using"),
+        (_line_of(path, "op.create_index"), "index-not-concurrent"),
+        (_line_of(path, "ADD CONSTRAINT"), "constraint-missing-not-valid"),  # squawk's
+    }
+    for line, rule in expect:
+        assert any(f.startswith(f"{path}:{line} {rule} ") for f in found), (line, rule, found)
+    using = next(f for f in found if " enum-without-using " in f)
+    assert "job.region changed to enum job_region without USING" in using
+    # Only the new revision is reported: the history before it is acknowledged.
+    assert all(f.startswith(str(path)) for f in found)
+
+
+def test_a_table_created_in_the_same_revision_is_not_flagged(history: HistoryCopy) -> None:
+    history.add_revision(
+        "new000000001",
+        "3af4686817cc",
+        f"""
+        {LOCK}
+        op.create_table(
+            "job_tag",
+            sa.Column("job_id", sa.Uuid(), nullable=False),
+            sa.Column("tag", sa.Text(), nullable=False),
+        )
+        op.create_index("idx_job_tag__tag", "job_tag", ["tag"])
+        op.add_column("job_tag", sa.Column("weight", sa.Integer(), nullable=False))
+        """,
+        f"""
+        {LOCK}
+        op.drop_table("job_tag")
+        """,
+    )
+    report = lint(config=history.ini, revisions=["new0"])
+    assert report.findings == []
+
+
+def test_a_marker_acknowledges_one_finding_and_needs_a_reason(history: HistoryCopy) -> None:
+    path = history.add_revision(
+        "ack000000001",
+        "3af4686817cc",
+        f"""
+        {LOCK}
+        # heimdex-lint: ignore[index-not-concurrent] job_event is append-only and tiny here
+        op.create_index("idx_job_event__next_status", "job_event", ["next_status"])
+        # heimdex-lint: ignore[index-not-concurrent]
+        op.create_index("idx_job__type", "job", ["type"])
+        op.create_index("idx_job__priority", "job", ["priority"])
+        """,
+        f"""
+        {LOCK}
+        op.drop_index("idx_job__priority")
+        op.drop_index("idx_job__type")
+        op.drop_index("idx_job_event__next_status")
+        """,
+    )
+    report = lint(config=history.ini, revisions=["ack"])
+    rendered = [f.render() for f in report.findings]
+    priority = _line_of(path, 'idx_job__priority", "job')
+    assert report.acknowledged == 1
+    assert rendered == [
+        f"{path}:{_line_of(path, 'ignore[index-not-concurrent]') + 2} lint-marker-without-reason "
+        "ignore[index-not-concurrent] needs a reason after the bracket",
+        f"{path}:{priority} index-not-concurrent "
+        "CREATE INDEX on existing table job without CONCURRENTLY blocks its writes while the "
+        "index builds (use op.create_index(..., postgresql_concurrently=True) in an "
+        "autocommit_block)",
+    ]

@@ -1,0 +1,95 @@
+"""`heimdex db revision`: refuses a database behind head, writes formatted files, enums right."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import URL
+
+from heimdex_common.errors import HeimdexError
+from heimdex_common.migrations.migrate import downgrade, upgrade
+from heimdex_common.migrations.revision import revision
+from heimdex_common.migrations.status import StatusCode, status
+
+from .conftest import HistoryCopy, execute, heimdex, url_arg
+
+
+def test_autogenerate_refuses_a_database_that_is_not_at_head(
+    history: HistoryCopy, db_url: URL
+) -> None:
+    execute(db_url, "UPDATE alembic_version SET version_num = '001_job_ledger_init'")
+    before = sorted(p.name for p in history.versions.iterdir())
+    proc = heimdex(
+        "db", "revision", "-m", "x", "--autogenerate", "-c", history.ini,
+        "--database-url", url_arg(db_url),
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "the database is at 001_job_ledger_init, not at head 3af4686817cc" in proc.stderr
+    assert "heimdex db upgrade" in proc.stderr
+    assert sorted(p.name for p in history.versions.iterdir()) == before
+
+
+def test_a_plain_revision_is_formatted_and_follows_head(history: HistoryCopy) -> None:
+    path = revision("add job region", rev_id="aa11bb22cc33", config=history.ini)
+    assert path == history.versions / "aa11bb22cc33_add_job_region.py"
+    text = path.read_text()
+    assert 'down_revision = "3af4686817cc"' in text
+    assert "op.execute(\"SET LOCAL lock_timeout = '5s'\")" in text
+    check = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", str(path)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stdout
+
+
+def test_varchar_to_enum_autogenerates_create_type_and_using_and_applies(
+    history: HistoryCopy, db_url: URL
+) -> None:
+    # The database holds backoff_policy as VARCHAR and has no enum type: the models say enum.
+    execute(
+        db_url,
+        "ALTER TABLE job ALTER COLUMN backoff_policy DROP DEFAULT",
+        "ALTER TABLE job ALTER COLUMN backoff_policy TYPE varchar(16) USING backoff_policy::text",
+        "ALTER TABLE job ALTER COLUMN backoff_policy SET DEFAULT 'exp'",
+        "DROP TYPE job_backoff_policy",
+        "INSERT INTO job (org_id, type, backoff_policy) VALUES (gen_random_uuid(), 't', 'fixed')",
+    )
+    path = revision(
+        "backoff policy as enum",
+        autogenerate=True,
+        rev_id="e0e0e0e0e0e0",
+        config=history.ini,
+        database_url=db_url,
+    )
+    text = path.read_text()
+    assert 'postgresql_using="backoff_policy::job_backoff_policy"' in text or (
+        "postgresql_using='backoff_policy::job_backoff_policy'" in text
+    )
+    assert 'name="job_backoff_policy"' in text
+    assert ".create(op.get_bind())" in text
+    assert ".drop(op.get_bind())" in text  # the downgrade drops the type it created
+    # It applies on the row holding 'fixed', and the models then match the database.
+    upgrade(config=history.ini, database_url=db_url)
+    result = status(config=history.ini, database_url=db_url)
+    assert result.code is StatusCode.AT_HEAD, result
+    # And the generated downgrade works too (enum -> VARCHAR around the default as well).
+    downgrade("3af4686817cc", config=history.ini, database_url=db_url)
+    upgrade(config=history.ini, database_url=db_url)
+
+
+def test_output_dir_receives_the_file_and_the_history_stays_untouched(
+    history: HistoryCopy, tmp_path: Path
+) -> None:
+    out = tmp_path / "out" / "nested"
+    before = sorted(p.name for p in history.versions.iterdir())
+    path = revision("elsewhere", rev_id="ff00ff00ff00", output_dir=out, config=history.ini)
+    assert path.parent == out
+    assert sorted(p.name for p in history.versions.iterdir()) == before
+
+
+def test_an_empty_message_is_refused(history: HistoryCopy) -> None:
+    with pytest.raises(HeimdexError, match="-m/--message"):
+        revision("  ", config=history.ini)

@@ -1,0 +1,185 @@
+"""`heimdex db sql`: Supabase artifacts, byte for byte the playbook's, applied as Supabase does."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.engine import URL
+
+from heimdex_common.migrations.artifacts import ArtifactsStale, sql
+from heimdex_common.migrations.migrate import upgrade
+from heimdex_common.migrations.schema import render_diff, snapshot
+from heimdex_common.migrations.status import status
+
+from .conftest import COMMON, REPO, HistoryCopy, clean_env, heimdex, url_arg
+
+ARTIFACTS = REPO / "supabase" / "migrations"
+
+
+def _playbook_sql(range_: str) -> bytes:
+    """The playbook's verbatim step 3 (without docker): stdout of `alembic upgrade ... --sql`."""
+    env = clean_env(ALEMBIC_CONFIG=str(COMMON / "alembic.ini"), PYTHONPATH=str(COMMON / "src"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", range_, "--sql"],
+        cwd=COMMON,
+        env=env,
+        capture_output=True,
+        check=True,
+    )
+    return proc.stdout
+
+
+def test_committed_artifacts_are_the_playbook_commands_output_byte_for_byte() -> None:
+    assert sorted(p.name for p in ARTIFACTS.glob("*.sql")) == [
+        "0001_job_ledger_init.sql",
+        "0002_job_ledger_hardening.sql",
+    ]
+    assert (ARTIFACTS / "0001_job_ledger_init.sql").read_bytes() == _playbook_sql(
+        "001_job_ledger_init"
+    )
+    assert (ARTIFACTS / "0002_job_ledger_hardening.sql").read_bytes() == _playbook_sql(
+        "001_job_ledger_init:3af4686817cc"
+    )
+
+
+def test_check_passes_on_the_repository_and_twice_compiled_is_identical(tmp_path: Path) -> None:
+    proc = heimdex("db", "sql", "--check")
+    assert proc.returncode == 0, proc.stderr
+    sql(output_dir=tmp_path / "a")
+    sql(output_dir=tmp_path / "b")
+    for first in (tmp_path / "a").iterdir():
+        assert first.read_bytes() == (tmp_path / "b" / first.name).read_bytes()
+
+
+def test_check_fails_naming_the_file_after_a_revision_changes(
+    history: HistoryCopy, tmp_path: Path
+) -> None:
+    out = tmp_path / "migrations"
+    sql(config=history.ini, output_dir=out)
+    hardening = history.versions / "3af4686817cc_hardening_job_ledger_enums_indexes.py"
+    hardening.write_text(
+        hardening.read_text().replace(
+            "CODE_MAX, MESSAGE_MAX = 64, 2048", "CODE_MAX, MESSAGE_MAX = 80, 2048"
+        )
+    )
+    proc = heimdex("db", "sql", "--check", "-c", history.ini, "--output-dir", out)
+    assert proc.returncode == 1
+    assert (
+        f"{out / '0002_job_ledger_hardening.sql'}: stale (differs from revision 3af4686817cc)"
+        in (proc.stderr)
+    )
+    assert "0001_job_ledger_init.sql" not in proc.stderr
+
+
+def test_check_names_missing_and_unexpected_files(history: HistoryCopy, tmp_path: Path) -> None:
+    out = tmp_path / "migrations"
+    sql(config=history.ini, output_dir=out)
+    history.add_revision(
+        "beef00000001",
+        "3af4686817cc",
+        "op.execute(\"SET LOCAL lock_timeout = '5s'\")",
+        message="add job region",
+    )
+    (out / "0009_hand_written.sql").write_text("SELECT 1;\n")
+    with pytest.raises(ArtifactsStale) as info:
+        sql(config=history.ini, output_dir=out, check=True)
+    assert f"{out / '0003_add_job_region.sql'}: missing (compiled from revision beef00000001)" in (
+        str(info.value)
+    )
+    assert f"{out / '0009_hand_written.sql'}: unexpected" in str(info.value)
+
+
+def _apply_like_supabase(url: URL, files: list[Path]) -> None:
+    """Each file as one simple-protocol query: one implicit transaction per file (the files
+    carry Alembic's BEGIN/COMMIT too), and a lone non-transactional statement runs as itself."""
+    conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        for path in files:
+            conn.execute(path.read_text().encode())
+
+
+def _schema(url: URL) -> dict[str, object]:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        result = snapshot(conn)
+    engine.dispose()
+    return result
+
+
+def test_artifacts_applied_in_order_give_the_alembic_schema_at_head(
+    empty_db_url: URL, db_url: URL
+) -> None:
+    _apply_like_supabase(empty_db_url, sorted(ARTIFACTS.glob("*.sql")))
+    from_artifacts, from_alembic = _schema(empty_db_url), _schema(db_url)
+    assert from_artifacts == from_alembic, render_diff(from_alembic, from_artifacts)
+    # Alembic sees it at head, and the models match it.
+    proc = heimdex("db", "status", "--database-url", url_arg(empty_db_url))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_statement_that_cannot_run_in_a_transaction_gets_a_file_of_its_own(
+    history: HistoryCopy, tmp_path: Path, empty_db_url: URL, create_database: Callable[..., URL]
+) -> None:
+    history.add_revision(
+        "face00000001",
+        "3af4686817cc",
+        """
+        op.execute("SET LOCAL lock_timeout = '5s'")
+        op.add_column("job", sa.Column("region", sa.Text()))
+        with op.get_context().autocommit_block():
+            op.create_index(
+                "idx_job__region", "job", ["region"], postgresql_concurrently=True
+            )
+        op.execute("COMMENT ON COLUMN job.region IS 'Data residency region'")
+        """,
+        """
+        op.execute("SET LOCAL lock_timeout = '5s'")
+        with op.get_context().autocommit_block():
+            op.drop_index("idx_job__region", table_name="job", postgresql_concurrently=True)
+        op.drop_column("job", "region")
+        """,
+        message="job region",
+    )
+    out = tmp_path / "migrations"
+    sql(config=history.ini, output_dir=out)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "0001_job_ledger_init.sql",
+        "0002_job_ledger_hardening.sql",
+        "0003_job_region.sql",
+        "0004_job_region_2.sql",
+        "0005_job_region_3.sql",
+    ]
+    assert (out / "0004_job_region_2.sql").read_text().strip() == (
+        "CREATE INDEX CONCURRENTLY idx_job__region ON job (region);"
+    )
+    # The three files together are the playbook's output for the revision.
+    whole = b"".join((out / n).read_bytes() for n in names[2:])
+    env = clean_env()
+    playbook = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alembic",
+            "-c",
+            str(history.ini),
+            "upgrade",
+            "3af4686817cc:face00000001",
+            "--sql",
+        ],
+        env=env,
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert whole == playbook
+    _apply_like_supabase(empty_db_url, [out / n for n in names])
+    by_alembic = create_database()
+    upgrade(config=history.ini, database_url=by_alembic)
+    assert _schema(empty_db_url) == _schema(by_alembic)
+    assert status(config=history.ini, database_url=empty_db_url).current == ("face00000001",)

@@ -1,0 +1,224 @@
+"""`heimdex db upgrade/downgrade`: serialised, fail-fast on locks, rolled back on failure."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import URL
+from sqlalchemy.pool import NullPool
+
+from heimdex_common.errors import HeimdexError
+from heimdex_common.migrations.locking import MIGRATION_LOCK
+from heimdex_common.migrations.migrate import RevisionFailed, downgrade, upgrade
+
+from .conftest import HEIMDEX, HistoryCopy, clean_env, execute, heimdex, scalar, url_arg
+
+# Alembic's own version table, created before Alembic does, with a trigger recording every
+# stamp: each revision applied exactly once means exactly one transition per revision.
+TRANSITION_LOG = """
+CREATE TABLE alembic_version (
+    version_num VARCHAR(32) NOT NULL,
+    CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num)
+);
+CREATE TABLE version_transitions (
+    n bigserial PRIMARY KEY,
+    old_version text,
+    new_version text,
+    backend_pid integer NOT NULL DEFAULT pg_backend_pid()
+);
+CREATE FUNCTION log_version() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO version_transitions (old_version, new_version)
+    VALUES (CASE WHEN TG_OP = 'UPDATE' THEN OLD.version_num END, NEW.version_num);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER log_version AFTER INSERT OR UPDATE ON alembic_version
+    FOR EACH ROW EXECUTE FUNCTION log_version();
+"""
+
+
+WAITERS = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+    f"AND classid = {MIGRATION_LOCK[0]} AND objid = {MIGRATION_LOCK[1]}"
+)
+
+
+def test_four_upgraders_started_at_once_apply_each_revision_exactly_once(
+    empty_db_url: URL,
+) -> None:
+    execute(empty_db_url, TRANSITION_LOG)
+    # Hold the migration lock until all four wait on it, so that they really start together
+    # (interpreter start-up alone would otherwise spread them out).
+    holder_engine = create_engine(empty_db_url, poolclass=NullPool)
+    holder = holder_engine.connect()
+    holder.execute(
+        text("SELECT pg_advisory_lock(:a, :b)"), {"a": MIGRATION_LOCK[0], "b": MIGRATION_LOCK[1]}
+    )
+    procs = [
+        subprocess.Popen(
+            [str(HEIMDEX), "db", "upgrade", "--database-url", url_arg(empty_db_url)],
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    while scalar(empty_db_url, WAITERS) < 4:
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        threading.Event().wait(0.05)
+    holder.close()  # the session ends, and with it the lock
+    holder_engine.dispose()
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
+
+    engine = create_engine(empty_db_url)
+    with engine.connect() as conn:
+        transitions = conn.execute(
+            text("SELECT old_version, new_version, backend_pid FROM version_transitions ORDER BY n")
+        ).all()
+        jobs_tables = conn.execute(text("SELECT count(*) FROM pg_class WHERE relname = 'job'"))
+        assert jobs_tables.scalar() == 1
+    engine.dispose()
+    assert [(t.old_version, t.new_version) for t in transitions] == [
+        (None, "001_job_ledger_init"),
+        ("001_job_ledger_init", "3af4686817cc"),
+    ]
+    # One process did the work; the three others found nothing to do.
+    stdout = [out for out, _err in outputs]
+    assert sum("001_job_ledger_init, 3af4686817cc applied" in s for s in stdout) == 1
+    assert sum("nothing to do; at 3af4686817cc" in s for s in stdout) == 3
+
+
+def test_progress_names_each_revision_and_its_duration(empty_db_url: URL) -> None:
+    proc = heimdex("db", "upgrade", "--database-url", url_arg(empty_db_url))
+    assert proc.returncode == 0, proc.stderr
+    assert "upgrade base -> 001_job_ledger_init (job ledger init" in proc.stderr
+    assert "3af4686817cc done in " in proc.stderr
+    assert "now at 3af4686817cc" in proc.stdout
+
+
+def test_downgrade_and_upgrade_by_relative_steps_and_prefixes(db_url: URL) -> None:
+    assert downgrade("-1", database_url=db_url).after == "001_job_ledger_init"
+    proc = heimdex("db", "downgrade", "base", "--database-url", url_arg(db_url))
+    assert proc.returncode == 0, proc.stderr
+    assert scalar(db_url, "SELECT to_regclass('public.job')") is None
+    assert upgrade("001", database_url=db_url).applied == ["001_job_ledger_init"]
+    assert upgrade("+1", database_url=db_url).after == "3af4686817cc"
+
+
+def test_bad_targets_are_clear_and_change_nothing(db_url: URL) -> None:
+    with pytest.raises(HeimdexError, match="'nope' is not a revision of this history"):
+        upgrade("nope", database_url=db_url)
+    with pytest.raises(HeimdexError, match="use `heimdex db downgrade 001_job_ledger_init`"):
+        upgrade("001_job_ledger_init", database_url=db_url)
+    with pytest.raises(HeimdexError, match="--lock-timeout must look like"):
+        upgrade(database_url=db_url, lock_timeout="5 seconds; DROP TABLE job")
+    assert scalar(db_url, "SELECT version_num FROM alembic_version") == "3af4686817cc"
+
+
+def test_a_failing_revision_is_named_with_its_statement_and_rolled_back(
+    history: HistoryCopy, db_url: URL
+) -> None:
+    history.add_revision(
+        "c0ffee000001",
+        "3af4686817cc",
+        """
+        op.execute("SET LOCAL lock_timeout = '5s'")
+        op.add_column("job", sa.Column("region", sa.Text()))
+        op.execute("UPDATE job SET region = 'eu' WHERE 1 / 0 = 1")
+        """,
+    )
+    execute(db_url, "INSERT INTO job (org_id, type) VALUES (gen_random_uuid(), 'x')")
+    proc = heimdex("db", "upgrade", "-c", history.ini, "--database-url", url_arg(db_url))
+    assert proc.returncode == 1
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: revision c0ffee000001 (upgrade) failed and was rolled back")
+    assert "the database is still at 3af4686817cc" in message
+    assert "division by zero" in message
+    assert "statement: UPDATE job SET region = 'eu' WHERE 1 / 0 = 1" in message
+    assert "Traceback" not in proc.stderr
+    # Transactional DDL: the column added before the failure is gone too.
+    assert (
+        scalar(
+            db_url,
+            "SELECT count(*) FROM information_schema.columns "
+            "WHERE table_name = 'job' AND column_name = 'region'",
+        )
+        == 0
+    )
+
+
+def _hold_lock_on_job(url: URL, released: threading.Event, holding: threading.Event) -> None:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        conn.execute(text("SELECT count(*) FROM job"))  # ACCESS SHARE until the transaction ends
+        holding.set()
+        released.wait(60)
+        conn.rollback()
+    engine.dispose()
+
+
+def _waiting_on_lock(url: URL) -> bool:
+    return bool(
+        scalar(
+            url,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND datname = current_database()",
+        )
+    )
+
+
+def test_lock_timeout_fails_fast_and_leaves_the_previous_revision(db_url: URL) -> None:
+    downgrade("001_job_ledger_init", database_url=db_url)
+    release, holding = threading.Event(), threading.Event()
+    blocker = threading.Thread(target=_hold_lock_on_job, args=(db_url, release, holding))
+    blocker.start()
+    try:
+        holding.wait(10)
+        with pytest.raises(RevisionFailed) as info:
+            upgrade(database_url=db_url, retries=0)
+    finally:
+        release.set()
+        blocker.join()
+    message = str(info.value)
+    assert "revision 3af4686817cc (upgrade) failed" in message
+    assert "lock timeout" in message
+    assert "still at 001_job_ledger_init" in message
+    assert scalar(db_url, "SELECT version_num FROM alembic_version") == "001_job_ledger_init"
+
+
+def test_lock_timeout_is_retried_once_the_long_transaction_ends(
+    db_url: URL, caplog: pytest.LogCaptureFixture
+) -> None:
+    downgrade("001_job_ledger_init", database_url=db_url)
+    release, holding = threading.Event(), threading.Event()
+    blocker = threading.Thread(target=_hold_lock_on_job, args=(db_url, release, holding))
+    blocker.start()
+
+    def release_after_first_timeout() -> None:
+        # Wait for the revision to queue behind the blocker, then for its lock_timeout.
+        while not _waiting_on_lock(db_url):
+            threading.Event().wait(0.05)
+        while _waiting_on_lock(db_url):
+            threading.Event().wait(0.05)
+        release.set()
+
+    releaser = threading.Thread(target=release_after_first_timeout)
+    holding.wait(10)
+    releaser.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="heimdex_common"):
+            result = upgrade(database_url=db_url, retries=3, retry_delay=0.2)
+    finally:
+        release.set()
+        blocker.join()
+        releaser.join()
+    assert result.applied == ["3af4686817cc"]
+    assert any(
+        "lock_timeout" in r.getMessage() and "retry 1/3" in r.getMessage() for r in caplog.records
+    )
