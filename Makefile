@@ -8,3 +8,7 @@ lint:
 	uv run ruff check .
 	uv run ruff format --check .
 	uv run mypy
+
+# Builds and runs the stack in containers (podman via ../shared/tools/container-lab): minutes.
+test-containers:
+	bash scripts/test-containers.sh
