@@ -1,5 +1,5 @@
 # Shortcuts for the scripts the README names.
-.PHONY: test lint bench
+.PHONY: test lint bench test-containers
 
 test:
 	scripts/test
@@ -39,3 +39,7 @@ demo:
 	for i in 1 2; do curl -s -o /dev/null -w "%{http_code}\n" -X POST "$$HEIMDEX_URL/jobs" -H "$$H" \
 	  -H 'Idempotency-Key: demo-key' -H 'Content-Type: application/json' -d '{"type":"noop"}'; done; \
 	echo "== readiness"; curl -s "$$HEIMDEX_URL/readyz"; echo
+
+# Builds and runs the stack in containers (podman via ../shared/tools/container-lab): minutes.
+test-containers:
+	bash scripts/test-containers.sh
