@@ -13,12 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
+
+from heimdex_common.migrations.config import (
+    VERSION_TABLE_SCHEMA,
+    alembic_config,
+    migration_context,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = REPO / "packages" / "common"
 HEIMDEX = Path(sys.executable).parent / "heimdex"
+# Where env.py keeps Alembic's version table (moved out of `public` by the RLS revision's prelude).
+VERSION_TABLE = f"{VERSION_TABLE_SCHEMA}.alembic_version"
 
 
 @dataclass
@@ -34,6 +43,16 @@ class HistoryCopy:
     @property
     def versions(self) -> Path:
         return self.root / "alembic" / "versions"
+
+    @property
+    def revisions(self) -> list[str]:
+        """The copy's revision ids, oldest first (as they are now: added revisions included)."""
+        return revisions_of(self.ini)
+
+    @property
+    def head(self) -> str:
+        """The copy's single head: what a revision appended to the history revises."""
+        return self.revisions[-1]
 
     def add_revision(
         self,
@@ -85,6 +104,19 @@ class HistoryCopy:
         return path
 
 
+def revisions_of(ini: Path | None = None) -> list[str]:
+    """The revision ids of the history at `ini` (default: the repository's), oldest first."""
+    scripts = ScriptDirectory.from_config(alembic_config(ini))
+    heads = scripts.get_heads()
+    assert len(heads) == 1, f"the history under test has several heads: {heads}"
+    return [s.revision for s in reversed(list(scripts.walk_revisions()))]
+
+
+def head() -> str:
+    """The repository's head revision."""
+    return revisions_of()[-1]
+
+
 @pytest.fixture
 def history(tmp_path: Path) -> HistoryCopy:
     root = tmp_path / "history"
@@ -129,6 +161,16 @@ def scalar(url: URL, sql: str) -> object:
     try:
         with engine.connect() as conn:
             return conn.execute(text(sql)).scalar()
+    finally:
+        engine.dispose()
+
+
+def version_of(url: URL) -> str | None:
+    """The revision the database is stamped with, read where the tool keeps it."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return migration_context(conn).get_current_revision()
     finally:
         engine.dispose()
 

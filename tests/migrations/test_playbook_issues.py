@@ -8,7 +8,7 @@ from sqlalchemy.engine import URL
 
 from heimdex_common.migrations.lint import lint
 
-from .conftest import HistoryCopy, clean_env, heimdex, read_only, url_arg
+from .conftest import REPO, HistoryCopy, clean_env, heimdex, read_only, url_arg
 
 
 def test_modulenotfounderror_no_pythonpath_needed_from_any_directory(
@@ -45,7 +45,7 @@ def test_column_cannot_be_cast_automatically_lint_names_the_missing_using(
 ) -> None:
     path = history.add_revision(
         "enum00000001",
-        "3af4686817cc",
+        history.head,
         """
         op.execute("SET LOCAL lock_timeout = '5s'")
         op.execute("CREATE TYPE job_priority AS ENUM ('low', 'high')")
@@ -69,10 +69,12 @@ def test_no_such_file_or_directory_for_compiled_sql_the_directory_is_created(
     out = tmp_path / "image" / "without" / "supabase" / "migrations"
     proc = heimdex("db", "sql", "--output-dir", out)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == [
-        "0001_job_ledger_init.sql",
-        "0002_job_ledger_hardening.sql",
-    ]
+    # The repository's artifacts, compiled afresh into the new directory.
+    committed = sorted(p.name for p in (REPO / "supabase" / "migrations").glob("*.sql"))
+    assert committed[:2] == ["0001_job_ledger_init.sql", "0002_job_ledger_hardening.sql"]
+    assert sorted(p.name for p in out.iterdir()) == committed
+    for name in committed:
+        assert (out / name).read_bytes() == (REPO / "supabase" / "migrations" / name).read_bytes()
 
 
 def test_unwritable_artifact_directory_is_one_line_naming_output_dir(tmp_path: Path) -> None:

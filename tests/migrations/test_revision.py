@@ -14,29 +14,30 @@ from heimdex_common.migrations.migrate import downgrade, upgrade
 from heimdex_common.migrations.revision import revision
 from heimdex_common.migrations.status import StatusCode, status
 
-from .conftest import HistoryCopy, execute, heimdex, url_arg
+from .conftest import VERSION_TABLE, HistoryCopy, execute, heimdex, url_arg
 
 
 def test_autogenerate_refuses_a_database_that_is_not_at_head(
     history: HistoryCopy, db_url: URL
 ) -> None:
-    execute(db_url, "UPDATE alembic_version SET version_num = '001_job_ledger_init'")
+    execute(db_url, f"UPDATE {VERSION_TABLE} SET version_num = '001_job_ledger_init'")
     before = sorted(p.name for p in history.versions.iterdir())
     proc = heimdex(
         "db", "revision", "-m", "x", "--autogenerate", "-c", history.ini,
         "--database-url", url_arg(db_url),
     )  # fmt: skip
     assert proc.returncode == 1
-    assert "the database is at 001_job_ledger_init, not at head 3af4686817cc" in proc.stderr
+    assert f"the database is at 001_job_ledger_init, not at head {history.head}" in proc.stderr
     assert "heimdex db upgrade" in proc.stderr
     assert sorted(p.name for p in history.versions.iterdir()) == before
 
 
 def test_a_plain_revision_is_formatted_and_follows_head(history: HistoryCopy) -> None:
+    head = history.head
     path = revision("add job region", rev_id="aa11bb22cc33", config=history.ini)
     assert path == history.versions / "aa11bb22cc33_add_job_region.py"
     text = path.read_text()
-    assert 'down_revision = "3af4686817cc"' in text
+    assert f'down_revision = "{head}"' in text
     assert "op.execute(\"SET LOCAL lock_timeout = '5s'\")" in text
     check = subprocess.run(
         [sys.executable, "-m", "ruff", "format", "--check", str(path)],
@@ -48,6 +49,7 @@ def test_a_plain_revision_is_formatted_and_follows_head(history: HistoryCopy) ->
 def test_varchar_to_enum_autogenerates_create_type_and_using_and_applies(
     history: HistoryCopy, db_url: URL
 ) -> None:
+    head = history.head
     # The database holds backoff_policy as VARCHAR and has no enum type: the models say enum.
     execute(
         db_url,
@@ -76,7 +78,7 @@ def test_varchar_to_enum_autogenerates_create_type_and_using_and_applies(
     result = status(config=history.ini, database_url=db_url)
     assert result.code is StatusCode.AT_HEAD, result
     # And the generated downgrade works too (enum -> VARCHAR around the default as well).
-    downgrade("3af4686817cc", config=history.ini, database_url=db_url)
+    downgrade(head, config=history.ini, database_url=db_url)
     upgrade(config=history.ini, database_url=db_url)
 
 

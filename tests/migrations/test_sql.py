@@ -17,7 +17,7 @@ from heimdex_common.migrations.migrate import upgrade
 from heimdex_common.migrations.schema import render_diff, snapshot
 from heimdex_common.migrations.status import status
 
-from .conftest import COMMON, REPO, HistoryCopy, clean_env, heimdex, url_arg
+from .conftest import COMMON, REPO, HistoryCopy, clean_env, heimdex, revisions_of, url_arg
 
 ARTIFACTS = REPO / "supabase" / "migrations"
 
@@ -36,16 +36,21 @@ def _playbook_sql(range_: str) -> bytes:
 
 
 def test_committed_artifacts_are_the_playbook_commands_output_byte_for_byte() -> None:
-    assert sorted(p.name for p in ARTIFACTS.glob("*.sql")) == [
-        "0001_job_ledger_init.sql",
-        "0002_job_ledger_hardening.sql",
-    ]
+    names = sorted(p.name for p in ARTIFACTS.glob("*.sql"))
+    assert names[:2] == ["0001_job_ledger_init.sql", "0002_job_ledger_hardening.sql"]
     assert (ARTIFACTS / "0001_job_ledger_init.sql").read_bytes() == _playbook_sql(
         "001_job_ledger_init"
     )
     assert (ARTIFACTS / "0002_job_ledger_hardening.sql").read_bytes() == _playbook_sql(
         "001_job_ledger_init:3af4686817cc"
     )
+    # One file per revision (none of them has an autocommit block), each the playbook's output.
+    revisions = revisions_of()
+    assert len(names) == len(revisions)
+    for i, name in enumerate(names[2:], start=2):
+        assert (ARTIFACTS / name).read_bytes() == _playbook_sql(
+            f"{revisions[i - 1]}:{revisions[i]}"
+        ), name
 
 
 def test_check_passes_on_the_repository_and_twice_compiled_is_identical(tmp_path: Path) -> None:
@@ -79,19 +84,18 @@ def test_check_fails_naming_the_file_after_a_revision_changes(
 
 def test_check_names_missing_and_unexpected_files(history: HistoryCopy, tmp_path: Path) -> None:
     out = tmp_path / "migrations"
-    sql(config=history.ini, output_dir=out)
+    compiled = len(sql(config=history.ini, output_dir=out).written)
     history.add_revision(
         "beef00000001",
-        "3af4686817cc",
+        history.head,
         "op.execute(\"SET LOCAL lock_timeout = '5s'\")",
         message="add job region",
     )
     (out / "0009_hand_written.sql").write_text("SELECT 1;\n")
     with pytest.raises(ArtifactsStale) as info:
         sql(config=history.ini, output_dir=out, check=True)
-    assert f"{out / '0003_add_job_region.sql'}: missing (compiled from revision beef00000001)" in (
-        str(info.value)
-    )
+    missing = out / f"{compiled + 1:04d}_add_job_region.sql"
+    assert f"{missing}: missing (compiled from revision beef00000001)" in str(info.value)
     assert f"{out / '0009_hand_written.sql'}: unexpected" in str(info.value)
 
 
@@ -126,9 +130,11 @@ def test_artifacts_applied_in_order_give_the_alembic_schema_at_head(
 def test_a_statement_that_cannot_run_in_a_transaction_gets_a_file_of_its_own(
     history: HistoryCopy, tmp_path: Path, empty_db_url: URL, create_database: Callable[..., URL]
 ) -> None:
+    head = history.head
+    existing = sorted(p.name for p in ARTIFACTS.glob("*.sql"))
     history.add_revision(
         "face00000001",
-        "3af4686817cc",
+        head,
         """
         op.execute("SET LOCAL lock_timeout = '5s'")
         op.add_column("job", sa.Column("region", sa.Text()))
@@ -149,18 +155,18 @@ def test_a_statement_that_cannot_run_in_a_transaction_gets_a_file_of_its_own(
     out = tmp_path / "migrations"
     sql(config=history.ini, output_dir=out)
     names = sorted(p.name for p in out.iterdir())
+    n = len(existing)
     assert names == [
-        "0001_job_ledger_init.sql",
-        "0002_job_ledger_hardening.sql",
-        "0003_job_region.sql",
-        "0004_job_region_2.sql",
-        "0005_job_region_3.sql",
+        *existing,
+        f"{n + 1:04d}_job_region.sql",
+        f"{n + 2:04d}_job_region_2.sql",
+        f"{n + 3:04d}_job_region_3.sql",
     ]
-    assert (out / "0004_job_region_2.sql").read_text().strip() == (
+    assert (out / f"{n + 2:04d}_job_region_2.sql").read_text().strip() == (
         "CREATE INDEX CONCURRENTLY idx_job__region ON job (region);"
     )
     # The three files together are the playbook's output for the revision.
-    whole = b"".join((out / n).read_bytes() for n in names[2:])
+    whole = b"".join((out / name).read_bytes() for name in names[n:])
     env = clean_env()
     playbook = subprocess.run(
         [
@@ -170,7 +176,7 @@ def test_a_statement_that_cannot_run_in_a_transaction_gets_a_file_of_its_own(
             "-c",
             str(history.ini),
             "upgrade",
-            "3af4686817cc:face00000001",
+            f"{head}:face00000001",
             "--sql",
         ],
         env=env,
@@ -178,7 +184,7 @@ def test_a_statement_that_cannot_run_in_a_transaction_gets_a_file_of_its_own(
         check=True,
     ).stdout
     assert whole == playbook
-    _apply_like_supabase(empty_db_url, [out / n for n in names])
+    _apply_like_supabase(empty_db_url, [out / name for name in names])
     by_alembic = create_database()
     upgrade(config=history.ini, database_url=by_alembic)
     assert _schema(empty_db_url) == _schema(by_alembic)

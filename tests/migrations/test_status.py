@@ -6,7 +6,7 @@ from sqlalchemy.engine import URL
 
 from heimdex_common.migrations.status import StatusCode, status
 
-from .conftest import HistoryCopy, execute, heimdex, url_arg
+from .conftest import VERSION_TABLE, HistoryCopy, execute, heimdex, revisions_of, url_arg
 
 
 def test_empty_database_lists_pending_revisions_with_messages(empty_db_url: URL) -> None:
@@ -15,6 +15,8 @@ def test_empty_database_lists_pending_revisions_with_messages(empty_db_url: URL)
     assert "current: base" in proc.stdout
     assert "pending: 001_job_ledger_init  job ledger init" in proc.stdout
     assert "pending: 3af4686817cc  hardening: job ledger enums/indexes/idempotency" in proc.stdout
+    pending = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("pending:")]
+    assert pending == revisions_of()
 
 
 def test_at_head_is_zero(db_url: URL) -> None:
@@ -24,10 +26,10 @@ def test_at_head_is_zero(db_url: URL) -> None:
 
 
 def test_partly_migrated_database_lists_only_what_is_left(db_url: URL) -> None:
-    execute(db_url, "UPDATE alembic_version SET version_num = '001_job_ledger_init'")
+    execute(db_url, f"UPDATE {VERSION_TABLE} SET version_num = '001_job_ledger_init'")
     result = status(database_url=db_url)
     assert result.code is StatusCode.PENDING
-    assert [p.revision for p in result.pending] == ["3af4686817cc"]
+    assert [p.revision for p in result.pending] == revisions_of()[1:]
 
 
 def test_models_drifting_from_the_database_is_four(db_url: URL) -> None:
@@ -39,15 +41,16 @@ def test_models_drifting_from_the_database_is_four(db_url: URL) -> None:
 
 
 def test_multiple_heads_is_five(history: HistoryCopy, db_url: URL) -> None:
-    history.add_revision("aaaa00000001", "3af4686817cc", "pass")
-    history.add_revision("bbbb00000002", "3af4686817cc", "pass")
+    head = history.head
+    history.add_revision("aaaa00000001", head, "pass")
+    history.add_revision("bbbb00000002", head, "pass")
     proc = heimdex("db", "status", "-c", history.ini, "--database-url", url_arg(db_url))
     assert proc.returncode == StatusCode.MULTIPLE_HEADS == 5
     assert "multiple heads" in proc.stdout
 
 
 def test_database_at_an_unknown_revision_is_six(db_url: URL) -> None:
-    execute(db_url, "UPDATE alembic_version SET version_num = 'feedface0000'")
+    execute(db_url, f"UPDATE {VERSION_TABLE} SET version_num = 'feedface0000'")
     proc = heimdex("db", "status", "--database-url", url_arg(db_url))
     assert proc.returncode == StatusCode.UNKNOWN_REVISION == 6
     assert "unknown revision in the database: feedface0000" in proc.stdout

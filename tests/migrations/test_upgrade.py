@@ -15,10 +15,23 @@ from heimdex_common.errors import HeimdexError
 from heimdex_common.migrations.locking import MIGRATION_LOCK
 from heimdex_common.migrations.migrate import RevisionFailed, downgrade, upgrade
 
-from .conftest import HEIMDEX, HistoryCopy, clean_env, execute, heimdex, scalar, url_arg
+from .conftest import (
+    HEIMDEX,
+    VERSION_TABLE,
+    HistoryCopy,
+    clean_env,
+    execute,
+    head,
+    heimdex,
+    revisions_of,
+    scalar,
+    url_arg,
+    version_of,
+)
 
-# Alembic's own version table, created before Alembic does, with a trigger recording every
-# stamp: each revision applied exactly once means exactly one transition per revision.
+# Alembic's own version table, created before Alembic does where an older checkout kept it
+# (`public`: env.py's prelude moves it, trigger and all), with a trigger recording every stamp:
+# each revision applied exactly once means exactly one transition per revision.
 TRANSITION_LOG = """
 CREATE TABLE alembic_version (
     version_num VARCHAR(32) NOT NULL,
@@ -76,22 +89,28 @@ def test_four_upgraders_started_at_once_apply_each_revision_exactly_once(
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
 
+    revisions = revisions_of()
     engine = create_engine(empty_db_url)
     with engine.connect() as conn:
+        # The table moved, so the trigger did too: it is still what recorded the stamps.
+        assert conn.execute(text("SELECT to_regclass('public.alembic_version')")).scalar() is None
+        triggers = conn.execute(
+            text(f"SELECT count(*) FROM pg_trigger WHERE tgrelid = '{VERSION_TABLE}'::regclass")
+        )
+        assert triggers.scalar() == 1
         transitions = conn.execute(
             text("SELECT old_version, new_version, backend_pid FROM version_transitions ORDER BY n")
         ).all()
         jobs_tables = conn.execute(text("SELECT count(*) FROM pg_class WHERE relname = 'job'"))
         assert jobs_tables.scalar() == 1
     engine.dispose()
-    assert [(t.old_version, t.new_version) for t in transitions] == [
-        (None, "001_job_ledger_init"),
-        ("001_job_ledger_init", "3af4686817cc"),
-    ]
+    assert [(t.old_version, t.new_version) for t in transitions] == list(
+        zip([None, *revisions[:-1]], revisions, strict=True)
+    )
     # One process did the work; the three others found nothing to do.
     stdout = [out for out, _err in outputs]
-    assert sum("001_job_ledger_init, 3af4686817cc applied" in s for s in stdout) == 1
-    assert sum("nothing to do; at 3af4686817cc" in s for s in stdout) == 3
+    assert sum(f"{', '.join(revisions)} applied" in s for s in stdout) == 1
+    assert sum(f"nothing to do; at {revisions[-1]}" in s for s in stdout) == 3
 
 
 def test_progress_names_each_revision_and_its_duration(empty_db_url: URL) -> None:
@@ -99,16 +118,20 @@ def test_progress_names_each_revision_and_its_duration(empty_db_url: URL) -> Non
     assert proc.returncode == 0, proc.stderr
     assert "upgrade base -> 001_job_ledger_init (job ledger init" in proc.stderr
     assert "3af4686817cc done in " in proc.stderr
-    assert "now at 3af4686817cc" in proc.stdout
+    assert f"now at {head()}" in proc.stdout
 
 
 def test_downgrade_and_upgrade_by_relative_steps_and_prefixes(db_url: URL) -> None:
-    assert downgrade("-1", database_url=db_url).after == "001_job_ledger_init"
+    revisions = revisions_of()
+    assert downgrade("-1", database_url=db_url).after == revisions[-2]
     proc = heimdex("db", "downgrade", "base", "--database-url", url_arg(db_url))
     assert proc.returncode == 0, proc.stderr
     assert scalar(db_url, "SELECT to_regclass('public.job')") is None
+    assert version_of(db_url) is None
     assert upgrade("001", database_url=db_url).applied == ["001_job_ledger_init"]
     assert upgrade("+1", database_url=db_url).after == "3af4686817cc"
+    assert upgrade("4c2f", database_url=db_url).applied == ["4c2f9a1e7b3d"]
+    assert upgrade(database_url=db_url).applied == revisions[3:]
 
 
 def test_bad_targets_are_clear_and_change_nothing(db_url: URL) -> None:
@@ -118,15 +141,16 @@ def test_bad_targets_are_clear_and_change_nothing(db_url: URL) -> None:
         upgrade("001_job_ledger_init", database_url=db_url)
     with pytest.raises(HeimdexError, match="--lock-timeout must look like"):
         upgrade(database_url=db_url, lock_timeout="5 seconds; DROP TABLE job")
-    assert scalar(db_url, "SELECT version_num FROM alembic_version") == "3af4686817cc"
+    assert version_of(db_url) == head()
 
 
 def test_a_failing_revision_is_named_with_its_statement_and_rolled_back(
     history: HistoryCopy, db_url: URL
 ) -> None:
+    at = history.head
     history.add_revision(
         "c0ffee000001",
-        "3af4686817cc",
+        at,
         """
         op.execute("SET LOCAL lock_timeout = '5s'")
         op.add_column("job", sa.Column("region", sa.Text()))
@@ -138,7 +162,7 @@ def test_a_failing_revision_is_named_with_its_statement_and_rolled_back(
     assert proc.returncode == 1
     message = proc.stderr.strip().splitlines()[-1]
     assert message.startswith("error: revision c0ffee000001 (upgrade) failed and was rolled back")
-    assert "the database is still at 3af4686817cc" in message
+    assert f"the database is still at {at}" in message
     assert "division by zero" in message
     assert "statement: UPDATE job SET region = 'eu' WHERE 1 / 0 = 1" in message
     assert "Traceback" not in proc.stderr
@@ -189,7 +213,7 @@ def test_lock_timeout_fails_fast_and_leaves_the_previous_revision(db_url: URL) -
     assert "revision 3af4686817cc (upgrade) failed" in message
     assert "lock timeout" in message
     assert "still at 001_job_ledger_init" in message
-    assert scalar(db_url, "SELECT version_num FROM alembic_version") == "001_job_ledger_init"
+    assert version_of(db_url) == "001_job_ledger_init"
 
 
 def test_lock_timeout_is_retried_once_the_long_transaction_ends(
@@ -218,7 +242,7 @@ def test_lock_timeout_is_retried_once_the_long_transaction_ends(
         release.set()
         blocker.join()
         releaser.join()
-    assert result.applied == ["3af4686817cc"]
+    assert result.applied == revisions_of()[1:]
     assert any(
         "lock_timeout" in r.getMessage() and "retry 1/3" in r.getMessage() for r in caplog.records
     )

@@ -13,7 +13,7 @@ from heimdex_common.migrations.artifacts import sql
 from heimdex_common.migrations.config import alembic_config
 from heimdex_common.migrations.verify import VerifyFailed, verify
 
-from .conftest import HistoryCopy, clean_env, heimdex, url_arg
+from .conftest import HistoryCopy, clean_env, heimdex, revisions_of, url_arg
 
 LOCK = "op.execute(\"SET LOCAL lock_timeout = '5s'\")"
 
@@ -31,7 +31,8 @@ def test_verify_passes_on_a_server_and_leaves_no_database_behind(
     env = clean_env(DATABASE_URL="postgresql://nobody@127.0.0.1:1/dev_database")
     proc = heimdex("db", "verify", "--database-url", url_arg(pg_admin_url), env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "ok: 001_job_ledger_init up/down/up with seeded rows" in proc.stdout
+    for rev in revisions_of():
+        assert f"ok: {rev} up/down/up with seeded rows" in proc.stdout
     assert "ok: models match the database at head" in proc.stdout
     assert "ok: Supabase artifacts in" in proc.stdout
     assert _databases(admin_engine) == before
@@ -48,7 +49,7 @@ def test_a_downgrade_that_leaves_something_behind_is_named_with_the_diff(
 ) -> None:
     history.add_revision(
         "leaky0000001",
-        "3af4686817cc",
+        history.head,
         f"""
         {LOCK}
         op.execute("CREATE TYPE job_region AS ENUM ('eu', 'us')")
@@ -69,7 +70,7 @@ def test_a_downgrade_that_leaves_something_behind_is_named_with_the_diff(
 def test_a_downgrade_that_forgets_a_table_is_named(history: HistoryCopy, pg_admin_url: URL) -> None:
     history.add_revision(
         "reup00000001",
-        "3af4686817cc",
+        history.head,
         f"""
         {LOCK}
         op.execute("CREATE TABLE IF NOT EXISTS job_note (id int)")
@@ -89,9 +90,10 @@ def test_a_data_migration_that_breaks_on_legacy_rows_is_caught(
     history: HistoryCopy, pg_admin_url: URL, empty_db_url: URL
 ) -> None:
     """Upstream's failure: fine on empty tables, broken on the rows production holds."""
+    head = history.head
     history.add_revision(
         "backf0000001",
-        "3af4686817cc",
+        head,
         f"""
         {LOCK}
         # Backfill requested_by for jobs created through the API, then require it.
@@ -106,7 +108,7 @@ def test_a_data_migration_that_breaks_on_legacy_rows_is_caught(
     # The plain stairway on empty tables passes...
     cfg = alembic_config(history.ini, database_url=empty_db_url)
     command.upgrade(cfg, "head")
-    command.downgrade(cfg, "3af4686817cc")
+    command.downgrade(cfg, head)
     command.upgrade(cfg, "head")
     # ...verify, with the legacy rows 001 imported, does not.
     with pytest.raises(VerifyFailed) as info:

@@ -74,6 +74,53 @@ VALUES
    now(), now(), NULL, NULL)
 """,
     ],
+    # What the API and workers write: submitted params and fingerprints, a leased running job
+    # mid-stage, a cancel asked while running, a result; outbox messages pending (one retried,
+    # one deferred) and sent. The downgrade must keep the non-default values in job_event.
+    "4c2f9a1e7b3d": [
+        """
+INSERT INTO job (org_id, type, status, attempt, params, request_fingerprint, stage, progress,
+                 result, cancel_requested, lease_token, leased_by, lease_expires_at,
+                 heartbeat_at, idempotency_key, started_at, finished_at)
+VALUES
+  ('44444444-4444-4444-4444-444444444444', 'drive_ingest', 'running', 1,
+   '{"folder": "f-1", "depth": 2}', repeat('a', 64), 'download', 40, NULL, true,
+   gen_random_uuid(), 'worker-1:123', now() + interval '30 seconds', now(), 'seed-4c2f-1',
+   now() - interval '1 minute', NULL),
+  ('44444444-4444-4444-4444-444444444444', 'mock_process', 'succeeded', 1,
+   '{"n": 3}', repeat('b', 64), 'done', 100, '{"frames": 3}', false,
+   NULL, NULL, NULL, NULL, 'seed-4c2f-2', now() - interval '5 minutes', now()),
+  ('44444444-4444-4444-4444-444444444444', 'mock_process', 'queued', 0,
+   '{}', NULL, NULL, 0, NULL, false, NULL, NULL, NULL, NULL, NULL, NULL, NULL)
+""",
+        """
+INSERT INTO job_outbox (job_id, queue_name, deliver_after, sent_at, publish_attempts, last_error)
+SELECT id, 'default', now() + interval '10 seconds', NULL, 2, 'connection refused'
+  FROM job WHERE idempotency_key = 'seed-4c2f-1'
+UNION ALL
+SELECT id, 'default', now(), now(), 0, NULL FROM job WHERE idempotency_key = 'seed-4c2f-2'
+UNION ALL
+SELECT id, 'media', now(), NULL, 0, NULL
+  FROM job WHERE org_id = '44444444-4444-4444-4444-444444444444' AND status = 'queued'
+""",
+    ],
+    # Rows written as the table owner (the backend), which RLS must not get in the way of.
+    "7e5b3c8d1f20": [
+        """
+INSERT INTO job (org_id, type, status, params, request_fingerprint)
+VALUES ('55555555-5555-5555-5555-555555555555', 'drive_ingest', 'queued', '{"folder": "f-5"}',
+        repeat('c', 64))
+""",
+        """
+INSERT INTO job_event (job_id, prev_status, next_status, detail_json)
+SELECT id, NULL, 'queued', jsonb_build_object('action', 'seed')
+  FROM job WHERE org_id = '55555555-5555-5555-5555-555555555555'
+""",
+        """
+INSERT INTO job_outbox (job_id)
+SELECT id FROM job WHERE org_id = '55555555-5555-5555-5555-555555555555'
+""",
+    ],
 }
 
 
