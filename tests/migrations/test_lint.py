@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from heimdex_common.migrations.lint import MARKER, lint
+from heimdex_common.migrations.lint_rls import RLS_BASELINE_REVISION
 
 from .conftest import COMMON, HistoryCopy, heimdex, revisions_of
 
@@ -131,3 +132,82 @@ def test_a_marker_acknowledges_one_finding_and_needs_a_reason(history: HistoryCo
         "index builds (use op.create_index(..., postgresql_concurrently=True) in an "
         "autocommit_block)",
     ]
+
+
+def test_a_table_created_without_rls_after_the_baseline_is_flagged(history: HistoryCopy) -> None:
+    bare = history.add_revision(
+        "rls000000001",
+        history.head,
+        f"""
+        {LOCK}
+        op.create_table(
+            "job_note",
+            sa.Column("id", sa.Integer(), primary_key=True),
+            sa.Column("note", sa.Text(), nullable=False),
+        )
+        op.execute("ALTER TABLE job_note ENABLE ROW LEVEL SECURITY")
+        op.execute("CREATE TABLE job_audit (id bigint PRIMARY KEY, what text)")
+        op.execute("COMMENT ON TABLE job_audit IS 'who did what'")
+        """,
+        f"""
+        {LOCK}
+        op.drop_table("job_audit")
+        op.drop_table("job_note")
+        """,
+    )
+    proc = heimdex("db", "lint", "-c", history.ini)
+    assert proc.returncode == 1, proc.stderr
+    # Only job_audit, at the line that creates it (after a multi-line CREATE TABLE job_note).
+    assert proc.stdout.splitlines() == [
+        f"{bare}:{_line_of(bare, 'CREATE TABLE job_audit')} table-without-rls "
+        "table public.job_audit is created without ENABLE ROW LEVEL SECURITY: Supabase's Data "
+        "API exposes it to anon and authenticated; enable RLS on it in the same revision "
+        "(with policies, or none for a backend-only table)"
+    ]
+    # The usual marker acknowledges it.
+    text = bare.read_text()
+    assert text.count('    op.execute("CREATE TABLE job_audit') == 1
+    bare.write_text(
+        text.replace(
+            '    op.execute("CREATE TABLE job_audit',
+            "    # heimdex-lint: ignore[table-without-rls] a scratch table, dropped next\n"
+            '    op.execute("CREATE TABLE job_audit',
+        )
+    )
+    report = lint(config=history.ini, revisions=["rls0"])
+    assert (report.findings, report.acknowledged) == ([], 1)
+
+
+def test_a_table_created_with_rls_after_the_baseline_passes(history: HistoryCopy) -> None:
+    history.add_revision(
+        "rls000000002",
+        history.head,
+        f"""
+        {LOCK}
+        op.create_table(
+            "job_note",
+            sa.Column("id", sa.Integer(), primary_key=True),
+            sa.Column("note", sa.Text(), nullable=False),
+        )
+        op.execute("COMMENT ON TABLE job_note IS 'Notes; backend only'")
+        op.execute("ALTER TABLE public.job_note ENABLE ROW LEVEL SECURITY")
+        """,
+        f"""
+        {LOCK}
+        op.drop_table("job_note")
+        """,
+    )
+    proc = heimdex("db", "lint", "-c", history.ini)
+    assert proc.returncode == 0, proc.stdout
+    acknowledged = _marker_rules(history.versions)
+    assert (
+        f"0 finding(s), {acknowledged} acknowledged, {len(history.revisions)} revision(s) checked"
+        in proc.stderr
+    )
+
+
+def test_revisions_up_to_the_baseline_are_not_checked_for_rls() -> None:
+    """001 and 3af created job and job_event without RLS; the baseline revision covers them."""
+    assert RLS_BASELINE_REVISION in revisions_of()
+    report = lint()
+    assert [f for f in report.findings if f.rule == "table-without-rls"] == []

@@ -12,8 +12,8 @@ from sqlalchemy.exc import OperationalError
 
 from heimdex_common.db import connection_error, make_engine
 from heimdex_common.errors import HeimdexError
-from heimdex_common.migrations.config import VERSION_TABLE_OPTIONS, VERSION_TABLE_PRELUDE
 from heimdex_common.migrations.autogen import rewriter as enum_change_around_default
+from heimdex_common.migrations.config import VERSION_TABLE_OPTIONS, VERSION_TABLE_PRELUDE
 from heimdex_common.models import Base
 from heimdex_common.settings import load_settings, normalize_url
 

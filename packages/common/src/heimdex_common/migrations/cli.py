@@ -19,6 +19,7 @@ from heimdex_common.migrations import migrate as migrate_cmd
 from heimdex_common.migrations import revision as revision_cmd
 from heimdex_common.migrations import status as status_cmd
 from heimdex_common.migrations import verify as verify_cmd
+from heimdex_common.migrations.lint_rls import RLS_BASELINE_REVISION
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -298,10 +299,12 @@ def verify(
 
 
 @db.command(
-    epilog="""\b
+    epilog=f"""\b
 Rules: squawk (squawk-cli) on each revision's upgrade SQL, plus our own:
   enum-without-using, enum-not-dropped, index-not-concurrent,
-  not-null-without-default, missing-lock-timeout.
+  not-null-without-default, missing-lock-timeout,
+  table-without-rls (revisions after {RLS_BASELINE_REVISION}: a table created in
+  public must get ENABLE ROW LEVEL SECURITY in the same revision).
 Acknowledge one finding with a comment on or just above the offending line:
   # heimdex-lint: ignore[rule-name] why this is safe here
 Exit codes: 0 clean, 1 findings (file:line rule message) or error.

@@ -6,7 +6,9 @@ Each revision's upgrade SQL is compiled offline (no database) and checked twice:
   file as new, and every other table as existing, which is exactly the schema before the
   revision;
 - by our own rules, which know the schema before the revision from the SQL of the revisions
-  before it (tables and enum types created, dropped and renamed).
+  before it (tables and enum types created, dropped and renamed);
+- by `table-without-rls` (lint_rls), on the revisions after the one that brought RLS to the
+  ledger: a table created in `public` gets row-level security in the same revision.
 
 A finding is reported at the line of the revision's source that emitted the statement, so a
 comment on or just above that line acknowledges it:
@@ -29,6 +31,7 @@ from alembic.script import Script
 
 from heimdex_common.errors import HeimdexError
 from heimdex_common.migrations.history import make_config, ordered_revisions, scripts_of
+from heimdex_common.migrations.lint_rls import RLS_BASELINE_REVISION, check_rls
 from heimdex_common.migrations.offline import Chunk, CompiledRevision, compile_revision
 from heimdex_common.migrations.revision import EXTRA_HINT
 
@@ -52,6 +55,7 @@ OWN_RULES = (
     "index-not-concurrent",
     "not-null-without-default",
     "missing-lock-timeout",
+    "table-without-rls",
 )
 MARKER = re.compile(r"#\s*heimdex-lint:\s*ignore\[([^\]]*)\](.*)$")
 _IDENT = r'(?:"[^"]+"|[\w$]+)(?:\.(?:"[^"]+"|[\w$]+))?'
@@ -250,6 +254,28 @@ def _own_rules(
     return found
 
 
+def _rls(compiled: CompiledRevision) -> list[tuple[int, str, str]]:
+    """lint_rls's findings on the revision's statements, at the source line that emitted each.
+
+    The statements are joined with `;\n` into one text, so that an ENABLE ROW LEVEL SECURITY
+    in a later statement than its CREATE TABLE counts; each finding's line in that text is
+    mapped back to the statement it falls in.
+    """
+    starts: list[tuple[int, int]] = []  # (first line in the joined text, source line)
+    parts: list[str] = []
+    line = 1
+    for chunk in _statements(compiled):
+        statement = chunk.sql.rstrip(";").rstrip()
+        starts.append((line, chunk.source_line or 1))
+        parts.append(statement)
+        line += statement.count("\n") + 1
+    found = []
+    for finding in check_rls(";\n".join(parts), filename=str(compiled.path)):
+        source = next(src for first, src in reversed(starts) if first <= finding.line)
+        found.append((source, finding.rule, finding.message))
+    return found
+
+
 def squawk_binary() -> str:
     """squawk-cli installs a binary next to the interpreter (a venv's bin/), else on PATH."""
     beside = Path(sys.executable).parent / "squawk"
@@ -369,6 +395,8 @@ def lint(
         wanted.add(matches[0])
     report = LintReport()
     before = _Schema()
+    # Revisions up to the baseline predate the RLS rule (the baseline covers their tables).
+    after_baseline = False
     for script in history:
         compiled = compile_revision(cfg, script)
         if not wanted or script.revision in wanted:
@@ -378,10 +406,13 @@ def lint(
                 _apply_to_schema(created, chunk.sql)
             raw = _squawk(compiled, created.tables - before.tables)
             raw += _own_rules(compiled, downgrade, before, script)
+            if after_baseline:
+                raw += _rls(compiled)
             findings, acknowledged = _acknowledge(Path(script.path), raw)
             report.findings += findings
             report.acknowledged += acknowledged
             report.revisions += 1
         for chunk in _statements(compiled):
             _apply_to_schema(before, chunk.sql)
+        after_baseline = after_baseline or script.revision == RLS_BASELINE_REVISION
     return report
