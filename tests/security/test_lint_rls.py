@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from heimdex_common.migrations.config import alembic_config, script_directory
-from heimdex_common.migrations.lint_rls import RLS_BASELINE_REVISION, RULE, Finding, check_rls
+from heimdex_common.migrations.findings import Finding
+from heimdex_common.migrations.lint_rls import RLS_BASELINE_REVISION, RULE, check_rls
 from tests.security.conftest import COMMON, offline_sql
 
 NEW_REVISION = """\
@@ -75,13 +76,13 @@ def test_a_later_revision_creating_tables_without_rls_is_flagged(tmp_path: Path)
     findings = check_rls(sql, filename="0009_new_tables.sql")
 
     lines = sql.splitlines()
-    assert [(f.rule, f.path) for f in findings] == [(RULE, "0009_new_tables.sql")] * 2
+    assert [(f.rule, f.path) for f in findings] == [(RULE, Path("0009_new_tables.sql"))] * 2
     assert [lines[f.line - 1] for f in findings] == [
         "CREATE TABLE widget (",
         "CREATE TABLE IF NOT EXISTS public.sprocket (id int);",
     ]
     assert "public.widget" in findings[0].message
-    assert str(findings[0]).startswith(f"0009_new_tables.sql:{findings[0].line}: {RULE}: ")
+    assert findings[0].render().startswith(f"0009_new_tables.sql:{findings[0].line} {RULE} ")
 
 
 def test_the_history_passes_from_the_baseline_on_and_would_have_failed_before() -> None:
@@ -113,8 +114,8 @@ CREATE TABLE other.elsewhere (id int);
 """
     found = check_rls(sql, filename="x.sql")
     assert found == [
-        Finding("x.sql", 7, RULE, found[0].message),
-        Finding("x.sql", 11, RULE, found[1].message),
+        Finding(Path("x.sql"), 7, RULE, found[0].message),
+        Finding(Path("x.sql"), 11, RULE, found[1].message),
     ]
     assert "public.made_in_do" in found[0].message
     assert "public.MixedCase" in found[1].message

@@ -30,6 +30,7 @@ from pathlib import Path
 from alembic.script import Script
 
 from heimdex_common.errors import HeimdexError
+from heimdex_common.migrations.findings import Finding
 from heimdex_common.migrations.history import make_config, ordered_revisions, scripts_of
 from heimdex_common.migrations.lint_rls import RLS_BASELINE_REVISION, check_rls
 from heimdex_common.migrations.offline import Chunk, CompiledRevision, compile_revision
@@ -59,17 +60,6 @@ OWN_RULES = (
 )
 MARKER = re.compile(r"#\s*heimdex-lint:\s*ignore\[([^\]]*)\](.*)$")
 _IDENT = r'(?:"[^"]+"|[\w$]+)(?:\.(?:"[^"]+"|[\w$]+))?'
-
-
-@dataclass(frozen=True)
-class Finding:
-    path: Path
-    line: int
-    rule: str
-    message: str
-
-    def render(self) -> str:
-        return f"{self.path}:{self.line} {self.rule} {self.message}"
 
 
 @dataclass

@@ -10,7 +10,9 @@ judges what reaches the database, whichever Alembic operation or raw SQL produce
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from pathlib import Path
+
+from heimdex_common.migrations.findings import Finding
 
 RULE = "table-without-rls"
 # Revisions up to this one predate the rule (this one brings RLS to the tables they created).
@@ -30,17 +32,6 @@ _ENABLE = re.compile(
 )
 _DOLLAR = re.compile(r"\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$")
 _DROP = re.compile(rf"\bDROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?{_NAME}", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class Finding:
-    path: str
-    line: int
-    rule: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.rule}: {self.message}"
 
 
 def _mask(sql: str) -> str:
@@ -127,7 +118,7 @@ def check_rls(sql_text: str, *, filename: str) -> list[Finding]:
             continue
         findings.append(
             Finding(
-                path=filename,
+                path=Path(filename),
                 line=masked.count("\n", 0, create.start()) + 1,
                 rule=RULE,
                 message=(
