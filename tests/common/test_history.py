@@ -8,29 +8,12 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
-from heimdex_common.migrations.config import alembic_config, migration_context, script_directory
-from heimdex_common.migrations.schema import render_diff, snapshot, without_access_control
+from heimdex_common.migrations.config import alembic_config, script_directory
+from heimdex_common.migrations.schema import render_diff, without_access_control
 from heimdex_common.models import Base
+from tests.dbutil import schema_of, version_of
 
 PLAYBOOK_REVISIONS = ["001_job_ledger_init", "3af4686817cc"]
-
-
-def _snapshot(url: URL) -> dict[str, object]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return snapshot(conn)
-    finally:
-        engine.dispose()
-
-
-def _current(url: URL) -> str | None:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return migration_context(conn).get_current_revision()
-    finally:
-        engine.dispose()
 
 
 def test_history_has_a_single_head_and_the_playbook_revisions_in_order() -> None:
@@ -48,20 +31,20 @@ def test_stairway_every_revision_up_down_up_leaves_identical_schema(empty_db_url
     cfg = alembic_config(database_url=empty_db_url)
     scripts = script_directory(cfg)
     for rev in reversed(list(scripts.walk_revisions())):
-        before = _snapshot(empty_db_url)
+        before = schema_of(empty_db_url)
         command.upgrade(cfg, rev.revision)
-        after_up = _snapshot(empty_db_url)
+        after_up = schema_of(empty_db_url)
         command.downgrade(cfg, rev.down_revision or "base")  # type: ignore[arg-type]
-        assert _snapshot(empty_db_url) == before, (
+        assert schema_of(empty_db_url) == before, (
             f"downgrade of {rev.revision} left the schema changed:\n"
-            + render_diff(before, _snapshot(empty_db_url))
+            + render_diff(before, schema_of(empty_db_url))
         )
         command.upgrade(cfg, rev.revision)
-        assert _snapshot(empty_db_url) == after_up, (
+        assert schema_of(empty_db_url) == after_up, (
             f"re-upgrade of {rev.revision} differs:\n"
-            + render_diff(after_up, _snapshot(empty_db_url))
+            + render_diff(after_up, schema_of(empty_db_url))
         )
-    assert _current(empty_db_url) == scripts.get_current_head()
+    assert version_of(empty_db_url) == scripts.get_current_head()
 
 
 def test_models_match_the_migrated_database(db_url: URL) -> None:
@@ -86,6 +69,6 @@ def test_schema_from_models_equals_schema_from_history(db_url: URL, empty_db_url
         Base.metadata.create_all(conn)
     engine.dispose()
     # RLS, grants and policies exist only in the history; tests/security checks them.
-    from_models = without_access_control(_snapshot(empty_db_url))
-    from_history = without_access_control(_snapshot(db_url))
+    from_models = without_access_control(schema_of(empty_db_url))
+    from_history = without_access_control(schema_of(db_url))
     assert from_models == from_history, render_diff(from_history, from_models)

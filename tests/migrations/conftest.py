@@ -14,13 +14,11 @@ from pathlib import Path
 
 import pytest
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
 from heimdex_common.migrations.config import (
     VERSION_TABLE_SCHEMA,
     alembic_config,
-    migration_context,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -154,35 +152,6 @@ def heimdex(
 
 def url_arg(url: URL) -> str:
     return url.render_as_string(hide_password=False)
-
-
-def scalar(url: URL, sql: str) -> object:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return conn.execute(text(sql)).scalar()
-    finally:
-        engine.dispose()
-
-
-def version_of(url: URL) -> str | None:
-    """The revision the database is stamped with, read where the tool keeps it."""
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return migration_context(conn).get_current_revision()
-    finally:
-        engine.dispose()
-
-
-def execute(url: URL, *statements: str) -> None:
-    engine = create_engine(url)
-    try:
-        with engine.begin() as conn:
-            for statement in statements:
-                conn.exec_driver_sql(statement)
-    finally:
-        engine.dispose()
 
 
 @contextmanager

@@ -13,8 +13,9 @@ from heimdex_common.errors import HeimdexError
 from heimdex_common.migrations.migrate import downgrade, upgrade
 from heimdex_common.migrations.revision import revision
 from heimdex_common.migrations.status import StatusCode, status
+from tests.dbutil import execute
 
-from .conftest import VERSION_TABLE, HistoryCopy, execute, heimdex, url_arg
+from .conftest import VERSION_TABLE, HistoryCopy, heimdex, url_arg
 
 
 def test_autogenerate_refuses_a_database_that_is_not_at_head(

@@ -5,8 +5,9 @@ from __future__ import annotations
 from sqlalchemy.engine import URL
 
 from heimdex_common.migrations.status import StatusCode, status
+from tests.dbutil import execute
 
-from .conftest import VERSION_TABLE, HistoryCopy, execute, heimdex, revisions_of, url_arg
+from .conftest import VERSION_TABLE, HistoryCopy, heimdex, revisions_of, url_arg
 
 
 def test_empty_database_lists_pending_revisions_with_messages(empty_db_url: URL) -> None:

@@ -14,19 +14,17 @@ from sqlalchemy.pool import NullPool
 from heimdex_common.errors import HeimdexError
 from heimdex_common.migrations.locking import MIGRATION_LOCK
 from heimdex_common.migrations.migrate import RevisionFailed, downgrade, upgrade
+from tests.dbutil import execute, scalar, version_of
 
 from .conftest import (
     HEIMDEX,
     VERSION_TABLE,
     HistoryCopy,
     clean_env,
-    execute,
     head,
     heimdex,
     revisions_of,
-    scalar,
     url_arg,
-    version_of,
 )
 
 # Alembic's own version table, created before Alembic does where an older checkout kept it

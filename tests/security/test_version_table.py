@@ -12,6 +12,7 @@ from sqlalchemy.exc import DBAPIError
 
 from heimdex_common.localpg import LocalPostgres
 from heimdex_common.migrations.config import alembic_config, script_directory
+from tests.dbutil import execute, scalar
 from tests.security.conftest import apply_sql_file, offline_sql
 
 RLS_REVISION = "7e5b3c8d1f20"
@@ -28,29 +29,10 @@ def before_rls() -> str:
 ORG = "11111111-1111-1111-1111-111111111111"
 
 
-def _scalar(url: URL, sql: str) -> object:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return conn.execute(text(sql)).scalar()
-    finally:
-        engine.dispose()
-
-
-def _execute(url: URL, *statements: str) -> None:
-    engine = create_engine(url)
-    try:
-        with engine.begin() as conn:
-            for sql in statements:
-                conn.execute(text(sql))
-    finally:
-        engine.dispose()
-
-
 def _database_of_the_old_toolchain(url: URL) -> None:
     """At before_rls() with the version table in `public`, as the previous env.py left it."""
     command.upgrade(alembic_config(database_url=url), before_rls())
-    _execute(
+    execute(
         url,
         "ALTER TABLE heimdex_private.alembic_version SET SCHEMA public",
         "DROP SCHEMA heimdex_private",
@@ -65,10 +47,10 @@ def old_db_url(empty_db_url: URL) -> URL:
 
 
 def _assert_moved_to(url: URL, revision: str) -> None:
-    assert _scalar(url, "SELECT to_regclass('public.alembic_version')") is None
-    assert _scalar(url, "SELECT version_num FROM heimdex_private.alembic_version") == revision
-    assert _scalar(url, "SELECT count(*) FROM heimdex_private.alembic_version") == 1
-    assert _scalar(url, f"SELECT type FROM job WHERE org_id = '{ORG}'") == "kept"
+    assert scalar(url, "SELECT to_regclass('public.alembic_version')") is None
+    assert scalar(url, "SELECT version_num FROM heimdex_private.alembic_version") == revision
+    assert scalar(url, "SELECT count(*) FROM heimdex_private.alembic_version") == 1
+    assert scalar(url, f"SELECT type FROM job WHERE org_id = '{ORG}'") == "kept"
 
 
 def test_upgrade_moves_a_public_version_table_keeping_its_revision(old_db_url: URL) -> None:
@@ -81,11 +63,11 @@ def test_upgrade_moves_a_public_version_table_keeping_its_revision(old_db_url: U
 def test_the_artifact_alone_moves_a_public_version_table(old_db_url: URL) -> None:
     apply_sql_file(old_db_url, offline_sql(before_rls(), RLS_REVISION))
     _assert_moved_to(old_db_url, RLS_REVISION)
-    assert _scalar(old_db_url, "SELECT relrowsecurity FROM pg_class WHERE relname = 'job'")
+    assert scalar(old_db_url, "SELECT relrowsecurity FROM pg_class WHERE relname = 'job'")
 
 
 def test_two_version_tables_stop_the_upgrade_and_change_nothing(old_db_url: URL) -> None:
-    _execute(
+    execute(
         old_db_url,
         "CREATE SCHEMA heimdex_private",
         "CREATE TABLE heimdex_private.alembic_version (version_num varchar(32) PRIMARY KEY)",
@@ -93,8 +75,8 @@ def test_two_version_tables_stop_the_upgrade_and_change_nothing(old_db_url: URL)
     )
     with pytest.raises(DBAPIError, match=r"both public\.alembic_version and heimdex_private"):
         command.upgrade(alembic_config(database_url=old_db_url), "head")
-    assert _scalar(old_db_url, "SELECT version_num FROM public.alembic_version") == before_rls()
-    assert _scalar(old_db_url, "SELECT relrowsecurity FROM pg_class WHERE relname = 'job'") is False
+    assert scalar(old_db_url, "SELECT version_num FROM public.alembic_version") == before_rls()
+    assert scalar(old_db_url, "SELECT relrowsecurity FROM pg_class WHERE relname = 'job'") is False
 
 
 def test_downgrade_takes_back_policies_grants_and_the_claim_function(
@@ -116,7 +98,7 @@ def test_downgrade_takes_back_policies_grants_and_the_claim_function(
         " WHERE rolname = 'authenticated'"
         " AND has_schema_privilege(oid, 'heimdex_private', 'USAGE')",
     }
-    left = {name: _scalar(db_url, sql) for name, sql in checks.items()}
+    left = {name: scalar(db_url, sql) for name, sql in checks.items()}
     assert left == dict.fromkeys(checks, 0)
     # Roles are the cluster's: other databases use them, the downgrade leaves them.
     with admin_engine.connect() as conn:
@@ -127,9 +109,7 @@ def test_downgrade_takes_back_policies_grants_and_the_claim_function(
             )
         ).scalar()
     assert roles == 3
-    assert (
-        _scalar(db_url, "SELECT version_num FROM heimdex_private.alembic_version") == before_rls()
-    )
+    assert scalar(db_url, "SELECT version_num FROM heimdex_private.alembic_version") == before_rls()
 
 
 def test_missing_roles_and_no_right_to_create_them_is_a_clear_error() -> None:
@@ -143,10 +123,10 @@ def test_missing_roles_and_no_right_to_create_them_is_a_clear_error() -> None:
         with pytest.raises(DBAPIError) as exc:
             command.upgrade(alembic_config(database_url=url), "head")
         assert "role anon does not exist and app may not create it" in str(exc.value)
-        assert _scalar(url, "SELECT version_num FROM heimdex_private.alembic_version") == (
+        assert scalar(url, "SELECT version_num FROM heimdex_private.alembic_version") == (
             before_rls()
         )
-        assert _scalar(url, "SELECT count(*) FROM pg_proc WHERE proname = 'current_org_id'") == 0
+        assert scalar(url, "SELECT count(*) FROM pg_proc WHERE proname = 'current_org_id'") == 0
 
         with admin.connect() as conn:
             conn.execute(text("CREATE ROLE anon NOLOGIN"))
@@ -155,7 +135,7 @@ def test_missing_roles_and_no_right_to_create_them_is_a_clear_error() -> None:
         # Pre-created by an operator (or Supabase): the same history goes through.
         command.upgrade(alembic_config(database_url=url), "head")
         head = script_directory(alembic_config()).get_current_head()
-        assert _scalar(url, "SELECT version_num FROM heimdex_private.alembic_version") == head
+        assert scalar(url, "SELECT version_num FROM heimdex_private.alembic_version") == head
         admin.dispose()
 
 
