@@ -6,14 +6,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-import redis
 from fastapi import FastAPI, Request, Response
 
 from heimdex_api import problems
 from heimdex_api.metrics import ApiMetrics
 from heimdex_api.routes import router
 from heimdex_api.state import AppState
-from heimdex_common.db import make_engine, make_session_factory
+from heimdex_common.db import make_engine
+from heimdex_common.ledger.registry import load_registry
 from heimdex_common.migrations.config import alembic_config, script_directory
 from heimdex_common.settings import Settings
 
@@ -21,27 +21,22 @@ BODY_MAX_BYTES = 256 * 1024
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """The API; its engine, Redis client and metrics live from startup to shutdown."""
+    """The API; its engine, job-type registry and metrics live from startup to shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry = load_registry(settings.job_module_specs)
         engine = make_engine(settings.sqlalchemy_url, pool_size=10, max_overflow=30)
-        factory = make_session_factory(engine)
-        client = redis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=1, socket_timeout=1
-        )
         app.state.heimdex = AppState(
             settings=settings,
             engine=engine,
-            factory=factory,
-            redis=client,
-            metrics=ApiMetrics(factory),
+            registry=registry,
+            metrics=ApiMetrics(engine),
             schema_head=script_directory(alembic_config()).get_current_head(),
         )
         try:
             yield
         finally:
-            client.close()
             engine.dispose()
 
     app = FastAPI(title="Heimdex", version="0.1.0", lifespan=lifespan)

@@ -15,6 +15,7 @@ from heimdex_api.auth import AuthenticationFailed
 from heimdex_common.errors import DatabaseUnavailable, HeimdexError
 from heimdex_common.ledger.errors import (
     IdempotencyConflict,
+    InvalidBatchItem,
     InvalidParams,
     JobAlreadyFinished,
     JobNotFound,
@@ -32,6 +33,7 @@ ERROR_STATUS: tuple[tuple[type[HeimdexError], int, str], ...] = (
     (JobNotFound, 404, "job-not-found"),
     (IdempotencyConflict, 409, "idempotency-conflict"),
     (JobAlreadyFinished, 409, "job-finished"),
+    (InvalidBatchItem, 422, "invalid-batch"),
     (UnknownJobType, 422, "unknown-job-type"),
     (InvalidParams, 422, "invalid-params"),
     (DatabaseUnavailable, 503, "database-unavailable"),

@@ -13,20 +13,27 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 
 from heimdex_api.auth import Principal, bearer, decode_token
 from heimdex_api.problems import BadRequest, problem
-from heimdex_api.schemas import EventList, EventOut, JobCreate, JobOut, JobPage
+from heimdex_api.schemas import (
+    IDEMPOTENCY_KEY_MAX,
+    BatchCreate,
+    BatchItem,
+    BatchResult,
+    EventList,
+    EventOut,
+    JobCreate,
+    JobOut,
+    JobPage,
+)
 from heimdex_api.state import AppState
-from heimdex_common.db import unit_of_work
-from heimdex_common.ledger import get_job, list_events, service
+from heimdex_common.ledger import repository, service
 from heimdex_common.migrations.config import migration_context
 from heimdex_common.models import JobStatus
 
 router = APIRouter()
-
-IDEMPOTENCY_KEY_MAX = 255
 
 
 def app_state(request: Request) -> AppState:
@@ -59,6 +66,29 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise BadRequest("cursor is not one this API issued; pass next_cursor back as is") from None
 
 
+def _autocommit(state: AppState) -> Connection:
+    """A connection whose every statement commits on its own: one round trip per statement,
+    for the paths that are one statement (or only read)."""
+    return state.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+
+def _submit(
+    state: AppState, caller: Principal, specs: list[service.JobSpec]
+) -> list[service.Submitted]:
+    # One statement when no key can clash; otherwise a transaction, so a refused batch
+    # (IdempotencyConflict after the insert) leaves nothing behind.
+    atomic = len(specs) == 1 or all(spec.idempotency_key is None for spec in specs)
+    connect = _autocommit(state) if atomic else state.engine.begin()
+    with connect as conn:
+        submitted = service.submit_jobs(
+            conn, state.registry, org_id=caller.org_id, specs=specs, requested_by=caller.sub
+        )
+    for item in submitted:
+        if item.created:
+            state.metrics.count(item.job.type, None, JobStatus.QUEUED)
+    return submitted
+
+
 @router.post("/jobs", status_code=201, response_model=JobOut)
 def submit(
     body: JobCreate,
@@ -69,25 +99,27 @@ def submit(
 ) -> JobOut:
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_MAX:
         raise BadRequest(f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters")
-    with unit_of_work(state.factory) as session:
-        job, created = service.submit_job(
-            session,
-            org_id=caller.org_id,
-            type=body.type,
-            params=body.params,
-            priority=body.priority,
-            max_attempts=body.max_attempts,
-            backoff_policy=body.backoff_policy,
-            idempotency_key=idempotency_key,
-            requested_by=caller.sub,
-            queue_name=state.settings.queue_name,
-        )
-        out = JobOut.of(job)
-    if created:
-        state.metrics.transitions.labels(job.type, "", JobStatus.QUEUED.value).inc()
-    else:
+    (submitted,) = _submit(state, caller, [body.spec(idempotency_key)])
+    if not submitted.created:
         response.status_code = 200
-    return out
+    return JobOut.of(submitted.job)
+
+
+@router.post("/jobs/batch", status_code=201, response_model=BatchResult)
+def submit_batch(
+    body: BatchCreate, response: Response, state: State, caller: Caller
+) -> BatchResult:
+    """Up to 1,000 jobs in one statement. All or nothing: any invalid item refuses the batch
+    (422, naming the item); each item may carry its own idempotency key."""
+    submitted = _submit(state, caller, [item.spec(item.idempotency_key) for item in body.jobs])
+    if not any(item.created for item in submitted):
+        response.status_code = 200
+    return BatchResult(
+        items=[
+            BatchItem(index=i, created=item.created, job=JobOut.of(item.job))
+            for i, item in enumerate(submitted)
+        ]
+    )
 
 
 @router.get("/jobs", response_model=JobPage)
@@ -101,58 +133,50 @@ def list_(
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> JobPage:
     before = _decode_cursor(cursor) if cursor else None
-    with unit_of_work(state.factory) as session:
-        jobs = service.list_jobs(
-            session,
-            org_id=caller.org_id,
-            status=status,
-            type=type,
-            limit=limit + 1,
-            before=before,
+    with _autocommit(state) as conn:
+        jobs = repository.list_jobs(
+            conn, org_id=caller.org_id, status=status, type=type, limit=limit + 1, before=before
         )
-        items = [JobOut.of(job) for job in jobs[:limit]]
+    items = [JobOut.of(job) for job in jobs[:limit]]
     next_cursor = _encode_cursor(items[-1].created_at, items[-1].id) if len(jobs) > limit else None
     return JobPage(items=items, next_cursor=next_cursor)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
 def read(job_id: uuid.UUID, state: State, caller: Caller) -> JobOut:
-    with unit_of_work(state.factory) as session:
-        return JobOut.of(get_job(session, job_id, org_id=caller.org_id))
+    with _autocommit(state) as conn:
+        return JobOut.of(repository.get_job(conn, job_id, org_id=caller.org_id))
 
 
 @router.get("/jobs/{job_id}/events", response_model=EventList)
 def events(job_id: uuid.UUID, state: State, caller: Caller) -> EventList:
-    with unit_of_work(state.factory) as session:
-        get_job(session, job_id, org_id=caller.org_id)
-        return EventList(
-            items=[
-                EventOut(
-                    id=e.id,
-                    ts=e.ts,
-                    prev_status=e.prev_status,
-                    next_status=e.next_status,
-                    detail=e.detail_json,
-                )
-                for e in list_events(session, job_id)
-            ]
-        )
+    with _autocommit(state) as conn:
+        repository.get_job(conn, job_id, org_id=caller.org_id)
+        rows = repository.list_events(conn, job_id)
+    return EventList(
+        items=[
+            EventOut(
+                id=e.id,
+                ts=e.ts,
+                prev_status=e.prev_status,
+                next_status=e.next_status,
+                detail=e.detail_json,
+            )
+            for e in rows
+        ]
+    )
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut)
 def cancel(job_id: uuid.UUID, response: Response, state: State, caller: Caller) -> JobOut:
     """200 when the job is canceled now; 202 when a running job will stop at its next stage."""
-    with unit_of_work(state.factory) as session:
-        before = get_job(session, job_id, org_id=caller.org_id).status
-        job = service.cancel_job(
-            session, org_id=caller.org_id, job_id=job_id, requested_by=caller.sub
-        )
-        out = JobOut.of(job)
+    with state.engine.begin() as conn:
+        job = service.cancel_job(conn, org_id=caller.org_id, job_id=job_id, requested_by=caller.sub)
     if job.status is JobStatus.CANCELED:
-        state.metrics.transitions.labels(job.type, before.value, job.status.value).inc()
+        state.metrics.count(job.type, JobStatus.QUEUED, job.status)
     else:
         response.status_code = 202
-    return out
+    return JobOut.of(job)
 
 
 @router.get("/healthz")
@@ -176,11 +200,6 @@ def readyz(request: Request, state: State) -> Any:
     except Exception as exc:
         checks["postgres"] = f"unreachable: {type(exc).__name__}"
         checks["schema"] = "unknown"
-    try:
-        state.redis.ping()
-        checks["redis"] = "ok"
-    except Exception as exc:
-        checks["redis"] = f"unreachable: {type(exc).__name__}"
     failing = {name: reason for name, reason in checks.items() if reason != "ok"}
     if failing:
         detail = "; ".join(f"{name}: {reason}" for name, reason in failing.items())

@@ -7,11 +7,15 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
-from heimdex_common.models import BackoffPolicy, Job, JobStatus
+from heimdex_common.ledger.repository import JobRow
+from heimdex_common.ledger.service import JobSpec
+from heimdex_common.models import BackoffPolicy, JobStatus
 
 PARAMS_MAX_BYTES = 64 * 1024
+BATCH_MAX = 1000
+IDEMPOTENCY_KEY_MAX = 255
 
 
 class JobCreate(BaseModel):
@@ -22,6 +26,9 @@ class JobCreate(BaseModel):
     priority: int = Field(default=0, ge=-1000, le=1000)
     max_attempts: int = Field(default=5, ge=1, le=100)
     backoff_policy: BackoffPolicy = BackoffPolicy.EXP
+    run_at: AwareDatetime | None = Field(
+        default=None, description="Not claimed before this time (RFC 3339 with an offset)"
+    )
 
     @field_validator("params")
     @classmethod
@@ -30,6 +37,27 @@ class JobCreate(BaseModel):
         if size > PARAMS_MAX_BYTES:
             raise ValueError(f"params is {size} bytes of JSON; the limit is {PARAMS_MAX_BYTES}")
         return value
+
+    def spec(self, idempotency_key: str | None) -> JobSpec:
+        return JobSpec(
+            type=self.type,
+            params=self.params,
+            priority=self.priority,
+            max_attempts=self.max_attempts,
+            backoff_policy=self.backoff_policy,
+            idempotency_key=idempotency_key,
+            run_at=self.run_at,
+        )
+
+
+class BatchJobCreate(JobCreate):
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=IDEMPOTENCY_KEY_MAX)
+
+
+class BatchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[BatchJobCreate] = Field(min_length=1, max_length=BATCH_MAX)
 
 
 class JobError(BaseModel):
@@ -46,6 +74,7 @@ class JobOut(BaseModel):
     max_attempts: int
     backoff_policy: BackoffPolicy
     priority: int
+    run_at: datetime
     params: dict[str, Any]
     stage: str | None
     progress: int
@@ -60,7 +89,7 @@ class JobOut(BaseModel):
     finished_at: datetime | None
 
     @classmethod
-    def of(cls, job: Job) -> JobOut:
+    def of(cls, job: JobRow) -> JobOut:
         error = (
             JobError(code=job.last_error_code, message=job.last_error_message)
             if job.last_error_code or job.last_error_message
@@ -75,6 +104,7 @@ class JobOut(BaseModel):
             max_attempts=job.max_attempts,
             backoff_policy=job.backoff_policy,
             priority=job.priority,
+            run_at=job.run_at,
             params=job.params,
             stage=job.stage,
             progress=job.progress,
@@ -93,6 +123,16 @@ class JobOut(BaseModel):
 class JobPage(BaseModel):
     items: list[JobOut]
     next_cursor: str | None
+
+
+class BatchItem(BaseModel):
+    index: int
+    created: bool
+    job: JobOut
+
+
+class BatchResult(BaseModel):
+    items: list[BatchItem]
 
 
 class EventOut(BaseModel):

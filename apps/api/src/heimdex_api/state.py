@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis
 from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
 
 from heimdex_api.metrics import ApiMetrics
+from heimdex_common.ledger.registry import Registry
 from heimdex_common.settings import Settings
 
 
@@ -16,7 +15,6 @@ from heimdex_common.settings import Settings
 class AppState:
     settings: Settings
     engine: Engine
-    factory: sessionmaker[Session]
-    redis: redis.Redis
+    registry: Registry
     metrics: ApiMetrics
     schema_head: str | None

@@ -1,4 +1,4 @@
-"""`heimdex worker` and `heimdex dispatcher`: thin shells over `heimdex_worker.main`."""
+"""`heimdex worker`: a thin shell over `heimdex_worker.main`."""
 
 from __future__ import annotations
 
@@ -6,21 +6,27 @@ import click
 
 from heimdex_common.logs import configure_logging
 from heimdex_common.settings import load_settings
-from heimdex_worker.main import run_dispatcher, run_worker, stop_on_signals
+from heimdex_worker.main import run_worker, stop_on_signals
 
 
 @click.command()
-@click.option("--threads", type=click.IntRange(min=1), help="Worker threads (default: settings).")
-def worker(threads: int | None) -> None:
-    """Run jobs delivered through Redis; SIGTERM releases running jobs at a stage boundary."""
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 256),
+    help="Jobs run at once, one thread each (default: HEIMDEX_WORKER_CONCURRENCY, 4).",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(1, 1000),
+    help="Most jobs claimed by one statement (default: HEIMDEX_CLAIM_BATCH, 4). The worker "
+    "holds at most max(concurrency, batch) jobs: keep it at the concurrency for long jobs.",
+)
+def worker(concurrency: int | None, batch: int | None) -> None:
+    """Claim due jobs from PostgreSQL and run them, until SIGTERM or Ctrl-C.
+
+    Wakes on NOTIFY and polls every HEIMDEX_POLL_INTERVAL_SECONDS; renews its leases and reaps
+    expired ones. On SIGTERM, jobs not started and jobs at a stage boundary go back to the queue.
+    """
     settings = load_settings()
     configure_logging()
-    run_worker(settings, stop_on_signals(), threads=threads)
-
-
-@click.command()
-def dispatcher() -> None:
-    """Publish the outbox to Redis and return jobs with expired leases to the queue."""
-    settings = load_settings()
-    configure_logging()
-    run_dispatcher(settings, stop_on_signals())
+    run_worker(settings, stop_on_signals(), concurrency=concurrency, batch=batch)

@@ -1,11 +1,10 @@
-"""`heimdex dev`: PostgreSQL, Redis, the API, a worker and the dispatcher on one machine, no
-Docker. Data persists under `.heimdex/` in the repository; Ctrl-C stops everything."""
+"""`heimdex dev`: PostgreSQL, the API and a worker on one machine, no Docker. Data persists
+under `.heimdex/` in the repository; Ctrl-C stops everything."""
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,18 +31,8 @@ from heimdex_common.settings import Environment, Settings, load_settings
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = PACKAGE_ROOT.parents[1]
-REDIS_HINT = "install it (Debian: apt-get install -y redis-server) or put redis-server on PATH"
 DATABASE = "heimdex"
 CLI = ("-c", "from heimdex_common.cli import main; main()")
-
-
-def find_redis_server() -> str:
-    found = shutil.which("redis-server") or (
-        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").is_file() else None
-    )
-    if found is None:
-        raise HeimdexError(f"redis-server not found: {REDIS_HINT}")
-    return found
 
 
 def ensure_database(admin_url: URL, name: str) -> URL:
@@ -115,7 +104,6 @@ class DevStack:
         ensure_port_free(self.api_port)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o755)  # noqa: S103 - the PostgreSQL user must traverse it
-        redis_bin = find_redis_server()
         pg_dir = self.state_dir / "pg"
         pg_dir.mkdir(exist_ok=True)
         os.chmod(pg_dir, 0o755)  # noqa: S103
@@ -128,25 +116,15 @@ class DevStack:
         db_url = ensure_database(self.postgres.url(), DATABASE)
         command.upgrade(alembic_config(database_url=db_url), "head")
 
-        redis_port = free_port()
-        redis_dir = self.state_dir / "redis"
-        redis_dir.mkdir(exist_ok=True)
-        self.procs["redis"] = subprocess.Popen(
-            [redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1", "--dir",
-             str(redis_dir), "--appendonly", "yes", "--save", "", "--loglevel", "warning"],
-            start_new_session=True,
-        )  # fmt: skip
         env = {
             **os.environ,
             "DATABASE_URL": db_url.render_as_string(hide_password=False),
-            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
             "HEIMDEX_ENV": self.settings.env.value,
         }
         api_url = f"http://127.0.0.1:{self.api_port}"
         for name, args in (
             ("api", ["api", "--host", "127.0.0.1", "--port", str(self.api_port)]),
             ("worker", ["worker"]),
-            ("dispatcher", ["dispatcher"]),
         ):
             self.procs[name] = subprocess.Popen(
                 [sys.executable, *CLI, *args], env=env, start_new_session=True
@@ -156,8 +134,7 @@ class DevStack:
             self.settings.jwt_secret.get_secret_value(), org_id=dev_org(self.state_dir)
         )
         (self.state_dir / "dev.env").write_text(
-            f"HEIMDEX_URL={api_url}\nHEIMDEX_TOKEN={token}\n"
-            f"DATABASE_URL={env['DATABASE_URL']}\nREDIS_URL={env['REDIS_URL']}\n"
+            f"HEIMDEX_URL={api_url}\nHEIMDEX_TOKEN={token}\nDATABASE_URL={env['DATABASE_URL']}\n"
         )
         return api_url, token
 
@@ -170,7 +147,7 @@ class DevStack:
         return None
 
     def stop(self) -> None:
-        for name in ("api", "worker", "dispatcher", "redis"):
+        for name in ("api", "worker"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue
@@ -195,10 +172,10 @@ class DevStack:
     type=click.Path(file_okay=False, path_type=Path),
     default=REPO_ROOT / ".heimdex",
     show_default=True,
-    help="Where the cluster, Redis data, dev org and dev.env live.",
+    help="Where the cluster, dev org and dev.env live.",
 )
 def dev(port: int | None, state_dir: Path) -> None:
-    """Run the whole stack locally (PostgreSQL + Redis from system binaries) until Ctrl-C."""
+    """Run the whole stack locally (PostgreSQL from the system binaries) until Ctrl-C."""
     settings = load_settings()
     configure_logging()
     if settings.env is Environment.PROD:

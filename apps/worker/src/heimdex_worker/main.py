@@ -1,4 +1,5 @@
-"""Process entrypoints: build dependencies from the settings, run until told to stop."""
+"""Process entrypoint of `heimdex worker`: build dependencies from the settings, run until told
+to stop."""
 
 from __future__ import annotations
 
@@ -8,15 +9,14 @@ import signal
 import socket
 import threading
 
-import dramatiq
 from prometheus_client import start_http_server
 
-from heimdex_common.db import make_engine, make_session_factory
+from heimdex_common.db import make_engine
+from heimdex_common.errors import HeimdexError
+from heimdex_common.ledger.registry import load_registry
+from heimdex_common.metrics import LedgerMetrics
 from heimdex_common.settings import Settings
-from heimdex_worker.broker import declare_actor, make_broker
-from heimdex_worker.dispatcher import Dispatcher
-from heimdex_worker.metrics import WorkerMetrics
-from heimdex_worker.runner import JobRunner
+from heimdex_worker.runtime import Worker, WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -29,43 +29,48 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
-def run_worker(settings: Settings, stop: threading.Event, *, threads: int | None = None) -> None:
-    """Consume deliveries until `stop`; then release running jobs at their next stage boundary
-    and wait up to the shutdown grace for them."""
-    threads = threads or settings.worker_threads
-    engine = make_engine(settings.sqlalchemy_url, pool_size=threads * 2 + 1)
-    broker = make_broker(settings)
-    metrics = WorkerMetrics()
+def run_worker(
+    settings: Settings,
+    stop: threading.Event,
+    *,
+    concurrency: int | None = None,
+    batch: int | None = None,
+) -> None:
+    """Claim and run jobs until `stop`; then release what has not started, let running jobs
+    reach a stage boundary (released) or finish, up to the shutdown grace."""
+    registry = load_registry(settings.job_module_specs)
+    missing = registry.without_handler()
+    if missing:
+        raise HeimdexError(
+            f"job type(s) {', '.join(missing)} are registered without a handler in this "
+            "process; install the package that provides them or remove their declaration"
+        )
+    concurrency = concurrency or settings.worker_concurrency
+    batch = batch or settings.claim_batch
+    # Runner threads report stages, plus the claim loop, completer and keeper.
+    engine = make_engine(settings.sqlalchemy_url, pool_size=concurrency + 3, max_overflow=4)
+    metrics = WorkerMetrics(LedgerMetrics(engine))
     if settings.worker_metrics_port:
-        start_http_server(settings.worker_metrics_port, registry=metrics.registry)
-    runner = JobRunner(
+        start_http_server(settings.worker_metrics_port, registry=metrics.ledger.registry)
+    worker = Worker(
         settings,
-        make_session_factory(engine),
+        engine,
+        registry,
         worker_id=f"{socket.gethostname()}:{os.getpid()}",
+        concurrency=concurrency,
+        batch=batch,
         metrics=metrics,
     )
-    declare_actor(broker, runner.run, queue_name=settings.queue_name)
-    worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=settings.worker_idle_ms)
-    worker.start()
     logger.info(
         "worker started",
-        extra={"action": "worker.started", "threads": threads, "queue": settings.queue_name},
+        extra={
+            "action": "worker.started",
+            "concurrency": concurrency,
+            "batch": batch,
+            "types": registry.names(),
+            "listen": settings.listen,
+        },
     )
-    stop.wait()
-    logger.info("worker stopping", extra={"action": "worker.stopping"})
-    runner.stopping.set()
-    worker.stop(timeout=int(settings.shutdown_grace_seconds * 1000))
-    broker.close()
+    worker.run(stop)
     engine.dispose()
     logger.info("worker stopped", extra={"action": "worker.stopped"})
-
-
-def run_dispatcher(settings: Settings, stop: threading.Event) -> None:
-    engine = make_engine(settings.sqlalchemy_url, pool_size=2)
-    broker = make_broker(settings)
-    dispatcher = Dispatcher(settings, make_session_factory(engine), broker)
-    logger.info("dispatcher started", extra={"action": "dispatcher.started"})
-    dispatcher.run(stop)
-    broker.close()
-    engine.dispose()
-    logger.info("dispatcher stopped", extra={"action": "dispatcher.stopped"})

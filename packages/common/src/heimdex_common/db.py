@@ -15,8 +15,13 @@ from heimdex_common.settings import describe_url, normalize_url
 
 
 def make_engine(url: URL | str, **kwargs: object) -> Engine:
-    """An engine for `url` (pinned to psycopg 3). Connects lazily."""
-    return create_engine(normalize_url(url), pool_pre_ping=True, **kwargs)
+    """An engine for `url` (pinned to psycopg 3). Connects lazily.
+
+    No pre-ping: it costs a round trip on every checkout of the hot paths. A connection broken
+    by a restart fails its next statement instead, SQLAlchemy drops the pool's connections from
+    before the failure, and the callers (API error mapping, worker loops) retry on a new one.
+    """
+    return create_engine(normalize_url(url), **kwargs)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -8,11 +8,9 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
     Boolean,
     CheckConstraint,
     ForeignKey,
-    Identity,
     Index,
     Integer,
     MetaData,
@@ -83,6 +81,15 @@ class Job(Base):
         ),
         Index("idx_job__org_id_created_at_desc", "org_id", text("created_at DESC")),
         Index(None, "status", "created_at"),
+        # The claim walks queued jobs org by org (round-robin), each org's by priority then due
+        # time; the partial index holds only the queue, so it stays small on a large ledger.
+        Index(
+            "idx_job__queued_claim",
+            "org_id",
+            text("priority DESC"),
+            "run_at",
+            postgresql_where=text("status = 'queued'"),
+        ),
         CheckConstraint(
             "(status IN ('succeeded', 'failed', 'canceled', 'dead_letter')"
             " AND finished_at IS NOT NULL)"
@@ -125,10 +132,15 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(
         Integer,
         server_default=text("0"),
-        comment="Job priority (higher = more urgent, future use)",
+        comment="Claim order: higher first; within a priority, round-robin across orgs",
     )
     idempotency_key: Mapped[str | None] = mapped_column(
         String(255), comment="Client-provided key for deduplication"
+    )
+    run_at: Mapped[datetime] = mapped_column(
+        TIMESTAMP(timezone=True),
+        server_default=text("now()"),
+        comment="Due time: a queued job is not claimed before it (scheduling, retry backoff)",
     )
     requested_by: Mapped[str | None] = mapped_column(
         String(255), comment="User/service that requested the job"
@@ -220,44 +232,4 @@ class JobEvent(Base):
     next_status: Mapped[str] = mapped_column(String(50), comment="Status after transition")
     detail_json: Mapped[dict[str, Any] | None] = mapped_column(
         JSONB(), comment="Additional event metadata (stage, progress, error details)"
-    )
-
-
-class JobOutbox(Base):
-    __tablename__ = "job_outbox"
-    __table_args__ = (
-        Index(None, "deliver_after", postgresql_where=text("sent_at IS NULL")),
-        Index(None, "job_id"),
-        {"comment": "Transactional outbox: job deliveries the dispatcher publishes to the broker"},
-    )
-
-    id: Mapped[int] = mapped_column(
-        BigInteger, Identity(always=False), primary_key=True, comment="Message sequence number"
-    )
-    job_id: Mapped[uuid.UUID] = mapped_column(
-        UUID(as_uuid=True),
-        ForeignKey("job.id", ondelete="CASCADE"),
-        comment="Job to deliver to a worker",
-    )
-    queue_name: Mapped[str] = mapped_column(
-        String(100), server_default=text("'default'"), comment="Broker queue to publish to"
-    )
-    created_at: Mapped[datetime] = mapped_column(
-        TIMESTAMP(timezone=True),
-        server_default=text("now()"),
-        comment="When the message was written",
-    )
-    deliver_after: Mapped[datetime] = mapped_column(
-        TIMESTAMP(timezone=True),
-        server_default=text("now()"),
-        comment="Not published before this time (retry backoff)",
-    )
-    sent_at: Mapped[datetime | None] = mapped_column(
-        TIMESTAMP(timezone=True), comment="When the dispatcher published it; NULL while pending"
-    )
-    publish_attempts: Mapped[int] = mapped_column(
-        Integer, server_default=text("0"), comment="Failed publish attempts so far"
-    )
-    last_error: Mapped[str | None] = mapped_column(
-        String(ERROR_MESSAGE_MAX), comment="Broker error of the last failed publish"
     )

@@ -38,7 +38,6 @@ class Settings(BaseSettings):
     pgpassword: SecretStr | None = Field(default=None, validation_alias="PGPASSWORD")
     pgdatabase: str = Field(default="heimdex", validation_alias="PGDATABASE")
 
-    redis_url: str = Field(default="redis://localhost:6379/0", validation_alias="REDIS_URL")
     jwt_secret: SecretStr = Field(
         default=SecretStr(PLACEHOLDER_JWT_SECRET),
         validation_alias=AliasChoices("HEIMDEX_JWT_SECRET"),
@@ -48,9 +47,15 @@ class Settings(BaseSettings):
     # The job runtime. Seconds throughout; tests shrink them to run in well under a second.
     api_host: str = Field(default="127.0.0.1", validation_alias="HEIMDEX_API_HOST")
     api_port: int = Field(default=8000, validation_alias="HEIMDEX_API_PORT")
-    queue_name: str = Field(default="default", validation_alias="HEIMDEX_QUEUE")
-    worker_threads: int = Field(default=4, ge=1, validation_alias="HEIMDEX_WORKER_THREADS")
-    worker_idle_ms: int = Field(default=1000, ge=10, validation_alias="HEIMDEX_WORKER_IDLE_MS")
+    worker_concurrency: int = Field(
+        default=4, ge=1, le=256, validation_alias="HEIMDEX_WORKER_CONCURRENCY"
+    )
+    claim_batch: int = Field(default=4, ge=1, le=1000, validation_alias="HEIMDEX_CLAIM_BATCH")
+    poll_interval_seconds: float = Field(
+        default=1.0, gt=0, validation_alias="HEIMDEX_POLL_INTERVAL_SECONDS"
+    )
+    listen: bool = Field(default=True, validation_alias="HEIMDEX_LISTEN")
+    job_modules: str = Field(default="", validation_alias="HEIMDEX_JOB_MODULES")
     lease_seconds: float = Field(default=30.0, gt=0, validation_alias="HEIMDEX_LEASE_SECONDS")
     heartbeat_seconds: float = Field(
         default=10.0, gt=0, validation_alias="HEIMDEX_HEARTBEAT_SECONDS"
@@ -64,10 +69,6 @@ class Settings(BaseSettings):
     backoff_max_seconds: float = Field(
         default=300.0, ge=0, validation_alias="HEIMDEX_BACKOFF_MAX_SECONDS"
     )
-    dispatch_interval_seconds: float = Field(
-        default=0.5, gt=0, validation_alias="HEIMDEX_DISPATCH_INTERVAL_SECONDS"
-    )
-    dispatch_batch: int = Field(default=100, ge=1, validation_alias="HEIMDEX_DISPATCH_BATCH")
     shutdown_grace_seconds: float = Field(
         default=30.0, ge=0, validation_alias="HEIMDEX_SHUTDOWN_GRACE_SECONDS"
     )
@@ -90,6 +91,11 @@ class Settings(BaseSettings):
                 "or every lease expires before its renewal"
             )
         return self
+
+    @property
+    def job_module_specs(self) -> list[str]:
+        """`HEIMDEX_JOB_MODULES` split: extra `module:attribute` job-type collections."""
+        return [spec.strip() for spec in self.job_modules.split(",") if spec.strip()]
 
     @cached_property
     def sqlalchemy_url(self) -> URL:

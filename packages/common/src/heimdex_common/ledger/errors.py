@@ -18,15 +18,6 @@ class JobNotFound(LedgerError):
         self.job_id = job_id
 
 
-class DuplicateIdempotencyKey(LedgerError):
-    """Another job of the same org already holds this idempotency key."""
-
-    def __init__(self, org_id: uuid.UUID, key: str) -> None:
-        super().__init__(f"idempotency key {key!r} is already used in org {org_id}")
-        self.org_id = org_id
-        self.key = key
-
-
 class IllegalTransition(LedgerError):
     def __init__(self, job_id: uuid.UUID, current: JobStatus, target: JobStatus) -> None:
         super().__init__(f"job {job_id}: illegal transition {current.value} -> {target.value}")
@@ -82,3 +73,11 @@ class CancelRequested(LedgerError):
     def __init__(self, job_id: uuid.UUID) -> None:
         super().__init__(f"job {job_id}: cancel requested")
         self.job_id = job_id
+
+
+class InvalidBatchItem(LedgerError):
+    """One job of a batch is refused, so the whole batch is."""
+
+    def __init__(self, index: int, cause: LedgerError) -> None:
+        super().__init__(f"jobs[{index}]: {cause}; nothing in this batch was submitted")
+        self.index = index

@@ -1,42 +1,35 @@
-"""The job lifecycle shared by the API, the workers, the dispatcher and the reaper.
+"""The ledger's decisions: what a submission, a cancel, an attempt's outcome or a lost lease
+does to a job. Statements live in `repository`; the state machine in `states`.
 
-Every function takes the caller's session and never commits: a request, a claim, a stage
-report, an attempt's outcome or a reaper pass is one unit of work owned by its caller.
-Status changes go through `repository.transition`, so the state machine is checked once.
+Every function takes the caller's connection and never commits: a request, a claim, a batch of
+outcomes or a reaper pass is one unit of work owned by its caller.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, literal, or_, select, tuple_, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
 
+from heimdex_common.ledger import repository
 from heimdex_common.ledger.backoff import retry_delay
 from heimdex_common.ledger.errors import (
-    CancelRequested,
     IdempotencyConflict,
+    InvalidBatchItem,
+    InvalidParams,
     JobAlreadyFinished,
-    JobNotFound,
-    LeaseLost,
     LedgerError,
+    UnknownJobType,
 )
 from heimdex_common.ledger.fingerprint import request_fingerprint
-from heimdex_common.ledger.jobtypes import validate_params
-from heimdex_common.ledger.outbox import DEFAULT_QUEUE, enqueue_delivery
-from heimdex_common.ledger.repository import record_event, transition
-from heimdex_common.models import (
-    STAGE_MAX,
-    TERMINAL_STATUSES,
-    BackoffPolicy,
-    Job,
-    JobStatus,
-)
+from heimdex_common.ledger.registry import Registry
+from heimdex_common.ledger.repository import JobRow, NewJob, Outcome
+from heimdex_common.ledger.states import ensure_transition
+from heimdex_common.models import BackoffPolicy, JobStatus
 
 
 @dataclass(frozen=True)
@@ -45,340 +38,273 @@ class RetryPolicy:
 
     base_seconds: float = 2.0
     max_seconds: float = 300.0
-    queue_name: str = DEFAULT_QUEUE
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One submission as the API or a caller states it."""
+
+    type: str
+    params: Mapping[str, Any]
+    priority: int = 0
+    max_attempts: int = 5
+    backoff_policy: BackoffPolicy = BackoffPolicy.EXP
+    idempotency_key: str | None = None
+    run_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: JobRow
+    created: bool
+
+
+def _new_job(
+    registry: Registry, org_id: uuid.UUID, spec: JobSpec, requested_by: str | None
+) -> NewJob:
+    clean = registry.validate(spec.type, spec.params)
+    fingerprint = request_fingerprint(
+        {
+            "type": spec.type,
+            "params": clean,
+            "priority": spec.priority,
+            "max_attempts": spec.max_attempts,
+            "backoff_policy": spec.backoff_policy.value,
+            "run_at": spec.run_at.isoformat() if spec.run_at else None,
+        }
+    )
+    return NewJob(
+        org_id=org_id,
+        type=spec.type,
+        params=clean,
+        request_fingerprint=fingerprint,
+        priority=spec.priority,
+        max_attempts=spec.max_attempts,
+        backoff_policy=spec.backoff_policy,
+        idempotency_key=spec.idempotency_key,
+        requested_by=requested_by,
+        run_at=spec.run_at,
+    )
+
+
+def _validated(
+    registry: Registry, org_id: uuid.UUID, specs: Sequence[JobSpec], requested_by: str | None
+) -> list[NewJob]:
+    new = []
+    for index, spec in enumerate(specs):
+        try:
+            new.append(_new_job(registry, org_id, spec, requested_by))
+        except (UnknownJobType, InvalidParams) as exc:
+            if len(specs) == 1:
+                raise
+            raise InvalidBatchItem(index, exc) from None
+    return new
+
+
+def _first_by_key(jobs: Sequence[NewJob]) -> dict[str, NewJob]:
+    """The first job of each idempotency key; a key repeated with another body is refused."""
+    first: dict[str, NewJob] = {}
+    for job in jobs:
+        if job.idempotency_key is None:
+            continue
+        seen = first.setdefault(job.idempotency_key, job)
+        if seen.request_fingerprint != job.request_fingerprint:
+            raise LedgerError(
+                f"idempotency key {job.idempotency_key!r} is used twice in this batch with "
+                "different bodies"
+            )
+    return first
+
+
+def submit_jobs(
+    conn: Connection,
+    registry: Registry,
+    *,
+    org_id: uuid.UUID,
+    specs: Sequence[JobSpec],
+    requested_by: str | None = None,
+) -> list[Submitted]:
+    """Create queued jobs (one statement for the whole batch), in the order of `specs`.
+
+    Every spec is validated before anything is written. An idempotency key the org used before
+    returns that job (`created=False`) when the body matches (by fingerprint) and raises
+    `IdempotencyConflict` when it does not; two specs of one batch with the same key are one
+    job. Concurrent identical submissions create one job: the insert skips conflicts on the
+    unique index and the losers read the winner's row.
+    """
+    new = _validated(registry, org_id, specs, requested_by)
+    first_by_key = _first_by_key(new)
+    unique = [j for j in new if j.idempotency_key is None or first_by_key[j.idempotency_key] is j]
+    inserted = repository.insert_jobs(conn, unique)
+    keyed = {row.idempotency_key: row for row in inserted if row.idempotency_key is not None}
+    missing = [key for key in first_by_key if key not in keyed]
+    existing = repository.by_keys(conn, org_id, missing) if missing else {}
+    for key in missing:
+        row = existing.get(key)
+        if row is None:  # deleted between the insert and the read
+            raise LedgerError(f"idempotency key {key!r} is in flux; retry")
+        if row.request_fingerprint != first_by_key[key].request_fingerprint:
+            raise IdempotencyConflict(key, row.id)
+    # INSERT ... SELECT FROM unnest returns its rows in the order of the input.
+    plain = iter(row for row in inserted if row.idempotency_key is None)
+    results: list[Submitted] = []
+    for job in new:
+        new_key = job.idempotency_key
+        if new_key is None:
+            results.append(Submitted(next(plain), True))
+        elif new_key in keyed:
+            results.append(Submitted(keyed[new_key], first_by_key[new_key] is job))
+        else:
+            results.append(Submitted(existing[new_key], False))
+    return results
 
 
 def submit_job(
-    session: Session,
+    conn: Connection,
+    registry: Registry,
     *,
     org_id: uuid.UUID,
-    type: str,
-    params: dict[str, Any],
-    priority: int = 0,
-    max_attempts: int = 5,
-    backoff_policy: BackoffPolicy = BackoffPolicy.EXP,
-    idempotency_key: str | None = None,
+    spec: JobSpec,
     requested_by: str | None = None,
-    queue_name: str = DEFAULT_QUEUE,
-) -> tuple[Job, bool]:
-    """Create a queued job, its first event and its outbox message; `(job, created)`.
-
-    With an `idempotency_key` already used in the org: the same body (by fingerprint) returns
-    the existing job with `created=False`, a different body raises `IdempotencyConflict`.
-    Concurrent identical submissions create one job: the insert is `ON CONFLICT DO NOTHING` on
-    the partial unique index, and the losers read the winner's row once it commits.
-    """
-    clean = validate_params(type, params)
-    fingerprint = request_fingerprint(
-        {
-            "type": type,
-            "params": clean,
-            "priority": priority,
-            "max_attempts": max_attempts,
-            "backoff_policy": backoff_policy.value,
-        }
-    )
-    insert = pg_insert(Job).values(
-        org_id=org_id,
-        type=type,
-        params=clean,
-        priority=priority,
-        max_attempts=max_attempts,
-        backoff_policy=backoff_policy,
-        idempotency_key=idempotency_key,
-        request_fingerprint=fingerprint,
-        requested_by=requested_by,
-    )
-    if idempotency_key is not None:
-        insert = insert.on_conflict_do_nothing(
-            index_elements=[Job.org_id, Job.idempotency_key],
-            index_where=Job.idempotency_key.is_not(None),
-        )
-    job_id = session.execute(insert.returning(Job.id)).scalar_one_or_none()
-    if job_id is None:
-        assert idempotency_key is not None
-        existing = session.scalars(
-            select(Job)
-            .where(Job.org_id == org_id, Job.idempotency_key == idempotency_key)
-            .execution_options(populate_existing=True)
-        ).one_or_none()
-        if existing is None:  # the conflicting row vanished (deleted) between the two reads
-            raise LedgerError(f"idempotency key {idempotency_key!r} is in flux; retry")
-        if existing.request_fingerprint != fingerprint:
-            raise IdempotencyConflict(idempotency_key, existing.id)
-        return existing, False
-    job = session.get_one(Job, job_id)
-    record_event(session, job, prev_status=None, detail={"action": "submitted"})
-    enqueue_delivery(session, job.id, queue_name=queue_name)
-    return job, True
-
-
-def list_jobs(
-    session: Session,
-    *,
-    org_id: uuid.UUID,
-    status: JobStatus | None = None,
-    type: str | None = None,
-    limit: int = 50,
-    before: tuple[datetime, uuid.UUID] | None = None,
-) -> Sequence[Job]:
-    """The org's jobs, newest first, after the keyset cursor `before` (created_at, id)."""
-    query = select(Job).where(Job.org_id == org_id)
-    if status is not None:
-        query = query.where(Job.status == status)
-    if type is not None:
-        query = query.where(Job.type == type)
-    if before is not None:
-        query = query.where(
-            tuple_(Job.created_at, Job.id) < tuple_(literal(before[0]), literal(before[1]))
-        )
-    return session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)).all()
-
-
-def _locked(session: Session, job_id: uuid.UUID, org_id: uuid.UUID | None = None) -> Job:
-    query = select(Job).where(Job.id == job_id)
-    if org_id is not None:
-        query = query.where(Job.org_id == org_id)
-    job = session.scalars(
-        query.with_for_update().execution_options(populate_existing=True)
-    ).one_or_none()
-    if job is None:
-        raise JobNotFound(job_id)
-    return job
+) -> Submitted:
+    """`submit_jobs` for one job: a single statement when the key is new (or absent)."""
+    return submit_jobs(conn, registry, org_id=org_id, specs=[spec], requested_by=requested_by)[0]
 
 
 def cancel_job(
-    session: Session, *, org_id: uuid.UUID, job_id: uuid.UUID, requested_by: str | None = None
-) -> Job:
+    conn: Connection, *, org_id: uuid.UUID, job_id: uuid.UUID, requested_by: str | None = None
+) -> JobRow:
     """Cancel a queued job now; flag a running one for its next stage boundary.
 
     A finished job raises `JobAlreadyFinished`; asking twice for a running job is harmless.
     """
-    job = _locked(session, job_id, org_id)
+    job = repository.get_job(conn, job_id, org_id=org_id, lock=True)
+    detail = {"by": requested_by}
     if job.status is JobStatus.QUEUED:
-        transition(
-            session, job, JobStatus.CANCELED, detail={"action": "canceled", "by": requested_by}
-        )
-    elif job.status is JobStatus.RUNNING:
-        if not job.cancel_requested:
-            job.cancel_requested = True
-            job.updated_at = func.now()
-            session.flush()
-            session.refresh(job)
-            record_event(
-                session,
-                job,
-                prev_status=JobStatus.RUNNING,
-                detail={"action": "cancel_requested", "by": requested_by},
-            )
-    else:
-        raise JobAlreadyFinished(job_id, job.status)
-    return job
+        ensure_transition(job.id, job.status, JobStatus.CANCELED)
+        return repository.cancel_queued(conn, job_id, {"action": "canceled", **detail})
+    if job.status is JobStatus.RUNNING:
+        if job.cancel_requested:
+            return job
+        return repository.request_cancel(conn, job_id, {"action": "cancel_requested", **detail})
+    raise JobAlreadyFinished(job_id, job.status)
 
 
-def claim_job(
-    session: Session, job_id: uuid.UUID, *, worker_id: str, lease_seconds: float
-) -> Job | None:
-    """Take a queued job for one attempt, or None when it is not queued (a duplicate delivery,
-    a canceled job, or another worker's claim). The job gets a fresh `lease_token`."""
-    claimed = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
-        .values(
-            status=JobStatus.RUNNING,
-            started_at=func.now(),
-            updated_at=func.now(),
-            lease_token=uuid.uuid4(),
-            leased_by=worker_id,
-            lease_expires_at=func.now() + timedelta(seconds=lease_seconds),
-            heartbeat_at=func.now(),
-            stage=None,
-            progress=0,
-        )
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
-    ).scalar_one_or_none()
-    if claimed is None:
-        return None
-    job = session.get_one(Job, job_id, populate_existing=True)
-    record_event(
-        session,
-        job,
-        prev_status=JobStatus.QUEUED,
-        detail={"action": "claimed", "attempt": job.attempt, "worker": worker_id},
-    )
-    return job
-
-
-def renew_lease(
-    session: Session, job_id: uuid.UUID, lease_token: uuid.UUID, *, lease_seconds: float
-) -> bool:
-    """Extend the lease of a running attempt; False when the attempt no longer holds it."""
-    renewed = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.lease_token == lease_token, Job.status == JobStatus.RUNNING)
-        .values(
-            heartbeat_at=func.now(),
-            lease_expires_at=func.now() + timedelta(seconds=lease_seconds),
-        )
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
-    ).scalar_one_or_none()
-    return renewed is not None
-
-
-def _held(session: Session, job_id: uuid.UUID, lease_token: uuid.UUID) -> Job:
-    job = _locked(session, job_id)
-    if job.status is not JobStatus.RUNNING or job.lease_token != lease_token:
-        raise LeaseLost(job_id)
-    return job
-
-
-def _clear_lease(job: Job) -> None:
-    job.lease_token = None
-    job.leased_by = None
-    job.lease_expires_at = None
-
-
-def report_stage(
-    session: Session, job_id: uuid.UUID, lease_token: uuid.UUID, *, stage: str, progress: int
-) -> Job:
-    """Record a stage boundary (row and event). This is where a cancel request takes effect:
-    `CancelRequested` is raised instead, and the caller ends the attempt with `cancel_attempt`.
-    """
-    job = _held(session, job_id, lease_token)
-    if job.cancel_requested:
-        raise CancelRequested(job_id)
-    job.stage = stage[:STAGE_MAX]
-    job.progress = max(0, min(100, progress))
-    job.updated_at = func.now()
-    session.flush()
-    session.refresh(job)
-    record_event(
-        session,
-        job,
-        prev_status=JobStatus.RUNNING,
-        detail={"action": "progress", "stage": job.stage, "progress": job.progress},
-    )
-    return job
-
-
-def complete_attempt(
-    session: Session, job_id: uuid.UUID, lease_token: uuid.UUID, *, result: dict[str, Any]
-) -> Job:
-    job = _held(session, job_id, lease_token)
-    job.result = result
-    job.progress = 100
-    _clear_lease(job)
-    transition(session, job, JobStatus.SUCCEEDED, detail={"action": "succeeded"})
-    return job
-
-
-def cancel_attempt(session: Session, job_id: uuid.UUID, lease_token: uuid.UUID) -> Job:
-    job = _held(session, job_id, lease_token)
-    _clear_lease(job)
-    transition(session, job, JobStatus.CANCELED, detail={"action": "canceled", "stage": job.stage})
-    return job
-
-
-def release_attempt(
-    session: Session, job_id: uuid.UUID, lease_token: uuid.UUID, *, queue_name: str
-) -> Job:
-    """Give a running job back to the queue without counting the attempt (worker shutdown)."""
-    job = _held(session, job_id, lease_token)
-    _clear_lease(job)
-    transition(session, job, JobStatus.QUEUED, detail={"action": "released"})
-    enqueue_delivery(session, job.id, queue_name=queue_name)
-    return job
-
-
-def fail_attempt(
-    session: Session,
-    job_id: uuid.UUID,
-    lease_token: uuid.UUID,
-    *,
-    error_code: str,
-    error_message: str,
-    retryable: bool,
-    policy: RetryPolicy,
-) -> Job:
-    """End a failed attempt: retry later, or `failed` (not retryable), or `dead_letter`."""
-    job = _held(session, job_id, lease_token)
-    return _after_failure(
-        session, job, error_code, error_message, retryable=retryable, policy=policy,
-        action="attempt_failed",
+def succeeded(job: JobRow, result: Mapping[str, Any] | None) -> Outcome:
+    ensure_transition(job.id, job.status, JobStatus.SUCCEEDED)
+    return Outcome(
+        job.id, job.lease_token, JobStatus.SUCCEEDED, job.attempt, {"action": "succeeded"},
+        result=dict(result or {}),
     )  # fmt: skip
 
 
-def _after_failure(
-    session: Session,
-    job: Job,
+def canceled(job: JobRow, *, stage: str | None) -> Outcome:
+    """The attempt stopped at a stage boundary (after `stage`) because a cancel was requested."""
+    ensure_transition(job.id, job.status, JobStatus.CANCELED)
+    return Outcome(
+        job.id, job.lease_token, JobStatus.CANCELED, job.attempt,
+        {"action": "canceled", "stage": stage},
+    )  # fmt: skip
+
+
+def released(job: JobRow) -> Outcome:
+    """Back to the queue, due now, the attempt not counted (the worker is shutting down)."""
+    ensure_transition(job.id, job.status, JobStatus.QUEUED)
+    return Outcome(job.id, job.lease_token, JobStatus.QUEUED, job.attempt, {"action": "released"})
+
+
+def after_failure(
+    job: JobRow,
+    *,
     error_code: str,
     error_message: str,
-    *,
     retryable: bool,
     policy: RetryPolicy,
-    action: str,
-) -> Job:
-    """The one retry rule: count the attempt, then cancel, fail, dead-letter or requeue."""
-    job.attempt += 1
-    _clear_lease(job)
-    detail: dict[str, Any] = {"action": action, "attempt": job.attempt}
+    action: str = "attempt_failed",
+) -> Outcome:
+    """The one retry rule: count the attempt, then cancel, fail, dead-letter or retry later.
+
+    `job` must be the row as locked now (its `cancel_requested` is read here).
+    """
+    attempt = job.attempt + 1
+    detail: dict[str, Any] = {
+        "action": action,
+        "attempt": attempt,
+        "error": {"code": error_code, "message": error_message},
+    }
+    delay = 0.0
     if job.cancel_requested:
         target = JobStatus.CANCELED
     elif not retryable:
         target = JobStatus.FAILED
-    elif job.attempt >= job.max_attempts:
+    elif attempt >= job.max_attempts:
         target = JobStatus.DEAD_LETTER
     else:
         target = JobStatus.QUEUED
         delay = retry_delay(
-            job.backoff_policy, job.attempt, base=policy.base_seconds, cap=policy.max_seconds
+            job.backoff_policy, attempt, base=policy.base_seconds, cap=policy.max_seconds
         )
         detail["retry_in_seconds"] = delay
-        enqueue_delivery(session, job.id, delay_seconds=delay, queue_name=policy.queue_name)
-    transition(
-        session, job, target, detail=detail, error_code=error_code, error_message=error_message
-    )
-    return job
+    ensure_transition(job.id, job.status, target)
+    return Outcome(
+        job.id, job.lease_token, target, attempt, detail, delay_seconds=delay,
+        error_code=error_code, error_message=error_message,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Failure:
+    job_id: uuid.UUID
+    lease_token: uuid.UUID
+    error_code: str
+    error_message: str
+    retryable: bool
+
+
+def fail_attempts(
+    conn: Connection, failures: Sequence[Failure], *, policy: RetryPolicy
+) -> list[Outcome]:
+    """End failed attempts that still hold their lease by the retry rule; the outcomes written.
+
+    Reads the rows locked (a cancel requested meanwhile wins), then writes in one statement.
+    """
+    by_id = {f.job_id: f for f in failures}
+    rows = repository.lock_held(conn, [(f.job_id, f.lease_token) for f in failures])
+    outcomes = [
+        after_failure(
+            row,
+            error_code=by_id[row.id].error_code,
+            error_message=by_id[row.id].error_message,
+            retryable=by_id[row.id].retryable,
+            policy=policy,
+        )
+        for row in rows
+    ]
+    repository.write_outcomes(conn, outcomes)
+    return outcomes
 
 
 def reap_expired_leases(
-    session: Session, *, policy: RetryPolicy, stale_after_seconds: float, limit: int = 100
-) -> list[Job]:
-    """Return running jobs whose lease expired to the queue, counting the attempt.
+    conn: Connection, *, policy: RetryPolicy, stale_after_seconds: float, limit: int = 100
+) -> list[Outcome]:
+    """Apply the retry rule to running jobs whose lease expired (their worker is gone).
 
-    Rows running without a lease (from before leases existed) count as expired once untouched
-    for `stale_after_seconds`. SKIP LOCKED keeps reapers and live attempts out of each other's
-    way; an attempt whose job was reaped finds its lease gone (`LeaseLost`) and stops.
+    Code `LEASE_EXPIRED`, attempt counted: requeued with backoff or dead-lettered. The late
+    worker's own outcome then finds the lease gone and changes nothing.
     """
-    now = func.now()
-    jobs = session.scalars(
-        select(Job)
-        .where(
-            Job.status == JobStatus.RUNNING,
-            or_(
-                Job.lease_expires_at < now,
-                and_(
-                    Job.lease_expires_at.is_(None),
-                    Job.updated_at < now - timedelta(seconds=stale_after_seconds),
-                ),
-            ),
+    outcomes = []
+    for row in repository.lock_expired(conn, stale_after_seconds=stale_after_seconds, limit=limit):
+        holder = row.leased_by or "an unknown worker"
+        outcomes.append(
+            after_failure(
+                row,
+                error_code="LEASE_EXPIRED",
+                error_message=f"the lease held by {holder} expired without a heartbeat "
+                "(worker lost?)",
+                retryable=True,
+                policy=policy,
+                action="lease_expired",
+            )
         )
-        .order_by(Job.lease_expires_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .execution_options(populate_existing=True)
-    ).all()
-    for job in jobs:
-        holder = job.leased_by or "an unknown worker"
-        _after_failure(
-            session, job, "LEASE_EXPIRED",
-            f"the lease held by {holder} expired without a heartbeat (worker lost?)",
-            retryable=True, policy=policy, action="lease_expired",
-        )  # fmt: skip
-    return list(jobs)
-
-
-def is_finished(job: Job) -> bool:
-    return job.status in TERMINAL_STATUSES
+    repository.write_outcomes(conn, outcomes)
+    return outcomes

@@ -1,0 +1,447 @@
+"""The worker process: claim batches from the ledger, run them on threads, write outcomes.
+
+Threads of one process, each with one job:
+- the claim loop (the caller's thread) takes up to `batch` due jobs in one statement whenever
+  enough slots are free, and otherwise sleeps until a NOTIFY, a freed slot or the poll interval;
+- `concurrency` runner threads call the handlers;
+- the completer writes the outcomes that finished meanwhile in one statement (retrying through
+  an outage: an outcome is never dropped while its lease may still be held);
+- the keeper renews every lease this process holds in one statement, and runs the reaper;
+- the listener holds a LISTEN connection and turns notifications into wake-ups (optional: behind
+  a transaction pooler, polling alone keeps the worker going).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from prometheus_client import Counter, Histogram
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+
+from heimdex_common.ledger import repository, service
+from heimdex_common.ledger.errors import CancelRequested, InvalidParams, LeaseLost
+from heimdex_common.ledger.registry import JobError, Registry
+from heimdex_common.ledger.repository import JobRow, Outcome
+from heimdex_common.metrics import LedgerMetrics
+from heimdex_common.models import JobStatus
+from heimdex_common.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+MAX_RETRY_WAIT_SECONDS = 2.0
+
+
+class ShuttingDown(Exception):
+    """Raised at a stage boundary when the worker is stopping: the attempt is released."""
+
+
+@dataclass
+class Held:
+    """A job this process claimed and has not written the outcome of yet."""
+
+    job: JobRow
+    claimed_at: float = field(default_factory=time.monotonic)
+    lost: threading.Event = field(default_factory=threading.Event)
+    stage: str | None = None
+
+    @property
+    def token(self) -> uuid.UUID:
+        token: uuid.UUID = self.job.lease_token
+        return token
+
+
+@dataclass
+class _Context:
+    worker: Worker
+    held: Held
+
+    @property
+    def attempt(self) -> int:
+        attempt: int = self.held.job.attempt
+        return attempt
+
+    def stage(self, name: str, progress: int) -> None:
+        if self.held.lost.is_set():
+            raise LeaseLost(self.held.job.id)
+        if self.worker.stopping.is_set():
+            raise ShuttingDown
+        with self.worker.autocommit() as conn:
+            state = repository.record_stage(
+                conn, self.held.job.id, self.held.token, stage=name, progress=progress
+            )
+        if state is None:
+            raise LeaseLost(self.held.job.id)
+        if state:
+            raise CancelRequested(self.held.job.id)
+        self.held.stage = name
+
+
+@dataclass
+class WorkerMetrics:
+    ledger: LedgerMetrics
+
+    def __post_init__(self) -> None:
+        self.attempt_seconds = Histogram(
+            "heimdex_job_attempt_duration_seconds",
+            "Wall time of job attempts, from claim to outcome",
+            ["type", "outcome"],
+            registry=self.ledger.registry,
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
+        )
+        self.reaped = Counter(
+            "heimdex_leases_reaped_total",
+            "Running jobs whose lease expired and were returned to the queue or dead-lettered",
+            registry=self.ledger.registry,
+        )
+        self.claims = Counter(
+            "heimdex_claims_total",
+            "Claim statements run by this worker",
+            registry=self.ledger.registry,
+        )
+
+
+def _retrying(
+    what: str, fn: Callable[[], Any], *, give_up: Callable[[], bool] = lambda: False
+) -> Any:
+    """Run `fn` until it succeeds; database errors are logged once and retried with backoff."""
+    wait = 0.05
+    failing = False
+    while True:
+        try:
+            value = fn()
+        except DBAPIError as exc:
+            if not failing:
+                logger.warning(
+                    f"{what} failed; retrying",
+                    extra={"action": "worker.db_retry", "what": what, "error": type(exc).__name__},
+                )
+                failing = True
+            if give_up():
+                raise
+            time.sleep(wait)
+            wait = min(wait * 2, MAX_RETRY_WAIT_SECONDS)
+            continue
+        if failing:
+            logger.info(f"{what} works again", extra={"action": "worker.db_recovered"})
+        return value
+
+
+class Worker:
+    """One worker process's runtime; `run(stop)` blocks until `stop` is set and work drained."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        registry: Registry,
+        *,
+        worker_id: str,
+        concurrency: int,
+        batch: int,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.registry = registry
+        self.worker_id = worker_id
+        self.concurrency = concurrency
+        self.batch = batch
+        self.capacity = max(concurrency, batch)
+        # Claim again once half a batch of slots is free: full batches without idle threads.
+        self.threshold = max(1, min(batch, self.capacity) // 2)
+        self.metrics = metrics
+        self.policy = service.RetryPolicy(
+            base_seconds=settings.backoff_base_seconds, max_seconds=settings.backoff_max_seconds
+        )
+        self.stopping = threading.Event()
+        self.wake = threading.Event()
+        self._held: dict[uuid.UUID, Held] = {}
+        self._held_lock = threading.Lock()
+        self._runnable: queue.Queue[Held | None] = queue.Queue()
+        self._done: queue.Queue[tuple[Held, Outcome | service.Failure | None, str]] = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._finish = threading.Event()
+
+    def autocommit(self) -> Any:
+        return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+    # The claim loop.
+
+    def run(self, stop: threading.Event) -> None:
+        self._start_threads()
+        try:
+            self._claim_loop(stop)
+        finally:
+            self._shutdown()
+
+    def _claim_loop(self, stop: threading.Event) -> None:
+        failing_since: float | None = None
+        while not stop.is_set():
+            with self._held_lock:
+                free = self.capacity - len(self._held)
+            want = min(self.batch, free)
+            got = 0
+            if want >= self.threshold or (want > 0 and free == self.capacity):
+                self.wake.clear()
+                try:
+                    jobs = self._claim(want)
+                except DBAPIError as exc:
+                    if failing_since is None:
+                        failing_since = time.monotonic()
+                        logger.warning(
+                            "claim failed; retrying",
+                            extra={"action": "worker.claim_failed", "error": type(exc).__name__},
+                        )
+                    stop.wait(min(self.settings.poll_interval_seconds, MAX_RETRY_WAIT_SECONDS))
+                    continue
+                if failing_since is not None:
+                    logger.info("claiming again", extra={"action": "worker.claim_recovered"})
+                    failing_since = None
+                got = len(jobs)
+                for job in jobs:
+                    held = Held(job)
+                    with self._held_lock:
+                        self._held[job.id] = held
+                    self.metrics.ledger.count(job.type, JobStatus.QUEUED, JobStatus.RUNNING)
+                    self._runnable.put(held)
+                if got == want:
+                    continue
+            self.wake.wait(self.settings.poll_interval_seconds)
+
+    def _claim(self, limit: int) -> list[JobRow]:
+        with self.autocommit() as conn:
+            jobs = repository.claim(
+                conn, worker_id=self.worker_id, limit=limit,
+                lease_seconds=self.settings.lease_seconds,
+            )  # fmt: skip
+        self.metrics.claims.inc()
+        return jobs
+
+    # Runner threads.
+
+    def _runner(self) -> None:
+        while True:
+            held = self._runnable.get()
+            if held is None:
+                return
+            self._done.put(self._attempt(held))
+
+    def _attempt(self, held: Held) -> tuple[Held, Outcome | service.Failure | None, str]:  # noqa: PLR0911 - one return per way an attempt ends
+        job = held.job
+        if self.stopping.is_set():
+            return held, service.released(job), "released"
+        try:
+            job_type = self.registry.get(job.type)
+            assert job_type.handler is not None  # the worker refuses to start otherwise
+            params = job_type.parse(job.params)
+            result = job_type.handler(_Context(self, held), params)
+        except CancelRequested:
+            return held, service.canceled(job, stage=held.stage), "canceled"
+        except ShuttingDown:
+            return held, service.released(job), "released"
+        except LeaseLost:
+            return held, None, "lease_lost"
+        except InvalidParams as exc:
+            return held, self._failure(job, "INVALID_PARAMS", str(exc), retryable=False), "failed"
+        except JobError as exc:
+            return held, self._failure(job, exc.code, str(exc), retryable=exc.retryable), "failed"
+        except Exception as exc:  # a handler's bug: recorded with its traceback, then retried
+            message = "".join(traceback.format_exception(exc)).strip()
+            return held, self._failure(job, type(exc).__name__, message, retryable=True), "failed"
+        if held.lost.is_set():
+            return held, None, "lease_lost"
+        return held, service.succeeded(job, result), "succeeded"
+
+    @staticmethod
+    def _failure(job: JobRow, code: str, message: str, *, retryable: bool) -> service.Failure:
+        return service.Failure(job.id, job.lease_token, code, message, retryable)
+
+    # The completer.
+
+    def _completer(self) -> None:
+        while True:
+            try:
+                first = self._done.get(timeout=0.2)
+            except queue.Empty:
+                if self._finish.is_set():
+                    return
+                continue
+            batch = [first]
+            while len(batch) < 1000:
+                try:
+                    batch.append(self._done.get_nowait())
+                except queue.Empty:
+                    break
+            self._complete(batch)
+
+    def _complete(self, batch: list[tuple[Held, Outcome | service.Failure | None, str]]) -> None:
+        direct = [o for _, o, _ in batch if isinstance(o, Outcome)]
+        failures = [o for _, o, _ in batch if isinstance(o, service.Failure)]
+
+        def write() -> tuple[set[uuid.UUID], list[Outcome]]:
+            if not failures:
+                with self.autocommit() as conn:
+                    return repository.write_outcomes(conn, direct), []
+            with self.engine.begin() as conn:
+                written = repository.write_outcomes(conn, direct)
+                return written, service.fail_attempts(conn, failures, policy=self.policy)
+
+        written, failed = _retrying("writing outcomes", write)
+        by_id = {o.job_id: o for o in failed}
+        now = time.monotonic()
+        for held, outcome, how in batch:
+            label = how
+            job = held.job
+            ended = by_id.get(job.id) if isinstance(outcome, service.Failure) else outcome
+            if isinstance(outcome, Outcome) and job.id not in written:
+                ended = None
+            if ended is None:
+                logger.warning(
+                    "lease lost; the attempt's outcome is void",
+                    extra={"action": "worker.lease_lost", "job_id": str(job.id), "type": job.type},
+                )
+                label = "lease_lost"
+            else:
+                self.metrics.ledger.count(job.type, JobStatus.RUNNING, ended.status)
+                if ended.status is not JobStatus.SUCCEEDED:
+                    logger.info(
+                        label,
+                        extra={
+                            "action": f"job.{label}",
+                            "job_id": str(job.id),
+                            "type": job.type,
+                            "next_status": ended.status.value,
+                            "error_code": ended.error_code,
+                        },
+                    )
+            self.metrics.attempt_seconds.labels(job.type, label).observe(now - held.claimed_at)
+            with self._held_lock:
+                self._held.pop(job.id, None)
+        self.wake.set()
+
+    # The keeper: heartbeat and reaper.
+
+    def _keeper(self) -> None:
+        next_reap = 0.0
+        while not self._finish.wait(self.settings.heartbeat_seconds / 2):
+            now = time.monotonic()
+            with self._held_lock:
+                held = list(self._held.values())
+            due = [h for h in held if now - h.claimed_at >= self.settings.heartbeat_seconds / 2]
+            if due:
+                try:
+                    with self.autocommit() as conn:
+                        kept = repository.renew_leases(
+                            conn, [h.token for h in due], lease_seconds=self.settings.lease_seconds
+                        )
+                except DBAPIError as exc:
+                    logger.warning(
+                        "heartbeat failed",
+                        extra={"action": "worker.heartbeat_failed", "error": type(exc).__name__},
+                    )
+                else:
+                    for h in due:
+                        if h.token not in kept:
+                            h.lost.set()
+            if now >= next_reap:
+                next_reap = now + self.settings.reaper_interval_seconds
+                self._reap()
+
+    def _reap(self) -> None:
+        try:
+            with self.engine.begin() as conn:
+                reaped = service.reap_expired_leases(
+                    conn, policy=self.policy, stale_after_seconds=self.settings.lease_seconds
+                )
+        except DBAPIError as exc:
+            logger.warning(
+                "reaper pass failed",
+                extra={"action": "reaper.failed", "error": type(exc).__name__},
+            )
+            return
+        for outcome in reaped:
+            logger.warning(
+                "lease expired",
+                extra={
+                    "action": "reaper.requeued",
+                    "job_id": str(outcome.job_id),
+                    "next_status": outcome.status.value,
+                    "attempt": outcome.attempt,
+                },
+            )
+        self.metrics.reaped.inc(len(reaped))
+        if reaped:
+            self.wake.set()
+
+    # The listener.
+
+    def _listener(self) -> None:
+        url = self.engine.url.set(drivername="postgresql")
+        conninfo = url.render_as_string(hide_password=False)
+        wait = 0.1
+        while not self._finish.is_set():
+            try:
+                with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(f"LISTEN {repository.NOTIFY_CHANNEL}")
+                    # Anything sent while we were not listening: look once.
+                    self.wake.set()
+                    wait = 0.1
+                    while not self._finish.is_set():
+                        for _ in conn.notifies(timeout=0.5, stop_after=1):
+                            self.wake.set()
+            except psycopg.Error as exc:
+                logger.info(
+                    "listener disconnected; polling until it reconnects",
+                    extra={"action": "worker.listen_lost", "error": type(exc).__name__},
+                )
+                self._finish.wait(wait)
+                wait = min(wait * 2, MAX_RETRY_WAIT_SECONDS)
+
+    # Start and stop.
+
+    def _start_threads(self) -> None:
+        targets: list[tuple[str, Callable[[], None]]] = [
+            (f"runner-{i}", self._runner) for i in range(self.concurrency)
+        ]
+        targets += [("completer", self._completer), ("keeper", self._keeper)]
+        if self.settings.listen:
+            targets.append(("listener", self._listener))
+        for name, target in targets:
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _shutdown(self) -> None:
+        """Stop claiming; release what has not started and what reaches a stage boundary, wait
+        up to the grace for the rest; a job still running after it keeps its lease until it
+        expires, then the reaper requeues it."""
+        self.stopping.set()
+        deadline = time.monotonic() + self.settings.shutdown_grace_seconds
+        while time.monotonic() < deadline:
+            with self._held_lock:
+                if not self._held:
+                    break
+            time.sleep(0.05)
+        for _ in range(self.concurrency):
+            self._runnable.put(None)
+        self._finish.set()
+        for thread in self._threads:
+            if thread.name in {"completer", "keeper"}:
+                thread.join(timeout=5)
+        with self._held_lock:
+            left = len(self._held)
+        if left:
+            logger.warning(
+                "stopped with attempts still running; their leases will expire",
+                extra={"action": "worker.abandoned", "count": left},
+            )
