@@ -1,12 +1,10 @@
-"""Fixtures for the service tests: a real redis-server, fast settings, the API, processes."""
+"""Fixtures for the service tests: fast settings, the API, worker processes."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,13 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import URL
 
 from heimdex_api.app import create_app
 from heimdex_api.auth import issue_token
-from heimdex_common.localpg import free_port
 from heimdex_common.settings import Settings
 
 SECRET = "test-secret-for-heimdex-tests-0123456789"
@@ -30,44 +26,10 @@ FAST = {
     "HEIMDEX_HEARTBEAT_SECONDS": "0.2",
     "HEIMDEX_REAPER_INTERVAL_SECONDS": "0.2",
     "HEIMDEX_BACKOFF_BASE_SECONDS": "0.05",
-    "HEIMDEX_DISPATCH_INTERVAL_SECONDS": "0.05",
-    "HEIMDEX_WORKER_IDLE_MS": "50",
-    "HEIMDEX_WORKER_THREADS": "2",
+    "HEIMDEX_POLL_INTERVAL_SECONDS": "0.2",
+    "HEIMDEX_WORKER_CONCURRENCY": "2",
     "HEIMDEX_SHUTDOWN_GRACE_SECONDS": "10",
 }
-
-
-@dataclass
-class RedisServer:
-    port: int = field(default_factory=free_port)
-    workdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="heimdex-redis-"))
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.workdir],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        client = redis.Redis.from_url(self.url)
-        wait_for(lambda: _pings(client), what="redis-server to accept connections")
-        client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait()
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
 
 
 def wait_for(
@@ -84,22 +46,10 @@ def wait_for(
 
 
 @pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is required (apt-get install -y redis-server)")
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(server.workdir, ignore_errors=True)
-
-
-@pytest.fixture
-def stack_env(db_url: URL, redis_server: RedisServer) -> dict[str, str]:
+def stack_env(db_url: URL) -> dict[str, str]:
     return {
         **FAST,
         "DATABASE_URL": db_url.render_as_string(hide_password=False),
-        "REDIS_URL": redis_server.url,
         "HEIMDEX_ENV": "local",
     }
 

@@ -1,3 +1,3 @@
-from tests.stack import client, processes, redis_server, settings, stack_env
+from tests.stack import client, processes, settings, stack_env
 
-__all__ = ["client", "processes", "redis_server", "settings", "stack_env"]
+__all__ = ["client", "processes", "settings", "stack_env"]

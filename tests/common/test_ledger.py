@@ -1,119 +1,276 @@
-"""The ledger repository: idempotency, the state machine, and events in the same transaction."""
+"""The ledger on real PostgreSQL: submission, the claim's order, outcomes, the retry rule, the
+reaper, stages and cancel. Each function under test takes a connection and never commits."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine, text
 
-from heimdex_common import ledger
-from heimdex_common.ledger import DuplicateIdempotencyKey, IllegalTransition, JobNotFound
-from heimdex_common.models import TERMINAL_STATUSES, Job, JobEvent, JobStatus
+from heimdex_common.ledger import repository, service
+from heimdex_common.ledger.errors import (
+    IdempotencyConflict,
+    IllegalTransition,
+    InvalidBatchItem,
+    JobAlreadyFinished,
+    JobNotFound,
+    LedgerError,
+)
+from heimdex_common.ledger.registry import Registry, load_registry
+from heimdex_common.ledger.states import can_transition, ensure_transition
+from heimdex_common.models import TERMINAL_STATUSES, JobStatus
 
-
-def _event_count(session: Session, job_id: uuid.UUID) -> int:
-    return session.scalar(select(func.count()).where(JobEvent.job_id == job_id)) or 0
-
-
-def test_create_without_key_always_creates(session: Session, org_id: uuid.UUID) -> None:
-    a = ledger.create_job(session, org_id=org_id, type="noop")
-    b = ledger.create_job(session, org_id=org_id, type="noop")
-    session.commit()
-    assert a.id != b.id
-    assert a.status is JobStatus.QUEUED
-    events = ledger.list_events(session, a.id)
-    assert [(e.prev_status, e.next_status) for e in events] == [(None, "queued")]
+POLICY = service.RetryPolicy(base_seconds=10.0, max_seconds=60.0)
+NOOP = service.JobSpec("noop", {})
 
 
-def test_duplicate_key_in_same_org_is_a_domain_error(session: Session, org_id: uuid.UUID) -> None:
-    first = ledger.create_job(session, org_id=org_id, type="noop", idempotency_key="k1")
-    with pytest.raises(DuplicateIdempotencyKey):
-        ledger.create_job(session, org_id=org_id, type="noop", idempotency_key="k1")
-    # The caller's transaction survives the refused insert.
-    other = ledger.create_job(session, org_id=uuid.uuid4(), type="noop", idempotency_key="k1")
-    session.commit()
-    assert other.id != first.id
-    assert session.scalar(select(func.count()).select_from(Job)) == 2
+@pytest.fixture(scope="module")
+def registry() -> Registry:
+    return load_registry()
 
 
-def test_full_lifecycle_records_one_event_per_transition(
-    session: Session, org_id: uuid.UUID
-) -> None:
-    job = ledger.create_job(session, org_id=org_id, type="noop")
-    ledger.transition(session, job, JobStatus.RUNNING, detail={"stage": "extracting"})
-    assert job.started_at is not None
-    ledger.transition(session, job, JobStatus.QUEUED, error_code="TIMEOUT", error_message="slow")
-    assert job.finished_at is None
-    ledger.transition(session, job, JobStatus.RUNNING)
-    ledger.transition(session, job, JobStatus.SUCCEEDED)
-    session.commit()
-    assert job.finished_at is not None
-    assert job.last_error_code == "TIMEOUT"
-    events = ledger.list_events(session, job.id)
-    assert [(e.prev_status, e.next_status) for e in events] == [
-        (None, "queued"),
-        ("queued", "running"),
-        ("running", "queued"),
-        ("queued", "running"),
-        ("running", "succeeded"),
+@pytest.fixture
+def conn(engine: Engine) -> Iterator[Connection]:
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        yield conn
+
+
+def _submit(conn: Connection, registry: Registry, org: uuid.UUID, **kw: object) -> uuid.UUID:
+    spec = service.JobSpec(**{"type": "noop", "params": {}, **kw})  # type: ignore[arg-type]
+    return service.submit_job(conn, registry, org_id=org, spec=spec).job.id
+
+
+@contextlib.contextmanager
+def _transaction(conn: Connection) -> Iterator[None]:
+    """BEGIN ... COMMIT on the autocommit connection (ROLLBACK on error)."""
+    conn.exec_driver_sql("BEGIN")
+    try:
+        yield
+    except BaseException:
+        conn.exec_driver_sql("ROLLBACK")
+        raise
+    conn.exec_driver_sql("COMMIT")
+
+
+def _events(conn: Connection, job_id: uuid.UUID) -> list[tuple[str | None, str, str]]:
+    return [
+        (e.prev_status, e.next_status, (e.detail_json or {}).get("action"))
+        for e in repository.list_events(conn, job_id)
     ]
-    assert events[2].detail_json == {"error": {"code": "TIMEOUT", "message": "slow"}}
+
+
+def _claim(conn: Connection, limit: int = 10, lease: float = 30.0) -> list[repository.JobRow]:
+    return repository.claim(conn, worker_id="w1", limit=limit, lease_seconds=lease)
+
+
+def test_submit_without_key_always_creates(
+    conn: Connection, registry: Registry, org_id: uuid.UUID
+) -> None:
+    a = service.submit_job(conn, registry, org_id=org_id, spec=NOOP)
+    b = service.submit_job(conn, registry, org_id=org_id, spec=NOOP)
+    assert a.created and b.created and a.job.id != b.job.id
+    assert a.job.status is JobStatus.QUEUED
+    assert a.job.run_at <= datetime.now(UTC) + timedelta(seconds=1)
+    assert _events(conn, a.job.id) == [(None, "queued", "submitted")]
+
+
+def test_idempotent_replay_conflict_and_other_org(
+    conn: Connection, registry: Registry, org_id: uuid.UUID
+) -> None:
+    spec = service.JobSpec("noop", {}, idempotency_key="k1")
+    first = service.submit_job(conn, registry, org_id=org_id, spec=spec)
+    again = service.submit_job(conn, registry, org_id=org_id, spec=spec)
+    assert first.created and not again.created and again.job.id == first.job.id
+    with pytest.raises(IdempotencyConflict):
+        service.submit_job(
+            conn, registry, org_id=org_id,
+            spec=service.JobSpec("noop", {}, priority=5, idempotency_key="k1"),
+        )  # fmt: skip
+    other = service.submit_job(conn, registry, org_id=uuid.uuid4(), spec=spec)
+    assert other.created and other.job.id != first.job.id
+    assert conn.execute(text("SELECT count(*) FROM job_event")).scalar() == 2
+
+
+def test_batch_keeps_order_and_dedupes_keys(
+    conn: Connection, registry: Registry, org_id: uuid.UUID
+) -> None:
+    specs = [
+        service.JobSpec("noop", {}, priority=1),
+        service.JobSpec("noop", {}, idempotency_key="a"),
+        service.JobSpec("noop", {}, priority=3),
+        service.JobSpec("noop", {}, idempotency_key="a"),
+    ]
+    out = service.submit_jobs(conn, registry, org_id=org_id, specs=specs)
+    assert [s.created for s in out] == [True, True, True, False]
+    assert [s.job.priority for s in out] == [1, 0, 3, 0]
+    assert out[1].job.id == out[3].job.id
+    assert conn.execute(text("SELECT count(*) FROM job")).scalar() == 3
+
+
+def test_invalid_batch_item_refuses_the_whole_batch(
+    engine: Engine, registry: Registry, org_id: uuid.UUID
+) -> None:
+    bad = [NOOP, service.JobSpec("mock_process", {"stage_seconds": -1})]
+    with pytest.raises(InvalidBatchItem, match=r"jobs\[1\]"), engine.begin() as conn:
+        service.submit_jobs(conn, registry, org_id=org_id, specs=bad)
+    clash = [
+        service.JobSpec("noop", {}, idempotency_key="x"),
+        service.JobSpec("noop", {}, priority=1, idempotency_key="x"),
+    ]
+    with pytest.raises(LedgerError, match="twice in this batch"), engine.begin() as conn:
+        service.submit_jobs(conn, registry, org_id=org_id, specs=clash)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM job")).scalar() == 0
+
+
+def test_claim_takes_priority_first_then_round_robin_across_orgs(
+    conn: Connection, registry: Registry
+) -> None:
+    busy, quiet, urgent = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    service.submit_jobs(conn, registry, org_id=busy, specs=[NOOP] * 30)
+    late = _submit(conn, registry, quiet)
+    vip = _submit(conn, registry, urgent, priority=5)
+    batch = _claim(conn, limit=5)
+    assert batch[0].id == vip
+    assert late in [j.id for j in batch]
+    assert [j.org_id for j in batch].count(busy) == 3
+    assert all(j.status is JobStatus.RUNNING and j.lease_token for j in batch)
+    assert _events(conn, late)[-1] == ("queued", "running", "claimed")
+
+
+def test_claim_waits_for_run_at(conn: Connection, registry: Registry, org_id: uuid.UUID) -> None:
+    later = datetime.now(UTC) + timedelta(hours=1)
+    _submit(conn, registry, org_id, run_at=later)
+    assert _claim(conn) == []
+    conn.execute(text("UPDATE job SET run_at = now() - interval '1 second'"))
+    assert len(_claim(conn)) == 1
+
+
+def test_concurrent_claims_never_share_a_job(
+    engine: Engine, registry: Registry, org_id: uuid.UUID
+) -> None:
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        service.submit_jobs(conn, registry, org_id=org_id, specs=[NOOP] * 8)
+    with engine.begin() as first:
+        mine = _claim(first, limit=5)  # locked until this transaction ends
+        with engine.begin() as second:
+            theirs = _claim(second, limit=5)
+    assert len(mine) == 5 and len(theirs) == 3
+    assert not {j.id for j in mine} & {j.id for j in theirs}
+
+
+def test_outcome_needs_the_lease_and_keeps_long_errors_in_the_event(
+    conn: Connection, registry: Registry, org_id: uuid.UUID
+) -> None:
+    _submit(conn, registry, org_id, max_attempts=1)
+    (job,) = _claim(conn)
+    stale = dataclasses.replace(service.succeeded(job, {}), lease_token=uuid.uuid4())
+    assert repository.write_outcomes(conn, [stale]) == set()
+    message = "x" * 5000
+    failed = service.fail_attempts(
+        conn,
+        [service.Failure(job.id, job.lease_token, "C" * 80, message, retryable=True)],
+        policy=POLICY,
+    )
+    assert [o.status for o in failed] == [JobStatus.DEAD_LETTER]
+    row = repository.get_job(conn, job.id)
+    assert (row.status, row.attempt) == (JobStatus.DEAD_LETTER, 1)
+    assert row.last_error_code == "C" * 64 and len(row.last_error_message) == 2048
+    assert row.finished_at is not None and row.lease_token is None
+    last = repository.list_events(conn, job.id)[-1]
+    assert last.detail_json["error"]["message"] == message
+
+
+def test_retry_rule_backoff_permanent_failure_and_cancel_wins(
+    conn: Connection, registry: Registry, org_id: uuid.UUID
+) -> None:
+    ids = [_submit(conn, registry, org_id, max_attempts=3) for _ in range(3)]
+    jobs = {j.id: j for j in _claim(conn)}
+    retried, permanent, canceled = (jobs[i] for i in ids)
+    conn.execute(text("UPDATE job SET cancel_requested = true WHERE id = :id"), {"id": canceled.id})
+    failures = [
+        service.Failure(retried.id, retried.lease_token, "E", "boom", retryable=True),
+        service.Failure(permanent.id, permanent.lease_token, "P", "bad", retryable=False),
+        service.Failure(canceled.id, canceled.lease_token, "E", "boom", retryable=True),
+    ]
+    with _transaction(conn):
+        service.fail_attempts(conn, failures, policy=POLICY)
+    states = {i: repository.get_job(conn, i) for i in ids}
+    assert states[retried.id].status is JobStatus.QUEUED
+    wait = (states[retried.id].run_at - datetime.now(UTC)).total_seconds()
+    assert 5 < wait <= 10  # exp backoff: base * 2**0
+    assert states[permanent.id].status is JobStatus.FAILED
+    assert states[canceled.id].status is JobStatus.CANCELED
+    assert all(s.attempt == 1 for s in states.values())
+    assert _claim(conn) == []  # the retry is not due yet
+
+
+def test_reaper_requeues_expired_leases_and_voids_the_late_outcome(
+    conn: Connection, registry: Registry, org_id: uuid.UUID
+) -> None:
+    job_id = _submit(conn, registry, org_id, max_attempts=2)
+    policy = service.RetryPolicy(base_seconds=0.0, max_seconds=0.0)
+    for expected in ((JobStatus.QUEUED, 1), (JobStatus.DEAD_LETTER, 2)):
+        (claimed,) = _claim(conn, lease=0.0)
+        with _transaction(conn):
+            reaped = service.reap_expired_leases(conn, policy=policy, stale_after_seconds=60)
+        assert [(o.job_id, o.status, o.attempt) for o in reaped] == [(job_id, *expected)]
+        assert repository.write_outcomes(conn, [service.succeeded(claimed, {})]) == set()
+    actions = [a for _, _, a in _events(conn, job_id)]
+    assert actions == ["submitted", "claimed", "lease_expired", "claimed", "lease_expired"]
+    assert repository.get_job(conn, job_id).last_error_code == "LEASE_EXPIRED"
+
+
+def test_stage_heartbeat_and_cancel_of_a_running_job(
+    conn: Connection, registry: Registry, org_id: uuid.UUID
+) -> None:
+    job_id = _submit(conn, registry, org_id)
+    (job,) = _claim(conn)
+    token = job.lease_token
+    assert repository.record_stage(conn, job_id, token, stage="probe", progress=150) is False
+    assert repository.renew_leases(conn, [token, uuid.uuid4()], lease_seconds=30) == {token}
+    with _transaction(conn):
+        flagged = service.cancel_job(conn, org_id=org_id, job_id=job_id, requested_by="op")
+    assert flagged.cancel_requested and flagged.status is JobStatus.RUNNING
+    assert repository.record_stage(conn, job_id, token, stage="next", progress=50) is True
+    assert repository.record_stage(conn, job_id, uuid.uuid4(), stage="x", progress=1) is None
+    repository.write_outcomes(conn, [service.canceled(job, stage="probe")])
+    row = repository.get_job(conn, job_id)
+    assert (row.status, row.stage, row.progress) == (JobStatus.CANCELED, "probe", 100)
+    assert [a for _, _, a in _events(conn, job_id)] == [
+        "submitted", "claimed", "progress", "cancel_requested", "canceled",
+    ]  # fmt: skip
+    with pytest.raises(JobAlreadyFinished), _transaction(conn):
+        service.cancel_job(conn, org_id=org_id, job_id=job_id)
+    with pytest.raises(JobNotFound), _transaction(conn):
+        service.cancel_job(conn, org_id=uuid.uuid4(), job_id=job_id)
+
+
+def test_queued_cancel_and_the_callers_transaction(
+    engine: Engine, registry: Registry, org_id: uuid.UUID
+) -> None:
+    with engine.begin() as conn:
+        job_id = _submit(conn, registry, org_id)
+    with engine.connect() as conn:
+        service.cancel_job(conn, org_id=org_id, job_id=job_id)
+        conn.rollback()  # the caller owns the transaction: nothing was committed
+        assert repository.get_job(conn, job_id).status is JobStatus.QUEUED
+        canceled = service.cancel_job(conn, org_id=org_id, job_id=job_id)
+        conn.commit()
+    assert canceled.status is JobStatus.CANCELED and canceled.finished_at is not None
 
 
 @pytest.mark.parametrize("terminal", sorted(TERMINAL_STATUSES))
-def test_terminal_states_have_no_way_out(
-    session: Session, org_id: uuid.UUID, terminal: JobStatus
-) -> None:
-    job = ledger.create_job(session, org_id=org_id, type="noop")
-    if terminal is not JobStatus.CANCELED:
-        ledger.transition(session, job, JobStatus.RUNNING)
-    ledger.transition(session, job, terminal)
+def test_terminal_states_have_no_way_out(terminal: JobStatus) -> None:
+    job_id = uuid.uuid4()
     for target in JobStatus:
+        assert not can_transition(terminal, target)
         with pytest.raises(IllegalTransition):
-            ledger.transition(session, job, target)
-    assert job.status is terminal
-
-
-def test_queued_cannot_succeed_directly(session: Session, org_id: uuid.UUID) -> None:
-    job = ledger.create_job(session, org_id=org_id, type="noop")
+            ensure_transition(job_id, terminal, target)
     with pytest.raises(IllegalTransition, match="queued -> succeeded"):
-        ledger.transition(session, job, JobStatus.SUCCEEDED)
-    assert _event_count(session, job.id) == 1
-
-
-def test_transition_and_event_share_the_callers_transaction(
-    session: Session, org_id: uuid.UUID
-) -> None:
-    job = ledger.create_job(session, org_id=org_id, type="noop")
-    session.commit()
-    ledger.transition(session, job, JobStatus.RUNNING)
-    session.rollback()
-    fresh = ledger.get_job(session, job.id)
-    assert fresh.status is JobStatus.QUEUED
-    assert _event_count(session, job.id) == 1
-
-
-def test_long_errors_are_cut_in_the_row_and_kept_in_the_event(
-    session: Session, org_id: uuid.UUID
-) -> None:
-    job = ledger.create_job(session, org_id=org_id, type="noop")
-    ledger.transition(session, job, JobStatus.RUNNING)
-    message = "x" * 5000
-    event = ledger.transition(
-        session, job, JobStatus.FAILED, error_code="C" * 80, error_message=message
-    )
-    session.commit()
-    assert job.last_error_message is not None
-    assert len(job.last_error_message) == 2048
-    assert job.last_error_code == "C" * 64
-    assert event.detail_json is not None
-    assert event.detail_json["error"]["message"] == message
-
-
-def test_job_of_another_org_is_not_found(session: Session, org_id: uuid.UUID) -> None:
-    job = ledger.create_job(session, org_id=org_id, type="noop")
-    assert ledger.get_job(session, job.id, org_id=org_id) is job
-    with pytest.raises(JobNotFound):
-        ledger.get_job(session, job.id, org_id=uuid.uuid4())
+        ensure_transition(job_id, JobStatus.QUEUED, JobStatus.SUCCEEDED)

@@ -1,20 +1,16 @@
-"""The shared rules: fingerprint, backoff, job type contract, reaper, outbox dispatch."""
+"""The shared rules: fingerprint, backoff, and the job-type registry."""
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
-from sqlalchemy.orm import Session
+from pydantic import BaseModel
 
-from heimdex_common.ledger import service
+from heimdex_common.errors import HeimdexError
 from heimdex_common.ledger.backoff import retry_delay
-from heimdex_common.ledger.errors import InvalidParams, LeaseLost, UnknownJobType
+from heimdex_common.ledger.errors import InvalidParams, UnknownJobType
 from heimdex_common.ledger.fingerprint import request_fingerprint
-from heimdex_common.ledger.jobtypes import JOB_TYPES, validate_params
-from heimdex_common.ledger.outbox import dispatch_due
-from heimdex_common.models import BackoffPolicy, JobOutbox, JobStatus
-from heimdex_worker.handlers import HANDLERS
+from heimdex_common.ledger.registry import JobTypes, Registry, load_registry
+from heimdex_common.models import BackoffPolicy
 
 
 def test_fingerprint_ignores_key_order_and_sees_every_value() -> None:
@@ -38,50 +34,52 @@ def test_retry_delay_per_policy_is_capped(policy: BackoffPolicy, expected: list[
         retry_delay(policy, 0, base=2.0, cap=10.0)
 
 
-def test_every_job_type_has_a_worker_handler() -> None:
-    assert set(JOB_TYPES) == set(HANDLERS)
+def test_builtin_types_come_from_the_entry_point_with_handlers() -> None:
+    registry = load_registry()
+    assert registry.names() == ["mock_process", "noop"]
+    assert registry.without_handler() == []
     with pytest.raises(UnknownJobType, match="known types: mock_process, noop"):
-        validate_params("transcode", {})
+        registry.validate("transcode", {})
     with pytest.raises(InvalidParams, match="stage_seconds"):
-        validate_params("mock_process", {"stage_seconds": -1})
+        registry.validate("mock_process", {"stage_seconds": -1})
+    assert registry.validate("mock_process", {}) == {"fail_at_stage": None, "stage_seconds": 0.5}
 
 
-def test_reaper_requeues_expired_leases_and_dead_letters_the_last_attempt(
-    session: Session, org_id: uuid.UUID
-) -> None:
-    policy = service.RetryPolicy(base_seconds=1.0, max_seconds=5.0)
-    job, _ = service.submit_job(session, org_id=org_id, type="noop", params={}, max_attempts=2)
-    for expected_status, expected_attempt in ((JobStatus.QUEUED, 1), (JobStatus.DEAD_LETTER, 2)):
-        claimed = service.claim_job(session, job.id, worker_id="w", lease_seconds=0.0)
-        assert claimed is not None and claimed.lease_token is not None
-        assert service.claim_job(session, job.id, worker_id="w2", lease_seconds=1) is None
-        session.commit()
-        reaped = service.reap_expired_leases(session, policy=policy, stale_after_seconds=60)
-        assert [j.id for j in reaped] == [job.id]
-        assert (reaped[0].status, reaped[0].attempt) == (expected_status, expected_attempt)
-        assert reaped[0].last_error_code == "LEASE_EXPIRED"
-        with pytest.raises(LeaseLost):
-            service.complete_attempt(session, job.id, claimed.lease_token, result={})
-        session.commit()
+class _Params(BaseModel):
+    asset: str
 
 
-def test_dispatch_stops_at_the_first_publish_error_and_keeps_the_rest(
-    session: Session, org_id: uuid.UUID
-) -> None:
-    for _ in range(3):
-        service.submit_job(session, org_id=org_id, type="noop", params={})
-    session.commit()
-    published: list[uuid.UUID] = []
+def test_an_application_adds_types_and_handlers_without_touching_the_ledger() -> None:
+    api_side = JobTypes()
+    api_side.declare("transcode", params=_Params)
+    registry = Registry([("api", api_side)])
+    assert registry.without_handler() == ["transcode"]
+    worker_side = JobTypes()
 
-    def flaky(message: JobOutbox) -> None:
-        if len(published) == 1:
-            raise ConnectionError("broker down")
-        published.append(message.job_id)
+    @worker_side.handler("transcode")
+    def transcode(ctx: object, params: _Params) -> dict[str, str]:
+        return {"asset": params.asset}
 
-    result = dispatch_due(session, flaky, limit=10)
-    session.commit()
-    assert (result.sent, result.error) == (1, "ConnectionError: broker down")
-    rest = dispatch_due(session, lambda m: published.append(m.job_id), limit=10)
-    session.commit()
-    assert rest.sent == 2
-    assert len(set(published)) == 3
+    both = Registry([("api", api_side), ("worker", worker_side)])
+    assert both.without_handler() == []
+    assert both.get("transcode").handler is transcode
+
+
+def test_registry_refuses_clashes_and_bad_specs() -> None:
+    a, b = JobTypes(), JobTypes()
+    a.declare("x", params=_Params)
+    b.declare("x", params=_Params)
+    with pytest.raises(HeimdexError, match="declared by both a and b"):
+        Registry([("a", a), ("b", b)])
+    orphan = JobTypes()
+    orphan.handler("ghost")(lambda ctx, p: {})
+    with pytest.raises(HeimdexError, match="undeclared job type 'ghost'"):
+        Registry([("orphan", orphan)])
+    with pytest.raises(HeimdexError, match="module:attribute"):
+        load_registry(["no_colon"])
+    with pytest.raises(HeimdexError, match="cannot load job types"):
+        load_registry(["nowhere.at_all:jobs"])
+    with pytest.raises(HeimdexError, match="not a JobTypes collection"):
+        load_registry(["heimdex_common.ledger.builtin:noop"])
+    with pytest.raises(HeimdexError, match="declared twice"):
+        a.declare("x", params=_Params)
