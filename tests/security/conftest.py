@@ -20,7 +20,8 @@ from alembic import command
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 
-from heimdex_common.migrations.config import alembic_config, script_directory
+from heimdex_common.migrations.artifacts import compile_artifacts
+from heimdex_common.migrations.config import alembic_config
 
 COMMON = Path(__file__).resolve().parents[2] / "packages" / "common"
 OWNER = "heimdex_owner"
@@ -46,26 +47,24 @@ def offline_sql(start: str | None, end: str) -> str:
 
 
 def artifacts() -> list[tuple[str, str]]:
-    """(revision, SQL) for every revision in order: what the Supabase artifacts compile.
-
-    The one place to switch to reading `supabase/migrations/*.sql` once they are compiled.
-    """
-    scripts = script_directory(alembic_config())
-    revisions = list(reversed(list(scripts.walk_revisions())))
-    return [(rev.revision, offline_sql(rev.down_revision, rev.revision)) for rev in revisions]  # type: ignore[arg-type]
+    """(revision, SQL) for every Supabase artifact in order, as `heimdex db sql` compiles them
+    (a revision's CREATE INDEX CONCURRENTLY gets a file of its own)."""
+    return [(a.revision, a.content) for a in compile_artifacts(alembic_config())]
 
 
 def apply_sql_file(url: URL, sql: str) -> None:
     """Apply one artifact in one transaction, as `psql -1 -f` or the Supabase CLI would.
 
     Alembic's offline output brackets each revision in BEGIN/COMMIT; those lines are dropped so
-    the whole file (its version-table prelude included) commits or fails as one.
+    the whole file (its version-table prelude included) commits or fails as one: several
+    statements sent as one query are one implicit transaction. A file holding one statement of
+    an autocommit block (CREATE INDEX CONCURRENTLY) runs on its own, outside any transaction.
     """
     body = "\n".join(
         line for line in sql.splitlines() if line.strip().upper() not in ("BEGIN;", "COMMIT;")
     )
     with psycopg.connect(
-        host=url.host, port=url.port, user=url.username, dbname=url.database
+        host=url.host, port=url.port, user=url.username, dbname=url.database, autocommit=True
     ) as conn:
         conn.execute(body.encode())  # bytes: no client-side placeholder parsing
 

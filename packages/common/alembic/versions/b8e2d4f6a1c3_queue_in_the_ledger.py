@@ -84,8 +84,6 @@ $fold$""")
 
 
 def downgrade() -> None:
-    with op.get_context().autocommit_block():
-        op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {CLAIM_INDEX}")
     op.execute("SET LOCAL lock_timeout = '5s'")
     op.execute("""
 CREATE TABLE job_outbox (
@@ -119,4 +117,5 @@ CREATE TABLE job_outbox (
         " SELECT id, run_at FROM job WHERE status = 'queued' ORDER BY run_at"
     )
     op.execute(f"COMMENT ON COLUMN job.priority IS '{OLD_PRIORITY_COMMENT}'")
+    # Takes the claim index with it: catalog-only, under the lock_timeout above.
     op.execute("ALTER TABLE job DROP COLUMN run_at")
