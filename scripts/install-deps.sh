@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what Heimdex needs on a Debian machine and is missing: the PostgreSQL server binaries,
-# redis-server, make, and uv; then syncs the workspace from uv.lock. Safe to run again.
+# make, and uv; then syncs the workspace from uv.lock. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -10,7 +10,6 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 need=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 \
   || need+=(postgresql)
-command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v make >/dev/null 2>&1 || need+=(make)
 if ! command -v uv >/dev/null 2>&1 && ! python3 -m pip --version >/dev/null 2>&1; then
   need+=(python3-pip)

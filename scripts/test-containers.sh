@@ -74,8 +74,7 @@ container_of() {  # the running container of a service in this project
 lab_ready() {
   if ! command -v podman-compose >/dev/null 2>&1 \
     || ! podman image exists localhost/lab/python \
-    || ! podman image exists localhost/lab/postgres \
-    || ! podman image exists localhost/lab/redis; then
+    || ! podman image exists localhost/lab/postgres; then
     "$lab" setup || return 1
   fi
   "$lab" status

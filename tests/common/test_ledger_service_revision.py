@@ -48,7 +48,7 @@ def test_upstream_hardened_database_converges_to_head(
     assert upstream == ours, render_diff(ours, upstream)
     with eng.connect() as conn:
         rls = conn.execute(
-            text("SELECT relrowsecurity FROM pg_class WHERE relname = 'job_outbox'")
+            text("SELECT relrowsecurity FROM pg_class WHERE relname = 'job'")
         ).scalar()
     assert rls is True
 

@@ -16,7 +16,7 @@ COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_DEV = DEPLOY / "docker-compose.dev.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 ENV_EXAMPLE = DEPLOY / ".env.example"
-HEIMDEX_SERVICES = ("migrate", "api", "worker", "dispatcher")
+HEIMDEX_SERVICES = ("migrate", "api", "worker")
 
 
 def dev_tool(name: str) -> str:

@@ -43,13 +43,12 @@ def env_example() -> dict[str, str]:
     return pairs
 
 
-def test_the_stack_has_its_six_services(services: dict[str, Any]) -> None:
-    assert set(services) == {"pg", "redis", *HEIMDEX_SERVICES}
+def test_the_stack_has_its_four_services_and_no_broker(services: dict[str, Any]) -> None:
+    assert set(services) == {"pg", *HEIMDEX_SERVICES}
 
 
 def test_base_images_are_overridable_with_upstream_defaults(services: dict[str, Any]) -> None:
     assert services["pg"]["image"] == "${POSTGRES_IMAGE:-postgres:17-alpine}"
-    assert services["redis"]["image"] == "${REDIS_IMAGE:-redis:7-alpine}"
     build = services["api"]["build"]
     assert build["args"]["PYTHON_IMAGE"] == "${PYTHON_IMAGE:-python:3.11-slim}"
     assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
@@ -70,9 +69,8 @@ def test_api_publishes_8000_and_is_health_checked_on_readyz(services: dict[str, 
     assert "/readyz" in " ".join(api["healthcheck"]["test"])
 
 
-def test_pg_and_redis_are_health_checked(services: dict[str, Any]) -> None:
+def test_pg_is_health_checked(services: dict[str, Any]) -> None:
     assert "pg_isready" in " ".join(services["pg"]["healthcheck"]["test"])
-    assert "ping" in services["redis"]["healthcheck"]["test"]
 
 
 def test_migrate_is_a_one_shot_heimdex_db_upgrade_that_waits_for_pg(
@@ -85,19 +83,19 @@ def test_migrate_is_a_one_shot_heimdex_db_upgrade_that_waits_for_pg(
     assert os.access(DEPLOY / "entrypoint.sh", os.X_OK)
 
 
-@pytest.mark.parametrize("name", ["api", "worker", "dispatcher"])
+@pytest.mark.parametrize("name", ["api", "worker"])
 def test_processes_start_after_a_successful_migration(services: dict[str, Any], name: str) -> None:
     depends = services[name]["depends_on"]
     assert depends["migrate"]["condition"] == "service_completed_successfully"
+    assert set(depends) == {"migrate", "pg"}
     assert depends["pg"]["condition"] == "service_healthy"
-    assert depends["redis"]["condition"] == "service_healthy"
 
 
 @pytest.mark.parametrize("name", HEIMDEX_SERVICES)
-def test_processes_reach_pg_and_redis_by_service_name(services: dict[str, Any], name: str) -> None:
+def test_processes_reach_pg_by_service_name(services: dict[str, Any], name: str) -> None:
     env = services[name]["environment"]
     assert env["PGHOST"] == "pg"
-    assert env["REDIS_URL"].startswith("redis://redis:")
+    assert "REDIS_URL" not in env
     for required in ("PGUSER", "PGPASSWORD", "PGDATABASE", "HEIMDEX_ENV", "HEIMDEX_JWT_SECRET"):
         assert required in env
     assert services[name]["env_file"] == [{"path": ".env", "required": False}]
@@ -218,7 +216,6 @@ def as_dict(entries: dict[str, Any] | list[str]) -> dict[str, Any]:
 def test_podman_compose_accepts_the_file_with_its_defaults(podman_compose: str) -> None:
     services = run_config(podman_compose, COMPOSE)["services"]
     assert services["pg"]["image"] == "postgres:17-alpine"
-    assert services["redis"]["image"] == "redis:7-alpine"
     assert as_dict(services["api"]["build"]["args"])["PYTHON_IMAGE"] == "python:3.11-slim"
     assert as_dict(services["worker"]["environment"])["HEIMDEX_ENV"] == "local"
 

@@ -1,4 +1,4 @@
-"""End to end: API -> outbox -> dispatcher -> Redis -> worker -> ledger, as real processes."""
+"""End to end: API -> PostgreSQL <- worker, as real processes."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import uuid
 from typing import Any
 
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, text
 
-from tests.stack import Processes, RedisServer, auth, wait_for
+from tests.stack import Processes, auth, wait_for
 
 
 def _submit(client: TestClient, org: uuid.UUID, body: dict[str, Any]) -> str:
@@ -34,7 +33,6 @@ def _status_is(client: TestClient, org: uuid.UUID, job_id: str, *statuses: str) 
 def test_submit_runs_to_succeeded_with_stage_events(
     client: TestClient, processes: Processes, org_id: uuid.UUID
 ) -> None:
-    processes.start("dispatcher")
     processes.start("worker")
     job_id = _submit(client, org_id, {"type": "mock_process", "params": {"stage_seconds": 0.02}})
     job = wait_for(lambda: _status_is(client, org_id, job_id, "succeeded"), what="success")
@@ -54,7 +52,6 @@ def test_submit_runs_to_succeeded_with_stage_events(
 def test_failing_stage_retries_with_exponential_backoff_then_dead_letters(
     client: TestClient, processes: Processes, org_id: uuid.UUID
 ) -> None:
-    processes.start("dispatcher")
     processes.start("worker")
     job_id = _submit(
         client,
@@ -82,7 +79,6 @@ def test_failing_stage_retries_with_exponential_backoff_then_dead_letters(
 def test_cancel_running_job_stops_at_the_next_stage_boundary(
     client: TestClient, processes: Processes, org_id: uuid.UUID
 ) -> None:
-    processes.start("dispatcher")
     processes.start("worker")
     job_id = _submit(client, org_id, {"type": "mock_process", "params": {"stage_seconds": 0.5}})
     wait_for(lambda: _job(client, org_id, job_id)["stage"] == "extracting", what="first stage")
@@ -95,29 +91,11 @@ def test_cancel_running_job_stops_at_the_next_stage_boundary(
     assert client.post(f"/jobs/{job_id}/cancel", headers=auth(org_id)).status_code == 409
 
 
-def test_redis_down_at_submit_time_job_runs_once_redis_is_back(
-    client: TestClient,
-    processes: Processes,
-    redis_server: RedisServer,
-    org_id: uuid.UUID,
-    engine: Engine,
+def test_a_job_submitted_while_no_worker_runs_is_claimed_when_one_starts(
+    client: TestClient, processes: Processes, org_id: uuid.UUID
 ) -> None:
-    redis_server.stop()
-    processes.start("dispatcher")
     job_id = _submit(client, org_id, {"type": "noop"})
-
-    def publish_failed() -> bool:
-        with engine.connect() as conn:
-            return bool(
-                conn.execute(
-                    text("SELECT publish_attempts FROM job_outbox WHERE job_id = :id"),
-                    {"id": job_id},
-                ).scalar()
-            )
-
-    wait_for(publish_failed, what="a failed publish attempt")
     assert _job(client, org_id, job_id)["status"] == "queued"
-    redis_server.start()
     processes.start("worker")
     wait_for(lambda: _status_is(client, org_id, job_id, "succeeded"), what="success")
     claims = [e for e in _events(client, org_id, job_id) if e["next_status"] == "running"]
@@ -127,7 +105,6 @@ def test_redis_down_at_submit_time_job_runs_once_redis_is_back(
 def test_worker_killed_mid_job_is_reaped_and_the_job_recovers(
     client: TestClient, processes: Processes, org_id: uuid.UUID
 ) -> None:
-    processes.start("dispatcher")
     doomed = processes.start("worker")
     job_id = _submit(client, org_id, {"type": "mock_process", "params": {"stage_seconds": 0.4}})
     wait_for(lambda: _job(client, org_id, job_id)["stage"] == "analyzing", what="mid-job")
@@ -149,7 +126,6 @@ def test_worker_killed_mid_job_is_reaped_and_the_job_recovers(
 def test_sigterm_releases_the_running_job_without_counting_an_attempt(
     client: TestClient, processes: Processes, org_id: uuid.UUID
 ) -> None:
-    processes.start("dispatcher")
     first = processes.start("worker")
     job_id = _submit(client, org_id, {"type": "mock_process", "params": {"stage_seconds": 0.4}})
     wait_for(lambda: _job(client, org_id, job_id)["stage"] == "extracting", what="first stage")

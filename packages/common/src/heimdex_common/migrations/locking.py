@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Connection, text
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from heimdex_common.errors import HeimdexError
 
@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 # (Two 32-bit halves, "hdx" and "migrate", so it never collides with an application's own key.)
 MIGRATION_LOCK = (0x68_64_78, 0x6D_69_67)
 LOCK_NOT_AVAILABLE = "55P03"
+LOCK_POLL_SECONDS = 0.2
 
 
 class MigrationLockTimeout(HeimdexError):
@@ -48,9 +49,15 @@ def migration_lock(conn: Connection, *, wait_seconds: float) -> Iterator[None]:
     crash included). `conn` is left outside any transaction.
     """
     params = {"a": MIGRATION_LOCK[0], "b": MIGRATION_LOCK[1]}
-    got = conn.execute(text("SELECT pg_try_advisory_lock(:a, :b)"), params).scalar()
-    if not got:
+
+    def try_lock() -> bool:
+        got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:a, :b)"), params).scalar())
+        conn.commit()
+        return got
+
+    if not try_lock():
         holder = lock_holder(conn)
+        conn.commit()
         logger.warning(
             "waiting up to %ss for the migration lock (held by backend pid %s)",
             wait_seconds,
@@ -58,16 +65,15 @@ def migration_lock(conn: Connection, *, wait_seconds: float) -> Iterator[None]:
             extra={"action": "db.lock.wait", "holder_pid": holder},
         )
         started = time.monotonic()
-        conn.execute(text(f"SET lock_timeout = '{int(wait_seconds * 1000)}ms'"))
-        try:
-            conn.execute(text("SELECT pg_advisory_lock(:a, :b)"), params)
-        except OperationalError as exc:
-            if is_lock_timeout(exc):
+        # Polled between transactions, never awaited inside one: a waiter holding a snapshot
+        # would make the holder's CREATE INDEX CONCURRENTLY wait for it, and so for ever.
+        while not try_lock():
+            if time.monotonic() - started >= wait_seconds:
                 raise MigrationLockTimeout(
                     f"another migration (backend pid {holder}) held the migration lock for more "
                     f"than {wait_seconds:g}s; try again later or raise --lock-wait"
-                ) from None
-            raise
+                )
+            time.sleep(LOCK_POLL_SECONDS)
         logger.info(
             "migration lock acquired after %.1fs",
             time.monotonic() - started,
