@@ -12,7 +12,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
 from heimdex_common.errors import HeimdexError
-from heimdex_common.migrations.locking import MIGRATION_LOCK
+from heimdex_common.migrations.locking import MIGRATION_LOCK, WAITING_APPLICATION_NAME
 from heimdex_common.migrations.migrate import RevisionFailed, downgrade, upgrade
 from tests.dbutil import execute, scalar, version_of
 
@@ -53,8 +53,7 @@ CREATE TRIGGER log_version AFTER INSERT OR UPDATE ON alembic_version
 
 
 WAITERS = (
-    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
-    f"AND classid = {MIGRATION_LOCK[0]} AND objid = {MIGRATION_LOCK[1]}"
+    f"SELECT count(*) FROM pg_stat_activity WHERE application_name = '{WAITING_APPLICATION_NAME}'"
 )
 
 

@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 MIGRATION_LOCK = (0x68_64_78, 0x6D_69_67)
 LOCK_NOT_AVAILABLE = "55P03"
 LOCK_POLL_SECONDS = 0.2
+# What a waiting upgrader shows in pg_stat_activity: its wait holds no lock to see in pg_locks.
+WAITING_APPLICATION_NAME = "heimdex db: waiting for the migration lock"
 
 
 class MigrationLockTimeout(HeimdexError):
@@ -57,6 +59,7 @@ def migration_lock(conn: Connection, *, wait_seconds: float) -> Iterator[None]:
 
     if not try_lock():
         holder = lock_holder(conn)
+        conn.execute(text(f"SET application_name = '{WAITING_APPLICATION_NAME}'"))
         conn.commit()
         logger.warning(
             "waiting up to %ss for the migration lock (held by backend pid %s)",
@@ -74,6 +77,7 @@ def migration_lock(conn: Connection, *, wait_seconds: float) -> Iterator[None]:
                     f"than {wait_seconds:g}s; try again later or raise --lock-wait"
                 )
             time.sleep(LOCK_POLL_SECONDS)
+        conn.execute(text("RESET application_name"))
         logger.info(
             "migration lock acquired after %.1fs",
             time.monotonic() - started,
