@@ -1,17 +1,19 @@
-"""The jobs API over real PostgreSQL and Redis (no worker: jobs stay queued)."""
+"""The jobs API over real PostgreSQL (no worker: jobs stay queued)."""
 
 from __future__ import annotations
 
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 
+import psycopg
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
 from heimdex_api.auth import decode_token
 from heimdex_api.cli import dev_token
-from tests.stack import SECRET, RedisServer, auth
+from tests.stack import SECRET, auth
 
 BODY = {"type": "mock_process", "params": {"stage_seconds": 0.01}}
 PROBLEM = "application/problem+json"
@@ -21,23 +23,22 @@ def _submit(client: TestClient, org: uuid.UUID, body: dict[str, object] = BODY, 
     return client.post("/jobs", json=body, headers={**auth(org), **headers})
 
 
-def test_submit_writes_job_event_and_outbox_in_one_go(
+def test_submit_writes_the_job_and_its_event_and_wakes_workers(
     client: TestClient, org_id: uuid.UUID, engine: Engine
 ) -> None:
+    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    listener = psycopg.connect(url, autocommit=True)
+    listener.execute("LISTEN heimdex_jobs")
     resp = _submit(client, org_id)
+    woken = list(listener.notifies(timeout=5, stop_after=1))
+    listener.close()
+    assert [n.channel for n in woken] == ["heimdex_jobs"]
     assert resp.status_code == 201
     job = resp.json()
     assert job["status"] == "queued"
     assert job["params"] == {"stage_seconds": 0.01, "fail_at_stage": None}
     assert job["org_id"] == str(org_id)
-    with engine.connect() as conn:
-        assert (
-            conn.execute(
-                text("SELECT count(*) FROM job_outbox WHERE job_id = :id AND sent_at IS NULL"),
-                {"id": job["id"]},
-            ).scalar()
-            == 1
-        )
+    assert job["run_at"] <= job["updated_at"]
     events = client.get(f"/jobs/{job['id']}/events", headers=auth(org_id)).json()["items"]
     assert [(e["prev_status"], e["next_status"]) for e in events] == [(None, "queued")]
 
@@ -77,7 +78,7 @@ def test_concurrent_identical_submissions_create_exactly_one_job(
     assert len({r.json()["id"] for r in responses}) == 1
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM job")).scalar() == 1
-        assert conn.execute(text("SELECT count(*) FROM job_outbox")).scalar() == 1
+        assert conn.execute(text("SELECT count(*) FROM job_event")).scalar() == 1
 
 
 def test_another_orgs_job_does_not_exist_on_any_endpoint(
@@ -201,16 +202,10 @@ def test_token_of_another_secret_or_without_org_is_refused(client: TestClient) -
         assert resp.headers["www-authenticate"] == "Bearer"
 
 
-def test_readyz_reports_redis_down_and_health_stays_up(
-    client: TestClient, redis_server: RedisServer
-) -> None:
+def test_readyz_checks_postgres_and_schema_only(client: TestClient) -> None:
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"postgres": "ok", "schema": "ok", "redis": "ok"}
-    redis_server.stop()
-    down = client.get("/readyz")
-    assert down.status_code == 503
-    assert "redis" in down.json()["detail"]
+    assert ready.json()["checks"] == {"postgres": "ok", "schema": "ok"}
     assert client.get("/healthz").status_code == 200
 
 
@@ -224,11 +219,56 @@ def test_readyz_reports_a_schema_behind_head(client: TestClient, engine: Engine)
     assert "schema: at 3af4686817cc, expected" in resp.json()["detail"]
 
 
-def test_metrics_expose_ledger_gauges(client: TestClient, org_id: uuid.UUID) -> None:
+def test_metrics_expose_the_queue_per_type(client: TestClient, org_id: uuid.UUID) -> None:
     _submit(client, org_id)
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    client.post(
+        "/jobs", json={"type": "noop", "run_at": later}, headers=auth(org_id)
+    ).raise_for_status()
     text_ = client.get("/metrics").text
-    assert 'heimdex_jobs{status="queued",type="mock_process"} 1.0' in text_
-    assert "heimdex_outbox_pending 1.0" in text_
+    assert 'heimdex_queue_jobs{type="mock_process"} 1.0' in text_
+    assert 'heimdex_queue_jobs{type="noop"} 1.0' in text_
+    assert 'heimdex_queue_due_jobs{type="noop"} 0.0' in text_
+    assert 'heimdex_queue_oldest_due_seconds{type="mock_process"}' in text_
+    assert 'heimdex_job_transitions_total{from_status="",to_status="queued",type="noop"} 1.0' in (
+        text_
+    )
+
+
+def test_run_at_is_stored_and_must_carry_an_offset(client: TestClient, org_id: uuid.UUID) -> None:
+    later = datetime.now(UTC) + timedelta(minutes=5)
+    resp = client.post(
+        "/jobs", json={"type": "noop", "run_at": later.isoformat()}, headers=auth(org_id)
+    )
+    assert resp.status_code == 201, resp.text
+    assert datetime.fromisoformat(resp.json()["run_at"]) == later
+    naive = client.post(
+        "/jobs", json={"type": "noop", "run_at": "2030-01-01T00:00:00"}, headers=auth(org_id)
+    )
+    assert naive.status_code == 422
+
+
+def test_batch_submits_all_or_nothing_with_per_item_keys(
+    client: TestClient, org_id: uuid.UUID, engine: Engine
+) -> None:
+    jobs = [{"type": "noop"}, {"type": "noop", "idempotency_key": "b-1"}, {"type": "noop"}]
+    first = client.post("/jobs/batch", json={"jobs": jobs}, headers=auth(org_id))
+    assert first.status_code == 201, first.text
+    items = first.json()["items"]
+    assert [(i["index"], i["created"]) for i in items] == [(0, True), (1, True), (2, True)]
+    replay = client.post("/jobs/batch", json={"jobs": jobs[1:2]}, headers=auth(org_id))
+    assert replay.status_code == 200
+    assert replay.json()["items"][0]["job"]["id"] == items[1]["job"]["id"]
+    bad = [{"type": "noop"}, {"type": "mock_process", "params": {"stage_seconds": -1}}]
+    refused = client.post("/jobs/batch", json={"jobs": bad}, headers=auth(org_id))
+    assert refused.status_code == 422
+    assert "jobs[1]" in refused.json()["detail"]
+    too_many = client.post(
+        "/jobs/batch", json={"jobs": [{"type": "noop"}] * 1001}, headers=auth(org_id)
+    )
+    assert too_many.status_code == 422
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM job")).scalar() == 3
 
 
 def test_dev_token_signs_for_the_org_and_refuses_prod(monkeypatch) -> None:  # type: ignore[no-untyped-def]

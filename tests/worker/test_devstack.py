@@ -32,7 +32,7 @@ def state_dir() -> Iterator[Path]:
 
 
 def _env() -> dict[str, str]:
-    drop = ("DATABASE_URL", "REDIS_URL", "HEIMDEX_ENV")
+    drop = ("DATABASE_URL", "HEIMDEX_ENV")
     return {k: v for k, v in os.environ.items() if not k.startswith("PG") and k not in drop}
 
 
