@@ -75,10 +75,16 @@ class _Context:
             raise LeaseLost(self.held.job.id)
         if self.worker.stopping.is_set():
             raise ShuttingDown
-        with self.worker.autocommit() as conn:
-            state = repository.record_stage(
-                conn, self.held.job.id, self.held.token, stage=name, progress=progress
-            )
+
+        def record() -> bool | None:
+            with self.worker.autocommit() as conn:
+                return repository.record_stage(
+                    conn, self.held.job.id, self.held.token, stage=name, progress=progress
+                )
+
+        # Through an outage the handler waits here; if the lease expired meanwhile, the write
+        # finds it gone and the attempt stops (LeaseLost) instead of counting a failure.
+        state = _retrying("recording a stage", record, give_up=self.worker.stopping.is_set)
         if state is None:
             raise LeaseLost(self.held.job.id)
         if state:

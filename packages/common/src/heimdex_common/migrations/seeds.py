@@ -121,6 +121,23 @@ INSERT INTO job_outbox (job_id)
 SELECT id FROM job WHERE org_id = '55555555-5555-5555-5555-555555555555'
 """,
     ],
+    # The queue in the ledger: a job scheduled for later at a high priority, a retry waiting out
+    # its backoff, and a running job holding a lease. The downgrade turns the queued ones back
+    # into outbox messages due at their run_at.
+    "b8e2d4f6a1c3": [
+        """
+INSERT INTO job (org_id, type, status, priority, run_at, attempt, last_error_code,
+                 lease_token, leased_by, lease_expires_at, started_at)
+VALUES
+  ('66666666-6666-6666-6666-666666666666', 'drive_ingest', 'queued', 7,
+   now() + interval '1 day', 0, NULL, NULL, NULL, NULL, NULL),
+  ('66666666-6666-6666-6666-666666666666', 'mock_process', 'queued', 0,
+   now() + interval '30 seconds', 2, 'MOCK_STAGE_FAILED', NULL, NULL, NULL, now()),
+  ('66666666-6666-6666-6666-666666666666', 'noop', 'running', 0,
+   now() - interval '1 minute', 0, NULL, gen_random_uuid(), 'worker-9:42',
+   now() + interval '30 seconds', now())
+""",
+    ],
 }
 
 
