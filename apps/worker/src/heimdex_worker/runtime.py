@@ -173,6 +173,7 @@ class Worker:
         self.wake = threading.Event()
         self._held: dict[uuid.UUID, Held] = {}
         self._held_lock = threading.Lock()
+        self._reserved = 0
         self._runnable: queue.Queue[Held | None] = queue.Queue()
         self._done: queue.Queue[tuple[Held, Outcome | service.Failure | None, str]] = queue.Queue()
         self._threads: list[threading.Thread] = []
@@ -185,23 +186,43 @@ class Worker:
 
     def run(self, stop: threading.Event) -> None:
         self._start_threads()
+        # Small batches on many threads: several claims in flight, so one claim's round trip
+        # does not idle the others (batch 1 at concurrency 4 runs four claimers).
+        claimers = [
+            threading.Thread(target=self._claim_loop, args=(stop,), name=f"claimer-{i}")
+            for i in range(1, max(1, self.capacity // self.batch))
+        ]
+        for thread in claimers:
+            thread.start()
         try:
             self._claim_loop(stop)
         finally:
+            for thread in claimers:
+                thread.join()
             self._shutdown()
+
+    def _reserve(self) -> int:
+        """Slots this claimer may fill now (0: not worth a claim yet), reserved under the lock
+        so that concurrent claimers never hold more than the capacity together."""
+        with self._held_lock:
+            free = self.capacity - len(self._held) - self._reserved
+            want = min(self.batch, free)
+            if want >= self.threshold or (want > 0 and free == self.capacity):
+                self._reserved += want
+                return want
+            return 0
 
     def _claim_loop(self, stop: threading.Event) -> None:
         failing_since: float | None = None
         while not stop.is_set():
-            with self._held_lock:
-                free = self.capacity - len(self._held)
-            want = min(self.batch, free)
-            got = 0
-            if want >= self.threshold or (want > 0 and free == self.capacity):
+            want = self._reserve()
+            if want:
                 self.wake.clear()
                 try:
                     jobs = self._claim(want)
                 except DBAPIError as exc:
+                    with self._held_lock:
+                        self._reserved -= want
                     if failing_since is None:
                         failing_since = time.monotonic()
                         logger.warning(
@@ -213,14 +234,14 @@ class Worker:
                 if failing_since is not None:
                     logger.info("claiming again", extra={"action": "worker.claim_recovered"})
                     failing_since = None
-                got = len(jobs)
+                with self._held_lock:
+                    self._reserved -= want
+                    for job in jobs:
+                        self._held[job.id] = Held(job)
                 for job in jobs:
-                    held = Held(job)
-                    with self._held_lock:
-                        self._held[job.id] = held
                     self.metrics.ledger.count(job.type, JobStatus.QUEUED, JobStatus.RUNNING)
-                    self._runnable.put(held)
-                if got == want:
+                    self._runnable.put(self._held[job.id])
+                if len(jobs) == want:
                     continue
             self.wake.wait(self.settings.poll_interval_seconds)
 

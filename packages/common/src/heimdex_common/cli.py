@@ -1,19 +1,19 @@
 """The `heimdex` command. A thin shell: commands live in plain functions elsewhere.
 
 Sub-commands come from the `heimdex.cli` entry-point group, so `heimdex api`, `heimdex worker`
-and friends are contributed by the apps without this package importing them.
+and friends are contributed by the apps without this package importing them; `heimdex db`
+comes the same way, so a process imports only the command it runs.
 """
 
 from __future__ import annotations
 
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 
 import click
 
 from heimdex_common import __version__
 from heimdex_common.errors import HeimdexError
-from heimdex_common.migrations.cli import db
 
 ENTRY_POINT_GROUP = "heimdex.cli"
 
@@ -21,17 +21,19 @@ ENTRY_POINT_GROUP = "heimdex.cli"
 class HeimdexGroup(click.Group):
     """Loads plugin commands lazily and turns `HeimdexError` into one line and exit code 1."""
 
-    def _plugins(self) -> dict[str, click.Command]:
-        found: dict[str, click.Command] = {}
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            found[ep.name] = ep.load()
-        return found
+    def _plugins(self) -> dict[str, EntryPoint]:
+        return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self._plugins()})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        return super().get_command(ctx, cmd_name) or self._plugins().get(cmd_name)
+        # Only the command asked for is imported: `heimdex worker` never loads Alembic.
+        found = super().get_command(ctx, cmd_name)
+        if found is None and (ep := self._plugins().get(cmd_name)) is not None:
+            command: click.Command = ep.load()
+            return command
+        return found
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -46,5 +48,3 @@ class HeimdexGroup(click.Group):
 def main() -> None:
     """Heimdex core: the durable job ledger, its migrations, API and workers."""
 
-
-main.add_command(db)

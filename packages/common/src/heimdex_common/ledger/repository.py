@@ -203,7 +203,7 @@ WITH RECURSIVE orgs AS (
         SELECT j.id, j.org_id, j.priority, j.run_at
           FROM job AS j
          WHERE j.status = 'queued' AND j.org_id = orgs.org_id AND j.run_at <= now()
-         ORDER BY j.priority DESC, j.run_at, j.id
+         ORDER BY j.priority DESC, j.run_at
          LIMIT :limit
            FOR UPDATE SKIP LOCKED) AS c
      WHERE orgs.org_id IS NOT NULL
