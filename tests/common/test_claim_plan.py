@@ -51,6 +51,12 @@ SELECT CAST(:org AS uuid), 'noop', g % 3 FROM generate_series(1, 10000) AS g""")
     scans = [n for n in nodes if "Scan" in str(n["Node Type"]) and n.get("Relation Name") == "job"]
     assert scans, nodes
     assert all(n["Node Type"] != "Seq Scan" for n in scans), [n["Node Type"] for n in scans]
+    # Each org's next jobs come off the index in claim order: read a few rows, never the
+    # org's whole backlog (a bitmap scan would, then sort it).
+    assert any(
+        n["Node Type"] == "Index Scan" and n.get("Index Name") == CLAIM_INDEX for n in scans
+    ), scans
+    assert not any(n["Node Type"] == "Bitmap Heap Scan" for n in scans), scans
     assert {n.get("Index Name") for n in scans if "Index" in str(n["Node Type"])} <= {
         CLAIM_INDEX,
         "pk_job",
