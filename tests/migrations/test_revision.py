@@ -39,7 +39,8 @@ def test_a_plain_revision_is_formatted_and_follows_head(history: HistoryCopy) ->
     assert path == history.versions / "aa11bb22cc33_add_job_region.py"
     text = path.read_text()
     assert f'down_revision = "{head}"' in text
-    assert "op.execute(\"SET LOCAL lock_timeout = '5s'\")" in text
+    assert "from heimdex_common.migrations.online import set_lock_timeout" in text
+    assert "def upgrade() -> None:\n    set_lock_timeout()" in text
     check = subprocess.run(
         [sys.executable, "-m", "ruff", "format", "--check", str(path)],
         capture_output=True, text=True, check=False,

@@ -20,6 +20,7 @@ from heimdex_common.migrations import revision as revision_cmd
 from heimdex_common.migrations import status as status_cmd
 from heimdex_common.migrations import verify as verify_cmd
 from heimdex_common.migrations.lint_rls import RLS_BASELINE_REVISION
+from heimdex_common.migrations.online import DEFAULT_LOCK_TIMEOUT, LOCK_TIMEOUT_ENV
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,9 +45,12 @@ def _url_option(help_text: str = URL_HELP) -> Callable[[F], F]:
 def _lock_options(f: F) -> F:
     f = click.option(
         "--lock-timeout",
-        default="5s",
+        default=DEFAULT_LOCK_TIMEOUT,
+        envvar=LOCK_TIMEOUT_ENV,
         show_default=True,
-        help="Session lock_timeout for the DDL (revisions also SET LOCAL their own).",
+        help="lock_timeout of every DDL statement: the session's, and the one revisions SET "
+        "LOCAL (online.set_lock_timeout) and the online toolkit use; a statement that times "
+        f"out is retried (env: {LOCK_TIMEOUT_ENV}).",
     )(f)
     f = click.option(
         "--retries",
