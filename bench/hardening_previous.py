@@ -1,3 +1,5 @@
+# The transactional 3af4686817cc that the online revision replaced, kept verbatim as the
+# "previous" variant of bench/migration_hardening.py (which runs it from a copy of the history).
 """hardening: job ledger enums/indexes/idempotency
 
 Revision ID: 3af4686817cc

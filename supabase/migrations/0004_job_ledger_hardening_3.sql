@@ -2,10 +2,14 @@ DO $backfill$
 DECLARE
     n bigint;
     done bigint := 0;
-    last_key uuid := '00000000-0000-0000-0000-000000000000'::uuid;
+    lo bigint := 0;
+    k bigint;
 BEGIN
+    SELECT greatest(1, 5000 / greatest(1, (reltuples / greatest(relpages, 1))::bigint)) INTO k
+      FROM pg_class WHERE oid = 'job'::regclass;
     LOOP
-        WITH batch AS (SELECT id, status, finished_at, updated_at, started_at, created_at, last_error_code, last_error_message FROM job WHERE (id > last_key) AND (status_new IS NULL) ORDER BY id LIMIT 5000 FOR UPDATE),
+        EXIT WHEN lo >= pg_relation_size('job') / current_setting('block_size')::bigint;
+        WITH batch AS (SELECT id, status, finished_at, updated_at, started_at, created_at, last_error_code, last_error_message FROM job WHERE ctid >= ('(' || lo || ',0)')::tid AND ctid < ('(' || lo + k || ',0)')::tid AND (status_new IS NULL) FOR UPDATE),
 fixed AS (
     UPDATE job AS j
        SET status_new = (CASE b.status WHEN 'pending' THEN 'queued' WHEN 'processing' THEN 'running' WHEN 'completed' THEN 'succeeded' ELSE b.status END)::job_status,
@@ -41,10 +45,10 @@ SELECT id, clock_timestamp(), old_status, new_status,
     OR length(old_code) > 64
     OR length(old_message) > 2048
 )
-SELECT count(*), (SELECT id FROM batch ORDER BY id DESC LIMIT 1) FROM batch
-          INTO n, last_key;
-        EXIT WHEN n = 0;
+SELECT count(*) FROM batch
+          INTO n;
         done := done + n;
+        lo := lo + k;
         RAISE NOTICE USING MESSAGE = 'normalise job rows: ' || done || ' rows';
         COMMIT;
     END LOOP;

@@ -5,6 +5,7 @@ BEGIN
                   AND attname = 'status_new' AND NOT attisdropped) THEN
         LOCK TABLE job IN ACCESS EXCLUSIVE MODE;
         DROP TRIGGER IF EXISTS job__3af4686817cc_mirror ON job;
+        DROP TRIGGER IF EXISTS job__3af4686817cc_mirror_update ON job;
         EXECUTE 'COMMENT ON COLUMN job.status_new IS ' || quote_nullable(col_description('job'::regclass, (SELECT attnum FROM pg_attribute WHERE attrelid = 'job'::regclass AND attname = 'status')));
         EXECUTE 'COMMENT ON COLUMN job.last_error_code_new IS ' || quote_nullable(col_description('job'::regclass, (SELECT attnum FROM pg_attribute WHERE attrelid = 'job'::regclass AND attname = 'last_error_code')));
         EXECUTE 'COMMENT ON COLUMN job.last_error_message_new IS ' || quote_nullable(col_description('job'::regclass, (SELECT attnum FROM pg_attribute WHERE attrelid = 'job'::regclass AND attname = 'last_error_message')));

@@ -135,6 +135,11 @@ Concurrency: every upgrade/downgrade takes a PostgreSQL advisory lock first, so
 replicas starting together apply each revision once; the others wait (--lock-wait),
 then find nothing to do. Exit codes: 0 done, 1 error (a failed revision names itself
 and the statement; it was rolled back, the database stays at the previous revision).
+Progress on stderr: each revision, long steps of online revisions (backfill rows,
+index builds), and per revision how long it held ACCESS EXCLUSIVE locks. Online
+revisions (docs/migrations.md §6) commit step by step and are resumable: after a
+crash, the next upgrade continues where it stopped. HEIMDEX_BACKFILL_BATCH (rows per
+batch, default 5000) and HEIMDEX_LOCK_RETRY_DEADLINE (seconds, default 300) tune them.
 """
 )
 @click.argument("revision", default="head")
@@ -306,7 +311,9 @@ def verify(
     epilog=f"""\b
 Rules: squawk (squawk-cli) on each revision's upgrade SQL, plus our own:
   enum-without-using, enum-not-dropped, index-not-concurrent,
-  not-null-without-default, missing-lock-timeout,
+  not-null-without-default, missing-lock-timeout (also: a strong-lock
+  statement in an autocommit block), table-rewrite, validation-under-lock,
+  backfill-in-one-statement (the online promise: see docs/migrations.md §6),
   table-without-rls (revisions after {RLS_BASELINE_REVISION}: a table created in
   public must get ENABLE ROW LEVEL SECURITY in the same revision).
 Acknowledge one finding with a comment on or just above the offending line:

@@ -22,9 +22,10 @@ Inside `online()` every statement commits on its own (Alembic's autocommit block
   `add_check`) runs in a DO block that starts with `SET LOCAL lock_timeout` (the one value of
   `lock_timeout()`); online, a lock timeout is retried with growing, jittered waits up to
   `retry_deadline()` seconds, each wait logged, and its duration is recorded as strong-lock time;
-- `backfill` updates `batch_size()` rows per statement, each committed, keyed by the primary key
-  and selecting only rows matching `pending`: an upgrade killed half-way continues where it
-  stopped. Offline (`--sql`) it is one DO block that COMMITs after every batch;
+- `backfill` updates about `batch_size()` rows per statement (a range of pages, in physical
+  order), each committed, selecting only rows matching `pending`: an upgrade killed half-way
+  skips what is done and continues. Offline (`--sql`) it is one DO block that COMMITs after
+  every batch;
 - VALIDATE CONSTRAINT and CREATE/DROP INDEX CONCURRENTLY take SHARE UPDATE EXCLUSIVE, which
   blocks no reader and no writer: they wait without a lock_timeout. An INVALID index left by a
   killed concurrent build is dropped and built again.
@@ -331,29 +332,36 @@ def replace_index(
     drop_index(old)
 
 
-_KEY_MIN = {
-    "uuid": "'00000000-0000-0000-0000-000000000000'::uuid",
-    "bigint": str(-(2**63)),
-    "integer": str(-(2**31)),
-}
-
-
-def _estimate(table: str) -> int:
-    """Rows in `table`: the planner's estimate, or a count if it was never analysed."""
+def _pages(table: str) -> int:
     value = (
         _bind()
         .execute(
             text(
-                "SELECT greatest(reltuples, 0)::bigint FROM pg_class"
-                " WHERE oid = CAST(:t AS regclass)"
+                "SELECT pg_relation_size(CAST(:t AS regclass))"
+                " / current_setting('block_size')::bigint"
             ),
             {"t": table},
         )
         .scalar()
     )
-    if value is None or int(value) <= 0:
-        value = _bind().execute(text(f"SELECT count(*) FROM {table}")).scalar()
     return int(value or 0)
+
+
+def _rows_per_page(table: str) -> float:
+    """The planner's estimate, or a count if `table` was never analysed."""
+    row = (
+        _bind()
+        .execute(
+            text("SELECT reltuples, relpages FROM pg_class WHERE oid = CAST(:t AS regclass)"),
+            {"t": table},
+        )
+        .one()
+    )
+    tuples, pages = float(row[0]), int(row[1])
+    if tuples <= 0 or pages <= 0:
+        tuples = float(_bind().execute(text(f"SELECT count(*) FROM {table}")).scalar() or 0)
+        pages = _pages(table)
+    return tuples / pages if pages else 1.0
 
 
 def backfill(
@@ -363,90 +371,96 @@ def backfill(
     steps: str,
     columns: tuple[str, ...] = (),
     key: str = "id",
-    key_type: str = "uuid",
-    key_min: str | None = None,
+    recheck: bool = True,
     label: str | None = None,
 ) -> int:
-    """Update the rows matching `pending` in batches of `batch_size()`, each committed.
+    """Update the rows matching `pending` in batches of about `batch_size()` rows, each committed.
 
-    Each batch is one statement: the CTE `batch` holds the next rows by `key` that match
-    `pending` (locked FOR UPDATE, with `key` and `columns`), and `steps` are further CTEs
-    (`name AS (UPDATE ... FROM batch ...)`, e.g. an UPDATE and an INSERT of what it changed).
-    The steps must make `pending` false for every row of the batch, or the backfill would not
-    end; rows written meanwhile by the application are the caller's (a trigger's) business.
+    Batches walk the table in physical order, a range of pages at a time (a TID range scan):
+    each page is read once, sequentially, instead of once per row in key order, which on a
+    table bigger than the cache is several times faster. Each batch is one statement: the CTE
+    `batch` holds the rows of those pages that match `pending` (locked FOR UPDATE, with `key`
+    and `columns`), and `steps` are further CTEs (`name AS (UPDATE ... FROM batch ...)`, e.g.
+    an UPDATE and an INSERT of what it changed). The steps must make `pending` false for every
+    row of the batch. New row versions land at the end of the table; the walk follows the
+    table's current size, and `pending` skips them. A restarted backfill starts over at page 0
+    and `pending` skips what is done (a sequential read, no writes).
+    With `recheck`, a second pass catches rows that became pending behind the cursor; pass
+    False when nothing can (e.g. a trigger fills new rows).
     Returns the number of rows updated (online; 0 offline).
     """
     label = label or f"backfill {table}"
     cols = "".join(f", {c}" for c in columns)
-    # The cursor starts below every key: `key > cursor` stays an index range scan (an
-    # `cursor IS NULL OR ...` would make every batch walk the index from its start).
-    start = key_min or _KEY_MIN.get(key_type)
-    if start is None:
-        raise HeimdexError(f"backfill of {table}: pass key_min, the lowest {key_type} value")
 
-    def batch_sql(after: str, size: str) -> str:
+    def batch_sql(lo: str, hi: str) -> str:
         return (
             f"WITH batch AS (SELECT {key}{cols} FROM {table}"
-            f" WHERE ({after}) AND ({pending}) ORDER BY {key} LIMIT {size} FOR UPDATE),\n"
+            f" WHERE ctid >= {lo} AND ctid < {hi} AND ({pending}) FOR UPDATE),\n"
             f"{steps}\n"
-            f"SELECT count(*), (SELECT {key} FROM batch ORDER BY {key} DESC LIMIT 1) FROM batch"
+            "SELECT count(*) FROM batch"
         )
 
     if _offline():
         # PostgreSQL 11+: a DO block outside a transaction block may COMMIT between batches.
-        one_batch = batch_sql(f"{key} > last_key", str(DEFAULT_BATCH_SIZE))
+        one_batch = batch_sql("('(' || lo || ',0)')::tid", "('(' || lo + k || ',0)')::tid")
         op.execute(
             f"DO $backfill$\nDECLARE\n    n bigint;\n    done bigint := 0;\n"
-            f"    last_key {key_type} := {start};\nBEGIN\n    LOOP\n"
+            "    lo bigint := 0;\n    k bigint;\nBEGIN\n"
+            f"    SELECT greatest(1, {DEFAULT_BATCH_SIZE} / greatest(1, (reltuples"
+            " / greatest(relpages, 1))::bigint)) INTO k\n"
+            f"      FROM pg_class WHERE oid = '{table}'::regclass;\n"
+            "    LOOP\n"
+            f"        EXIT WHEN lo >= pg_relation_size('{table}')"
+            " / current_setting('block_size')::bigint;\n"
             f"        {one_batch}\n"
-            "          INTO n, last_key;\n"
-            "        EXIT WHEN n = 0;\n"
+            "          INTO n;\n"
             "        done := done + n;\n"
+            "        lo := lo + k;\n"
             f"        RAISE NOTICE USING MESSAGE = '{label}: ' || done || ' rows';\n"
             "        COMMIT;\n    END LOOP;\nEND\n$backfill$"
         )
         return 0
     conn = _bind()
     size = batch_size()
-    total = _estimate(table)
+    per_page = _rows_per_page(table)
+    step = max(1, int(size / max(per_page, 1.0)))
+    total = int(per_page * _pages(table))
     done = 0
     started = time.monotonic()
     last_log = 0.0
     logger.info(
-        "%s: batches of %d rows (about %d rows in %s) ...",
+        "%s: batches of %d pages (about %d rows; about %d rows in %s) ...",
         label,
-        size,
+        step,
+        int(step * per_page),
         total,
         table,
         extra={"action": "db.online.backfill.start"},
     )
-    # Two passes: the second catches rows behind the cursor that became pending meanwhile.
-    for _pass in range(2):
-        last: Any = None
-        while True:
-            after = f"CAST(:after AS {key_type})" if last is not None else start
-            sql = batch_sql(f"{key} > {after}", ":size")
+    for _pass in range(2 if recheck else 1):
+        lo = 0
+        while lo < (pages := _pages(table)):
+            sql = batch_sql(f"'({lo},0)'::tid", f"'({lo + step},0)'::tid")
             try:
-                n, last_key = conn.execute(text(sql), {"after": last, "size": size}).one()
+                n = conn.execute(text(sql)).scalar()
             except DBAPIError as exc:
                 if not _is_lock_timeout(exc):
                     raise
                 logger.warning("%s: lock_timeout on a batch, retrying", label)
                 time.sleep(random.uniform(0.1, 0.5))  # noqa: S311 (jitter)
                 continue
-            if not n:
-                break
-            done += int(n)
-            last = last_key
+            done += int(n or 0)
+            lo += step
             now = time.monotonic()
             if now - last_log >= 1.0:
                 last_log = now
-                pct = f" ({100 * done / total:.0f}%)" if total else ""
                 logger.info(
-                    "%s: %d rows%s, %.1fs",
+                    "%s: %d rows, page %d of %d (%.0f%%), %.1fs",
                     label,
                     done,
-                    pct,
+                    min(lo, pages),
+                    pages,
+                    100 * min(lo, pages) / pages,
                     now - started,
                     extra={"action": "db.online.backfill.progress", "rows": done},
                 )
