@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
 from heimdex_common.migrations.artifacts import ArtifactsStale, compile_artifacts, sql
@@ -17,8 +17,10 @@ from heimdex_common.migrations.config import alembic_config
 from heimdex_common.migrations.migrate import upgrade
 from heimdex_common.migrations.schema import render_diff, snapshot
 from heimdex_common.migrations.status import status
+from tests.dbutil import scalar
 
 from .conftest import COMMON, REPO, HistoryCopy, clean_env, heimdex, revisions_of, url_arg
+from .test_online import EVENTS_CHECKSUM, LOAD, ROWS_CHECKSUM
 
 ARTIFACTS = REPO / "supabase" / "migrations"
 
@@ -192,3 +194,32 @@ def test_a_statement_that_cannot_run_in_a_transaction_gets_a_file_of_its_own(
     upgrade(config=history.ini, database_url=by_alembic)
     assert _schema(empty_db_url) == _schema(by_alembic)
     assert status(config=history.ini, database_url=empty_db_url).current == ("face00000001",)
+
+
+def test_the_online_revision_s_artifacts_on_rows_do_what_the_upgrade_does(
+    create_database: Callable[..., URL],
+) -> None:
+    """3af4686817cc's files (batched backfill as a DO block that COMMITs) on real rows."""
+    seed = create_database()
+    upgrade("001_job_ledger_init", database_url=seed)
+    engine = create_engine(seed)
+    with engine.begin() as conn:
+        conn.execute(text(LOAD), {"rows": 30_000})
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE job"))
+    engine.dispose()
+    by_files, by_upgrade = (
+        create_database(template=seed.database),
+        create_database(template=seed.database),
+    )
+    files = [
+        ARTIFACTS / a.name
+        for a in compile_artifacts(alembic_config())
+        if a.revision == "3af4686817cc"
+    ]
+    _apply_like_supabase(by_files, files)
+    upgrade("3af4686817cc", database_url=by_upgrade)
+    assert scalar(by_files, "SELECT count(*) FROM job") == 30_000
+    assert scalar(by_files, ROWS_CHECKSUM) == scalar(by_upgrade, ROWS_CHECKSUM)
+    assert scalar(by_files, EVENTS_CHECKSUM) == scalar(by_upgrade, EVENTS_CHECKSUM)
+    assert _schema(by_files) == _schema(by_upgrade)
