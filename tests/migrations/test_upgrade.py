@@ -215,6 +215,7 @@ def test_lock_timeout_fails_fast_and_leaves_the_previous_revision(
     assert "revision 3af4686817cc (upgrade) failed" in message
     assert "lock timeout" in message
     assert "still at 001_job_ledger_init" in message
+    assert "the next upgrade continues from them" in message
     assert version_of(db_url) == "001_job_ledger_init"
 
 

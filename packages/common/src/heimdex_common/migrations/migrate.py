@@ -29,6 +29,7 @@ from heimdex_common.migrations.locking import is_lock_timeout, migration_lock
 from heimdex_common.migrations.online import (
     DEFAULT_LOCK_TIMEOUT,
     LOCK_TIMEOUT_ATTRIBUTE,
+    ONLINE_ATTRIBUTE,
     STRONG_LOCKS_ATTRIBUTE,
 )
 
@@ -205,6 +206,7 @@ def _run_step(
             # The one lock_timeout: revisions read it through online.lock_timeout().
             cfg.attributes[LOCK_TIMEOUT_ATTRIBUTE] = lock_timeout
             cfg.attributes[STRONG_LOCKS_ATTRIBUTE] = []
+            cfg.attributes[ONLINE_ATTRIBUTE] = False
             try:
                 with StrongLockClock(conn) as clock:
                     if step.direction == "upgrade":
@@ -235,6 +237,11 @@ def _run_step(
                     message += (
                         f" (gave up after {attempt} attempts: a long transaction holds a lock "
                         "this revision needs)"
+                    )
+                if cfg.attributes.pop(ONLINE_ATTRIBUTE, False):
+                    message += (
+                        "; its online steps that had committed stay, and the next upgrade "
+                        "continues from them"
                     )
                 raise RevisionFailed(message) from None
             except CommandError as exc:

@@ -62,6 +62,7 @@ RETRY_DEADLINE_ENV = "HEIMDEX_LOCK_RETRY_DEADLINE"
 # Keys in Alembic's Config.attributes: `heimdex db upgrade` sets the first and reads the second.
 LOCK_TIMEOUT_ATTRIBUTE = "heimdex.lock_timeout"
 STRONG_LOCKS_ATTRIBUTE = "heimdex.strong_locks"
+ONLINE_ATTRIBUTE = "heimdex.online"  # set once a revision entered online()
 LOCK_NOT_AVAILABLE = "55P03"
 _DURATION = re.compile(r"^\d+(ms|s|min)?$")
 
@@ -166,6 +167,7 @@ def _run_with_retries(sql: str, label: str, *, strong: bool) -> None:
 @contextmanager
 def online() -> Iterator[None]:
     """Run the block outside the revision's transaction, one committed statement at a time."""
+    _attributes()[ONLINE_ATTRIBUTE] = True
     with op.get_context().autocommit_block():
         yield
 
