@@ -39,6 +39,7 @@ from heimdex_common.settings import Settings
 logger = logging.getLogger(__name__)
 
 MAX_RETRY_WAIT_SECONDS = 2.0
+SHORT_JOB_SECONDS = 0.05
 
 
 class ShuttingDown(Exception):
@@ -162,9 +163,14 @@ class Worker:
         self.worker_id = worker_id
         self.concurrency = concurrency
         self.batch = batch
-        self.capacity = max(concurrency, batch)
+        self.base_capacity = max(concurrency, batch)
+        # Claim one batch ahead only while jobs are short (the claim of the next batch then
+        # overlaps the outcome of the last); a long job never waits in a busy worker's buffer
+        # while another worker is idle.
+        self._short_jobs = False
+        self._mean_seconds: float | None = None
         # Claim again once half a batch of slots is free: full batches without idle threads.
-        self.threshold = max(1, min(batch, self.capacity) // 2)
+        self.threshold = max(1, min(batch, self.base_capacity) // 2)
         self.metrics = metrics
         self.policy = service.RetryPolicy(
             base_seconds=settings.backoff_base_seconds, max_seconds=settings.backoff_max_seconds
@@ -190,7 +196,7 @@ class Worker:
         # does not idle the others (batch 1 at concurrency 4 runs four claimers).
         claimers = [
             threading.Thread(target=self._claim_loop, args=(stop,), name=f"claimer-{i}")
-            for i in range(1, max(1, self.capacity // self.batch))
+            for i in range(1, max(1, (self.base_capacity + self.batch) // self.batch))
         ]
         for thread in claimers:
             thread.start()
@@ -200,6 +206,16 @@ class Worker:
             for thread in claimers:
                 thread.join()
             self._shutdown()
+
+    @property
+    def capacity(self) -> int:
+        return self.base_capacity + (self.batch if self._short_jobs else 0)
+
+    def _observe(self, seconds: float) -> None:
+        """Keep a moving mean of attempt durations; jobs under SHORT_JOB_SECONDS are short."""
+        mean = seconds if self._mean_seconds is None else 0.9 * self._mean_seconds + 0.1 * seconds
+        self._mean_seconds = mean
+        self._short_jobs = mean < SHORT_JOB_SECONDS
 
     def _reserve(self) -> int:
         """Slots this claimer may fill now (0: not worth a claim yet), reserved under the lock
@@ -352,6 +368,7 @@ class Worker:
                         },
                     )
             self.metrics.attempt_seconds.labels(job.type, label).observe(now - held.claimed_at)
+            self._observe(now - held.claimed_at)
             with self._held_lock:
                 self._held.pop(job.id, None)
         self.wake.set()
