@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from heimdex_api import problems
 from heimdex_api.metrics import ApiMetrics
@@ -43,25 +45,42 @@ def create_app(settings: Settings) -> FastAPI:
     problems.install(app)
     app.include_router(router)
 
-    @app.middleware("http")
-    async def guard_and_count(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        length = request.headers.get("content-length")
+    app.add_middleware(GuardAndCount)
+    return app
+
+
+class GuardAndCount:
+    """Refuses an oversized declared body up front and counts every request by route and
+    status. Plain ASGI: no per-request task or body streaming of its own."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length")
         if length is not None and (not length.isdigit() or int(length) > BODY_MAX_BYTES):
-            return problems.problem(
-                413, "body-too-large", f"request body over {BODY_MAX_BYTES} bytes", request
+            response = problems.problem(
+                413, "body-too-large", f"request body over {BODY_MAX_BYTES} bytes", Request(scope)
             )
+            await response(scope, receive, send)
+            return
+        status = 500
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        state: AppState | None = getattr(request.app.state, "heimdex", None)
+        await self.app(scope, receive, send_and_note)
+        state: AppState | None = getattr(scope["app"].state, "heimdex", None)
         if state is not None:
-            state.metrics.requests.labels(request.method, path, response.status_code).inc()
-            state.metrics.latency.labels(request.method, path).observe(
+            path = getattr(scope.get("route"), "path", "unmatched")
+            state.metrics.requests.labels(scope["method"], path, status).inc()
+            state.metrics.latency.labels(scope["method"], path).observe(
                 time.perf_counter() - started
             )
-        return response
-
-    return app
