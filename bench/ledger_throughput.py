@@ -15,9 +15,10 @@ and each system's ratio to Heimdex.
 - raw SQL ceiling: the least a worker could do on Heimdex's schema with the full event log:
   4 connections, each `UPDATE ... FOR UPDATE SKIP LOCKED` (+ claimed events) then the outcome
   (+ events), per batch, no fairness, no Python work per job.
-- submit: one job per request through the real HTTP API (`heimdex api`, 4 client threads on
-  keep-alive connections) against PGQueuer's `enqueue` one by one (4 tasks); bulk: `POST
-  /jobs/batch` with 1,000 jobs per request against PGQueuer's `enqueue` of 1,000.
+- submit: one job per request through the real HTTP API (`heimdex api --workers 2`, loaded by
+  `wrk` with 4 keep-alive connections when it is installed, else 4 Python client threads)
+  against PGQueuer's `enqueue` one by one (4 tasks, straight to the database, no HTTP); bulk:
+  `POST /jobs/batch` with 1,000 jobs per request against PGQueuer's `enqueue` of 1,000.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ import asyncio
 import http.client
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -192,7 +195,7 @@ def _serve_api(url: str) -> tuple[subprocess.Popen[bytes], int, dict[str, str]]:
     env = {**os.environ, "DATABASE_URL": url, "HEIMDEX_JWT_SECRET": SECRET}
     proc = subprocess.Popen(
         [sys.executable, "-c", "from heimdex_common.cli import main; main()", "api",
-         "--port", str(port)],
+         "--port", str(port), "--workers", "2"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 30
@@ -214,9 +217,33 @@ def _serve_api(url: str) -> tuple[subprocess.Popen[bytes], int, dict[str, str]]:
     return proc, port, headers
 
 
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '{"type": "noop"}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "%s"
+"""
+
+
+def _wrk(port: int, headers: dict[str, str], seconds: int) -> float:
+    """Requests/s of `wrk` (C, 4 keep-alive connections) posting one job per request."""
+    script = Path(tempfile.mkdtemp()) / "post.lua"
+    script.write_text(WRK_SCRIPT % headers["Authorization"])
+    out = subprocess.run(
+        ["wrk", "-t", "2", "-c", str(CONCURRENCY), "-d", f"{seconds}s", "-s", str(script),
+         f"http://127.0.0.1:{port}/jobs"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    if "Non-2xx" in out:
+        raise SystemExit(f"wrk saw failed submissions:\n{out}")
+    return float(out.split("Requests/sec:")[1].split()[0])
+
+
 def child_submit_heimdex(url: str, n: int, batch: int) -> float:
     proc, port, headers = _serve_api(url)
     try:
+        if batch == 1 and shutil.which("wrk"):
+            return _wrk(port, headers, seconds=max(3, n // 1000))
         if batch == 1:
             body = json.dumps({"type": "noop"})
             path, per_request = "/jobs", 1

@@ -16,8 +16,9 @@ from heimdex_api.routes import router
 from heimdex_api.state import AppState
 from heimdex_common.db import make_engine
 from heimdex_common.ledger.registry import load_registry
+from heimdex_common.logs import configure_logging
 from heimdex_common.migrations.config import alembic_config, script_directory
-from heimdex_common.settings import Settings
+from heimdex_common.settings import Settings, load_settings
 
 BODY_MAX_BYTES = 256 * 1024
 
@@ -47,6 +48,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.add_middleware(GuardAndCount)
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one server process started by `heimdex api --workers N` (each process
+    reads the settings and sets up its logging itself)."""
+    configure_logging()
+    return create_app(load_settings())
 
 
 class GuardAndCount:

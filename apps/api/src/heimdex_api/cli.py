@@ -6,6 +6,7 @@ import uuid
 
 import click
 import uvicorn
+from fastapi import FastAPI
 
 from heimdex_api.app import create_app
 from heimdex_api.auth import issue_token
@@ -17,12 +18,24 @@ from heimdex_common.settings import Environment, load_settings
 @click.command()
 @click.option("--host", help="Interface to bind (default: HEIMDEX_API_HOST or 127.0.0.1).")
 @click.option("--port", type=click.IntRange(0, 65535), help="Port (default: HEIMDEX_API_PORT).")
-def api(host: str | None, port: int | None) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Server processes sharing the port (one per core is the usual choice).",
+)
+def api(host: str | None, port: int | None, workers: int) -> None:
     """Serve the jobs API."""
     settings = load_settings()
     configure_logging()
+    target: str | FastAPI = "heimdex_api.app:app_from_environment" if workers > 1 else (
+        create_app(settings)
+    )  # fmt: skip
     uvicorn.run(
-        create_app(settings),
+        target,
+        factory=workers > 1,
+        workers=workers,
         host=host or settings.api_host,
         port=settings.api_port if port is None else port,
         log_config=None,
