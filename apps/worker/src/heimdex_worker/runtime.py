@@ -110,11 +110,19 @@ class WorkerMetrics:
             "Running jobs whose lease expired and were returned to the queue or dead-lettered",
             registry=self.ledger.registry,
         )
+        self._attempt_children: dict[tuple[str, str], Histogram] = {}
         self.claims = Counter(
             "heimdex_claims_total",
             "Claim statements run by this worker",
             registry=self.ledger.registry,
         )
+
+    def observe_attempt(self, type: str, outcome: str, seconds: float) -> None:
+        key = (type, outcome)
+        child = self._attempt_children.get(key)
+        if child is None:
+            child = self._attempt_children[key] = self.attempt_seconds.labels(type, outcome)
+        child.observe(seconds)
 
 
 def _retrying(
@@ -367,7 +375,7 @@ class Worker:
                             "error_code": ended.error_code,
                         },
                     )
-            self.metrics.attempt_seconds.labels(job.type, label).observe(now - held.claimed_at)
+            self.metrics.observe_attempt(job.type, label, now - held.claimed_at)
             self._observe(now - held.claimed_at)
             with self._held_lock:
                 self._held.pop(job.id, None)
