@@ -20,7 +20,7 @@ from heimdex_common.settings import Environment, load_settings
 def api(host: str | None, port: int | None) -> None:
     """Serve the jobs API."""
     settings = load_settings()
-    configure_logging()
+    configure_logging("api", fmt=settings.log_format, level=settings.log_level)
     uvicorn.run(
         create_app(settings),
         host=host or settings.api_host,
