@@ -9,7 +9,13 @@ from heimdex_common.settings import load_settings
 from heimdex_worker.main import run_worker, stop_on_signals
 
 
-@click.command()
+@click.command(
+    epilog="""\b
+Examples:
+  heimdex worker                    # HEIMDEX_WORKER_CONCURRENCY threads
+  heimdex worker --concurrency 8 --batch 8
+"""
+)
 @click.option(
     "--concurrency",
     type=click.IntRange(1, 256),

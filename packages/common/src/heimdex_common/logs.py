@@ -169,10 +169,14 @@ def configure_logging(
         handlers.append(to_file)
     for h in handlers:
         h.addFilter(ChatterFilter(show=root_level <= logging.DEBUG))
+        h._heimdex = True  # type: ignore[attr-defined]
     root = logging.getLogger()
-    for old in root.handlers:
+    # Replaces an earlier call's handlers only: a host's own (pytest's capture) stay.
+    for old in [h for h in root.handlers if getattr(h, "_heimdex", False)]:
         old.close()
-    root.handlers[:] = handlers
+        root.removeHandler(old)
+    for h in handlers:
+        root.addHandler(h)
     root.setLevel(root_level)
 
 
