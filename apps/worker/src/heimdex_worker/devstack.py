@@ -386,8 +386,7 @@ def dev(
         follower.start()
     click.echo(
         f"starting {', '.join(['PostgreSQL', *stack.processes])} (logs in "
-        f"{_shown(stack.logs_dir)}) ...",
-        err=True,
+        f"{_shown(stack.logs_dir)}) ..."
     )
     dead = None
     try:
