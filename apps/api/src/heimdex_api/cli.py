@@ -26,7 +26,7 @@ Examples:
 def api(host: str | None, port: int | None) -> None:
     """Serve the jobs API."""
     settings = load_settings()
-    configure_logging("api", fmt=settings.log_format, level=settings.log_level)
+    configure_logging("api", **settings.log_options)
     uvicorn.run(
         create_app(settings),
         host=host or settings.api_host,

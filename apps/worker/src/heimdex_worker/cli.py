@@ -34,5 +34,5 @@ def worker(concurrency: int | None, batch: int | None) -> None:
     expired ones. On SIGTERM, jobs not started and jobs at a stage boundary go back to the queue.
     """
     settings = load_settings()
-    configure_logging("worker", fmt=settings.log_format, level=settings.log_level)
+    configure_logging("worker", **settings.log_options)
     run_worker(settings, stop_on_signals(), concurrency=concurrency, batch=batch)

@@ -366,22 +366,23 @@ def dev(
     tail = LogTail(files)
     configure_logging(
         SELF,
-        fmt=settings.log_format,
-        level=level,
-        # The file has everything; the terminal only what needs a person, unless asked.
-        stream_level=level if verbose else logging.WARNING,
+        **{**settings.log_options, "level": level},
+        # The file has everything; the terminal only what needs a person, unless asked. With
+        # --follow the dev log is streamed with the others: nothing directly, or twice.
+        stream_level=logging.CRITICAL + 1
+        if follow_logs
+        else (level if verbose else logging.WARNING),
         file=files[SELF],
     )
-    # With --follow the dev log is streamed with the others; its warnings would show twice.
-    if follow_logs:
-        logging.getLogger().handlers[0].setLevel(logging.CRITICAL + 1)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     tail_stop = threading.Event()
     follower = None
     if follow_logs:
-        render = line_renderer(make_formatter(settings.log_format, "", sys.stderr))
+        render = line_renderer(
+            make_formatter(settings.log_format, "", sys.stderr, color=not settings.no_color)
+        )
         follower = threading.Thread(target=follow, args=(tail, render, tail_stop), daemon=True)
         follower.start()
     click.echo(
@@ -391,7 +392,7 @@ def dev(
     dead = None
     try:
         url, token = stack.start()
-        click.echo(ready_block(stack, url, token))
+        click.echo(ready_block(stack, url, token), color=False if settings.no_color else None)
         dead = stack.wait(stop)
     finally:
         stack.stop()
@@ -400,7 +401,9 @@ def dev(
             follower.join(timeout=5)
     if dead is not None:
         if not follow_logs:
-            render = line_renderer(make_formatter(settings.log_format, "", sys.stderr))
+            render = line_renderer(
+                make_formatter(settings.log_format, "", sys.stderr, color=not settings.no_color)
+            )
             for line in tail.last(dead, 20):
                 click.echo(render(dead, line), err=True)
         raise HeimdexError(
@@ -434,7 +437,9 @@ def logs(ctx: click.Context, names: tuple[str, ...], follow_logs: bool, lines: i
         raise HeimdexError(f"no log named {', '.join(unknown)}; there are: {', '.join(files)}")
     if names:
         files = {name: files[name] for name in names}
-    render = line_renderer(make_formatter(settings.log_format, "", sys.stdout))
+    render = line_renderer(
+        make_formatter(settings.log_format, "", sys.stdout, color=not settings.no_color)
+    )
     tail = LogTail(files, from_start=True)
     for name in files:
         for line in tail.last(name, lines):

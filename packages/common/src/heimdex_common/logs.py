@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -119,21 +118,20 @@ class ChatterFilter(logging.Filter):
         return self.show
 
 
-def wants_color(stream: IO[str]) -> bool:
-    """A terminal, and no NO_COLOR (https://no-color.org) in the environment."""
+def is_terminal(stream: IO[str] | None) -> bool:
     isatty = getattr(stream, "isatty", None)
-    return bool(isatty and isatty()) and not os.environ.get("NO_COLOR")
+    return bool(isatty and isatty())
 
 
 def make_formatter(
-    fmt: LogFormat | str, process: str, stream: IO[str] | None = None
+    fmt: LogFormat | str, process: str, stream: IO[str] | None = None, *, color: bool = True
 ) -> logging.Formatter:
-    """The formatter `fmt` names; `auto` means console on a terminal, JSON otherwise."""
+    """The formatter `fmt` names; `auto` means console on a terminal, JSON otherwise. Console
+    lines are coloured on a terminal unless `color` is off (the `NO_COLOR` setting)."""
     fmt = LogFormat(fmt)
-    tty = stream is not None and bool(getattr(stream, "isatty", None) and stream.isatty())
-    if fmt is LogFormat.JSON or (fmt is LogFormat.AUTO and not tty):
+    if fmt is LogFormat.JSON or (fmt is LogFormat.AUTO and not is_terminal(stream)):
         return JsonFormatter(process)
-    return ConsoleFormatter(process, color=stream is not None and wants_color(stream))
+    return ConsoleFormatter(process, color=color and is_terminal(stream))
 
 
 def _level(level: int | str) -> int:
@@ -148,6 +146,7 @@ def configure_logging(
     stream: IO[str] | None = None,
     stream_level: int | str | None = None,
     file: Path | None = None,
+    color: bool = True,
 ) -> None:
     """The one logging setup of every entrypoint (api, worker, dev, db).
 
@@ -158,7 +157,7 @@ def configure_logging(
     root_level = _level(level)
     out = stream if stream is not None else sys.stderr
     handler: logging.Handler = logging.StreamHandler(out)
-    handler.setFormatter(make_formatter(fmt, process, out))
+    handler.setFormatter(make_formatter(fmt, process, out, color=color))
     handler.setLevel(_level(stream_level) if stream_level is not None else root_level)
     handlers = [handler]
     if file is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     AliasChoices,
@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", validation_alias="HEIMDEX_LOG_LEVEL"
     )
+    # https://no-color.org: any non-empty value turns colour off on a terminal too.
+    no_color: str = Field(default="", validation_alias="NO_COLOR")
 
     # The job runtime. Seconds throughout; tests shrink them to run in well under a second.
     api_host: str = Field(default="127.0.0.1", validation_alias="HEIMDEX_API_HOST")
@@ -114,6 +116,11 @@ class Settings(BaseSettings):
                 "or every lease expires before its renewal"
             )
         return self
+
+    @property
+    def log_options(self) -> dict[str, Any]:
+        """`configure_logging` keywords from these settings (format, level, colour)."""
+        return {"fmt": self.log_format, "level": self.log_level, "color": not self.no_color}
 
     @property
     def job_module_specs(self) -> list[str]:

@@ -72,11 +72,10 @@ def _setup_logging() -> None:
     # containers. Settings that do not load (a prod env without its secret) must not stop a
     # migration command, which needs none of them: the defaults then apply.
     try:
-        settings = load_settings()
-        fmt, level = settings.log_format, settings.log_level
+        options = load_settings().log_options
     except HeimdexError:
-        fmt, level = LogFormat.AUTO, "info"
-    configure_logging("db", fmt=fmt, level=level)
+        options = {"fmt": LogFormat.AUTO, "level": "info"}
+    configure_logging("db", **options)
 
 
 @click.group(
