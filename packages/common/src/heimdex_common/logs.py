@@ -15,10 +15,16 @@ _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "proce
 # uvicorn duplicates its message with ANSI codes in it; never worth a field.
 _DROPPED = {"color_message"}
 
-# Third-party lines that say nothing a person needs at INFO: shown only at DEBUG.
+# Third-party lines that say nothing a person needs at INFO: shown only at DEBUG. Alembic's
+# "Running upgrade" lines repeat our own per-revision lines (which add [i/n] and the duration).
 CHATTER = {
     "uvicorn.access": None,
-    "alembic.runtime.migration": ("Context impl ", "Will assume "),
+    "alembic.runtime.migration": (
+        "Context impl ",
+        "Will assume ",
+        "Running upgrade ",
+        "Running downgrade ",
+    ),
 }
 
 _LEVEL_STYLE = {
