@@ -53,8 +53,9 @@ def create_app(settings: Settings) -> FastAPI:
 def app_from_environment() -> FastAPI:
     """The app of one server process started by `heimdex api --workers N` (each process
     reads the settings and sets up its logging itself)."""
-    configure_logging()
-    return create_app(load_settings())
+    settings = load_settings()
+    configure_logging("api", **settings.log_options)
+    return create_app(settings)
 
 
 class GuardAndCount:

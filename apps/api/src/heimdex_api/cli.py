@@ -15,7 +15,13 @@ from heimdex_common.logs import configure_logging
 from heimdex_common.settings import Environment, load_settings
 
 
-@click.command()
+@click.command(
+    epilog="""\b
+Examples:
+  heimdex api                       # http://127.0.0.1:8000, docs at /docs
+  HEIMDEX_LOG_FORMAT=json heimdex api --host 0.0.0.0 --port 8080
+"""
+)
 @click.option("--host", help="Interface to bind (default: HEIMDEX_API_HOST or 127.0.0.1).")
 @click.option("--port", type=click.IntRange(0, 65535), help="Port (default: HEIMDEX_API_PORT).")
 @click.option(
@@ -28,7 +34,7 @@ from heimdex_common.settings import Environment, load_settings
 def api(host: str | None, port: int | None, workers: int) -> None:
     """Serve the jobs API."""
     settings = load_settings()
-    configure_logging()
+    configure_logging("api", **settings.log_options)
     target: str | FastAPI = "heimdex_api.app:app_from_environment" if workers > 1 else (
         create_app(settings)
     )  # fmt: skip
@@ -42,7 +48,14 @@ def api(host: str | None, port: int | None, workers: int) -> None:
     )
 
 
-@click.command("dev-token")
+@click.command(
+    "dev-token",
+    epilog="""\b
+Examples:
+  heimdex dev-token --org "$(cat .heimdex/dev-org)"
+  heimdex dev-token --org 2f0c5e0e-8a3a-4f7e-9a39-4b4a0f0c1d2e --ttl 600
+""",
+)
 @click.option("--org", "org", required=True, help="Organization UUID to put in org_id.")
 @click.option("--sub", default="dev-user", show_default=True, help="Subject (user id).")
 @click.option("--ttl", default=24 * 3600, show_default=True, help="Lifetime in seconds.")

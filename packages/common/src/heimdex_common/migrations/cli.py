@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,8 @@ from typing import Any, TypeVar
 
 import click
 
+from heimdex_common.errors import HeimdexError
+from heimdex_common.logs import LogFormat, configure_logging
 from heimdex_common.migrations import artifacts as artifacts_cmd
 from heimdex_common.migrations import lint as lint_cmd
 from heimdex_common.migrations import migrate as migrate_cmd
@@ -20,6 +21,7 @@ from heimdex_common.migrations import revision as revision_cmd
 from heimdex_common.migrations import status as status_cmd
 from heimdex_common.migrations import verify as verify_cmd
 from heimdex_common.migrations.lint_rls import RLS_BASELINE_REVISION
+from heimdex_common.settings import load_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -66,17 +68,24 @@ def _lock_options(f: F) -> F:
 
 
 def _setup_logging() -> None:
-    # Progress for people: which revision, how long it took. One handler, on stderr.
-    log = logging.getLogger("heimdex_common")
-    if not any(getattr(h, "_heimdex_db", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._heimdex_db = True  # type: ignore[attr-defined]
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    # Per-revision progress on stderr: aligned lines on a terminal, JSON lines for CI and
+    # containers. Settings that do not load (a prod env without its secret) must not stop a
+    # migration command, which needs none of them: the defaults then apply.
+    try:
+        options = load_settings().log_options
+    except HeimdexError:
+        options = {"fmt": LogFormat.AUTO, "level": "info"}
+    configure_logging("db", **options)
 
 
-@click.group("db")
+@click.group(
+    "db",
+    epilog="""\b
+Examples:
+  heimdex db status                 # where the database is against head
+  heimdex db upgrade --database-url postgresql://postgres@localhost/heimdex
+""",
+)
 def db() -> None:
     """Migrations of the ledger database: the Alembic playbook as one-line commands.
 
@@ -96,6 +105,11 @@ Exit codes:
   4  at head, but the models differ from the database (drift, listed)
   5  the history has several heads (merge them)
   6  the database is at a revision this history does not know
+
+\b
+Examples:
+  heimdex db status
+  heimdex db status --database-url postgresql://postgres@localhost/heimdex
 """
 )
 @_config_option
@@ -131,6 +145,12 @@ Concurrency: every upgrade/downgrade takes a PostgreSQL advisory lock first, so
 replicas starting together apply each revision once; the others wait (--lock-wait),
 then find nothing to do. Exit codes: 0 done, 1 error (a failed revision names itself
 and the statement; it was rolled back, the database stays at the previous revision).
+On a terminal each revision shows as [i/n] with its duration.
+
+\b
+Examples:
+  heimdex db upgrade                # to head
+  heimdex db upgrade +1 --lock-timeout 2s
 """
 )
 @click.argument("revision", default="head")
@@ -159,7 +179,14 @@ def upgrade(
 
 
 @db.command(
-    epilog="Exit codes: 0 done, 1 error. Serialised with upgrade by the same lock.",
+    epilog="""\b
+Exit codes: 0 done, 1 error. Serialised with upgrade by the same lock.
+
+\b
+Examples:
+  heimdex db downgrade -1           # revert the last revision
+  heimdex db downgrade base
+""",
     context_settings={"ignore_unknown_options": True},
 )
 @click.argument("revision")
@@ -193,6 +220,11 @@ Exit codes: 0 written, 1 error (database not at head for --autogenerate,
 target directory not writable: pass --output-dir, ...).
 Needs the migrations extra for formatting and enum support:
   uv sync (workspace) or pip install 'heimdex-common[migrations]'
+
+\b
+Examples:
+  heimdex db revision -m "add job.region" --autogenerate
+  heimdex db revision -m "backfill job.region" --output-dir /tmp
 """
 )
 @click.option("-m", "--message", required=True, help="What the revision does (its docstring).")
@@ -237,6 +269,11 @@ Files: supabase/migrations/NNNN_<slug>.sql, one per revision in history order
 (plus one per statement that cannot run in a transaction). Each is exactly what
 `python -m alembic upgrade <prev>:<rev> --sql` prints. Needs no database.
 Exit codes: 0 current/written, 1 error or (with --check) missing/stale files.
+
+\b
+Examples:
+  heimdex db sql                    # (re)write supabase/migrations/
+  heimdex db sql --check            # in CI: fail on a stale artifact
 """
 )
 @click.option(
@@ -265,6 +302,11 @@ the schema compared (on seeded rows, see heimdex_common.migrations.seeds);
 models equal to the database at head; Supabase artifacts current.
 Never touches the configured database. Exit codes: 0 all good, 1 a check failed
 (the revision and the schema diff are printed) or error.
+
+\b
+Examples:
+  heimdex db verify                 # a throwaway cluster from the local binaries
+  heimdex db verify --database-url postgresql://postgres@localhost/postgres
 """
 )
 @_config_option
@@ -309,6 +351,11 @@ Acknowledge one finding with a comment on or just above the offending line:
   # heimdex-lint: ignore[rule-name] why this is safe here
 Exit codes: 0 clean, 1 findings (file:line rule message) or error.
 Needs the migrations extra: pip install 'heimdex-common[migrations]'.
+
+\b
+Examples:
+  heimdex db lint                   # every revision
+  heimdex db lint b8e2d4f6a1c3      # one revision (an id prefix works)
 """
 )
 @_config_option

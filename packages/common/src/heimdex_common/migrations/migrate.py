@@ -125,13 +125,25 @@ def _failure_message(step: Step, exc: DBAPIError, now_at: str | None) -> str:
 
 
 def _run_step(
-    cfg: Config, url: URL, step: Step, *, lock_timeout: str, retries: int, retry_delay: float
+    cfg: Config,
+    url: URL,
+    step: Step,
+    *,
+    lock_timeout: str,
+    retries: int,
+    retry_delay: float,
+    position: str = "",
 ) -> None:
     attempt = 0
     while True:
         attempt += 1
         started = time.monotonic()
-        logger.info("%s ...", step.describe(), extra={"action": f"db.{step.direction}.start"})
+        logger.info(
+            "%s%s ...",
+            position,
+            step.describe(),
+            extra={"action": f"db.{step.direction}.start", "revision": step.script.revision},
+        )
         with connect(url) as conn:
             conn.execute(text(f"SET lock_timeout = '{lock_timeout}'"))
             conn.commit()
@@ -172,10 +184,11 @@ def _run_step(
             finally:
                 cfg.attributes.pop("connection", None)
         logger.info(
-            "%s done in %.2fs",
+            "%s%s done in %.2fs",
+            position,
             step.script.revision,
             time.monotonic() - started,
-            extra={"action": f"db.{step.direction}.done"},
+            extra={"action": f"db.{step.direction}.done", "revision": step.script.revision},
         )
         return
 
@@ -221,9 +234,15 @@ def _migrate(
         if not steps:
             logger.info("nothing to do: the database is at %s", before or "base")
         applied = []
-        for step in steps:
+        for number, step in enumerate(steps, 1):
             _run_step(
-                cfg, url, step, lock_timeout=lock_timeout, retries=retries, retry_delay=retry_delay
+                cfg,
+                url,
+                step,
+                lock_timeout=lock_timeout,
+                retries=retries,
+                retry_delay=retry_delay,
+                position=f"[{number}/{len(steps)}] " if len(steps) > 1 else "",
             )
             applied.append(step.script.revision)
         after = _single(current_revisions(cfg, lock_conn))
