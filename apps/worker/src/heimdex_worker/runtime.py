@@ -13,19 +13,20 @@ Threads of one process, each with one job:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from prometheus_client import Counter, Histogram
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from heimdex_common.ledger import repository, service
@@ -187,14 +188,28 @@ class Worker:
         self.wake = threading.Event()
         self._held: dict[uuid.UUID, Held] = {}
         self._held_lock = threading.Lock()
+        self._local = threading.local()
         self._reserved = 0
         self._runnable: queue.Queue[Held | None] = queue.Queue()
         self._done: queue.Queue[tuple[Held, Outcome | service.Failure | None, str]] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._finish = threading.Event()
 
-    def autocommit(self) -> Any:
-        return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    @contextlib.contextmanager
+    def autocommit(self) -> Iterator[Connection]:
+        """This thread's own connection, each statement its own transaction. Kept for the
+        thread's life (no pool checkout per statement); dropped after a database error, so
+        the next use connects again."""
+        conn: Connection | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.invalidated:
+            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            self._local.conn = conn
+        try:
+            yield conn
+        except DBAPIError:
+            self._local.conn = None
+            conn.close()
+            raise
 
     # The claim loop.
 
