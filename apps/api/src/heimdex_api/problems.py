@@ -6,9 +6,13 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import InterfaceError as SAInterfaceError
+from sqlalchemy.exc import OperationalError as SAOperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from heimdex_api.auth import AuthenticationFailed
@@ -51,7 +55,12 @@ class BadRequest(HeimdexError):
 
 
 def problem(
-    status: int, slug: str, detail: str, request: Request, **extensions: Any
+    status: int,
+    slug: str,
+    detail: str,
+    request: Request,
+    headers: dict[str, str] | None = None,
+    **extensions: Any,
 ) -> JSONResponse:
     body = {
         "type": TYPE_BASE + slug,
@@ -61,7 +70,7 @@ def problem(
         "instance": request.url.path,
         **extensions,
     }
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = {**(headers or {}), **({"WWW-Authenticate": "Bearer"} if status == 401 else {})}
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
@@ -92,9 +101,45 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return problem(422, "validation-error", detail, request, errors=errors)
 
 
+HTTP_SLUGS = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large"}
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    return problem(exc.status_code, "http-error", str(exc.detail), request)
+    response = problem(
+        exc.status_code, HTTP_SLUGS.get(exc.status_code, "http-error"), str(exc.detail), request
+    )
+    # Starlette puts `Allow` on its 405 exception; keep it (RFC 9110 requires it).
+    response.headers.update(exc.headers or {})
+    return response
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """A failure of the connection to PostgreSQL, not of the statement: retry later."""
+    if isinstance(exc, SAOperationalError | SAInterfaceError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if not is_disconnect(exc):
+        return await _unexpected(request, exc)
+    # One line, no traceback: an outage is expected operation, and the driver's message can
+    # name the host; never the URL or the password (connection_error drops them).
+    logger.warning(
+        "database unavailable: %s",
+        type(exc).__name__,
+        extra={"action": "api.database_unavailable", "path": request.url.path},
+    )
+    return problem(
+        503,
+        "database-unavailable",
+        "PostgreSQL is unreachable or restarting; retry later",
+        request,
+        headers={"Retry-After": "1"},
+    )
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -106,4 +151,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(HeimdexError, _heimdex_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(psycopg.Error, _database_error)
     app.add_exception_handler(Exception, _unexpected)
