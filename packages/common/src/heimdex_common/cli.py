@@ -47,4 +47,3 @@ class HeimdexGroup(click.Group):
 @click.version_option(__version__, prog_name="heimdex")
 def main() -> None:
     """Heimdex core: the durable job ledger, its migrations, API and workers."""
-

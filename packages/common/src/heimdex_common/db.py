@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
@@ -28,13 +30,28 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def redact(message: str, password: str | None) -> str:
+    """`message` without the password, its URL-encoded form or any piece of it longer than
+    two characters (the pieces between `/`, `@`, `:` and `%` a misparsed URL could show)."""
+    if not password:
+        return message
+    pieces = {password, quote(password, safe=""), quote(password)}
+    pieces.update(p for p in re.split(r"[/@:%]", password) if len(p) > 2)
+    for piece in sorted(pieces, key=len, reverse=True):
+        message = message.replace(piece, "***")
+    return message
+
+
 def connection_error(url: URL, exc: BaseException) -> DatabaseUnavailable:
-    """One line naming host, port, database and the driver's reason; never the password."""
+    """The one formatter for a failed connection: host, port, database and the driver's first
+    line of reason; never the URL, the user's password or any part of it."""
     reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     first = reason[0] if reason else type(exc).__name__
-    if url.password:
-        first = first.replace(str(url.password), "***")
-    return DatabaseUnavailable(f"cannot connect to PostgreSQL at {describe_url(url)}: {first}")
+    where = describe_url(url)
+    password = None if url.password is None else str(url.password)
+    return DatabaseUnavailable(
+        redact(f"cannot connect to PostgreSQL at {where}: {first}", password)
+    )
 
 
 def check_connection(engine: Engine) -> None:
