@@ -6,13 +6,16 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from psycopg.errors import InsufficientPrivilege
 
+from heimdex_common.errors import HeimdexError
 from heimdex_common.migrations import artifacts as artifacts_cmd
 from heimdex_common.migrations import lint as lint_cmd
 from heimdex_common.migrations import migrate as migrate_cmd
@@ -20,6 +23,7 @@ from heimdex_common.migrations import revision as revision_cmd
 from heimdex_common.migrations import status as status_cmd
 from heimdex_common.migrations import verify as verify_cmd
 from heimdex_common.migrations.lint_rls import RLS_BASELINE_REVISION
+from heimdex_common.settings import load_settings, normalize_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,7 +42,15 @@ def _config_option(f: F) -> F:
 
 
 def _url_option(help_text: str = URL_HELP) -> Callable[[F], F]:
-    return click.option("--database-url", metavar="URL", default=None, help=help_text)
+    return click.option(
+        "--database-url", metavar="URL", default=None, help=help_text, callback=_note_url
+    )
+
+
+def _note_url(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    # Kept where DbGroup finds it, to name the role in a privilege error.
+    ctx.find_root().meta["heimdex.database_url"] = value
+    return value
 
 
 def _lock_options(f: F) -> F:
@@ -76,7 +88,51 @@ def _setup_logging() -> None:
     log.setLevel(logging.INFO)
 
 
-@click.group("db")
+def privilege_error(exc: BaseException, role: str | None) -> HeimdexError | None:
+    """One line naming the role, the object and the grant it lacks, if `exc` (or what it
+    wraps) is PostgreSQL's insufficient_privilege; None otherwise."""
+    seen: BaseException | None = exc
+    while seen is not None and not isinstance(seen, InsufficientPrivilege):
+        seen = getattr(seen, "orig", None) or seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    primary = seen.diag.message_primary or str(seen).splitlines()[0]
+    who = role or "the connecting role"
+    match = re.search(r"permission denied for (schema|table|sequence|database) (\S+)", primary)
+    if match is None:
+        return HeimdexError(f"role {who}: {primary}; run migrations as the schema owner")
+    kind, name = match.groups()
+    grant = {
+        "schema": f"GRANT USAGE, CREATE ON SCHEMA {name} TO {who}",
+        "database": f"GRANT CONNECT, CREATE ON DATABASE {name} TO {who}",
+    }.get(kind, f"GRANT ALL ON {kind.upper()} {name} TO {who} (or run as its owner)")
+    return HeimdexError(f"role {who}: {primary}; missing grant: {grant}")
+
+
+class DbGroup(click.Group):
+    """Maps a missing privilege anywhere below to one line and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HeimdexError:
+            raise
+        except Exception as exc:
+            error = privilege_error(exc, _role_of(ctx.find_root().meta.get("heimdex.database_url")))
+            if error is None:
+                raise
+            raise error from None
+
+
+def _role_of(raw_url: str | None) -> str | None:
+    try:
+        url = normalize_url(raw_url) if raw_url else load_settings().sqlalchemy_url
+    except HeimdexError:
+        return None
+    return url.username
+
+
+@click.group("db", cls=DbGroup)
 def db() -> None:
     """Migrations of the ledger database: the Alembic playbook as one-line commands.
 

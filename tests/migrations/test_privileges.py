@@ -1,0 +1,38 @@
+"""`heimdex db upgrade` as a role without the privileges it needs: one line, exit code 1."""
+
+from __future__ import annotations
+
+import uuid
+
+from click.testing import CliRunner
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import URL
+
+from heimdex_common.cli import main as cli
+
+
+def test_upgrade_without_privileges_names_role_object_and_grant(
+    admin_engine: Engine, empty_db_url: URL
+) -> None:
+    role = f"weak_{uuid.uuid4().hex[:8]}"
+    with admin_engine.connect() as conn:
+        conn.execute(text(f"CREATE ROLE {role} LOGIN PASSWORD 'weak-pw'"))
+        conn.execute(text(f'GRANT CONNECT ON DATABASE "{empty_db_url.database}" TO {role}'))
+    try:
+        url = empty_db_url.set(username=role, password="weak-pw")
+        result = CliRunner().invoke(
+            cli, ["db", "upgrade", "--database-url", url.render_as_string(hide_password=False)]
+        )
+        assert result.exit_code == 1, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+        assert "Traceback" not in result.output
+        assert (
+            f"role {role}: permission denied for database {empty_db_url.database};" in lines[0]
+        ), lines[0]
+        assert "missing grant: GRANT CONNECT, CREATE ON DATABASE " in lines[0]
+        assert "weak-pw" not in result.output
+    finally:
+        with admin_engine.connect() as conn:
+            conn.execute(text(f"DROP OWNED BY {role}"))
+            conn.execute(text(f"DROP ROLE {role}"))
