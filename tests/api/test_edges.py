@@ -201,3 +201,17 @@ def test_postgres_down_is_503_and_the_api_recovers(
     assert api.poll() is None  # the same process served before, during and after
     log = processes.log_of(api)
     assert "Traceback" not in log, log[-2000:]
+
+
+def test_openapi_declares_every_error_as_problem_json(client: TestClient) -> None:
+    doc = client.get("/openapi.json").json()
+    for path, methods in doc["paths"].items():
+        for method, op in methods.items():
+            errors = {code for code in op["responses"] if code.startswith(("4", "5"))}
+            assert {"400", "401", "413", "422", "503"} <= errors, (method, path)
+            for code in errors:
+                content = op["responses"][code]["content"]
+                assert list(content) == [PROBLEM], (method, path, code)
+                assert "detail" in content[PROBLEM]["schema"]["properties"]
+    assert "404" in doc["paths"]["/jobs/{job_id}"]["get"]["responses"]
+    assert "409" in doc["paths"]["/jobs"]["post"]["responses"]

@@ -45,6 +45,45 @@ ERROR_STATUS: tuple[tuple[type[HeimdexError], int, str], ...] = (
 )
 
 
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "type": "object",
+    "description": "RFC 9457 problem details",
+    "required": ["type", "title", "status", "detail", "instance"],
+    "properties": {
+        "type": {"type": "string", "format": "uri"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+        "errors": {"type": "array", "items": {"type": "object"}},
+        "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+    "additionalProperties": True,
+}
+WHEN = {
+    400: "Bad request (bad cursor or header, a NUL byte in the query string)",
+    401: "Missing, invalid or expired bearer token",
+    404: "No such job in the caller's organisation",
+    409: "Conflict (idempotency key reused with another body, or the job has finished)",
+    413: "Request body over 256 KiB",
+    422: "The request does not validate",
+    503: "PostgreSQL unreachable or restarting (database-unavailable); retry later",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for error statuses: problem+json and its schema. Declaring
+    422 here also replaces FastAPI's default (application/json) validation-error entry."""
+    return {
+        status: {
+            "description": WHEN[status],
+            "content": {MEDIA_TYPE: {"schema": PROBLEM_SCHEMA}},
+        }
+        for status in statuses
+    }
+
+
 class BadRequest(HeimdexError):
     """Input the API refuses before it reaches the ledger (a bad cursor, an oversized body)."""
 
