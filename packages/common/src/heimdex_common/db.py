@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import quote
 
+from psycopg.errors import InsufficientPrivilege
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import OperationalError
@@ -52,6 +53,27 @@ def connection_error(url: URL, exc: BaseException) -> DatabaseUnavailable:
     return DatabaseUnavailable(
         redact(f"cannot connect to PostgreSQL at {where}: {first}", password)
     )
+
+
+def missing_privilege(exc: BaseException, role: str | None) -> str | None:
+    """One line naming the role, the object and the grant it lacks, if `exc` (or what it
+    wraps) is PostgreSQL's insufficient_privilege; None otherwise."""
+    seen: BaseException | None = exc
+    while seen is not None and not isinstance(seen, InsufficientPrivilege):
+        seen = getattr(seen, "orig", None) or seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    primary = seen.diag.message_primary or str(seen).splitlines()[0]
+    who = role or "the connecting role"
+    match = re.search(r"permission denied for (schema|table|sequence|database) (\S+)", primary)
+    if match is None:
+        return f"role {who}: {primary}; run migrations as the schema owner"
+    kind, name = match.groups()
+    grant = {
+        "schema": f"GRANT USAGE, CREATE ON SCHEMA {name} TO {who}",
+        "database": f"GRANT CONNECT, CREATE ON DATABASE {name} TO {who}",
+    }.get(kind, f"GRANT ALL ON {kind.upper()} {name} TO {who} (or run as its owner)")
+    return f"role {who}: {primary}; missing grant: {grant}"
 
 
 def check_connection(engine: Engine) -> None:

@@ -6,15 +6,14 @@
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from psycopg.errors import InsufficientPrivilege
 
+from heimdex_common.db import missing_privilege
 from heimdex_common.errors import HeimdexError
 from heimdex_common.migrations import artifacts as artifacts_cmd
 from heimdex_common.migrations import lint as lint_cmd
@@ -88,27 +87,6 @@ def _setup_logging() -> None:
     log.setLevel(logging.INFO)
 
 
-def privilege_error(exc: BaseException, role: str | None) -> HeimdexError | None:
-    """One line naming the role, the object and the grant it lacks, if `exc` (or what it
-    wraps) is PostgreSQL's insufficient_privilege; None otherwise."""
-    seen: BaseException | None = exc
-    while seen is not None and not isinstance(seen, InsufficientPrivilege):
-        seen = getattr(seen, "orig", None) or seen.__cause__ or seen.__context__
-    if seen is None:
-        return None
-    primary = seen.diag.message_primary or str(seen).splitlines()[0]
-    who = role or "the connecting role"
-    match = re.search(r"permission denied for (schema|table|sequence|database) (\S+)", primary)
-    if match is None:
-        return HeimdexError(f"role {who}: {primary}; run migrations as the schema owner")
-    kind, name = match.groups()
-    grant = {
-        "schema": f"GRANT USAGE, CREATE ON SCHEMA {name} TO {who}",
-        "database": f"GRANT CONNECT, CREATE ON DATABASE {name} TO {who}",
-    }.get(kind, f"GRANT ALL ON {kind.upper()} {name} TO {who} (or run as its owner)")
-    return HeimdexError(f"role {who}: {primary}; missing grant: {grant}")
-
-
 class DbGroup(click.Group):
     """Maps a missing privilege anywhere below to one line and exit code 1."""
 
@@ -118,10 +96,12 @@ class DbGroup(click.Group):
         except HeimdexError:
             raise
         except Exception as exc:
-            error = privilege_error(exc, _role_of(ctx.find_root().meta.get("heimdex.database_url")))
-            if error is None:
+            line = missing_privilege(
+                exc, _role_of(ctx.find_root().meta.get("heimdex.database_url"))
+            )
+            if line is None:
                 raise
-            raise error from None
+            raise HeimdexError(line) from None
 
 
 def _role_of(raw_url: str | None) -> str | None:
