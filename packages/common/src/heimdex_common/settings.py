@@ -5,6 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from functools import cached_property
 from typing import Any, Literal
+from urllib.parse import unquote
 
 from pydantic import (
     AliasChoices,
@@ -145,7 +146,7 @@ class Settings(BaseSettings):
 def normalize_url(url: str | URL) -> URL:
     """Parse a PostgreSQL URL and pin the psycopg 3 driver."""
     try:
-        parsed = make_url(url) if isinstance(url, str) else url
+        parsed = _parse(url) if isinstance(url, str) else url
     except Exception as exc:  # sqlalchemy raises ArgumentError; never echo the URL (password)
         raise HeimdexError("DATABASE_URL is not a valid URL (postgresql://user@host/db)") from exc
     if parsed.get_backend_name() != "postgresql":
@@ -153,6 +154,21 @@ def normalize_url(url: str | URL) -> URL:
             f"DATABASE_URL must point at PostgreSQL, not {parsed.get_backend_name()!r}"
         )
     return parsed.set(drivername=DRIVER)
+
+
+def _parse(raw: str) -> URL:
+    """`make_url`, except that the credentials end at the LAST `@` of the authority: a raw
+    password may hold `@`, `/` or `:` (make_url would take the rest of it for the host and
+    print it in every connection error)."""
+    scheme, sep, rest = raw.partition("://")
+    at = rest.rfind("@")
+    if not sep or at < 0:
+        return make_url(raw)
+    userinfo, location = rest[:at], rest[at + 1 :]
+    user, has_password, password = userinfo.partition(":")
+    return make_url(f"{scheme}://{location}").set(
+        username=unquote(user) or None, password=unquote(password) if has_password else None
+    )
 
 
 def describe_url(url: URL) -> str:

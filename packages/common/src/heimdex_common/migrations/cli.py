@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
+from heimdex_common.db import missing_privilege
 from heimdex_common.errors import HeimdexError
 from heimdex_common.logs import LogFormat, configure_logging
 from heimdex_common.migrations import artifacts as artifacts_cmd
@@ -21,7 +22,7 @@ from heimdex_common.migrations import revision as revision_cmd
 from heimdex_common.migrations import status as status_cmd
 from heimdex_common.migrations import verify as verify_cmd
 from heimdex_common.migrations.lint_rls import RLS_BASELINE_REVISION
-from heimdex_common.settings import load_settings
+from heimdex_common.settings import load_settings, normalize_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -40,7 +41,15 @@ def _config_option(f: F) -> F:
 
 
 def _url_option(help_text: str = URL_HELP) -> Callable[[F], F]:
-    return click.option("--database-url", metavar="URL", default=None, help=help_text)
+    return click.option(
+        "--database-url", metavar="URL", default=None, help=help_text, callback=_note_url
+    )
+
+
+def _note_url(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    # Kept where DbGroup finds it, to name the role in a privilege error.
+    ctx.find_root().meta["heimdex.database_url"] = value
+    return value
 
 
 def _lock_options(f: F) -> F:
@@ -78,8 +87,34 @@ def _setup_logging() -> None:
     configure_logging("db", **options)
 
 
+class DbGroup(click.Group):
+    """Maps a missing privilege anywhere below to one line and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HeimdexError:
+            raise
+        except Exception as exc:
+            line = missing_privilege(
+                exc, _role_of(ctx.find_root().meta.get("heimdex.database_url"))
+            )
+            if line is None:
+                raise
+            raise HeimdexError(line) from None
+
+
+def _role_of(raw_url: str | None) -> str | None:
+    try:
+        url = normalize_url(raw_url) if raw_url else load_settings().sqlalchemy_url
+    except HeimdexError:
+        return None
+    return url.username
+
+
 @click.group(
     "db",
+    cls=DbGroup,
     epilog="""\b
 Examples:
   heimdex db status                 # where the database is against head

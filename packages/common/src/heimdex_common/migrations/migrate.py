@@ -16,6 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
+from heimdex_common.db import missing_privilege
 from heimdex_common.errors import HeimdexError
 from heimdex_common.migrations.history import (
     connect,
@@ -109,9 +110,11 @@ def _single(revisions: tuple[str, ...]) -> str | None:
     return revisions[0] if revisions else None
 
 
-def _failure_message(step: Step, exc: DBAPIError, now_at: str | None) -> str:
+def _failure_message(step: Step, exc: DBAPIError, now_at: str | None, role: str | None) -> str:
     orig = exc.orig
-    reason = str(orig).strip().splitlines()[0] if orig is not None else str(exc)
+    reason = missing_privilege(exc, role) or (
+        str(orig).strip().splitlines()[0] if orig is not None else str(exc)
+    )
     hint = getattr(getattr(orig, "diag", None), "message_hint", None)
     statement = " ".join((exc.statement or "").split())
     if len(statement) > 200:
@@ -172,7 +175,7 @@ def _run_step(
                     time.sleep(delay)
                     continue
                 now_at = _single(current_revisions(cfg, conn))
-                message = _failure_message(step, exc, now_at)
+                message = _failure_message(step, exc, now_at, url.username)
                 if is_lock_timeout(exc):
                     message += (
                         f" (gave up after {attempt} attempts: a long transaction holds a lock "
