@@ -76,6 +76,10 @@ def test_405_carries_allow(client: TestClient, org_id: uuid.UUID) -> None:
     assert resp.status_code == 405
     assert resp.headers["content-type"] == PROBLEM
     assert resp.headers["allow"] == "POST"
+    # A path two routes share lists the methods of both.
+    both = client.delete("/jobs", headers=auth(org_id))
+    assert both.status_code == 405
+    assert both.headers["allow"] == "GET, POST"
 
 
 # A real API process, so the body really streams over a socket.

@@ -148,9 +148,27 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     response = problem(
         exc.status_code, HTTP_SLUGS.get(exc.status_code, "http-error"), str(exc.detail), request
     )
-    # Starlette puts `Allow` on its 405 exception; keep it (RFC 9110 requires it).
     response.headers.update(exc.headers or {})
+    if exc.status_code == 405:
+        # RFC 9110: `Allow` lists every method of the path. Starlette names only the first
+        # route that matched the path (GET /jobs and POST /jobs are two routes).
+        response.headers["Allow"] = ", ".join(_allowed_methods(request))
     return response
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    routes = list(request.app.routes)
+    while routes:
+        route = routes.pop()
+        included = getattr(route, "original_router", None)  # an include_router() wrapper
+        if included is not None:
+            routes.extend(included.routes)
+            continue
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(request.url.path):
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def is_disconnect(exc: BaseException) -> bool:
