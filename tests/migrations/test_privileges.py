@@ -63,3 +63,29 @@ def test_a_revision_refused_for_privileges_names_role_schema_and_grant(
             # What the role created (its schema) goes with the database.
             conn.execute(text(f'DROP DATABASE "{empty_db_url.database}" WITH (FORCE)'))
             conn.execute(text(f"DROP ROLE {role}"))
+
+
+def test_upgrade_without_privileges_on_heimdex_private_names_that_schema(
+    admin_engine: Engine, db_url: URL
+) -> None:
+    # The issue's case: a database at head, a role that may connect but not reach the version
+    # table's schema.
+    role = f"weak_{uuid.uuid4().hex[:8]}"
+    with admin_engine.connect() as conn:
+        conn.execute(text(f"CREATE ROLE {role} LOGIN PASSWORD 'weak-pw'"))
+        conn.execute(text(f'GRANT CONNECT ON DATABASE "{db_url.database}" TO {role}'))
+    try:
+        url = db_url.set(username=role, password="weak-pw")
+        result = CliRunner().invoke(
+            cli, ["db", "upgrade", "--database-url", url.render_as_string(hide_password=False)]
+        )
+        assert result.exit_code == 1, result.output
+        assert "Traceback" not in result.output and "weak-pw" not in result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1, result.output
+        assert f"role {role}: permission denied for schema heimdex_private" in errors[0], errors
+        assert f"ON SCHEMA heimdex_private TO {role}" in errors[0], errors
+    finally:
+        with admin_engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE "{db_url.database}" WITH (FORCE)'))
+            conn.execute(text(f"DROP ROLE {role}"))
