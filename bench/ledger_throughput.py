@@ -1,64 +1,455 @@
-"""Noop jobs through the ledger's submit -> claim -> complete path, on a throwaway cluster.
+"""Queue throughput, side by side: Heimdex, PGQueuer and Procrastinate on one PostgreSQL.
 
-    uv run python bench/ledger_throughput.py --jobs 2000 --threads 1 2 4
+    uv run --group bench python bench/ledger_throughput.py [--jobs 5000] [--rounds 3]
 
-Measures the database path only (no Redis, no Dramatiq): what a worker pays per job.
+One throwaway PostgreSQL 15 cluster with fsync on (what production runs), one database per
+system. Every measurement runs in a fresh child process, in rounds interleaved across the
+systems (H, P, Q, H, P, Q, ...), so a noisy neighbour hits them alike; the table shows medians
+and each system's ratio to Heimdex.
+
+- processing: N no-op jobs enqueued in bulk (not timed), then one consumer with concurrency 4
+  drains them; jobs/s from the consumer's start until the last job is done. Heimdex runs its
+  production worker (claim, runner threads, batched outcomes, the full event log: submitted,
+  claimed, succeeded per job); PGQueuer runs `concurrency` queue managers (its own benchmark's
+  `dequeue` tasks) with the same batch size; Procrastinate (no batch fetch) `concurrency` 4.
+- raw SQL ceiling: the least a worker could do on Heimdex's schema with the full event log:
+  4 connections, each `UPDATE ... FOR UPDATE SKIP LOCKED` (+ claimed events) then the outcome
+  (+ events), per batch, no fairness, no Python work per job.
+- submit: one job per request through the real HTTP API (`heimdex api --workers 2`, loaded by
+  `wrk` with 4 keep-alive connections when it is installed, else 4 Python client threads)
+  against PGQueuer's `enqueue` one by one (4 tasks, straight to the database, no HTTP); bulk:
+  `POST /jobs/batch` with 1,000 jobs per request against PGQueuer's `enqueue` of 1,000.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import http.client
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from pathlib import Path
 
-from alembic import command
-from sqlalchemy import create_engine, text
-
-from heimdex_common.db import make_engine, make_session_factory, unit_of_work
-from heimdex_common.ledger import service
-from heimdex_common.localpg import LocalPostgres
-from heimdex_common.migrations.config import alembic_config
+HERE = Path(__file__).resolve()
+CONCURRENCY = 4
+SECRET = "bench-secret-0123456789-0123456789-0123"  # noqa: S105 - a throwaway cluster's token
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--jobs", type=int, default=2000)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4])
-    args = parser.parse_args()
-    with LocalPostgres.throwaway() as pg:
-        admin = create_engine(pg.url(), isolation_level="AUTOCOMMIT")
+# Children: one measurement each, printed as JSON on the last line of stdout.
+
+
+def _heimdex_enqueue(url: str, n: int) -> None:
+    from heimdex_common.db import make_engine  # noqa: PLC0415
+    from heimdex_common.ledger import service  # noqa: PLC0415
+    from heimdex_common.ledger.registry import load_registry  # noqa: PLC0415
+
+    engine = make_engine(url)
+    registry = load_registry()
+    with engine.begin() as conn:
+        for i in range(0, n, 1000):
+            specs = [service.JobSpec("noop", {})] * min(1000, n - i)
+            service.submit_jobs(conn, registry, org_id=uuid.uuid4(), specs=specs)
+    engine.dispose()
+
+
+def child_heimdex(url: str, n: int, batch: int) -> float:
+    from sqlalchemy import text  # noqa: PLC0415
+
+    from heimdex_common.db import make_engine  # noqa: PLC0415
+    from heimdex_common.settings import Settings  # noqa: PLC0415
+    from heimdex_worker.main import run_worker  # noqa: PLC0415
+
+    _heimdex_enqueue(url, n)
+    settings = Settings.model_validate({"DATABASE_URL": url, "HEIMDEX_JWT_SECRET": SECRET})
+    watcher = make_engine(url)
+    stop = threading.Event()
+    started = time.perf_counter()
+    worker = threading.Thread(
+        target=run_worker,
+        args=(settings, stop),
+        kwargs={"concurrency": CONCURRENCY, "batch": batch},
+    )
+    worker.start()
+    query = text("SELECT count(*) FROM job WHERE status = 'succeeded'")
+    while True:
+        with watcher.connect() as conn:
+            if conn.execute(query).scalar() == n:
+                break
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - started
+    stop.set()
+    worker.join()
+    watcher.dispose()
+    return n / elapsed
+
+
+def child_pgqueuer(url: str, n: int, batch: int) -> float:
+    import asyncpg  # noqa: PLC0415
+    from pgqueuer import PgQueuer  # noqa: PLC0415
+    from pgqueuer.db import AsyncpgDriver  # noqa: PLC0415
+    from pgqueuer.models import Job  # noqa: PLC0415
+    from pgqueuer.queries import Queries  # noqa: PLC0415
+    from pgqueuer.types import QueueExecutionMode  # noqa: PLC0415
+
+    async def main() -> float:
+        queries = Queries(AsyncpgDriver(await asyncpg.connect(url)))
+        await queries.clear_queue()
+        await queries.enqueue(["noop"] * n, [None] * n, [0] * n)
+        managers = [PgQueuer(AsyncpgDriver(await asyncpg.connect(url))) for _ in range(CONCURRENCY)]
+        for pgq in managers:
+
+            @pgq.entrypoint("noop")
+            async def noop(job: Job) -> None:
+                return None
+
+        started = time.perf_counter()
+        await asyncio.gather(
+            *(pgq.run(batch_size=batch, mode=QueueExecutionMode.drain) for pgq in managers)
+        )
+        return n / (time.perf_counter() - started)
+
+    return asyncio.run(main())
+
+
+def child_procrastinate(url: str, n: int, batch: int) -> float:
+    import procrastinate  # noqa: PLC0415
+
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url))
+
+    @app.task(name="noop")
+    async def noop() -> None:
+        return None
+
+    async def main() -> float:
+        async with app.open_async():
+            for i in range(0, n, 1000):
+                await noop.batch_defer_async(*[{}] * min(1000, n - i))
+            started = time.perf_counter()
+            await app.run_worker_async(
+                concurrency=CONCURRENCY, wait=False, install_signal_handlers=False
+            )
+            return n / (time.perf_counter() - started)
+
+    return asyncio.run(main())
+
+
+RAW_CLAIM = """
+WITH picked AS (
+    SELECT id FROM job WHERE status = 'queued' AND run_at <= now()
+     ORDER BY priority DESC, run_at LIMIT %(n)s FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE job AS j SET status = 'running', started_at = now(), updated_at = now(),
+           lease_token = gen_random_uuid(), leased_by = 'raw',
+           lease_expires_at = now() + interval '30 seconds'
+      FROM picked WHERE j.id = picked.id RETURNING j.id, j.lease_token
+), ev AS (
+    INSERT INTO job_event (job_id, prev_status, next_status, detail_json)
+    SELECT id, 'queued', 'running', '{"action": "claimed"}' FROM claimed
+)
+SELECT id, lease_token FROM claimed"""
+RAW_DONE = """
+WITH done AS (
+    UPDATE job SET status = 'succeeded', finished_at = now(), updated_at = now(),
+           lease_token = NULL, result = '{}'
+     WHERE id = ANY(%(ids)s) AND lease_token = ANY(%(tokens)s) RETURNING id
+)
+INSERT INTO job_event (job_id, prev_status, next_status, detail_json)
+SELECT id, 'running', 'succeeded', '{"action": "succeeded"}' FROM done"""
+
+
+def child_raw(url: str, n: int, batch: int) -> float:
+    import psycopg  # noqa: PLC0415
+
+    _heimdex_enqueue(url, n)
+
+    def loop() -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            while rows := conn.execute(RAW_CLAIM, {"n": batch}).fetchall():
+                conn.execute(
+                    RAW_DONE, {"ids": [r[0] for r in rows], "tokens": [r[1] for r in rows]}
+                )
+
+    threads = [threading.Thread(target=loop) for _ in range(CONCURRENCY)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return n / (time.perf_counter() - started)
+
+
+def _serve_api(url: str) -> tuple[subprocess.Popen[bytes], int, dict[str, str]]:
+    from heimdex_api.auth import issue_token  # noqa: PLC0415
+    from heimdex_common.localpg import free_port  # noqa: PLC0415
+
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": url, "HEIMDEX_JWT_SECRET": SECRET}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from heimdex_common.cli import main; main()", "api",
+         "--port", str(port), "--workers", "2"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+        try:
+            conn.request("GET", "/readyz")
+            if conn.getresponse().status == 200:
+                break
+        except OSError:
+            time.sleep(0.1)
+        finally:
+            conn.close()
+    else:
+        proc.kill()
+        raise SystemExit("the API did not become ready within 30 s")
+    token = issue_token(SECRET, org_id=uuid.uuid4())
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    return proc, port, headers
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '{"type": "noop"}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "%s"
+"""
+
+
+def _wrk(port: int, headers: dict[str, str], seconds: int) -> float:
+    """Requests/s of `wrk` (C, 4 keep-alive connections) posting one job per request."""
+    script = Path(tempfile.mkdtemp()) / "post.lua"
+    script.write_text(WRK_SCRIPT % headers["Authorization"])
+    out = subprocess.run(
+        ["wrk", "-t", "2", "-c", str(CONCURRENCY), "-d", f"{seconds}s", "-s", str(script),
+         f"http://127.0.0.1:{port}/jobs"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    if "Non-2xx" in out:
+        raise SystemExit(f"wrk saw failed submissions:\n{out}")
+    return float(out.split("Requests/sec:")[1].split()[0])
+
+
+def child_submit_heimdex(url: str, n: int, batch: int) -> float:
+    proc, port, headers = _serve_api(url)
+    try:
+        if batch == 1 and shutil.which("wrk"):
+            return _wrk(port, headers, seconds=max(3, n // 1000))
+        if batch == 1:
+            body = json.dumps({"type": "noop"})
+            path, per_request = "/jobs", 1
+        else:
+            body = json.dumps({"jobs": [{"type": "noop"}] * batch})
+            path, per_request = "/jobs/batch", batch
+        requests = n // per_request
+        failures: list[int] = []
+
+        def client(count: int) -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            for _ in range(count):
+                conn.request("POST", path, body=body, headers=headers)
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status != 201:
+                    failures.append(resp.status)
+            conn.close()
+
+        clients = CONCURRENCY if batch == 1 else 1
+        threads = [
+            threading.Thread(target=client, args=(requests // clients,)) for _ in range(clients)
+        ]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - started
+        if failures:
+            raise SystemExit(f"{len(failures)} submissions failed: {sorted(set(failures))}")
+        return requests // clients * clients * per_request / elapsed
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def child_submit_pgqueuer(url: str, n: int, batch: int) -> float:
+    import asyncpg  # noqa: PLC0415
+    from pgqueuer.db import AsyncpgDriver  # noqa: PLC0415
+    from pgqueuer.queries import Queries  # noqa: PLC0415
+
+    async def main() -> float:
+        if batch == 1:
+            clients = [
+                Queries(AsyncpgDriver(await asyncpg.connect(url))) for _ in range(CONCURRENCY)
+            ]
+
+            async def one(queries: Queries) -> None:
+                for _ in range(n // CONCURRENCY):
+                    await queries.enqueue("noop", None)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(one(q) for q in clients))
+            return n // CONCURRENCY * CONCURRENCY / (time.perf_counter() - started)
+        queries = Queries(AsyncpgDriver(await asyncpg.connect(url)))
+        started = time.perf_counter()
+        for _ in range(n // batch):
+            await queries.enqueue(["noop"] * batch, [None] * batch, [0] * batch)
+        return n // batch * batch / (time.perf_counter() - started)
+
+    return asyncio.run(main())
+
+
+CHILDREN: dict[str, Callable[[str, int, int], float]] = {
+    "heimdex": child_heimdex,
+    "pgqueuer": child_pgqueuer,
+    "procrastinate": child_procrastinate,
+    "raw": child_raw,
+    "submit-heimdex": child_submit_heimdex,
+    "submit-pgqueuer": child_submit_pgqueuer,
+}
+
+
+# The parent: one cluster, fresh databases per measurement, interleaved rounds, the table.
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Cluster:
+    def __init__(self) -> None:
+        from heimdex_common.localpg import LocalPostgres  # noqa: PLC0415
+
+        self.pg = LocalPostgres.throwaway(durable=True).start()
+        self._n = 0
+
+    def fresh_database(self, system: str) -> str:
+        """A new database prepared for `system`, as a plain postgresql:// URL."""
+        from alembic import command  # noqa: PLC0415
+        from sqlalchemy import create_engine, text  # noqa: PLC0415
+
+        from heimdex_common.migrations.config import alembic_config  # noqa: PLC0415
+
+        self._n += 1
+        name = f"{system.replace('-', '_')}_{self._n}"
+        admin = create_engine(self.pg.url(), isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
-            conn.execute(text("CREATE DATABASE bench"))
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
         admin.dispose()
-        url = pg.url("bench")
-        command.upgrade(alembic_config(database_url=url), "head")
-        engine = make_engine(url, pool_size=max(args.threads) + 2)
-        factory = make_session_factory(engine)
-        org = uuid.uuid4()
-        print(f"{'threads':>7} {'jobs':>6} {'submit/s':>9} {'claim+complete/s':>17}")
-        for threads in args.threads:
-            started = time.perf_counter()
-            ids: list[uuid.UUID] = []
-            for _ in range(args.jobs):
-                with unit_of_work(factory) as s:
-                    job, _ = service.submit_job(s, org_id=org, type="noop", params={})
-                    ids.append(job.id)
-            submit_rate = args.jobs / (time.perf_counter() - started)
+        url = self.pg.url(name)
+        plain = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        if system in ("heimdex", "raw", "submit-heimdex"):
+            command.upgrade(alembic_config(database_url=url), "head")
+        elif system in ("pgqueuer", "submit-pgqueuer"):
+            subprocess.run(
+                [sys.executable, "-c",
+                 "import asyncio, asyncpg, sys\n"
+                 "from pgqueuer.db import AsyncpgDriver\nfrom pgqueuer.queries import Queries\n"
+                 "async def m():\n"
+                 "    await Queries(AsyncpgDriver(await asyncpg.connect(sys.argv[1]))).install()\n"
+                 "asyncio.run(m())", plain],
+                check=True,
+            )  # fmt: skip
+        elif system == "procrastinate":
+            script = (
+                "import procrastinate, sys\n"
+                "connector = procrastinate.PsycopgConnector(conninfo=sys.argv[1])\n"
+                "app = procrastinate.App(connector=connector)\n"
+                "with app.open():\n    app.schema_manager.apply_schema()"
+            )
+            subprocess.run([sys.executable, "-c", script, plain], check=True)
+        return plain
 
-            def run(job_id: uuid.UUID) -> None:
-                with unit_of_work(factory) as s:
-                    job = service.claim_job(s, job_id, worker_id="bench", lease_seconds=30)
-                assert job is not None and job.lease_token is not None
-                with unit_of_work(factory) as s:
-                    service.complete_attempt(s, job_id, job.lease_token, result={})
+    def destroy(self) -> None:
+        self.pg.destroy()
 
-            started = time.perf_counter()
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                list(pool.map(run, ids))
-            run_rate = args.jobs / (time.perf_counter() - started)
-            print(f"{threads:>7} {args.jobs:>6} {submit_rate:>9.0f} {run_rate:>17.0f}")
-        engine.dispose()
+
+def measure(cluster: Cluster, system: str, jobs: int, batch: int) -> float | None:
+    url = cluster.fresh_database(system)
+    proc = subprocess.run(
+        [sys.executable, str(HERE), "--child", system, url, str(jobs), str(batch)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if proc.returncode != 0:
+        _progress(f"  {system} batch {batch}: FAILED: {proc.stderr.strip().splitlines()[-1:]}")
+        return None
+    rate = float(json.loads(proc.stdout.strip().splitlines()[-1])["rate"])
+    _progress(f"  {system:>15} batch {batch:>4}: {rate:9.0f} jobs/s")
+    return rate
+
+
+def main() -> None:  # noqa: PLR0912 - argument handling, the rounds and the table
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=5000, help="jobs per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
+    parser.add_argument("--only", default="", help="comma-separated subset of the rows' systems")
+    parser.add_argument("--skip-submit", action="store_true", help="processing rows only")
+    parser.add_argument("--child", nargs=4, metavar=("SYSTEM", "URL", "JOBS", "BATCH"),
+                        help=argparse.SUPPRESS)  # fmt: skip
+    args = parser.parse_args()
+    if args.child:
+        system, url, jobs, batch = args.child
+        print(json.dumps({"rate": CHILDREN[system](url, int(jobs), int(batch))}))
+        return
+
+    rows: list[tuple[str, str, int, int]] = []  # (section, system, batch, jobs)
+    for batch in (1, 10):
+        for system in ("heimdex", "pgqueuer", "procrastinate", "raw"):
+            if system == "procrastinate" and batch != 1:
+                continue  # no batch fetch: one row, at its only setting
+            rows.append(("processing", system, batch, args.jobs))
+    if not args.skip_submit:
+        for batch in (1, 1000):
+            for system in ("submit-heimdex", "submit-pgqueuer"):
+                rows.append(("submit", system, batch, args.jobs if batch == 1 else args.jobs * 4))
+    if args.only:
+        wanted = set(args.only.split(","))
+        rows = [r for r in rows if r[1].removeprefix("submit-") in wanted or r[1] in wanted]
+
+    cluster = Cluster()
+    results: dict[tuple[str, str, int], list[float]] = {(s, n, b): [] for s, n, b, _ in rows}
+    try:
+        for round_ in range(1, args.rounds + 1):
+            _progress(f"round {round_}/{args.rounds}")
+            for section, system, batch, jobs in rows:
+                rate = measure(cluster, system, jobs, batch)
+                if rate is not None:
+                    results[(section, system, batch)].append(rate)
+    finally:
+        cluster.destroy()
+
+    medians = {key: statistics.median(v) for key, v in results.items() if v}
+    print(f"\n{args.jobs} no-op jobs, concurrency {CONCURRENCY}, PostgreSQL 15 with fsync on, "
+          f"{args.rounds} interleaved rounds; medians (jobs/s) and ratio to Heimdex\n")  # fmt: skip
+    print(
+        f"| {'measure':<10} | {'system':<15} | {'batch':>5} | {'jobs/s':>8} | {'vs Heimdex':>10} |"
+    )
+    print(f"|{'-' * 12}|{'-' * 17}|{'-' * 7}|{'-' * 10}|{'-' * 12}|")
+    for section, system, batch, _ in rows:
+        rate = medians.get((section, system, batch))
+        ours_key = (section, "submit-heimdex" if section == "submit" else "heimdex", batch)
+        ours = medians.get(ours_key) if section == "submit" else medians.get(
+            ("processing", "heimdex", batch if system != "procrastinate" else 1)
+        )  # fmt: skip
+        ratio = f"{rate / ours:.2f}x" if rate and ours else "-"
+        shown = f"{rate:8.0f}" if rate else "  failed"
+        print(f"| {section:<10} | {system:<15} | {batch:>5} | {shown} | {ratio:>10} |")
+    print(
+        "\ntargets (issue 9): processing >= PGQueuer at equal concurrency and batch; >= 1,500"
+        " jobs/s end to end; API one by one >= 1,000/s; bulk >= 10,000/s"
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -73,30 +74,38 @@ def auth(org_id: uuid.UUID, sub: str = "tester") -> dict[str, str]:
 
 @dataclass
 class Processes:
+    """`heimdex` subcommands as real processes; their logs go to files (a pipe nobody reads
+    would fill up and block a process that logs a lot, e.g. through a database restart)."""
+
     env: dict[str, str]
+    log_dir: Path
     running: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start(self, *args: str) -> subprocess.Popen[bytes]:
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = (self.log_dir / f"{len(self.running)}-{args[0]}.log").open("wb")
         proc = subprocess.Popen(
             [sys.executable, "-c", "from heimdex_common.cli import main; main()", *args],
-            env={**os.environ, **self.env},
+            env={**os.environ, **self.env, **(env or {})},
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=log,
         )
+        log.close()
         self.running.append(proc)
         return proc
+
+    def log_of(self, proc: subprocess.Popen[bytes]) -> str:
+        index = self.running.index(proc)
+        return next(self.log_dir.glob(f"{index}-*.log")).read_text()
 
     def stop_all(self) -> None:
         for proc in self.running:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-            if proc.stderr is not None:
-                proc.stderr.close()
 
 
 @pytest.fixture
-def processes(stack_env: dict[str, str]) -> Iterator[Processes]:
-    procs = Processes(stack_env)
+def processes(stack_env: dict[str, str], tmp_path: Path) -> Iterator[Processes]:
+    procs = Processes(stack_env, tmp_path)
     yield procs
     procs.stop_all()

@@ -225,7 +225,10 @@ def test_metrics_expose_the_queue_per_type(client: TestClient, org_id: uuid.UUID
     client.post(
         "/jobs", json={"type": "noop", "run_at": later}, headers=auth(org_id)
     ).raise_for_status()
+    client.get("/jobs/not-a-uuid", headers=auth(org_id))
     text_ = client.get("/metrics").text
+    assert 'heimdex_http_requests_total{method="POST",route="/jobs",status="201"} 2.0' in text_
+    assert 'route="/jobs/{job_id}",status="422"} 1.0' in text_
     assert 'heimdex_queue_jobs{type="mock_process"} 1.0' in text_
     assert 'heimdex_queue_jobs{type="noop"} 1.0' in text_
     assert 'heimdex_queue_due_jobs{type="noop"} 0.0' in text_

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from heimdex_common.db import check_connection, make_engine
 from heimdex_common.errors import DatabaseUnavailable, HeimdexError
 from heimdex_common.localpg import LocalPostgres
 from heimdex_common.migrations.config import alembic_config, script_directory
-from heimdex_common.settings import Settings
+from heimdex_common.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = REPO / "packages" / "common"
@@ -64,6 +65,35 @@ def test_placeholder_secret_is_refused_outside_local(monkeypatch: pytest.MonkeyP
     monkeypatch.delenv("HEIMDEX_JWT_SECRET", raising=False)
     with pytest.raises(ValueError, match="HEIMDEX_JWT_SECRET"):
         Settings()
+    # The placeholder before issue 15 (26 bytes) is refused as well.
+    monkeypatch.setenv("HEIMDEX_JWT_SECRET", "local-dev-secret-change-me")
+    with pytest.raises(ValueError, match="HEIMDEX_JWT_SECRET"):
+        Settings()
+
+
+def test_a_local_token_is_signed_without_a_key_length_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import jwt
+
+    monkeypatch.delenv("HEIMDEX_JWT_SECRET", raising=False)
+    monkeypatch.delenv("HEIMDEX_ENV", raising=False)
+    secret = Settings().jwt_secret.get_secret_value()
+    assert len(secret.encode()) >= 32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        token = jwt.encode({"sub": "x"}, secret, algorithm="HS256")
+        assert jwt.decode(token, secret, algorithms=["HS256"]) == {"sub": "x"}
+
+
+def test_log_settings_are_validated_and_case_insensitive(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEIMDEX_LOG_FORMAT", "JSON")
+    monkeypatch.setenv("HEIMDEX_LOG_LEVEL", "Debug")
+    settings = Settings()
+    assert (settings.log_format, settings.log_level) == ("json", "debug")
+    monkeypatch.setenv("HEIMDEX_LOG_FORMAT", "xml")
+    with pytest.raises(HeimdexError, match="HEIMDEX_LOG_FORMAT: Input should be 'auto'"):
+        load_settings()
 
 
 def test_password_with_special_characters_authenticates(tmp_path: Path) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import pty
+import re
 import subprocess
 import threading
 
@@ -117,6 +121,51 @@ def test_progress_names_each_revision_and_its_duration(empty_db_url: URL) -> Non
     assert "upgrade base -> 001_job_ledger_init (job ledger init" in proc.stderr
     assert "3af4686817cc done in " in proc.stderr
     assert f"now at {head()}" in proc.stdout
+
+    # Not a terminal (CI, a container): JSON lines a collector parses, one per step, in order.
+    records = [json.loads(line) for line in proc.stderr.splitlines()]
+    done = [r for r in records if r.get("action") == "db.upgrade.done"]
+    revisions = revisions_of()
+    assert [r["revision"] for r in done] == revisions
+    assert str(done[0]["msg"]).startswith(f"[1/{len(revisions)}] ")
+    assert {r["process"] for r in records} == {"db"}
+
+
+def test_progress_on_a_terminal_is_aligned_lines_in_colour(empty_db_url: URL) -> None:
+    main, child = pty.openpty()
+    proc = subprocess.Popen(
+        [str(HEIMDEX), "db", "upgrade", "--database-url", url_arg(empty_db_url)],
+        env={k: v for k, v in clean_env().items() if k not in ("NO_COLOR", "HEIMDEX_LOG_FORMAT")},
+        stdin=child,
+        stdout=child,
+        stderr=child,
+    )
+    os.close(child)
+    screen = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO once the command has exited and closed the terminal
+                break
+            if not chunk:
+                break
+            screen += chunk
+    finally:
+        proc.wait(timeout=60)
+        os.close(main)
+    text = screen.decode()
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    assert proc.returncode == 0, plain
+    assert "\x1b[" in text
+    count = len(revisions_of())
+    for number, rev in enumerate(revisions_of(), 1):
+        assert re.search(
+            rf"^\d\d:\d\d:\d\d\.\d{{3}} INFO +db +\[{number}/{count}\] {rev} done in ",
+            plain,
+            re.M,
+        ), plain
+    assert not [line for line in plain.splitlines() if line.lstrip().startswith("{")], plain
 
 
 def test_downgrade_and_upgrade_by_relative_steps_and_prefixes(db_url: URL) -> None:

@@ -7,7 +7,7 @@ from logging.config import fileConfig
 
 from alembic import context
 from alembic.util import CommandError
-from sqlalchemy import Connection, pool
+from sqlalchemy import Connection, Engine, pool
 from sqlalchemy.exc import OperationalError
 
 from heimdex_common.db import connection_error, make_engine
@@ -68,6 +68,12 @@ def run_with(connection: Connection) -> None:
 
 def run_online() -> None:
     given = config.attributes.get("connection")
+    if isinstance(given, Engine):
+        # What pytest-alembic (and other tools) hand over: an Engine, not a Connection. Ours
+        # to connect, and to close.
+        with given.connect() as connection:
+            run_with(connection)
+        return
     if given is not None:
         run_with(given)
         return

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from heimdex_api import problems
+from heimdex_api.auth import AuthenticationFailed, bearer, decode_token
 from heimdex_api.metrics import ApiMetrics
 from heimdex_api.routes import router
 from heimdex_api.state import AppState
 from heimdex_common.db import make_engine
 from heimdex_common.ledger.registry import load_registry
+from heimdex_common.logs import configure_logging
 from heimdex_common.migrations.config import alembic_config, script_directory
-from heimdex_common.settings import Settings
+from heimdex_common.settings import Settings, load_settings
 
 BODY_MAX_BYTES = 256 * 1024
 
@@ -43,25 +49,99 @@ def create_app(settings: Settings) -> FastAPI:
     problems.install(app)
     app.include_router(router)
 
-    @app.middleware("http")
-    async def guard_and_count(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        length = request.headers.get("content-length")
+    app.add_middleware(GuardAndCount)
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one server process started by `heimdex api --workers N` (each process
+    reads the settings and sets up its logging itself)."""
+    settings = load_settings()
+    configure_logging("api", **settings.log_options)
+    return create_app(settings)
+
+
+# Served without a token; every other route needs one, checked before its body is read.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/redoc"})
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised by the guarded `receive` once the body passes the limit. An HTTPException, so
+    FastAPI's body parsing passes it through as is and problems.py answers 413."""
+
+    def __init__(self) -> None:
+        super().__init__(413, f"request body over {BODY_MAX_BYTES} bytes")
+
+
+class GuardAndCount:
+    """Plain ASGI (no per-request task, no buffering of its own): refuses a NUL byte in the
+    query string, authenticates protected routes before their body is read, enforces the body
+    limit on the bytes as they arrive (chunked bodies have no Content-Length), and counts every
+    request by route and status."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self.refusal(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        status = 500
+        received = 0
+
+        async def guarded_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > BODY_MAX_BYTES:
+                    raise BodyTooLarge
+            return message
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        started = time.perf_counter()
+        await self.app(scope, guarded_receive, send_and_note)
+        state: AppState | None = getattr(scope["app"].state, "heimdex", None)
+        if state is not None:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            state.metrics.requests.labels(scope["method"], path, status).inc()
+            state.metrics.latency.labels(scope["method"], path).observe(
+                time.perf_counter() - started
+            )
+
+    @staticmethod
+    def refusal(scope: Scope) -> JSONResponse | None:
+        """The answer to a request refused before the application sees it, if it is one."""
+        request = Request(scope)
+        if b"%00" in scope["query_string"] or b"\x00" in scope["query_string"]:
+            return problems.problem(
+                400, "bad-request", "the query string contains a NUL byte (%00)", request
+            )
+        headers = Headers(scope=scope)
+        length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > BODY_MAX_BYTES):
             return problems.problem(
                 413, "body-too-large", f"request body over {BODY_MAX_BYTES} bytes", request
             )
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        state: AppState | None = getattr(request.app.state, "heimdex", None)
-        if state is not None:
-            state.metrics.requests.labels(request.method, path, response.status_code).inc()
-            state.metrics.latency.labels(request.method, path).observe(
-                time.perf_counter() - started
-            )
-        return response
-
-    return app
+        has_body = (length is not None and length != "0") or "transfer-encoding" in headers
+        state: AppState | None = getattr(scope["app"].state, "heimdex", None)
+        if has_body and state is not None and scope["path"] not in PUBLIC_PATHS:
+            # FastAPI reads and parses the whole body before it solves any dependency, so
+            # the route's own token check would come only after the body is in memory.
+            try:
+                decode_token(
+                    bearer(headers.get("authorization")),
+                    state.settings.jwt_secret.get_secret_value(),
+                )
+            except AuthenticationFailed as exc:
+                return problems.problem(401, "unauthenticated", str(exc), request)
+        return None

@@ -11,6 +11,7 @@ import jwt
 from heimdex_common.errors import HeimdexError
 
 ALGORITHM = "HS256"
+SUB_MAX = 255
 
 
 class AuthenticationFailed(HeimdexError):
@@ -35,6 +36,13 @@ def decode_token(token: str, secret: str) -> Principal:
         raise AuthenticationFailed("the bearer token has expired") from None
     except jwt.InvalidTokenError as exc:
         raise AuthenticationFailed(f"the bearer token is invalid: {exc}") from None
+    sub = claims["sub"]
+    # `sub` is stored as text (requested_by); PostgreSQL text holds no NUL byte.
+    if not isinstance(sub, str) or not 1 <= len(sub) <= SUB_MAX or "\x00" in sub:
+        raise AuthenticationFailed(
+            f"the bearer token's sub claim must be a string of 1 to {SUB_MAX} characters"
+            " without NUL bytes"
+        )
     raw_org = claims.get("org_id")
     if not isinstance(raw_org, str):
         raise AuthenticationFailed("the bearer token has no org_id claim")
@@ -42,7 +50,7 @@ def decode_token(token: str, secret: str) -> Principal:
         org_id = uuid.UUID(raw_org)
     except ValueError:
         raise AuthenticationFailed("the bearer token's org_id claim is not a UUID") from None
-    return Principal(sub=str(claims["sub"]), org_id=org_id)
+    return Principal(sub=sub, org_id=org_id)
 
 
 def bearer(header: str | None) -> str:

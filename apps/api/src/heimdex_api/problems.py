@@ -6,9 +6,13 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import InterfaceError as SAInterfaceError
+from sqlalchemy.exc import OperationalError as SAOperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from heimdex_api.auth import AuthenticationFailed
@@ -41,6 +45,45 @@ ERROR_STATUS: tuple[tuple[type[HeimdexError], int, str], ...] = (
 )
 
 
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "type": "object",
+    "description": "RFC 9457 problem details",
+    "required": ["type", "title", "status", "detail", "instance"],
+    "properties": {
+        "type": {"type": "string", "format": "uri"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+        "errors": {"type": "array", "items": {"type": "object"}},
+        "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+    "additionalProperties": True,
+}
+WHEN = {
+    400: "Bad request (bad cursor or header, a NUL byte in the query string)",
+    401: "Missing, invalid or expired bearer token",
+    404: "No such job in the caller's organisation",
+    409: "Conflict (idempotency key reused with another body, or the job has finished)",
+    413: "Request body over 256 KiB",
+    422: "The request does not validate",
+    503: "PostgreSQL unreachable or restarting (database-unavailable); retry later",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for error statuses: problem+json and its schema. Declaring
+    422 here also replaces FastAPI's default (application/json) validation-error entry."""
+    return {
+        status: {
+            "description": WHEN[status],
+            "content": {MEDIA_TYPE: {"schema": PROBLEM_SCHEMA}},
+        }
+        for status in statuses
+    }
+
+
 class BadRequest(HeimdexError):
     """Input the API refuses before it reaches the ledger (a bad cursor, an oversized body)."""
 
@@ -51,7 +94,12 @@ class BadRequest(HeimdexError):
 
 
 def problem(
-    status: int, slug: str, detail: str, request: Request, **extensions: Any
+    status: int,
+    slug: str,
+    detail: str,
+    request: Request,
+    headers: dict[str, str] | None = None,
+    **extensions: Any,
 ) -> JSONResponse:
     body = {
         "type": TYPE_BASE + slug,
@@ -61,7 +109,7 @@ def problem(
         "instance": request.url.path,
         **extensions,
     }
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = {**(headers or {}), **({"WWW-Authenticate": "Bearer"} if status == 401 else {})}
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
@@ -92,9 +140,63 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return problem(422, "validation-error", detail, request, errors=errors)
 
 
+HTTP_SLUGS = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large"}
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    return problem(exc.status_code, "http-error", str(exc.detail), request)
+    response = problem(
+        exc.status_code, HTTP_SLUGS.get(exc.status_code, "http-error"), str(exc.detail), request
+    )
+    response.headers.update(exc.headers or {})
+    if exc.status_code == 405:
+        # RFC 9110: `Allow` lists every method of the path. Starlette names only the first
+        # route that matched the path (GET /jobs and POST /jobs are two routes).
+        response.headers["Allow"] = ", ".join(_allowed_methods(request))
+    return response
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    routes = list(request.app.routes)
+    while routes:
+        route = routes.pop()
+        included = getattr(route, "original_router", None)  # an include_router() wrapper
+        if included is not None:
+            routes.extend(included.routes)
+            continue
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(request.url.path):
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """A failure of the connection to PostgreSQL, not of the statement: retry later."""
+    if isinstance(exc, SAOperationalError | SAInterfaceError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if not is_disconnect(exc):
+        return await _unexpected(request, exc)
+    # One line, no traceback: an outage is expected operation, and the driver's message can
+    # name the host; never the URL or the password (connection_error drops them).
+    logger.warning(
+        "database unavailable: %s",
+        type(exc).__name__,
+        extra={"action": "api.database_unavailable", "path": request.url.path},
+    )
+    return problem(
+        503,
+        "database-unavailable",
+        "PostgreSQL is unreachable or restarting; retry later",
+        request,
+        headers={"Retry-After": "1"},
+    )
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -106,4 +208,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(HeimdexError, _heimdex_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(psycopg.Error, _database_error)
     app.add_exception_handler(Exception, _unexpected)

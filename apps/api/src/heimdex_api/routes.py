@@ -11,12 +11,12 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import Connection, text
 
 from heimdex_api.auth import Principal, bearer, decode_token
-from heimdex_api.problems import BadRequest, problem
+from heimdex_api.problems import BadRequest, problem, problem_responses
 from heimdex_api.schemas import (
     IDEMPOTENCY_KEY_MAX,
     BatchCreate,
@@ -33,7 +33,9 @@ from heimdex_common.ledger import repository, service
 from heimdex_common.migrations.config import migration_context
 from heimdex_common.models import JobStatus
 
-router = APIRouter()
+# Every route may answer these; routes add their own (404, 409) with `responses=`.
+router = APIRouter(responses=problem_responses(400, 401, 413, 422, 503))
+JOB_ERRORS = problem_responses(404)
 
 
 def app_state(request: Request) -> AppState:
@@ -89,7 +91,12 @@ def _submit(
     return submitted
 
 
-@router.post("/jobs", status_code=201, response_model=JobOut)
+@router.post(
+    "/jobs",
+    status_code=201,
+    response_model=JobOut,
+    responses={200: {"model": JobOut, "description": "A replay"}, **problem_responses(409)},
+)
 def submit(
     body: JobCreate,
     response: Response,
@@ -105,7 +112,12 @@ def submit(
     return JobOut.of(submitted.job)
 
 
-@router.post("/jobs/batch", status_code=201, response_model=BatchResult)
+@router.post(
+    "/jobs/batch",
+    status_code=201,
+    response_model=BatchResult,
+    responses={200: {"model": BatchResult, "description": "Nothing new"}, **problem_responses(409)},
+)
 def submit_batch(
     body: BatchCreate, response: Response, state: State, caller: Caller
 ) -> BatchResult:
@@ -142,13 +154,13 @@ def list_(
     return JobPage(items=items, next_cursor=next_cursor)
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut)
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=JOB_ERRORS)
 def read(job_id: uuid.UUID, state: State, caller: Caller) -> JobOut:
     with _autocommit(state) as conn:
         return JobOut.of(repository.get_job(conn, job_id, org_id=caller.org_id))
 
 
-@router.get("/jobs/{job_id}/events", response_model=EventList)
+@router.get("/jobs/{job_id}/events", response_model=EventList, responses=JOB_ERRORS)
 def events(job_id: uuid.UUID, state: State, caller: Caller) -> EventList:
     with _autocommit(state) as conn:
         repository.get_job(conn, job_id, org_id=caller.org_id)
@@ -167,7 +179,11 @@ def events(job_id: uuid.UUID, state: State, caller: Caller) -> EventList:
     )
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobOut)
+@router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=JobOut,
+    responses={202: {"model": JobOut, "description": "Will stop"}, **problem_responses(404, 409)},
+)
 def cancel(job_id: uuid.UUID, response: Response, state: State, caller: Caller) -> JobOut:
     """200 when the job is canceled now; 202 when a running job will stop at its next stage."""
     with state.engine.begin() as conn:
@@ -184,7 +200,11 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=None)
+@router.get(
+    "/readyz",
+    response_model=None,
+    responses={503: problem_responses(503)[503] | {"description": "Not ready"}},
+)
 def readyz(request: Request, state: State) -> Any:
     checks: dict[str, str] = {}
     try:
@@ -207,6 +227,6 @@ def readyz(request: Request, state: State) -> Any:
     return JSONResponse({"status": "ready", "checks": checks})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 def metrics(state: State) -> Response:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

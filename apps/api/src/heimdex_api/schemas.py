@@ -16,12 +16,14 @@ from heimdex_common.models import BackoffPolicy, JobStatus
 PARAMS_MAX_BYTES = 64 * 1024
 BATCH_MAX = 1000
 IDEMPOTENCY_KEY_MAX = 255
+# PostgreSQL text and jsonb hold no NUL byte: refused here (422), not by the database (500).
+NO_NUL = r"^[^\x00]*$"
 
 
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: str = Field(min_length=1, max_length=100)
+    type: str = Field(min_length=1, max_length=100, pattern=NO_NUL)
     params: dict[str, Any] = Field(default_factory=dict)
     priority: int = Field(default=0, ge=-1000, le=1000)
     max_attempts: int = Field(default=5, ge=1, le=100)
@@ -36,6 +38,8 @@ class JobCreate(BaseModel):
         size = len(json.dumps(value, separators=(",", ":")).encode())
         if size > PARAMS_MAX_BYTES:
             raise ValueError(f"params is {size} bytes of JSON; the limit is {PARAMS_MAX_BYTES}")
+        if "\\u0000" in json.dumps(value):
+            raise ValueError("params must not contain NUL characters (\\u0000)")
         return value
 
     def spec(self, idempotency_key: str | None) -> JobSpec:
@@ -51,7 +55,9 @@ class JobCreate(BaseModel):
 
 
 class BatchJobCreate(JobCreate):
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=IDEMPOTENCY_KEY_MAX)
+    idempotency_key: str | None = Field(
+        default=None, min_length=1, max_length=IDEMPOTENCY_KEY_MAX, pattern=NO_NUL
+    )
 
 
 class BatchCreate(BaseModel):

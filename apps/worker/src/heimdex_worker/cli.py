@@ -9,7 +9,13 @@ from heimdex_common.settings import load_settings
 from heimdex_worker.main import run_worker, stop_on_signals
 
 
-@click.command()
+@click.command(
+    epilog="""\b
+Examples:
+  heimdex worker                    # HEIMDEX_WORKER_CONCURRENCY threads
+  heimdex worker --concurrency 8 --batch 8
+"""
+)
 @click.option(
     "--concurrency",
     type=click.IntRange(1, 256),
@@ -19,7 +25,8 @@ from heimdex_worker.main import run_worker, stop_on_signals
     "--batch",
     type=click.IntRange(1, 1000),
     help="Most jobs claimed by one statement (default: HEIMDEX_CLAIM_BATCH, 4). The worker "
-    "holds at most max(concurrency, batch) jobs: keep it at the concurrency for long jobs.",
+    "holds at most max(concurrency, batch) jobs, and one batch more while jobs take under "
+    "50 ms; for long jobs keep it at the concurrency.",
 )
 def worker(concurrency: int | None, batch: int | None) -> None:
     """Claim due jobs from PostgreSQL and run them, until SIGTERM or Ctrl-C.
@@ -28,5 +35,5 @@ def worker(concurrency: int | None, batch: int | None) -> None:
     expired ones. On SIGTERM, jobs not started and jobs at a stage boundary go back to the queue.
     """
     settings = load_settings()
-    configure_logging()
+    configure_logging("worker", **settings.log_options)
     run_worker(settings, stop_on_signals(), concurrency=concurrency, batch=batch)

@@ -47,8 +47,12 @@ def run_worker(
         )
     concurrency = concurrency or settings.worker_concurrency
     batch = batch or settings.claim_batch
-    # Runner threads report stages, plus the claim loop, completer and keeper.
-    engine = make_engine(settings.sqlalchemy_url, pool_size=concurrency + 3, max_overflow=4)
+    # One connection per thread that talks to the database: runners (stages), claimers (up to
+    # one per batch of capacity, plus one ahead), the completer and the keeper.
+    claimers = max(concurrency, batch) // batch + 1
+    engine = make_engine(
+        settings.sqlalchemy_url, pool_size=concurrency + claimers + 2, max_overflow=4
+    )
     metrics = WorkerMetrics(LedgerMetrics(engine))
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, registry=metrics.ledger.registry)

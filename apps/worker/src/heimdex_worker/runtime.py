@@ -13,19 +13,20 @@ Threads of one process, each with one job:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from prometheus_client import Counter, Histogram
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from heimdex_common.ledger import repository, service
@@ -39,6 +40,7 @@ from heimdex_common.settings import Settings
 logger = logging.getLogger(__name__)
 
 MAX_RETRY_WAIT_SECONDS = 2.0
+SHORT_JOB_SECONDS = 0.05
 
 
 class ShuttingDown(Exception):
@@ -109,11 +111,19 @@ class WorkerMetrics:
             "Running jobs whose lease expired and were returned to the queue or dead-lettered",
             registry=self.ledger.registry,
         )
+        self._attempt_children: dict[tuple[str, str], Histogram] = {}
         self.claims = Counter(
             "heimdex_claims_total",
             "Claim statements run by this worker",
             registry=self.ledger.registry,
         )
+
+    def observe_attempt(self, type: str, outcome: str, seconds: float) -> None:
+        key = (type, outcome)
+        child = self._attempt_children.get(key)
+        if child is None:
+            child = self._attempt_children[key] = self.attempt_seconds.labels(type, outcome)
+        child.observe(seconds)
 
 
 def _retrying(
@@ -162,9 +172,14 @@ class Worker:
         self.worker_id = worker_id
         self.concurrency = concurrency
         self.batch = batch
-        self.capacity = max(concurrency, batch)
+        self.base_capacity = max(concurrency, batch)
+        # Claim one batch ahead only while jobs are short (the claim of the next batch then
+        # overlaps the outcome of the last); a long job never waits in a busy worker's buffer
+        # while another worker is idle.
+        self._short_jobs = False
+        self._mean_seconds: float | None = None
         # Claim again once half a batch of slots is free: full batches without idle threads.
-        self.threshold = max(1, min(batch, self.capacity) // 2)
+        self.threshold = max(1, min(batch, self.base_capacity) // 2)
         self.metrics = metrics
         self.policy = service.RetryPolicy(
             base_seconds=settings.backoff_base_seconds, max_seconds=settings.backoff_max_seconds
@@ -173,14 +188,28 @@ class Worker:
         self.wake = threading.Event()
         self._held: dict[uuid.UUID, Held] = {}
         self._held_lock = threading.Lock()
+        self._local = threading.local()
         self._reserved = 0
         self._runnable: queue.Queue[Held | None] = queue.Queue()
         self._done: queue.Queue[tuple[Held, Outcome | service.Failure | None, str]] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._finish = threading.Event()
 
-    def autocommit(self) -> Any:
-        return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    @contextlib.contextmanager
+    def autocommit(self) -> Iterator[Connection]:
+        """This thread's own connection, each statement its own transaction. Kept for the
+        thread's life (no pool checkout per statement); dropped after a database error, so
+        the next use connects again."""
+        conn: Connection | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.invalidated:
+            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            self._local.conn = conn
+        try:
+            yield conn
+        except DBAPIError:
+            self._local.conn = None
+            conn.close()
+            raise
 
     # The claim loop.
 
@@ -190,7 +219,7 @@ class Worker:
         # does not idle the others (batch 1 at concurrency 4 runs four claimers).
         claimers = [
             threading.Thread(target=self._claim_loop, args=(stop,), name=f"claimer-{i}")
-            for i in range(1, max(1, self.capacity // self.batch))
+            for i in range(1, max(1, (self.base_capacity + self.batch) // self.batch))
         ]
         for thread in claimers:
             thread.start()
@@ -200,6 +229,16 @@ class Worker:
             for thread in claimers:
                 thread.join()
             self._shutdown()
+
+    @property
+    def capacity(self) -> int:
+        return self.base_capacity + (self.batch if self._short_jobs else 0)
+
+    def _observe(self, seconds: float) -> None:
+        """Keep a moving mean of attempt durations; jobs under SHORT_JOB_SECONDS are short."""
+        mean = seconds if self._mean_seconds is None else 0.9 * self._mean_seconds + 0.1 * seconds
+        self._mean_seconds = mean
+        self._short_jobs = mean < SHORT_JOB_SECONDS
 
     def _reserve(self) -> int:
         """Slots this claimer may fill now (0: not worth a claim yet), reserved under the lock
@@ -351,7 +390,8 @@ class Worker:
                             "error_code": ended.error_code,
                         },
                     )
-            self.metrics.attempt_seconds.labels(job.type, label).observe(now - held.claimed_at)
+            self.metrics.observe_attempt(job.type, label, now - held.claimed_at)
+            self._observe(now - held.claimed_at)
             with self._held_lock:
                 self._held.pop(job.id, None)
         self.wake.set()

@@ -43,8 +43,15 @@ class HeimdexGroup(click.Group):
             sys.exit(1)
 
 
-@click.group(cls=HeimdexGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=HeimdexGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="""\b
+Examples:
+  heimdex dev                       # the whole stack on this machine (PostgreSQL, API, worker)
+  heimdex db upgrade                # migrate the configured database to head
+""",
+)
 @click.version_option(__version__, prog_name="heimdex")
 def main() -> None:
     """Heimdex core: the durable job ledger, its migrations, API and workers."""
-

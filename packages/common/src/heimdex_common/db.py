@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import quote
 
+from psycopg.errors import InsufficientPrivilege
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import OperationalError
@@ -28,13 +31,49 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def redact(message: str, password: str | None) -> str:
+    """`message` without the password, its URL-encoded form or any piece of it longer than
+    two characters (the pieces between `/`, `@`, `:` and `%` a misparsed URL could show)."""
+    if not password:
+        return message
+    pieces = {password, quote(password, safe=""), quote(password)}
+    pieces.update(p for p in re.split(r"[/@:%]", password) if len(p) > 2)
+    for piece in sorted(pieces, key=len, reverse=True):
+        message = message.replace(piece, "***")
+    return message
+
+
 def connection_error(url: URL, exc: BaseException) -> DatabaseUnavailable:
-    """One line naming host, port, database and the driver's reason; never the password."""
+    """The one formatter for a failed connection: host, port, database and the driver's first
+    line of reason; never the URL, the user's password or any part of it."""
     reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     first = reason[0] if reason else type(exc).__name__
-    if url.password:
-        first = first.replace(str(url.password), "***")
-    return DatabaseUnavailable(f"cannot connect to PostgreSQL at {describe_url(url)}: {first}")
+    where = describe_url(url)
+    password = None if url.password is None else str(url.password)
+    return DatabaseUnavailable(
+        redact(f"cannot connect to PostgreSQL at {where}: {first}", password)
+    )
+
+
+def missing_privilege(exc: BaseException, role: str | None) -> str | None:
+    """One line naming the role, the object and the grant it lacks, if `exc` (or what it
+    wraps) is PostgreSQL's insufficient_privilege; None otherwise."""
+    seen: BaseException | None = exc
+    while seen is not None and not isinstance(seen, InsufficientPrivilege):
+        seen = getattr(seen, "orig", None) or seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    primary = seen.diag.message_primary or str(seen).splitlines()[0]
+    who = role or "the connecting role"
+    match = re.search(r"permission denied for (schema|table|sequence|database) (\S+)", primary)
+    if match is None:
+        return f"role {who}: {primary}; run migrations as the schema owner"
+    kind, name = match.groups()
+    grant = {
+        "schema": f"GRANT USAGE, CREATE ON SCHEMA {name} TO {who}",
+        "database": f"GRANT CONNECT, CREATE ON DATABASE {name} TO {who}",
+    }.get(kind, f"GRANT ALL ON {kind.upper()} {name} TO {who} (or run as its owner)")
+    return f"role {who}: {primary}; missing grant: {grant}"
 
 
 def check_connection(engine: Engine) -> None:

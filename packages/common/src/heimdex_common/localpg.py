@@ -84,12 +84,14 @@ class LocalPostgres:
     port: int = field(default_factory=free_port)
     bindir: Path = field(default_factory=find_bindir)
     owns_datadir: bool = False
+    # Tests trade durability for speed; benchmarks want what production runs (fsync on).
+    durable: bool = False
 
     @classmethod
-    def throwaway(cls) -> LocalPostgres:
+    def throwaway(cls, *, durable: bool = False) -> LocalPostgres:
         parent = Path(tempfile.mkdtemp(prefix="heimdex-pg-"))
         os.chmod(parent, 0o755)  # noqa: S103 - the unprivileged server user must reach it
-        return cls(datadir=parent / "data", owns_datadir=True)
+        return cls(datadir=parent / "data", owns_datadir=True, durable=durable)
 
     @property
     def socket_dir(self) -> Path:
@@ -132,9 +134,10 @@ class LocalPostgres:
             )  # fmt: skip
         options = (
             f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
             "-c max_connections=200"
         )
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run(
             "pg_ctl", "-D", str(self.datadir), "-l", str(self.socket_dir / "postgres.log"),
             "-o", options, "-w", "-t", "60", "start",

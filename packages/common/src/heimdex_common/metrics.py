@@ -88,6 +88,7 @@ class LedgerMetrics:
             ["type", "from_status", "to_status"],
             registry=self.registry,
         )
+        self._children: dict[tuple[str, JobStatus | None, JobStatus], Counter] = {}
         if engine is not None:
 
             def read() -> list[QueueStats]:
@@ -97,4 +98,9 @@ class LedgerMetrics:
             self.registry.register(QueueCollector(read))
 
     def count(self, type: str, before: JobStatus | None, after: JobStatus) -> None:
-        self.transitions.labels(type, before.value if before else "", after.value).inc()
+        key = (type, before, after)
+        child = self._children.get(key)
+        if child is None:  # `labels()` costs a lock and a tuple build per call: resolve once
+            child = self.transitions.labels(type, before.value if before else "", after.value)
+            self._children[key] = child
+        child.inc()

@@ -4,15 +4,28 @@ from __future__ import annotations
 
 from enum import StrEnum
 from functools import cached_property
+from typing import Any, Literal
+from urllib.parse import unquote
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 
 from heimdex_common.errors import HeimdexError
+from heimdex_common.logs import LogFormat
 
 DRIVER = "postgresql+psycopg"
-PLACEHOLDER_JWT_SECRET = "local-dev-secret-change-me"  # noqa: S105 - refused outside local
+# At least 32 bytes, as RFC 7518 asks of an HS256 key (PyJWT warns below that).
+PLACEHOLDER_JWT_SECRET = "local-dev-secret-change-me-not-for-prod"  # noqa: S105 - local only
+# Earlier placeholders, refused outside local too.
+_OLD_PLACEHOLDERS = ("local-dev-secret-change-me",)
 
 
 class Environment(StrEnum):
@@ -43,6 +56,14 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("HEIMDEX_JWT_SECRET"),
     )
     env: Environment = Field(default=Environment.LOCAL, validation_alias="HEIMDEX_ENV")
+    # auto: aligned, coloured lines on a terminal, JSON lines otherwise.
+    log_format: LogFormat = Field(default=LogFormat.AUTO, validation_alias="HEIMDEX_LOG_FORMAT")
+    # debug also shows third-party chatter (uvicorn access lines, alembic's context lines).
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", validation_alias="HEIMDEX_LOG_LEVEL"
+    )
+    # https://no-color.org: any non-empty value turns colour off on a terminal too.
+    no_color: str = Field(default="", validation_alias="NO_COLOR")
 
     # The job runtime. Seconds throughout; tests shrink them to run in well under a second.
     api_host: str = Field(default="127.0.0.1", validation_alias="HEIMDEX_API_HOST")
@@ -77,10 +98,15 @@ class Settings(BaseSettings):
     )
     dev_port: int = Field(default=0, ge=0, validation_alias="HEIMDEX_DEV_PG_PORT")
 
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _refuse_placeholder_secret(self) -> Settings:
         if self.env is not Environment.LOCAL and (
-            self.jwt_secret.get_secret_value() in ("", PLACEHOLDER_JWT_SECRET)
+            self.jwt_secret.get_secret_value() in ("", PLACEHOLDER_JWT_SECRET, *_OLD_PLACEHOLDERS)
         ):
             raise ValueError(
                 f"HEIMDEX_JWT_SECRET must be set to a real secret when HEIMDEX_ENV={self.env.value}"
@@ -91,6 +117,11 @@ class Settings(BaseSettings):
                 "or every lease expires before its renewal"
             )
         return self
+
+    @property
+    def log_options(self) -> dict[str, Any]:
+        """`configure_logging` keywords from these settings (format, level, colour)."""
+        return {"fmt": self.log_format, "level": self.log_level, "color": not self.no_color}
 
     @property
     def job_module_specs(self) -> list[str]:
@@ -115,7 +146,7 @@ class Settings(BaseSettings):
 def normalize_url(url: str | URL) -> URL:
     """Parse a PostgreSQL URL and pin the psycopg 3 driver."""
     try:
-        parsed = make_url(url) if isinstance(url, str) else url
+        parsed = _parse(url) if isinstance(url, str) else url
     except Exception as exc:  # sqlalchemy raises ArgumentError; never echo the URL (password)
         raise HeimdexError("DATABASE_URL is not a valid URL (postgresql://user@host/db)") from exc
     if parsed.get_backend_name() != "postgresql":
@@ -123,6 +154,21 @@ def normalize_url(url: str | URL) -> URL:
             f"DATABASE_URL must point at PostgreSQL, not {parsed.get_backend_name()!r}"
         )
     return parsed.set(drivername=DRIVER)
+
+
+def _parse(raw: str) -> URL:
+    """`make_url`, except that the credentials end at the LAST `@` of the authority: a raw
+    password may hold `@`, `/` or `:` (make_url would take the rest of it for the host and
+    print it in every connection error)."""
+    scheme, sep, rest = raw.partition("://")
+    at = rest.rfind("@")
+    if not sep or at < 0:
+        return make_url(raw)
+    userinfo, location = rest[:at], rest[at + 1 :]
+    user, has_password, password = userinfo.partition(":")
+    return make_url(f"{scheme}://{location}").set(
+        username=unquote(user) or None, password=unquote(password) if has_password else None
+    )
 
 
 def describe_url(url: URL) -> str:

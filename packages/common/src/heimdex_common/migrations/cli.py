@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,9 @@ from typing import Any, TypeVar
 
 import click
 
+from heimdex_common.db import missing_privilege
+from heimdex_common.errors import HeimdexError
+from heimdex_common.logs import LogFormat, configure_logging
 from heimdex_common.migrations import artifacts as artifacts_cmd
 from heimdex_common.migrations import lint as lint_cmd
 from heimdex_common.migrations import migrate as migrate_cmd
@@ -21,6 +23,7 @@ from heimdex_common.migrations import status as status_cmd
 from heimdex_common.migrations import verify as verify_cmd
 from heimdex_common.migrations.lint_rls import RLS_BASELINE_REVISION
 from heimdex_common.migrations.online import DEFAULT_LOCK_TIMEOUT, LOCK_TIMEOUT_ENV
+from heimdex_common.settings import load_settings, normalize_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,7 +42,15 @@ def _config_option(f: F) -> F:
 
 
 def _url_option(help_text: str = URL_HELP) -> Callable[[F], F]:
-    return click.option("--database-url", metavar="URL", default=None, help=help_text)
+    return click.option(
+        "--database-url", metavar="URL", default=None, help=help_text, callback=_note_url
+    )
+
+
+def _note_url(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    # Kept where DbGroup finds it, to name the role in a privilege error.
+    ctx.find_root().meta["heimdex.database_url"] = value
+    return value
 
 
 def _lock_options(f: F) -> F:
@@ -70,17 +81,50 @@ def _lock_options(f: F) -> F:
 
 
 def _setup_logging() -> None:
-    # Progress for people: which revision, how long it took. One handler, on stderr.
-    log = logging.getLogger("heimdex_common")
-    if not any(getattr(h, "_heimdex_db", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._heimdex_db = True  # type: ignore[attr-defined]
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    # Per-revision progress on stderr: aligned lines on a terminal, JSON lines for CI and
+    # containers. Settings that do not load (a prod env without its secret) must not stop a
+    # migration command, which needs none of them: the defaults then apply.
+    try:
+        options = load_settings().log_options
+    except HeimdexError:
+        options = {"fmt": LogFormat.AUTO, "level": "info"}
+    configure_logging("db", **options)
 
 
-@click.group("db")
+class DbGroup(click.Group):
+    """Maps a missing privilege anywhere below to one line and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HeimdexError:
+            raise
+        except Exception as exc:
+            line = missing_privilege(
+                exc, _role_of(ctx.find_root().meta.get("heimdex.database_url"))
+            )
+            if line is None:
+                raise
+            raise HeimdexError(line) from None
+
+
+def _role_of(raw_url: str | None) -> str | None:
+    try:
+        url = normalize_url(raw_url) if raw_url else load_settings().sqlalchemy_url
+    except HeimdexError:
+        return None
+    return url.username
+
+
+@click.group(
+    "db",
+    cls=DbGroup,
+    epilog="""\b
+Examples:
+  heimdex db status                 # where the database is against head
+  heimdex db upgrade --database-url postgresql://postgres@localhost/heimdex
+""",
+)
 def db() -> None:
     """Migrations of the ledger database: the Alembic playbook as one-line commands.
 
@@ -100,6 +144,11 @@ Exit codes:
   4  at head, but the models differ from the database (drift, listed)
   5  the history has several heads (merge them)
   6  the database is at a revision this history does not know
+
+\b
+Examples:
+  heimdex db status
+  heimdex db status --database-url postgresql://postgres@localhost/heimdex
 """
 )
 @_config_option
@@ -140,6 +189,13 @@ index builds), and per revision how long it held ACCESS EXCLUSIVE locks. Online
 revisions (docs/migrations.md §6) commit step by step and are resumable: after a
 crash, the next upgrade continues where it stopped. HEIMDEX_BACKFILL_BATCH (rows per
 batch, default 5000) and HEIMDEX_LOCK_RETRY_DEADLINE (seconds, default 300) tune them.
+
+On a terminal each revision shows as [i/n] with its duration.
+
+\b
+Examples:
+  heimdex db upgrade                # to head
+  heimdex db upgrade +1 --lock-timeout 2s
 """
 )
 @click.argument("revision", default="head")
@@ -168,7 +224,14 @@ def upgrade(
 
 
 @db.command(
-    epilog="Exit codes: 0 done, 1 error. Serialised with upgrade by the same lock.",
+    epilog="""\b
+Exit codes: 0 done, 1 error. Serialised with upgrade by the same lock.
+
+\b
+Examples:
+  heimdex db downgrade -1           # revert the last revision
+  heimdex db downgrade base
+""",
     context_settings={"ignore_unknown_options": True},
 )
 @click.argument("revision")
@@ -202,6 +265,11 @@ Exit codes: 0 written, 1 error (database not at head for --autogenerate,
 target directory not writable: pass --output-dir, ...).
 Needs the migrations extra for formatting and enum support:
   uv sync (workspace) or pip install 'heimdex-common[migrations]'
+
+\b
+Examples:
+  heimdex db revision -m "add job.region" --autogenerate
+  heimdex db revision -m "backfill job.region" --output-dir /tmp
 """
 )
 @click.option("-m", "--message", required=True, help="What the revision does (its docstring).")
@@ -246,6 +314,11 @@ Files: supabase/migrations/NNNN_<slug>.sql, one per revision in history order
 (plus one per statement that cannot run in a transaction). Each is exactly what
 `python -m alembic upgrade <prev>:<rev> --sql` prints. Needs no database.
 Exit codes: 0 current/written, 1 error or (with --check) missing/stale files.
+
+\b
+Examples:
+  heimdex db sql                    # (re)write supabase/migrations/
+  heimdex db sql --check            # in CI: fail on a stale artifact
 """
 )
 @click.option(
@@ -274,6 +347,11 @@ the schema compared (on seeded rows, see heimdex_common.migrations.seeds);
 models equal to the database at head; Supabase artifacts current.
 Never touches the configured database. Exit codes: 0 all good, 1 a check failed
 (the revision and the schema diff are printed) or error.
+
+\b
+Examples:
+  heimdex db verify                 # a throwaway cluster from the local binaries
+  heimdex db verify --database-url postgresql://postgres@localhost/postgres
 """
 )
 @_config_option
@@ -320,6 +398,11 @@ Acknowledge one finding with a comment on or just above the offending line:
   # heimdex-lint: ignore[rule-name] why this is safe here
 Exit codes: 0 clean, 1 findings (file:line rule message) or error.
 Needs the migrations extra: pip install 'heimdex-common[migrations]'.
+
+\b
+Examples:
+  heimdex db lint                   # every revision
+  heimdex db lint b8e2d4f6a1c3      # one revision (an id prefix works)
 """
 )
 @_config_option

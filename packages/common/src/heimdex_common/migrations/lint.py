@@ -19,6 +19,7 @@ comment on or just above that line acknowledges it:
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -35,6 +36,8 @@ from heimdex_common.migrations.history import make_config, ordered_revisions, sc
 from heimdex_common.migrations.lint_rls import RLS_BASELINE_REVISION, check_rls
 from heimdex_common.migrations.offline import Chunk, CompiledRevision, compile_revision
 from heimdex_common.migrations.revision import EXTRA_HINT
+
+logger = logging.getLogger(__name__)
 
 # Squawk rules we do not run, and why. Everything else squawk reports is a finding.
 SQUAWK_EXCLUDED: dict[str, str] = {
@@ -475,9 +478,16 @@ def lint(
     before = _Schema()
     # Revisions up to the baseline predate the RLS rule (the baseline covers their tables).
     after_baseline = False
-    for script in history:
+    for number, script in enumerate(history, 1):
         compiled = compile_revision(cfg, script)
         if not wanted or script.revision in wanted:
+            logger.info(
+                "[%d/%d] %s",
+                number,
+                len(history),
+                script.revision,
+                extra={"action": "db.lint.revision", "revision": script.revision},
+            )
             downgrade = compile_revision(cfg, script, direction="downgrade")
             created = _Schema()
             for chunk in _statements(compiled):

@@ -16,6 +16,7 @@ from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
+from heimdex_common.db import missing_privilege
 from heimdex_common.errors import HeimdexError
 from heimdex_common.migrations.history import (
     connect,
@@ -114,9 +115,11 @@ def _single(revisions: tuple[str, ...]) -> str | None:
     return revisions[0] if revisions else None
 
 
-def _failure_message(step: Step, exc: DBAPIError, now_at: str | None) -> str:
+def _failure_message(step: Step, exc: DBAPIError, now_at: str | None, role: str | None) -> str:
     orig = exc.orig
-    reason = str(orig).strip().splitlines()[0] if orig is not None else str(exc)
+    reason = missing_privilege(exc, role) or (
+        str(orig).strip().splitlines()[0] if orig is not None else str(exc)
+    )
     hint = getattr(getattr(orig, "diag", None), "message_hint", None)
     statement = " ".join((exc.statement or "").split())
     if len(statement) > 200:
@@ -192,13 +195,25 @@ class StrongLockClock:
 
 
 def _run_step(
-    cfg: Config, url: URL, step: Step, *, lock_timeout: str, retries: int, retry_delay: float
+    cfg: Config,
+    url: URL,
+    step: Step,
+    *,
+    lock_timeout: str,
+    retries: int,
+    retry_delay: float,
+    position: str = "",
 ) -> None:
     attempt = 0
     while True:
         attempt += 1
         started = time.monotonic()
-        logger.info("%s ...", step.describe(), extra={"action": f"db.{step.direction}.start"})
+        logger.info(
+            "%s%s ...",
+            position,
+            step.describe(),
+            extra={"action": f"db.{step.direction}.start", "revision": step.script.revision},
+        )
         with connect(url) as conn:
             conn.execute(text(f"SET lock_timeout = '{lock_timeout}'"))
             conn.commit()
@@ -232,7 +247,7 @@ def _run_step(
                     time.sleep(delay)
                     continue
                 now_at = _single(current_revisions(cfg, conn))
-                message = _failure_message(step, exc, now_at)
+                message = _failure_message(step, exc, now_at, url.username)
                 if is_lock_timeout(exc):
                     message += (
                         f" (gave up after {attempt} attempts: a long transaction holds a lock "
@@ -253,8 +268,9 @@ def _run_step(
         longest = max(online_holds, key=lambda hold: hold[1], default=None)
         detail = f"; longest {longest[0]} {longest[1] * 1000:.0f}ms" if longest else ""
         logger.info(
-            "%s done in %.2fs; strong locks held %.3fs (in transactions: %.3fs%s; online "
+            "%s%s done in %.2fs; strong locks held %.3fs (in transactions: %.3fs%s; online "
             "statements: %.3fs over %d%s)",
+            position,
             step.script.revision,
             time.monotonic() - started,
             clock.held + online_held,
@@ -265,6 +281,7 @@ def _run_step(
             detail,
             extra={
                 "action": f"db.{step.direction}.done",
+                "revision": step.script.revision,
                 "strong_lock_s": clock.held + online_held,
             },
         )
@@ -312,9 +329,15 @@ def _migrate(
         if not steps:
             logger.info("nothing to do: the database is at %s", before or "base")
         applied = []
-        for step in steps:
+        for number, step in enumerate(steps, 1):
             _run_step(
-                cfg, url, step, lock_timeout=lock_timeout, retries=retries, retry_delay=retry_delay
+                cfg,
+                url,
+                step,
+                lock_timeout=lock_timeout,
+                retries=retries,
+                retry_delay=retry_delay,
+                position=f"[{number}/{len(steps)}] " if len(steps) > 1 else "",
             )
             applied.append(step.script.revision)
         after = _single(current_revisions(cfg, lock_conn))

@@ -120,7 +120,7 @@ def stairway(config: Path | str | None, url: URL, history: list[Script]) -> list
     """Up, seed, down, up for every revision in order, the schema compared at each turn."""
     passed = []
     _seed(url, None)
-    for script in history:
+    for number, script in enumerate(history, 1):
         rev = script.revision
         started = time.monotonic()
         before = _snapshot(url)
@@ -164,7 +164,14 @@ def stairway(config: Path | str | None, url: URL, history: list[Script]) -> list
                 + render_diff(after_up, again)
             )
         elapsed = time.monotonic() - started
-        logger.info("%s: up, down, up on seeded rows, schema identical (%.2fs)", rev, elapsed)
+        logger.info(
+            "[%d/%d] %s: up, down, up on seeded rows, schema identical (%.2fs)",
+            number,
+            len(history),
+            rev,
+            elapsed,
+            extra={"action": "db.verify.revision", "revision": rev},
+        )
         passed.append(f"{rev} up/down/up with seeded rows")
     return passed
 

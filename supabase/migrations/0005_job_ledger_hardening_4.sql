@@ -1,2 +1,0 @@
-ALTER TABLE job VALIDATE CONSTRAINT ck_job__status_new_not_null, VALIDATE CONSTRAINT ck_job__status_finished_at_consistency;
-
