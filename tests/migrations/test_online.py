@@ -51,7 +51,11 @@ SELECT ('00000000-0000-0000-0000-' || lpad(((g % 50) + 1)::text, 12, '0'))::uuid
                 ELSE 'queued' END AS status,
            timestamptz '2026-01-01' - (g || ' seconds')::interval AS created) AS s
 """
-ROWS_CHECKSUM = "SELECT count(*) || ':' || md5(string_agg(j::text, '|' ORDER BY id)) FROM job j"
+# to_jsonb: every column by name, so databases whose columns differ only in order compare equal
+# (the online revision adds and swaps columns; the transactional one alters them in place).
+ROWS_CHECKSUM = (
+    "SELECT count(*) || ':' || md5(string_agg(to_jsonb(j)::text, '|' ORDER BY id)) FROM job j"
+)
 EVENTS_CHECKSUM = """
 SELECT count(*) || ':' || md5(string_agg(job_id::text || detail_json::text, '|'
                                          ORDER BY job_id, detail_json::text))
