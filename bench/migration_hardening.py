@@ -1,34 +1,44 @@
-"""Cost of 001_job_ledger_init -> 3af4686817cc on a realistic table, ours vs the naive sequence.
+"""Cost of 001_job_ledger_init -> 3af4686817cc on a realistic table: online vs previous vs naive.
 
 Loads N job rows shaped like the field's data at 001 (mostly succeeded, some failed, retries
 with a stale finished_at, terminal rows without one, long error texts), clones the database,
-then runs each variant while a writer inserts a job every 10 ms, and prints a table:
-wall time of the migration and the writer's longest stall.
+then runs each variant while a writer inserts a job every 10 ms and a reader lists an org's
+latest jobs every 10 ms, and prints one table: wall time of the migration and the writer's and
+the reader's longest stall, for every row count.
 
-    uv run python bench/migration_hardening.py            # 1,000,000 rows, own throwaway cluster
+    uv run python bench/migration_hardening.py            # 100,000 and 1,000,000 rows
     uv run python bench/migration_hardening.py --rows 200000 --database-url postgresql://...
 
-The naive sequence is each change as its own statement, as autogenerate emits it (plus the
-normalisation a naive migration needs to pass its CHECK): several table rewrites, status
-updates over every row, rebuilt indexes, no lock_timeout.
+Variants:
+- online: 3af4686817cc as it is (heimdex_common.migrations.online: new columns, batched
+  backfill, NOT VALID then VALIDATE, CREATE INDEX CONCURRENTLY, a short swap);
+- previous: 3af4686817cc before it went online (bench/hardening_previous.py: one rewrite and two
+  index builds in one transaction under ACCESS EXCLUSIVE), run from a copy of the history;
+- naive: each change as its own statement, as autogenerate emits it (plus the normalisation a
+  naive migration needs to pass its CHECK): several table rewrites, status updates over every
+  row, rebuilt indexes, no lock_timeout.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from alembic import command
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 
 from heimdex_common.localpg import LocalPostgres
-from heimdex_common.migrations.config import alembic_config
+from heimdex_common.migrations.config import PACKAGE_ROOT, alembic_config
+from heimdex_common.migrations.history import make_config
 from heimdex_common.settings import normalize_url
 
 LOAD = """
@@ -100,10 +110,11 @@ NAIVE = [
 
 
 @dataclass
-class Writer:
-    """Inserts one job every `interval` seconds and records how long each insert took."""
+class Client:
+    """Runs `statement` every `interval` seconds and records how long each one took."""
 
     engine: Engine
+    statement: str
     interval: float = 0.010
     latencies: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -118,54 +129,82 @@ class Writer:
             while not self._stop.is_set():
                 start = time.perf_counter()
                 try:
-                    conn.execute(
-                        text("INSERT INTO job (org_id, type) VALUES (:org, 'noop')"), {"org": org}
-                    )
+                    conn.execute(text(self.statement), {"org": org}).all()
                 except Exception as exc:
                     self.errors.append(type(exc).__name__)
                 self.latencies.append(time.perf_counter() - start)
                 next_at += self.interval
                 time.sleep(max(0.0, next_at - time.perf_counter()))
 
-    def __enter__(self) -> Writer:
+    def start(self) -> None:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
-        time.sleep(0.3)  # steady state before the migration starts
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        time.sleep(0.3)
+    def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
 
 
+WRITE = "INSERT INTO job (org_id, type) VALUES (:org, 'noop') RETURNING id"
+READ = (
+    "SELECT id FROM job WHERE org_id = '00000000-0000-0000-0000-000000000007'"
+    " ORDER BY created_at DESC LIMIT 20"
+)
+
+
 @dataclass
 class Result:
     variant: str
+    rows: int
     wall_s: float
-    stall_ms: float
-    p50_ms: float
+    writer_stall_ms: float
+    writer_p50_ms: float
+    reader_stall_ms: float
     inserts: int
     errors: int
 
 
-def measure(variant: str, url: URL, migrate: Callable[[], None]) -> Result:
-    engine = create_engine(url, pool_size=2)
-    with Writer(engine) as writer:
-        start = time.perf_counter()
-        migrate()
-        wall = time.perf_counter() - start
+def measure(variant: str, rows: int, url: URL, migrate: Callable[[], None]) -> Result:
+    engine = create_engine(url, pool_size=3)
+    writer, reader = Client(engine, WRITE), Client(engine, READ)
+    writer.start()
+    reader.start()
+    time.sleep(0.3)  # steady state before the migration starts
+    start = time.perf_counter()
+    migrate()
+    wall = time.perf_counter() - start
+    time.sleep(0.3)
+    writer.stop()
+    reader.stop()
     engine.dispose()
-    lat = writer.latencies or [0.0]
+    w = writer.latencies or [0.0]
+    r = reader.latencies or [0.0]
     return Result(
         variant,
+        rows,
         wall,
-        max(lat) * 1000,
-        statistics.median(lat) * 1000,
+        max(w) * 1000,
+        statistics.median(w) * 1000,
+        max(r) * 1000,
         len(writer.latencies),
-        len(writer.errors),
+        len(writer.errors) + len(reader.errors),
     )
+
+
+def previous_history(directory: Path) -> Path:
+    """A copy of the history whose 3af4686817cc is the transactional one this bench keeps."""
+    shutil.copytree(
+        PACKAGE_ROOT / "alembic",
+        directory / "alembic",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    shutil.copy(PACKAGE_ROOT / "alembic.ini", directory / "alembic.ini")
+    shutil.copy(
+        Path(__file__).with_name("hardening_previous.py"),
+        directory / "alembic" / "versions" / "3af4686817cc_hardening_job_ledger_enums_indexes.py",
+    )
+    return directory / "alembic.ini"
 
 
 def run_naive(url: URL) -> None:
@@ -179,13 +218,68 @@ def run_naive(url: URL) -> None:
     engine.dispose()
 
 
+VARIANTS = ("online", "previous", "naive")
+
+
+def run_rows(
+    admin_url: URL, rows: int, previous_ini: Path, variants: tuple[str, ...] = VARIANTS
+) -> list[Result]:
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    names = ["bench_seed", *(f"bench_{v}" for v in VARIANTS)]
+    with admin.connect() as conn:
+        for name in names:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        conn.execute(text("CREATE DATABASE bench_seed"))
+    seed = admin_url.set(database="bench_seed")
+    command.upgrade(alembic_config(database_url=seed), "001_job_ledger_init")
+    print(f"loading {rows:,} job rows at 001_job_ledger_init ...", flush=True)
+    start = time.perf_counter()
+    engine = create_engine(seed)
+    with engine.begin() as conn:
+        conn.execute(text(LOAD), {"rows": rows})
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE job"))
+    engine.dispose()
+    print(f"loaded in {time.perf_counter() - start:.1f} s", flush=True)
+    with admin.connect() as conn:
+        for variant in VARIANTS:
+            conn.execute(text(f"CREATE DATABASE bench_{variant} TEMPLATE bench_seed"))
+
+    urls = {v: admin_url.set(database=f"bench_{v}") for v in VARIANTS}
+    migrations: dict[str, Callable[[], None]] = {
+        "online": lambda: command.upgrade(
+            alembic_config(database_url=urls["online"]), "3af4686817cc"
+        ),
+        "previous": lambda: command.upgrade(
+            make_config(previous_ini, urls["previous"]), "3af4686817cc"
+        ),
+        "naive": lambda: run_naive(urls["naive"]),
+    }
+    results = []
+    for variant in variants:
+        print(f"{variant} at {rows:,} rows ...", flush=True)
+        results.append(measure(variant, rows, urls[variant], migrations[variant]))
+    with admin.connect() as conn:
+        for name in names:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    admin.dispose()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument(
+        "--rows", type=int, action="append", help="row count (repeatable; default 100k and 1M)"
+    )
     parser.add_argument(
         "--database-url", help="a server to use (superuser); default: a throwaway cluster"
     )
+    parser.add_argument(
+        "--variant", action="append", choices=VARIANTS, help="variants to run (default: all)"
+    )
     args = parser.parse_args()
+    variants = tuple(args.variant or VARIANTS)
+    counts = args.rows or [100_000, 1_000_000]
 
     cluster = None
     if args.database_url:
@@ -193,41 +287,12 @@ def main() -> None:
     else:
         cluster = LocalPostgres.throwaway().start()
         admin_url = cluster.url()
+    results: list[Result] = []
     try:
-        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            for name in ("bench_seed", "bench_ours", "bench_naive"):
-                conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            conn.execute(text("CREATE DATABASE bench_seed"))
-        seed = admin_url.set(database="bench_seed")
-        command.upgrade(alembic_config(database_url=seed), "001_job_ledger_init")
-        print(f"loading {args.rows:,} job rows at 001_job_ledger_init ...", flush=True)
-        start = time.perf_counter()
-        engine = create_engine(seed)
-        with engine.begin() as conn:
-            conn.execute(text(LOAD), {"rows": args.rows})
-        with engine.connect() as conn:
-            conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE job"))
-        engine.dispose()
-        print(f"loaded in {time.perf_counter() - start:.1f} s", flush=True)
-        with admin.connect() as conn:
-            conn.execute(text("CREATE DATABASE bench_ours TEMPLATE bench_seed"))
-            conn.execute(text("CREATE DATABASE bench_naive TEMPLATE bench_seed"))
-
-        ours_url = admin_url.set(database="bench_ours")
-        naive_url = admin_url.set(database="bench_naive")
-        results = [
-            measure(
-                "ours (3af4686817cc)",
-                ours_url,
-                lambda: command.upgrade(alembic_config(database_url=ours_url), "3af4686817cc"),
-            ),
-            measure("naive (one statement per change)", naive_url, lambda: run_naive(naive_url)),
-        ]
-        with admin.connect() as conn:
-            for name in ("bench_seed", "bench_ours", "bench_naive"):
-                conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
+        with tempfile.TemporaryDirectory(prefix="bench-previous-") as tmp:
+            previous_ini = previous_history(Path(tmp))
+            for rows in counts:
+                results += run_rows(admin_url, rows, previous_ini, variants)
     finally:
         if cluster is not None:
             cluster.destroy()
@@ -238,6 +303,7 @@ def main() -> None:
         "wall s",
         "writer max stall ms",
         "writer p50 ms",
+        "reader max stall ms",
         "inserts",
         "errors",
     )
@@ -246,8 +312,8 @@ def main() -> None:
     print("|" + "|".join("---" for _ in header) + "|")
     for r in results:
         print(
-            f"| {r.variant} | {args.rows:,} | {r.wall_s:.1f} | {r.stall_ms:.0f} | "
-            f"{r.p50_ms:.1f} | {r.inserts} | {r.errors} |"
+            f"| {r.variant} | {r.rows:,} | {r.wall_s:.1f} | {r.writer_stall_ms:.0f} | "
+            f"{r.writer_p50_ms:.1f} | {r.reader_stall_ms:.0f} | {r.inserts} | {r.errors} |"
         )
 
 

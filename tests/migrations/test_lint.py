@@ -211,3 +211,60 @@ def test_revisions_up_to_the_baseline_are_not_checked_for_rls() -> None:
     assert RLS_BASELINE_REVISION in revisions_of()
     report = lint()
     assert [f for f in report.findings if f.rule == "table-without-rls"] == []
+
+
+def test_what_breaks_the_online_promise_is_flagged_at_its_line(history: HistoryCopy) -> None:
+    path = history.add_revision(
+        "onl000000001",
+        history.head,
+        f"""
+        {LOCK}
+        op.execute("ALTER TABLE job ALTER COLUMN type TYPE varchar(200)")
+        op.execute("ALTER TABLE job ADD COLUMN token uuid DEFAULT gen_random_uuid()")
+        op.execute("ALTER TABLE job ADD CONSTRAINT ck_job__attempt CHECK (attempt >= 0)")
+        op.execute("ALTER TABLE job ALTER COLUMN stage SET NOT NULL")
+        op.execute("UPDATE job SET priority = 0 WHERE priority IS NULL")
+        op.execute("ALTER TABLE job ADD CONSTRAINT ck_job__prio CHECK (priority >= 0) NOT VALID")
+        op.execute("ALTER TABLE job ADD COLUMN note text DEFAULT now()::text")
+        with op.get_context().autocommit_block():
+            op.execute("ALTER TABLE job VALIDATE CONSTRAINT ck_job__prio")
+            op.execute("ALTER TABLE job DROP COLUMN note")
+        """,
+    )
+    report = lint(config=history.ini, revisions=["onl"])
+    found = {(f.line, f.rule) for f in report.findings}
+    expected = {
+        (_line_of(path, "TYPE varchar(200)"), "table-rewrite"),
+        (_line_of(path, "gen_random_uuid()"), "table-rewrite"),
+        (_line_of(path, "CHECK (attempt >= 0)"), "validation-under-lock"),
+        (_line_of(path, "SET NOT NULL"), "validation-under-lock"),
+        (_line_of(path, "UPDATE job SET priority"), "backfill-in-one-statement"),
+        (_line_of(path, "DROP COLUMN note"), "missing-lock-timeout"),
+    }
+    assert expected <= found, sorted(found)
+    # NOT VALID, a stable default, and VALIDATE outside the transaction are the online way.
+    for clean in ("NOT VALID", "DEFAULT now()", "VALIDATE CONSTRAINT"):
+        assert not any(line == _line_of(path, clean) for line, _rule in found), (clean, found)
+
+
+def test_a_revision_written_with_the_online_toolkit_passes(history: HistoryCopy) -> None:
+    history.add_revision(
+        "onl000000002",
+        history.head,
+        """
+        set_lock_timeout()
+        with online():
+            ddl("ALTER TABLE job ADD COLUMN IF NOT EXISTS region_new varchar(32)")
+            backfill(
+                "job",
+                pending="region_new IS NULL",
+                steps="s AS (UPDATE job j SET region_new = 'eu' FROM batch b WHERE j.id = b.id)",
+            )
+            add_check("job", "ck_job__region_new", "region_new IS NOT NULL")
+            create_index("idx_job__region_new", "job", "(region_new)")
+        """,
+        header="from heimdex_common.migrations.online import (\n"
+        "    add_check, backfill, create_index, ddl, online, set_lock_timeout,\n)\n",
+    )
+    report = lint(config=history.ini, revisions=["onl"])
+    assert report.findings == []

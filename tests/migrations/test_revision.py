@@ -39,7 +39,8 @@ def test_a_plain_revision_is_formatted_and_follows_head(history: HistoryCopy) ->
     assert path == history.versions / "aa11bb22cc33_add_job_region.py"
     text = path.read_text()
     assert f'down_revision = "{head}"' in text
-    assert "op.execute(\"SET LOCAL lock_timeout = '5s'\")" in text
+    assert "from heimdex_common.migrations.online import set_lock_timeout" in text
+    assert "def upgrade() -> None:\n    set_lock_timeout()" in text
     check = subprocess.run(
         [sys.executable, "-m", "ruff", "format", "--check", str(path)],
         capture_output=True, text=True, check=False,
@@ -96,3 +97,30 @@ def test_output_dir_receives_the_file_and_the_history_stays_untouched(
 def test_an_empty_message_is_refused(history: HistoryCopy) -> None:
     with pytest.raises(HeimdexError, match="-m/--message"):
         revision("  ", config=history.ini)
+
+
+def test_a_new_index_on_an_existing_table_is_generated_concurrent_and_applies(
+    history: HistoryCopy, db_url: URL
+) -> None:
+    execute(db_url, "DROP INDEX idx_job__status_created_at")
+    path = revision(
+        "status index back",
+        autogenerate=True,
+        rev_id="c0c0c0c0c0c0",
+        config=history.ini,
+        database_url=db_url,
+    )
+    text = path.read_text()
+    upgrade_body = text.split("def upgrade() -> None:")[1].split("def downgrade()")[0]
+    assert "with op.get_context().autocommit_block():" in upgrade_body
+    assert "postgresql_concurrently=True" in upgrade_body
+    upgrade(config=history.ini, database_url=db_url)
+    result = status(config=history.ini, database_url=db_url)
+    assert result.code is StatusCode.AT_HEAD, result
+    compiled = subprocess.run(
+        [sys.executable, "-m", "alembic", "-c", str(history.ini), "upgrade",
+         f"{history.revisions[-2]}:c0c0c0c0c0c0", "--sql"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    # Outside the revision's transaction: COMMIT before the build, BEGIN after it.
+    assert "COMMIT;\n\nCREATE INDEX CONCURRENTLY idx_job__status_created_at" in compiled

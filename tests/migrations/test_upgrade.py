@@ -18,6 +18,7 @@ from sqlalchemy.pool import NullPool
 from heimdex_common.errors import HeimdexError
 from heimdex_common.migrations.locking import MIGRATION_LOCK, WAITING_APPLICATION_NAME
 from heimdex_common.migrations.migrate import RevisionFailed, downgrade, upgrade
+from tests.conftest import DatabaseFactory
 from tests.dbutil import execute, scalar, version_of
 
 from .conftest import (
@@ -243,7 +244,11 @@ def _waiting_on_lock(url: URL) -> bool:
     )
 
 
-def test_lock_timeout_fails_fast_and_leaves_the_previous_revision(db_url: URL) -> None:
+def test_lock_timeout_fails_fast_and_leaves_the_previous_revision(
+    db_url: URL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 3af4686817cc is online: its statements retry by themselves until this deadline.
+    monkeypatch.setenv("HEIMDEX_LOCK_RETRY_DEADLINE", "1")
     downgrade("001_job_ledger_init", database_url=db_url)
     release, holding = threading.Event(), threading.Event()
     blocker = threading.Thread(target=_hold_lock_on_job, args=(db_url, release, holding))
@@ -259,6 +264,7 @@ def test_lock_timeout_fails_fast_and_leaves_the_previous_revision(db_url: URL) -
     assert "revision 3af4686817cc (upgrade) failed" in message
     assert "lock timeout" in message
     assert "still at 001_job_ledger_init" in message
+    assert "the next upgrade continues from them" in message
     assert version_of(db_url) == "001_job_ledger_init"
 
 
@@ -289,6 +295,38 @@ def test_lock_timeout_is_retried_once_the_long_transaction_ends(
         blocker.join()
         releaser.join()
     assert result.applied == revisions_of()[1:]
+    # A transactional revision is retried whole ("retry 1/3"); an online one's statement is
+    # retried by itself ("attempt 1, next in ...").
     assert any(
-        "lock_timeout" in r.getMessage() and "retry 1/3" in r.getMessage() for r in caplog.records
+        "lock_timeout" in r.getMessage()
+        and ("retry 1/3" in r.getMessage() or "attempt 1, next in" in r.getMessage())
+        for r in caplog.records
     )
+
+
+def test_lock_timeout_reaches_online_statements_which_retry_with_logged_waits(
+    create_database: DatabaseFactory,
+) -> None:
+    url = create_database()
+    upgrade("001_job_ledger_init", database_url=url)
+    execute(url, "INSERT INTO job (org_id, type) VALUES (gen_random_uuid(), 't')")
+    holder = create_engine(url, poolclass=NullPool)
+    with holder.connect() as conn:
+        conn.execute(text("SELECT count(*) FROM job"))  # holds ACCESS SHARE until rollback
+        proc = heimdex(
+            "db", "upgrade", "3af4686817cc", "--database-url", url_arg(url),
+            "--lock-timeout", "200ms", "--retries", "0",
+            env=clean_env(HEIMDEX_LOCK_RETRY_DEADLINE="3"),
+        )  # fmt: skip
+        conn.rollback()
+    holder.dispose()
+    assert proc.returncode == 1, proc.stderr
+    waits = [line for line in proc.stderr.splitlines() if "waiting for a lock; attempt" in line]
+    assert len(waits) >= 2, proc.stderr
+    assert all("lock_timeout (200ms)" in line for line in waits)
+    assert version_of(url) == "001_job_ledger_init"
+    # Once the lock is free, the same command finishes what the first run left.
+    proc = heimdex("db", "upgrade", "3af4686817cc", "--database-url", url_arg(url))
+    assert proc.returncode == 0, proc.stderr
+    assert "strong locks held" in proc.stderr
+    assert version_of(url) == "3af4686817cc"

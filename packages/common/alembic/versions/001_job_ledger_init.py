@@ -19,6 +19,8 @@ import sqlalchemy as sa
 from alembic import context, op
 from sqlalchemy.dialects import postgresql
 
+from heimdex_common.migrations.online import set_lock_timeout
+
 revision = "001_job_ledger_init"
 down_revision = None
 branch_labels = None
@@ -126,7 +128,7 @@ $restore$""")
 
 
 def upgrade() -> None:
-    op.execute("SET LOCAL lock_timeout = '5s'")
+    set_lock_timeout()
     op.create_table(
         "job",
         sa.Column(
@@ -286,7 +288,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("SET LOCAL lock_timeout = '5s'")
+    set_lock_timeout()
     _restore_legacy_jobs()
     op.drop_table("job_event")
     op.drop_table("job")

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from alembic import op
 
+from heimdex_common.migrations.online import set_lock_timeout
+
 revision = "4c2f9a1e7b3d"
 down_revision = "3af4686817cc"
 branch_labels = None
@@ -74,7 +76,7 @@ def _comment(target: str, text: str) -> None:
 
 
 def upgrade() -> None:
-    op.execute("SET LOCAL lock_timeout = '5s'")
+    set_lock_timeout()
     # Upstream's hardening left a duplicate of idx_job__org_id_created_at_desc's leading column.
     # heimdex-lint: ignore[require-concurrent-index-deletion] present only on databases upstream
     # hardened; the drop is catalog-only under a lock bounded by lock_timeout, and CONCURRENTLY
@@ -118,7 +120,7 @@ CREATE TABLE job_outbox (
 
 
 def downgrade() -> None:
-    op.execute("SET LOCAL lock_timeout = '5s'")
+    set_lock_timeout()
     op.execute("""
 INSERT INTO job_event (job_id, ts, prev_status, next_status, detail_json)
 SELECT j.id, clock_timestamp(), j.status::text, j.status::text,

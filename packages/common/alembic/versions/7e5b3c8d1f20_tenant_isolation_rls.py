@@ -30,6 +30,8 @@ from typing import NamedTuple
 
 from alembic import op
 
+from heimdex_common.migrations.online import set_lock_timeout
+
 revision = "7e5b3c8d1f20"
 down_revision = "4c2f9a1e7b3d"
 branch_labels = None
@@ -152,7 +154,7 @@ $fn$""")
 
 
 def upgrade() -> None:
-    op.execute("SET LOCAL lock_timeout = '5s'")
+    set_lock_timeout()
     _create_missing_roles()
     _create_claim_function()
 
@@ -169,7 +171,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("SET LOCAL lock_timeout = '5s'")
+    set_lock_timeout()
     for policy in reversed(POLICIES):
         op.execute(f"DROP POLICY {policy.name} ON public.{policy.table}")
     for table in reversed(TENANT_TABLES):

@@ -1,5 +1,8 @@
 """Autogenerate fixes env.py applies to every generated revision (heimdex db or plain alembic).
 
+A new index on a table that already exists is built CONCURRENTLY, in an autocommit block (it
+cannot run in a transaction), so that writers never wait for the build.
+
 alembic-postgresql-enum renders a VARCHAR -> enum change with `postgresql_using`, but a column
 with a default still fails ("default for column ... cannot be cast automatically"), both ways:
 the default must be dropped before the type change and set again after it.
@@ -9,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from alembic.autogenerate import renderers
+from alembic.autogenerate.api import AutogenContext
 from alembic.autogenerate.rewriter import Rewriter
 from alembic.migration import MigrationContext
 from alembic.operations import ops
@@ -59,3 +64,44 @@ def enum_change_around_default(
         modify_server_default=default,
     )
     return [drop, op, restore]
+
+
+class CreateIndexConcurrentlyOp(ops.CreateIndexOp):
+    """CREATE INDEX CONCURRENTLY on an existing table, rendered in an autocommit block."""
+
+
+@renderers.dispatch_for(CreateIndexConcurrentlyOp)
+def _render_concurrent_index(autogen_context: AutogenContext, op: ops.CreateIndexOp) -> list[str]:
+    plain = renderers.dispatch(ops.CreateIndexOp)(autogen_context, op)
+    # Alembic's printer indents after a line ending in ":" and dedents at the empty line.
+    return ["with op.get_context().autocommit_block():", plain, ""]
+
+
+def _tables_created(revision: Any) -> set[str]:
+    created: set[str] = set()
+    for container in (
+        getattr(revision, "upgrade_ops", None),
+        getattr(revision, "downgrade_ops", None),
+    ):
+        for item in getattr(container, "ops", []) or []:
+            if isinstance(item, ops.CreateTableOp):
+                created.add(item.table_name)
+    return created
+
+
+@rewriter.rewrites(ops.CreateIndexOp)
+def index_concurrently(
+    context: MigrationContext, revision: Any, op: ops.CreateIndexOp
+) -> ops.CreateIndexOp:
+    if isinstance(op, CreateIndexConcurrentlyOp) or op.table_name in _tables_created(revision):
+        return op
+    kw = {**op.kw, "postgresql_concurrently": True}
+    return CreateIndexConcurrentlyOp(
+        op.index_name,
+        op.table_name,
+        op.columns,
+        schema=op.schema,
+        unique=op.unique,
+        if_not_exists=op.if_not_exists,
+        **kw,
+    )

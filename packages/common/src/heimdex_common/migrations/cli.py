@@ -22,6 +22,7 @@ from heimdex_common.migrations import revision as revision_cmd
 from heimdex_common.migrations import status as status_cmd
 from heimdex_common.migrations import verify as verify_cmd
 from heimdex_common.migrations.lint_rls import RLS_BASELINE_REVISION
+from heimdex_common.migrations.online import DEFAULT_LOCK_TIMEOUT, LOCK_TIMEOUT_ENV
 from heimdex_common.settings import load_settings, normalize_url
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -55,9 +56,12 @@ def _note_url(ctx: click.Context, _param: click.Parameter, value: str | None) ->
 def _lock_options(f: F) -> F:
     f = click.option(
         "--lock-timeout",
-        default="5s",
+        default=DEFAULT_LOCK_TIMEOUT,
+        envvar=LOCK_TIMEOUT_ENV,
         show_default=True,
-        help="Session lock_timeout for the DDL (revisions also SET LOCAL their own).",
+        help="lock_timeout of every DDL statement: the session's, and the one revisions SET "
+        "LOCAL (online.set_lock_timeout) and the online toolkit use; a statement that times "
+        f"out is retried (env: {LOCK_TIMEOUT_ENV}).",
     )(f)
     f = click.option(
         "--retries",
@@ -180,6 +184,12 @@ Concurrency: every upgrade/downgrade takes a PostgreSQL advisory lock first, so
 replicas starting together apply each revision once; the others wait (--lock-wait),
 then find nothing to do. Exit codes: 0 done, 1 error (a failed revision names itself
 and the statement; it was rolled back, the database stays at the previous revision).
+Progress on stderr: each revision, long steps of online revisions (backfill rows,
+index builds), and per revision how long it held ACCESS EXCLUSIVE locks. Online
+revisions (docs/migrations.md §6) commit step by step and are resumable: after a
+crash, the next upgrade continues where it stopped. HEIMDEX_BACKFILL_BATCH (rows per
+batch, default 5000) and HEIMDEX_LOCK_RETRY_DEADLINE (seconds, default 300) tune them.
+
 On a terminal each revision shows as [i/n] with its duration.
 
 \b
@@ -379,7 +389,9 @@ def verify(
     epilog=f"""\b
 Rules: squawk (squawk-cli) on each revision's upgrade SQL, plus our own:
   enum-without-using, enum-not-dropped, index-not-concurrent,
-  not-null-without-default, missing-lock-timeout,
+  not-null-without-default, missing-lock-timeout (also: a strong-lock
+  statement in an autocommit block), table-rewrite, validation-under-lock,
+  backfill-in-one-statement (the online promise: see docs/migrations.md §6),
   table-without-rls (revisions after {RLS_BASELINE_REVISION}: a table created in
   public must get ENABLE ROW LEVEL SECURITY in the same revision).
 Acknowledge one finding with a comment on or just above the offending line:

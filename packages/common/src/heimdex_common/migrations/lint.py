@@ -60,6 +60,18 @@ OWN_RULES = (
     "not-null-without-default",
     "missing-lock-timeout",
     "table-without-rls",
+    "table-rewrite",
+    "validation-under-lock",
+    "backfill-in-one-statement",
+)
+# Defaults evaluated per row: ADD COLUMN with one of these rewrites the table (PostgreSQL 11+
+# stores a non-volatile default in the catalog instead).
+_VOLATILE = r"\b(gen_random_uuid|uuid_generate_v[14]|random|clock_timestamp|timeofday|nextval)\s*\("
+# Statements that take ACCESS EXCLUSIVE (or SHARE ROW EXCLUSIVE) on a table that exists.
+_STRONG = re.compile(
+    r"^(ALTER TABLE (?!\S+ VALIDATE CONSTRAINT)|LOCK (TABLE )?|DROP TABLE|TRUNCATE|"
+    r"CREATE (OR REPLACE )?TRIGGER|ALTER INDEX|CLUSTER|VACUUM FULL|REINDEX (?!.*CONCURRENTLY))",
+    re.I,
 )
 MARKER = re.compile(r"#\s*heimdex-lint:\s*ignore\[([^\]]*)\](.*)$")
 _IDENT = r'(?:"[^"]+"|[\w$]+)(?:\.(?:"[^"]+"|[\w$]+))?'
@@ -179,6 +191,81 @@ def _alter_findings(
     return found
 
 
+def _online_findings(
+    flat: str, line: int, existing: set[str], *, autocommit: bool
+) -> list[tuple[int, str, str]]:
+    """What breaks the online promise: a long lock on a table other sessions use."""
+    found: list[tuple[int, str, str]] = []
+    alter = re.match(rf"ALTER TABLE (?:IF EXISTS )?(?:ONLY )?({_IDENT}) (.*?);?$", flat, re.I)
+    if alter and _name(alter.group(1)) in existing:
+        table = _name(alter.group(1))
+        for clause in _split_top_level(alter.group(2)):
+            if re.match(rf"ALTER (?:COLUMN )?{_IDENT} (?:SET DATA )?TYPE\b", clause, re.I) or (
+                re.match(r"ADD (?!CONSTRAINT\b)", clause, re.I)
+                and re.search(_VOLATILE, clause, re.I)
+            ):
+                found.append(
+                    (
+                        line,
+                        "table-rewrite",
+                        f"{clause.split(' ')[0].upper()} on {table} rewrites the table under "
+                        "ACCESS EXCLUSIVE: add a column of the new type, backfill it with "
+                        "online.backfill and swap (docs/migrations.md)",
+                    )
+                )
+            constraint = re.match(
+                rf"ADD CONSTRAINT {_IDENT} (CHECK|FOREIGN KEY|UNIQUE|PRIMARY KEY)\b(.*)",
+                clause,
+                re.I,
+            )
+            if constraint and not re.search(r"\b(NOT VALID|USING INDEX)\b", clause, re.I):
+                found.append(
+                    (
+                        line,
+                        "validation-under-lock",
+                        f"{constraint.group(1).upper()} on {table} is checked against every row "
+                        "under the ALTER's lock: add it NOT VALID and VALIDATE it apart "
+                        "(online.add_check / add_foreign_key)",
+                    )
+                )
+            if re.match(rf"ALTER (?:COLUMN )?{_IDENT} SET NOT NULL\b", clause, re.I):
+                found.append(
+                    (
+                        line,
+                        "validation-under-lock",
+                        f"SET NOT NULL on {table} scans every row under ACCESS EXCLUSIVE unless "
+                        "a validated CHECK (col IS NOT NULL) proves it: add that check first",
+                    )
+                )
+    update = re.match(rf"(?:WITH .*?\)\s*)?UPDATE (?:ONLY )?({_IDENT})\b", flat, re.I) or re.search(
+        rf"\bAS \(\s*UPDATE (?:ONLY )?({_IDENT})\b", flat, re.I
+    )
+    if (
+        update
+        and not flat.upper().startswith("DO ")
+        and _name(update.group(1)) in existing
+        and not re.search(r"\bLIMIT\b", flat, re.I)
+    ):
+        found.append(
+            (
+                line,
+                "backfill-in-one-statement",
+                f"UPDATE of {_name(update.group(1))} in one statement locks every row it "
+                "touches until the revision commits: batch it (online.backfill)",
+            )
+        )
+    if autocommit and _STRONG.match(flat):
+        found.append(
+            (
+                line,
+                "missing-lock-timeout",
+                "outside the revision's transaction SET LOCAL lock_timeout does not apply: "
+                "run this through online.ddl(), which sets it and retries",
+            )
+        )
+    return found
+
+
 def _own_rules(
     compiled: CompiledRevision, downgrade: CompiledRevision, before: _Schema, script: Script
 ) -> list[tuple[int, str, str]]:
@@ -211,6 +298,7 @@ def _own_rules(
                 )
             )
         found += _alter_findings(flat, line, existing, enums)
+        found += _online_findings(flat, line, existing, autocommit=chunk.autocommit)
 
     dropped = _Schema(enums=set(created_here.enums))
     for chunk in _statements(downgrade):

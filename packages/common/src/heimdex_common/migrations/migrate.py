@@ -12,7 +12,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import Script
 from alembic.util import CommandError
-from sqlalchemy import text
+from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
@@ -27,10 +27,15 @@ from heimdex_common.migrations.history import (
     scripts_of,
 )
 from heimdex_common.migrations.locking import is_lock_timeout, migration_lock
+from heimdex_common.migrations.online import (
+    DEFAULT_LOCK_TIMEOUT,
+    LOCK_TIMEOUT_ATTRIBUTE,
+    ONLINE_ATTRIBUTE,
+    STRONG_LOCKS_ATTRIBUTE,
+)
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LOCK_TIMEOUT = "5s"
 DEFAULT_RETRIES = 3
 DEFAULT_LOCK_WAIT = 600.0
 _DURATION = re.compile(r"^\d+(ms|s|min)?$")
@@ -127,6 +132,68 @@ def _failure_message(step: Step, exc: DBAPIError, now_at: str | None, role: str 
     )
 
 
+_HOLDS_ACCESS_EXCLUSIVE = (
+    "SELECT string_agg(DISTINCT c.relname, ', ') FROM pg_locks l"
+    " JOIN pg_class c ON c.oid = l.relation"
+    " WHERE l.pid = pg_backend_pid() AND l.mode = 'AccessExclusiveLock' AND l.granted"
+    " AND l.locktype = 'relation' AND c.relkind IN ('r', 'p')"
+)
+
+
+class StrongLockClock:
+    """How long a revision held ACCESS EXCLUSIVE on a table, measured on its connection.
+
+    In a transaction: from the start of the first statement after which this backend holds an
+    ACCESS EXCLUSIVE lock on a table (read from pg_locks after every statement) to COMMIT or
+    ROLLBACK, so it includes the wait for that lock. Statements run outside a transaction by
+    the online toolkit are timed by the toolkit itself (each one's duration). Tables created by
+    the revision count too: nobody else can be waiting on them, but pg_locks does not say so.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.held = 0.0
+        self.tables: set[str] = set()
+        self._since: float | None = None
+        self._statement_started = 0.0
+
+    def _before(self, *_args: object, **_kw: object) -> None:
+        self._statement_started = time.monotonic()
+
+    def _after(self, _conn: object, cursor: object, *_args: object, **_kw: object) -> None:
+        raw = getattr(cursor, "connection", None)
+        if self._since is not None or raw is None:
+            return
+        # psycopg: TransactionStatus.INTRANS == 2; outside a transaction the lock is gone.
+        if int(getattr(raw.info, "transaction_status", 0)) != 2:
+            return
+        with raw.cursor() as probe:
+            probe.execute(_HOLDS_ACCESS_EXCLUSIVE)
+            row = probe.fetchone()
+        if row and row[0]:
+            self._since = self._statement_started
+            self.tables.update(row[0].split(", "))
+
+    def _end(self, *_args: object) -> None:
+        if self._since is not None:
+            self.held += time.monotonic() - self._since
+            self._since = None
+
+    def __enter__(self) -> StrongLockClock:
+        event.listen(self.conn, "before_cursor_execute", self._before)
+        event.listen(self.conn, "after_cursor_execute", self._after)
+        event.listen(self.conn, "commit", self._end)
+        event.listen(self.conn, "rollback", self._end)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._end()
+        event.remove(self.conn, "before_cursor_execute", self._before)
+        event.remove(self.conn, "after_cursor_execute", self._after)
+        event.remove(self.conn, "commit", self._end)
+        event.remove(self.conn, "rollback", self._end)
+
+
 def _run_step(
     cfg: Config,
     url: URL,
@@ -151,13 +218,18 @@ def _run_step(
             conn.execute(text(f"SET lock_timeout = '{lock_timeout}'"))
             conn.commit()
             cfg.attributes["connection"] = conn
+            # The one lock_timeout: revisions read it through online.lock_timeout().
+            cfg.attributes[LOCK_TIMEOUT_ATTRIBUTE] = lock_timeout
+            cfg.attributes[STRONG_LOCKS_ATTRIBUTE] = []
+            cfg.attributes[ONLINE_ATTRIBUTE] = False
             try:
-                if step.direction == "upgrade":
-                    command.upgrade(cfg, step.target)
-                else:
-                    command.downgrade(cfg, step.target)
-                if conn.in_transaction():
-                    conn.commit()
+                with StrongLockClock(conn) as clock:
+                    if step.direction == "upgrade":
+                        command.upgrade(cfg, step.target)
+                    else:
+                        command.downgrade(cfg, step.target)
+                    if conn.in_transaction():
+                        conn.commit()
             except DBAPIError as exc:
                 if conn.in_transaction():
                     conn.rollback()
@@ -181,17 +253,37 @@ def _run_step(
                         f" (gave up after {attempt} attempts: a long transaction holds a lock "
                         "this revision needs)"
                     )
+                if cfg.attributes.pop(ONLINE_ATTRIBUTE, False):
+                    message += (
+                        "; its online steps that had committed stay, and the next upgrade "
+                        "continues from them"
+                    )
                 raise RevisionFailed(message) from None
             except CommandError as exc:
                 raise HeimdexError(f"{step.describe()}: {exc}") from None
             finally:
                 cfg.attributes.pop("connection", None)
+        online_holds = cfg.attributes.pop(STRONG_LOCKS_ATTRIBUTE, [])
+        online_held = sum(seconds for _label, seconds in online_holds)
+        longest = max(online_holds, key=lambda hold: hold[1], default=None)
+        detail = f"; longest {longest[0]} {longest[1] * 1000:.0f}ms" if longest else ""
         logger.info(
-            "%s%s done in %.2fs",
+            "%s%s done in %.2fs; strong locks held %.3fs (in transactions: %.3fs%s; online "
+            "statements: %.3fs over %d%s)",
             position,
             step.script.revision,
             time.monotonic() - started,
-            extra={"action": f"db.{step.direction}.done", "revision": step.script.revision},
+            clock.held + online_held,
+            clock.held,
+            f" on {', '.join(sorted(clock.tables))}" if clock.tables else "",
+            online_held,
+            len(online_holds),
+            detail,
+            extra={
+                "action": f"db.{step.direction}.done",
+                "revision": step.script.revision,
+                "strong_lock_s": clock.held + online_held,
+            },
         )
         return
 
