@@ -12,8 +12,8 @@ the reader's longest stall, for every row count.
 Variants:
 - online: 3af4686817cc as it is (heimdex_common.migrations.online: new columns, batched
   backfill, NOT VALID then VALIDATE, CREATE INDEX CONCURRENTLY, a short swap);
-- previous: 3af4686817cc before it went online (bench/hardening_previous.py: one rewrite and two
-  index builds in one transaction under ACCESS EXCLUSIVE), run from a copy of the history;
+- previous: 3af4686817cc before it went online (its transactional form, still what it compiles
+  to offline: one rewrite and two index builds in one transaction under ACCESS EXCLUSIVE);
 - naive: each change as its own statement, as autogenerate emits it (plus the normalisation a
   naive migration needs to pass its CHECK): several table rewrites, status updates over every
   row, rebuilt indexes, no lock_timeout.
@@ -22,23 +22,20 @@ Variants:
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from alembic import command
+from alembic.config import Config
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 
 from heimdex_common.localpg import LocalPostgres
-from heimdex_common.migrations.config import PACKAGE_ROOT, alembic_config
-from heimdex_common.migrations.history import make_config
+from heimdex_common.migrations.config import alembic_config
 from heimdex_common.settings import normalize_url
 
 LOAD = """
@@ -192,19 +189,12 @@ def measure(variant: str, rows: int, url: URL, migrate: Callable[[], None]) -> R
     )
 
 
-def previous_history(directory: Path) -> Path:
-    """A copy of the history whose 3af4686817cc is the transactional one this bench keeps."""
-    shutil.copytree(
-        PACKAGE_ROOT / "alembic",
-        directory / "alembic",
-        ignore=shutil.ignore_patterns("__pycache__"),
-    )
-    shutil.copy(PACKAGE_ROOT / "alembic.ini", directory / "alembic.ini")
-    shutil.copy(
-        Path(__file__).with_name("hardening_previous.py"),
-        directory / "alembic" / "versions" / "3af4686817cc_hardening_job_ledger_enums_indexes.py",
-    )
-    return directory / "alembic.ini"
+def previous_config(url: URL) -> Config:
+    """The history with 3af4686817cc in its transactional form (what it was before it went
+    online, and still is offline), against a live database."""
+    cfg = alembic_config(database_url=url)
+    cfg.attributes["heimdex.3af4686817cc.transactional"] = True
+    return cfg
 
 
 def run_naive(url: URL) -> None:
@@ -221,9 +211,7 @@ def run_naive(url: URL) -> None:
 VARIANTS = ("online", "previous", "naive")
 
 
-def run_rows(
-    admin_url: URL, rows: int, previous_ini: Path, variants: tuple[str, ...] = VARIANTS
-) -> list[Result]:
+def run_rows(admin_url: URL, rows: int, variants: tuple[str, ...] = VARIANTS) -> list[Result]:
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     names = ["bench_seed", *(f"bench_{v}" for v in VARIANTS)]
     with admin.connect() as conn:
@@ -250,9 +238,7 @@ def run_rows(
         "online": lambda: command.upgrade(
             alembic_config(database_url=urls["online"]), "3af4686817cc"
         ),
-        "previous": lambda: command.upgrade(
-            make_config(previous_ini, urls["previous"]), "3af4686817cc"
-        ),
+        "previous": lambda: command.upgrade(previous_config(urls["previous"]), "3af4686817cc"),
         "naive": lambda: run_naive(urls["naive"]),
     }
     results = []
@@ -289,10 +275,8 @@ def main() -> None:
         admin_url = cluster.url()
     results: list[Result] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="bench-previous-") as tmp:
-            previous_ini = previous_history(Path(tmp))
-            for rows in counts:
-                results += run_rows(admin_url, rows, previous_ini, variants)
+        for rows in counts:
+            results += run_rows(admin_url, rows, variants)
     finally:
         if cluster is not None:
             cluster.destroy()
