@@ -37,7 +37,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve()
 CONCURRENCY = 4
@@ -45,6 +47,15 @@ SECRET = "bench-secret-0123456789-0123456789-0123"  # noqa: S105 - a throwaway c
 
 
 # Children: one measurement each, printed as JSON on the last line of stdout.
+
+_cpu_started = 0.0
+
+
+def _start() -> float:
+    """The measured window opens: wall clock now, and this process's CPU counted from here."""
+    global _cpu_started  # noqa: PLW0603 - one measurement per child process
+    _cpu_started = time.process_time()
+    return time.perf_counter()
 
 
 def _heimdex_enqueue(url: str, n: int) -> None:
@@ -54,10 +65,11 @@ def _heimdex_enqueue(url: str, n: int) -> None:
 
     engine = make_engine(url)
     registry = load_registry()
+    orgs = [uuid.uuid4() for _ in range(int(os.environ.get("BENCH_ORGS", "10")))]
     with engine.begin() as conn:
         for i in range(0, n, 1000):
             specs = [service.JobSpec("noop", {})] * min(1000, n - i)
-            service.submit_jobs(conn, registry, org_id=uuid.uuid4(), specs=specs)
+            service.submit_jobs(conn, registry, org_id=orgs[i // 1000 % len(orgs)], specs=specs)
     engine.dispose()
 
 
@@ -68,27 +80,34 @@ def child_heimdex(url: str, n: int, batch: int) -> float:
     from heimdex_common.settings import Settings  # noqa: PLC0415
     from heimdex_worker.main import run_worker  # noqa: PLC0415
 
-    _heimdex_enqueue(url, n)
     settings = Settings.model_validate({"DATABASE_URL": url, "HEIMDEX_JWT_SECRET": SECRET})
     watcher = make_engine(url)
     stop = threading.Event()
-    started = time.perf_counter()
+    started = _start()
     worker = threading.Thread(
         target=run_worker,
         args=(settings, stop),
         kwargs={"concurrency": CONCURRENCY, "batch": batch},
     )
     worker.start()
-    query = text("SELECT count(*) FROM job WHERE status = 'succeeded'")
-    while True:
-        with watcher.connect() as conn:
-            if conn.execute(query).scalar() == n:
-                break
-        time.sleep(0.02)
+    # Done when nothing is queued or running: two probes of partial indexes, however many
+    # jobs have finished (a count of the finished would scan them, 50 times a second).
+    unfinished = text(
+        "SELECT EXISTS (SELECT FROM job WHERE status = 'queued')"
+        " OR EXISTS (SELECT FROM job WHERE status = 'running')"
+    )
+    with watcher.connect() as conn:
+        while conn.execute(unfinished).scalar():
+            conn.rollback()
+            time.sleep(0.005)
     elapsed = time.perf_counter() - started
     stop.set()
     worker.join()
+    with watcher.connect() as conn:
+        done = conn.execute(text("SELECT count(*) FROM job WHERE status = 'succeeded'")).scalar()
     watcher.dispose()
+    if done != n:
+        raise SystemExit(f"{done} of {n} jobs succeeded")
     return n / elapsed
 
 
@@ -97,13 +116,9 @@ def child_pgqueuer(url: str, n: int, batch: int) -> float:
     from pgqueuer import PgQueuer  # noqa: PLC0415
     from pgqueuer.db import AsyncpgDriver  # noqa: PLC0415
     from pgqueuer.models import Job  # noqa: PLC0415
-    from pgqueuer.queries import Queries  # noqa: PLC0415
     from pgqueuer.types import QueueExecutionMode  # noqa: PLC0415
 
     async def main() -> float:
-        queries = Queries(AsyncpgDriver(await asyncpg.connect(url)))
-        await queries.clear_queue()
-        await queries.enqueue(["noop"] * n, [None] * n, [0] * n)
         managers = [PgQueuer(AsyncpgDriver(await asyncpg.connect(url))) for _ in range(CONCURRENCY)]
         for pgq in managers:
 
@@ -111,7 +126,7 @@ def child_pgqueuer(url: str, n: int, batch: int) -> float:
             async def noop(job: Job) -> None:
                 return None
 
-        started = time.perf_counter()
+        started = _start()
         await asyncio.gather(
             *(pgq.run(batch_size=batch, mode=QueueExecutionMode.drain) for pgq in managers)
         )
@@ -120,7 +135,20 @@ def child_pgqueuer(url: str, n: int, batch: int) -> float:
     return asyncio.run(main())
 
 
-def child_procrastinate(url: str, n: int, batch: int) -> float:
+def _pgqueuer_enqueue(url: str, n: int) -> None:
+    import asyncpg  # noqa: PLC0415
+    from pgqueuer.db import AsyncpgDriver  # noqa: PLC0415
+    from pgqueuer.queries import Queries  # noqa: PLC0415
+
+    async def main() -> None:
+        queries = Queries(AsyncpgDriver(await asyncpg.connect(url)))
+        await queries.clear_queue()
+        await queries.enqueue(["noop"] * n, [None] * n, [0] * n)
+
+    asyncio.run(main())
+
+
+def _procrastinate_app(url: str) -> tuple[Any, Any]:
     import procrastinate  # noqa: PLC0415
 
     app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url))
@@ -129,11 +157,26 @@ def child_procrastinate(url: str, n: int, batch: int) -> float:
     async def noop() -> None:
         return None
 
-    async def main() -> float:
+    return app, noop
+
+
+def _procrastinate_enqueue(url: str, n: int) -> None:
+    app, noop = _procrastinate_app(url)
+
+    async def main() -> None:
         async with app.open_async():
             for i in range(0, n, 1000):
                 await noop.batch_defer_async(*[{}] * min(1000, n - i))
-            started = time.perf_counter()
+
+    asyncio.run(main())
+
+
+def child_procrastinate(url: str, n: int, batch: int) -> float:
+    app, _ = _procrastinate_app(url)
+
+    async def main() -> float:
+        async with app.open_async():
+            started = _start()
             await app.run_worker_async(
                 concurrency=CONCURRENCY, wait=False, install_signal_handlers=False
             )
@@ -169,8 +212,6 @@ SELECT id, 'running', 'succeeded', '{"action": "succeeded"}' FROM done"""
 def child_raw(url: str, n: int, batch: int) -> float:
     import psycopg  # noqa: PLC0415
 
-    _heimdex_enqueue(url, n)
-
     def loop() -> None:
         with psycopg.connect(url, autocommit=True) as conn:
             while rows := conn.execute(RAW_CLAIM, {"n": batch}).fetchall():
@@ -179,7 +220,7 @@ def child_raw(url: str, n: int, batch: int) -> float:
                 )
 
     threads = [threading.Thread(target=loop) for _ in range(CONCURRENCY)]
-    started = time.perf_counter()
+    started = _start()
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -308,6 +349,15 @@ def child_submit_pgqueuer(url: str, n: int, batch: int) -> float:
     return asyncio.run(main())
 
 
+# The queue each processing measurement drains is filled by a child of its own beforehand, so
+# that the CPU counted (the consumer's and PostgreSQL's) is the processing's alone.
+ENQUEUE: dict[str, Callable[[str, int], None]] = {
+    "heimdex": _heimdex_enqueue,
+    "raw": _heimdex_enqueue,
+    "pgqueuer": _pgqueuer_enqueue,
+    "procrastinate": _procrastinate_enqueue,
+}
+
 CHILDREN: dict[str, Callable[[str, int, int], float]] = {
     "heimdex": child_heimdex,
     "pgqueuer": child_pgqueuer,
@@ -369,12 +419,25 @@ class Cluster:
             subprocess.run([sys.executable, "-c", script, plain], check=True)
         return plain
 
+    def server_cpu(self) -> float:
+        """CPU seconds of the cluster's processes that have exited (each measurement's
+        backends exit with its child) plus the postmaster's own, from /proc."""
+        pid = int((self.pg.datadir / "postmaster.pid").read_text().split()[0])
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
     def destroy(self) -> None:
         self.pg.destroy()
 
 
-def measure(cluster: Cluster, system: str, jobs: int, batch: int) -> float | None:
-    url = cluster.fresh_database(system)
+@dataclass
+class Measured:
+    rate: float
+    client_cpu: float | None = None  # seconds of the consumer process's CPU per job
+    server_cpu: float | None = None  # seconds of PostgreSQL backends' CPU per job
+
+
+def _child(system: str, url: str, jobs: int, batch: int) -> dict[str, float] | None:
     proc = subprocess.run(
         [sys.executable, str(HERE), "--child", system, url, str(jobs), str(batch)],
         capture_output=True,
@@ -385,9 +448,27 @@ def measure(cluster: Cluster, system: str, jobs: int, batch: int) -> float | Non
     if proc.returncode != 0:
         _progress(f"  {system} batch {batch}: FAILED: {proc.stderr.strip().splitlines()[-1:]}")
         return None
-    rate = float(json.loads(proc.stdout.strip().splitlines()[-1])["rate"])
-    _progress(f"  {system:>15} batch {batch:>4}: {rate:9.0f} jobs/s")
-    return rate
+    out: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def measure(cluster: Cluster, system: str, jobs: int, batch: int) -> Measured | None:
+    url = cluster.fresh_database(system)
+    if system in ENQUEUE and _child(f"enqueue:{system}", url, jobs, batch) is None:
+        return None
+    server_before = cluster.server_cpu()
+    out = _child(system, url, jobs, batch)
+    if out is None:
+        return None
+    server = (cluster.server_cpu() - server_before) / jobs if system in ENQUEUE else None
+    result = Measured(out["rate"], out.get("cpu_per_job"), server)
+    cpu = (
+        f"  client {result.client_cpu * 1e6:4.0f} us/job, PostgreSQL {server * 1e6:4.0f} us/job"
+        if result.client_cpu is not None and server is not None
+        else ""
+    )
+    _progress(f"  {system:>15} batch {batch:>4}: {result.rate:9.0f} jobs/s{cpu}")
+    return result
 
 
 def main() -> None:  # noqa: PLR0912 - argument handling, the rounds and the table
@@ -401,7 +482,13 @@ def main() -> None:  # noqa: PLR0912 - argument handling, the rounds and the tab
     args = parser.parse_args()
     if args.child:
         system, url, jobs, batch = args.child
-        print(json.dumps({"rate": CHILDREN[system](url, int(jobs), int(batch))}))
+        if system.startswith("enqueue:"):
+            ENQUEUE[system.removeprefix("enqueue:")](url, int(jobs))
+            print(json.dumps({}))
+            return
+        rate = CHILDREN[system](url, int(jobs), int(batch))
+        cpu = time.process_time() - _cpu_started
+        print(json.dumps({"rate": rate, "cpu_per_job": cpu / int(jobs)}))
         return
 
     rows: list[tuple[str, str, int, int]] = []  # (section, system, batch, jobs)
@@ -419,33 +506,48 @@ def main() -> None:  # noqa: PLR0912 - argument handling, the rounds and the tab
         rows = [r for r in rows if r[1].removeprefix("submit-") in wanted or r[1] in wanted]
 
     cluster = Cluster()
-    results: dict[tuple[str, str, int], list[float]] = {(s, n, b): [] for s, n, b, _ in rows}
+    results: dict[tuple[str, str, int], list[Measured]] = {(s, n, b): [] for s, n, b, _ in rows}
     try:
         for round_ in range(1, args.rounds + 1):
             _progress(f"round {round_}/{args.rounds}")
             for section, system, batch, jobs in rows:
-                rate = measure(cluster, system, jobs, batch)
-                if rate is not None:
-                    results[(section, system, batch)].append(rate)
+                result = measure(cluster, system, jobs, batch)
+                if result is not None:
+                    results[(section, system, batch)].append(result)
     finally:
         cluster.destroy()
 
-    medians = {key: statistics.median(v) for key, v in results.items() if v}
+    def median(key: tuple[str, str, int], what: str) -> float | None:
+        values = [getattr(m, what) for m in results.get(key, []) if getattr(m, what) is not None]
+        return statistics.median(values) if values else None
+
     print(f"\n{args.jobs} no-op jobs, concurrency {CONCURRENCY}, PostgreSQL 15 with fsync on, "
-          f"{args.rounds} interleaved rounds; medians (jobs/s) and ratio to Heimdex\n")  # fmt: skip
+          f"{args.rounds} interleaved rounds; medians, and the ratio to Heimdex (jobs/s: above 1"
+          " is faster than Heimdex). CPU per job: the consumer process's, and PostgreSQL's"
+          " backends'\n")  # fmt: skip
     print(
-        f"| {'measure':<10} | {'system':<15} | {'batch':>5} | {'jobs/s':>8} | {'vs Heimdex':>10} |"
+        f"| {'measure':<10} | {'system':<15} | {'batch':>5} | {'jobs/s':>8} | {'vs Heimdex':>10} "
+        f"| {'client CPU/job':>14} | {'PostgreSQL CPU/job':>18} |"
     )
-    print(f"|{'-' * 12}|{'-' * 17}|{'-' * 7}|{'-' * 10}|{'-' * 12}|")
+    print(f"|{'-' * 12}|{'-' * 17}|{'-' * 7}|{'-' * 10}|{'-' * 12}|{'-' * 16}|{'-' * 20}|")
     for section, system, batch, _ in rows:
-        rate = medians.get((section, system, batch))
-        ours_key = (section, "submit-heimdex" if section == "submit" else "heimdex", batch)
-        ours = medians.get(ours_key) if section == "submit" else medians.get(
-            ("processing", "heimdex", batch if system != "procrastinate" else 1)
-        )  # fmt: skip
+        rate = median((section, system, batch), "rate")
+        ours = median(
+            (section, "submit-heimdex", batch)
+            if section == "submit"
+            else ("processing", "heimdex", batch if system != "procrastinate" else 1),
+            "rate",
+        )
         ratio = f"{rate / ours:.2f}x" if rate and ours else "-"
         shown = f"{rate:8.0f}" if rate else "  failed"
-        print(f"| {section:<10} | {system:<15} | {batch:>5} | {shown} | {ratio:>10} |")
+        client = median((section, system, batch), "client_cpu")
+        server = median((section, system, batch), "server_cpu")
+        client_s = f"{client * 1e6:.0f} us" if client is not None else "-"
+        server_s = f"{server * 1e6:.0f} us" if server is not None else "-"
+        print(
+            f"| {section:<10} | {system:<15} | {batch:>5} | {shown} | {ratio:>10} "
+            f"| {client_s:>14} | {server_s:>18} |"
+        )
     print(
         "\ntargets (issue 9): processing >= PGQueuer at equal concurrency and batch; >= 1,500"
         " jobs/s end to end; API one by one >= 1,000/s; bulk >= 10,000/s"

@@ -65,7 +65,7 @@ def _events(conn: Connection, job_id: uuid.UUID) -> list[tuple[str | None, str, 
 
 
 def _claim(conn: Connection, limit: int = 10, lease: float = 30.0) -> list[repository.JobRow]:
-    return repository.claim(conn, worker_id="w1", limit=limit, lease_seconds=lease)
+    return repository.claim(conn, worker_id="w1", limit=limit, lease_seconds=lease).jobs
 
 
 def test_submit_without_key_always_creates(
@@ -162,6 +162,47 @@ def test_concurrent_claims_never_share_a_job(
             theirs = _claim(second, limit=5)
     assert len(mine) == 5 and len(theirs) == 3
     assert not {j.id for j in mine} & {j.id for j in theirs}
+
+
+def test_a_claim_locks_what_it_takes_and_says_when_others_held_the_rest(
+    engine: Engine, registry: Registry
+) -> None:
+    orgs = [uuid.uuid4() for _ in range(20)]
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        for org in orgs:
+            service.submit_jobs(conn, registry, org_id=org, specs=[NOOP] * 5)
+    lockable = text("SELECT count(*) FROM (SELECT id FROM job FOR UPDATE SKIP LOCKED) AS free")
+    with engine.begin() as first:
+        claim = repository.claim(first, worker_id="a", limit=10, lease_seconds=30)
+        assert len(claim.jobs) == 10 and not claim.contended
+        assert len({j.org_id for j in claim.jobs}) == 10  # one job per org: round-robin
+        with engine.begin() as other:
+            # 10 rows locked, not 10 per org with queued work (which would be all 100).
+            assert other.execute(lockable).scalar() == 90
+    # Two claimers in flight on one org: the second passes the rows the first holds, and
+    # when the rows it could see are all held, it says so instead of reporting an empty queue.
+    one = uuid.uuid4()
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(
+            text("UPDATE job SET status = 'canceled', finished_at = now() WHERE status = 'queued'")
+        )
+        service.submit_jobs(conn, registry, org_id=one, specs=[NOOP] * 25)
+    with engine.begin() as first:
+        mine = repository.claim(first, worker_id="a", limit=10, lease_seconds=30)
+        with engine.begin() as second:
+            theirs = repository.claim(second, worker_id="b", limit=10, lease_seconds=30)
+            with engine.begin() as third:
+                left = repository.claim(third, worker_id="c", limit=10, lease_seconds=30)
+    assert len(mine.jobs) == len(theirs.jobs) == 10 and not theirs.contended
+    assert not {j.id for j in mine.jobs} & {j.id for j in theirs.jobs}
+    assert left.jobs == [] and left.contended  # 5 queued remain, behind 20 held ones
+    with engine.connect() as conn:
+        drained = repository.claim(conn, worker_id="d", limit=10, lease_seconds=30)
+        assert len(drained.jobs) == 5 and not drained.contended
+        assert repository.claim(conn, worker_id="d", limit=10, lease_seconds=30) == (
+            repository.Claim([], contended=False)
+        )
+        conn.rollback()
 
 
 def test_outcome_needs_the_lease_and_keeps_long_errors_in_the_event(

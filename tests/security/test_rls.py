@@ -232,7 +232,7 @@ def test_backend_owner_sees_and_changes_everything(ledger_db: Ledger) -> None:
     with db.owner.begin() as conn:
         spec = service.JobSpec("noop", {})
         submitted = service.submit_job(conn, load_registry(), org_id=db.org_b, spec=spec)
-        claimed = repository.claim(conn, worker_id="w", limit=100, lease_seconds=30)
+        claimed = repository.claim(conn, worker_id="w", limit=100, lease_seconds=30).jobs
         assert submitted.job.id in {job.id for job in claimed}
         events = repository.list_events(conn, submitted.job.id)
         assert [e.next_status for e in events] == ["queued", "running"]

@@ -190,8 +190,12 @@ class Worker:
         self._held_lock = threading.Lock()
         self._local = threading.local()
         self._reserved = 0
-        self._runnable: queue.Queue[Held | None] = queue.Queue()
-        self._done: queue.Queue[tuple[Held, Outcome | service.Failure | None, str]] = queue.Queue()
+        # SimpleQueue (C): every job crosses two queues, and queue.Queue's Python-level locks
+        # and notifications cost more per no-op job than the ledger's statements do.
+        self._runnable: queue.SimpleQueue[Held | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[tuple[Held, Outcome | service.Failure | None, str]] = (
+            queue.SimpleQueue()
+        )
         self._threads: list[threading.Thread] = []
         self._finish = threading.Event()
 
@@ -258,7 +262,7 @@ class Worker:
             if want:
                 self.wake.clear()
                 try:
-                    jobs = self._claim(want)
+                    jobs, contended = self._claim(want)
                 except DBAPIError as exc:
                     with self._held_lock:
                         self._reserved -= want
@@ -280,18 +284,18 @@ class Worker:
                 for job in jobs:
                     self.metrics.ledger.count(job.type, JobStatus.QUEUED, JobStatus.RUNNING)
                     self._runnable.put(self._held[job.id])
-                if len(jobs) == want:
+                if len(jobs) == want or contended:
                     continue
             self.wake.wait(self.settings.poll_interval_seconds)
 
-    def _claim(self, limit: int) -> list[JobRow]:
+    def _claim(self, limit: int) -> tuple[list[JobRow], bool]:
         with self.autocommit() as conn:
-            jobs = repository.claim(
+            claim = repository.claim(
                 conn, worker_id=self.worker_id, limit=limit,
                 lease_seconds=self.settings.lease_seconds,
             )  # fmt: skip
         self.metrics.claims.inc()
-        return jobs
+        return claim.jobs, claim.contended
 
     # Runner threads.
 
