@@ -471,12 +471,54 @@ def measure(cluster: Cluster, system: str, jobs: int, batch: int) -> Measured | 
     return result
 
 
+def _print_table(
+    jobs: int,
+    rounds: int,
+    rows: list[tuple[str, str, int, int]],
+    results: dict[tuple[str, str, int], list[Measured]],
+) -> None:
+    def median(key: tuple[str, str, int], what: str) -> float | None:
+        values = [getattr(m, what) for m in results.get(key, []) if getattr(m, what) is not None]
+        return statistics.median(values) if values else None
+
+    print(f"\n{jobs} no-op jobs, concurrency {CONCURRENCY}, PostgreSQL 15 with fsync on, "
+          f"{rounds} interleaved rounds; medians, and the ratio to Heimdex (jobs/s: above 1"
+          " is faster than Heimdex). CPU per job: the consumer process's, and PostgreSQL's"
+          " backends'\n")  # fmt: skip
+    print(
+        f"| {'measure':<10} | {'system':<15} | {'batch':>5} | {'jobs/s':>8} | {'vs Heimdex':>10} "
+        f"| {'client CPU/job':>14} | {'PostgreSQL CPU/job':>18} |"
+    )
+    print(f"|{'-' * 12}|{'-' * 17}|{'-' * 7}|{'-' * 10}|{'-' * 12}|{'-' * 16}|{'-' * 20}|")
+    for section, system, batch, _ in rows:
+        rate = median((section, system, batch), "rate")
+        ours = median(
+            (section, "submit-heimdex", batch)
+            if section == "submit"
+            else ("processing", "heimdex", batch if system != "procrastinate" else 1),
+            "rate",
+        )
+        ratio = f"{rate / ours:.2f}x" if rate and ours else "-"
+        shown = f"{rate:8.0f}" if rate else "  failed"
+        client = median((section, system, batch), "client_cpu")
+        server = median((section, system, batch), "server_cpu")
+        client_s = f"{client * 1e6:.0f} us" if client is not None else "-"
+        server_s = f"{server * 1e6:.0f} us" if server is not None else "-"
+        print(
+            f"| {section:<10} | {system:<15} | {batch:>5} | {shown} | {ratio:>10} "
+            f"| {client_s:>14} | {server_s:>18} |"
+        )
+
+
 def main() -> None:  # noqa: PLR0912 - argument handling, the rounds and the table
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=5000, help="jobs per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
     parser.add_argument("--only", default="", help="comma-separated subset of the rows' systems")
     parser.add_argument("--skip-submit", action="store_true", help="processing rows only")
+    parser.add_argument(
+        "--orgs", type=int, default=10, help="orgs the processing jobs are spread over"
+    )
     parser.add_argument("--child", nargs=4, metavar=("SYSTEM", "URL", "JOBS", "BATCH"),
                         help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
@@ -491,6 +533,7 @@ def main() -> None:  # noqa: PLR0912 - argument handling, the rounds and the tab
         print(json.dumps({"rate": rate, "cpu_per_job": cpu / int(jobs)}))
         return
 
+    os.environ["BENCH_ORGS"] = str(args.orgs)  # read by the children that enqueue
     rows: list[tuple[str, str, int, int]] = []  # (section, system, batch, jobs)
     for batch in (1, 10):
         for system in ("heimdex", "pgqueuer", "procrastinate", "raw"):
@@ -517,37 +560,7 @@ def main() -> None:  # noqa: PLR0912 - argument handling, the rounds and the tab
     finally:
         cluster.destroy()
 
-    def median(key: tuple[str, str, int], what: str) -> float | None:
-        values = [getattr(m, what) for m in results.get(key, []) if getattr(m, what) is not None]
-        return statistics.median(values) if values else None
-
-    print(f"\n{args.jobs} no-op jobs, concurrency {CONCURRENCY}, PostgreSQL 15 with fsync on, "
-          f"{args.rounds} interleaved rounds; medians, and the ratio to Heimdex (jobs/s: above 1"
-          " is faster than Heimdex). CPU per job: the consumer process's, and PostgreSQL's"
-          " backends'\n")  # fmt: skip
-    print(
-        f"| {'measure':<10} | {'system':<15} | {'batch':>5} | {'jobs/s':>8} | {'vs Heimdex':>10} "
-        f"| {'client CPU/job':>14} | {'PostgreSQL CPU/job':>18} |"
-    )
-    print(f"|{'-' * 12}|{'-' * 17}|{'-' * 7}|{'-' * 10}|{'-' * 12}|{'-' * 16}|{'-' * 20}|")
-    for section, system, batch, _ in rows:
-        rate = median((section, system, batch), "rate")
-        ours = median(
-            (section, "submit-heimdex", batch)
-            if section == "submit"
-            else ("processing", "heimdex", batch if system != "procrastinate" else 1),
-            "rate",
-        )
-        ratio = f"{rate / ours:.2f}x" if rate and ours else "-"
-        shown = f"{rate:8.0f}" if rate else "  failed"
-        client = median((section, system, batch), "client_cpu")
-        server = median((section, system, batch), "server_cpu")
-        client_s = f"{client * 1e6:.0f} us" if client is not None else "-"
-        server_s = f"{server * 1e6:.0f} us" if server is not None else "-"
-        print(
-            f"| {section:<10} | {system:<15} | {batch:>5} | {shown} | {ratio:>10} "
-            f"| {client_s:>14} | {server_s:>18} |"
-        )
+    _print_table(args.jobs, args.rounds, rows, results)
     print(
         "\ntargets (issue 9): processing >= PGQueuer at equal concurrency and batch; >= 1,500"
         " jobs/s end to end; API one by one >= 1,000/s; bulk >= 10,000/s"

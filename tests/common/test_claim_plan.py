@@ -41,11 +41,11 @@ SELECT CAST(:org AS uuid), 'noop', g % 3 FROM generate_series(1, 10000) AS g""")
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE job"))
     with engine.begin() as conn:
-        sql = str(repository._CLAIM.compile(compile_kwargs={"literal_binds": False}))
-        plan = conn.execute(
-            text(f"EXPLAIN (FORMAT JSON) {sql}"),
+        ((plan,),) = repository._driver_rows(
+            conn,
+            f"EXPLAIN (FORMAT JSON) {repository._CLAIM}",
             {"limit": 10, "worker": "plan", "lease": 30},
-        ).scalar_one()
+        )
         conn.rollback()
     nodes = _plan_nodes(json.loads(plan)[0]["Plan"] if isinstance(plan, str) else plan[0]["Plan"])
     scans = [n for n in nodes if "Scan" in str(n["Node Type"]) and n.get("Relation Name") == "job"]

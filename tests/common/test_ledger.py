@@ -64,7 +64,7 @@ def _events(conn: Connection, job_id: uuid.UUID) -> list[tuple[str | None, str, 
     ]
 
 
-def _claim(conn: Connection, limit: int = 10, lease: float = 30.0) -> list[repository.JobRow]:
+def _claim(conn: Connection, limit: int = 10, lease: float = 30.0) -> list[repository.ClaimedJob]:
     return repository.claim(conn, worker_id="w1", limit=limit, lease_seconds=lease).jobs
 
 

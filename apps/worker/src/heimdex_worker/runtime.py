@@ -32,7 +32,7 @@ from sqlalchemy.exc import DBAPIError
 from heimdex_common.ledger import repository, service
 from heimdex_common.ledger.errors import CancelRequested, InvalidParams, LeaseLost
 from heimdex_common.ledger.registry import JobError, Registry
-from heimdex_common.ledger.repository import JobRow, Outcome
+from heimdex_common.ledger.repository import ClaimedJob, Outcome
 from heimdex_common.metrics import LedgerMetrics
 from heimdex_common.models import JobStatus
 from heimdex_common.settings import Settings
@@ -51,7 +51,7 @@ class ShuttingDown(Exception):
 class Held:
     """A job this process claimed and has not written the outcome of yet."""
 
-    job: JobRow
+    job: ClaimedJob
     claimed_at: float = field(default_factory=time.monotonic)
     lost: threading.Event = field(default_factory=threading.Event)
     stage: str | None = None
@@ -288,7 +288,7 @@ class Worker:
                     continue
             self.wake.wait(self.settings.poll_interval_seconds)
 
-    def _claim(self, limit: int) -> tuple[list[JobRow], bool]:
+    def _claim(self, limit: int) -> tuple[list[ClaimedJob], bool]:
         with self.autocommit() as conn:
             claim = repository.claim(
                 conn, worker_id=self.worker_id, limit=limit,
@@ -333,7 +333,7 @@ class Worker:
         return held, service.succeeded(job, result), "succeeded"
 
     @staticmethod
-    def _failure(job: JobRow, code: str, message: str, *, retryable: bool) -> service.Failure:
+    def _failure(job: ClaimedJob, code: str, message: str, *, retryable: bool) -> service.Failure:
         return service.Failure(job.id, job.lease_token, code, message, retryable)
 
     # The completer.

@@ -13,9 +13,12 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Integer, Row, column, text
+import psycopg
+from psycopg.rows import RowMaker
+from sqlalchemy import Connection, Row, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.selectable import TextualSelect
 
 from heimdex_common.ledger.errors import JobNotFound
@@ -192,13 +195,28 @@ def list_events(conn: Connection, job_id: uuid.UUID) -> list[Row[Any]]:
 # org, and a concurrent claimer passes the rows another holds. Each org offers `2 * limit`,
 # so two claimers in flight on one org both fill their batch; when more contend, the claim
 # says so (`contended`) and the worker claims again at once instead of sleeping.
-# What a worker needs of a claimed job, and no more: the claim is the hottest read.
-CLAIMED_COLUMNS = (
-    "id", "org_id", "type", "status", "params", "priority", "run_at", "attempt",
-    "max_attempts", "backoff_policy", "lease_token", "leased_by", "stage", "cancel_requested",
-)  # fmt: skip
+class ClaimedJob(NamedTuple):
+    """What a worker needs of a claimed job, and no more: the claim is the hottest read."""
 
-_CLAIM = text(f"""
+    id: uuid.UUID
+    org_id: uuid.UUID
+    type: str
+    status: JobStatus
+    params: dict[str, Any]
+    priority: int
+    run_at: datetime
+    attempt: int
+    max_attempts: int
+    backoff_policy: BackoffPolicy
+    lease_token: uuid.UUID
+    leased_by: str
+    stage: str | None
+    cancel_requested: bool
+
+
+CLAIMED_COLUMNS = ClaimedJob._fields
+
+_CLAIM = f"""
 WITH RECURSIVE orgs AS (
     (SELECT org_id FROM job WHERE status = 'queued' ORDER BY org_id LIMIT 1)
     UNION ALL
@@ -216,13 +234,13 @@ WITH RECURSIVE orgs AS (
           FROM job AS j
          WHERE j.status = 'queued' AND j.org_id = orgs.org_id AND j.run_at <= now()
          ORDER BY j.priority DESC, j.run_at
-         LIMIT 2 * :limit) AS c
+         LIMIT 2 * %(limit)s) AS c
      WHERE orgs.org_id IS NOT NULL
 ), ranked AS (
     SELECT id, row_number() OVER (ORDER BY priority DESC, turn, run_at, id) AS rank
       FROM offered
      ORDER BY rank
-     LIMIT 2 * :limit
+     LIMIT 2 * %(limit)s
 ), picked AS (
     -- Re-checked after the lock: a row claimed and committed meanwhile is passed over.
     -- `status::text`: see KEY LOOKUPS below.
@@ -231,13 +249,13 @@ WITH RECURSIVE orgs AS (
       JOIN job AS j ON j.id = r.id
      WHERE j.status::text = 'queued'
      ORDER BY r.rank
-     LIMIT :limit
+     LIMIT %(limit)s
        FOR UPDATE OF j SKIP LOCKED
 ), claimed AS (
     UPDATE job AS j
        SET status = 'running', started_at = now(), updated_at = now(),
-           lease_token = gen_random_uuid(), leased_by = :worker,
-           lease_expires_at = now() + make_interval(secs => :lease), heartbeat_at = now(),
+           lease_token = gen_random_uuid(), leased_by = %(worker)s,
+           lease_expires_at = now() + make_interval(secs => %(lease)s), heartbeat_at = now(),
            stage = NULL, progress = 0
       FROM picked
      WHERE j.id = picked.id
@@ -245,32 +263,63 @@ WITH RECURSIVE orgs AS (
 ), ev AS (
     INSERT INTO job_event (job_id, ts, prev_status, next_status, detail_json)
     SELECT id, clock_timestamp(), 'queued', 'running',
-           jsonb_build_object('action', 'claimed', 'attempt', attempt, 'worker', :worker)
+           jsonb_build_object('action', 'claimed', 'attempt', attempt, 'worker', %(worker)s)
       FROM claimed
 )
 SELECT {", ".join(f"claimed.{c}" for c in CLAIMED_COLUMNS)}, pool.offered
   FROM (SELECT count(*) AS offered FROM offered) AS pool
   LEFT JOIN claimed ON true
  ORDER BY claimed.priority DESC, claimed.run_at
-""").columns(*(JOB.c[c] for c in CLAIMED_COLUMNS), column("offered", Integer))
+"""
+
+
+def _driver_rows(
+    conn: Connection, sql: str, params: Mapping[str, Any], row: RowMaker[Any] | None = None
+) -> list[Any]:
+    """Run `sql` (psycopg placeholders) on the driver connection under `conn`, in the caller's
+    transaction, as a server-side prepared statement.
+
+    For the worker's hot statements (claim and outcomes): SQLAlchemy's per-statement work
+    (compiled cache, result metadata, typed rows) cost more Python time per no-op job than
+    the rest of the worker. Errors still surface as SQLAlchemy's `DBAPIError` family, and a
+    broken connection is invalidated, as `conn.execute` would."""
+    driver: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
+    try:
+        with driver.cursor() as cursor:
+            cursor.execute(sql, params, prepare=True)
+            values = cursor.fetchall()
+    except psycopg.Error as exc:
+        if driver.broken or driver.closed:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(sql, dict(params), exc, psycopg.Error) from exc
+    return values if row is None else [row(v) for v in values]
 
 
 @dataclass(frozen=True)
 class Claim:
     """What one claim took, and whether due jobs were left because other claimers held them."""
 
-    jobs: list[JobRow]
+    jobs: list[ClaimedJob]
     contended: bool
+
+
+def _claimed(values: Sequence[Any]) -> ClaimedJob:
+    job = ClaimedJob._make(values[:-1])
+    return job._replace(
+        status=JobStatus(job.status), backoff_policy=BackoffPolicy(job.backoff_policy)
+    )
 
 
 def claim(conn: Connection, *, worker_id: str, limit: int, lease_seconds: float) -> Claim:
     """Take up to `limit` due queued jobs for `worker_id`: running, leased, `claimed` events.
 
-    The rows carry `CLAIMED_COLUMNS` only. `contended` is true when fewer than `limit` were
-    taken although more were due (concurrent claimers held them): claim again at once."""
-    rows = conn.execute(_CLAIM, {"limit": limit, "worker": worker_id, "lease": lease_seconds}).all()
-    jobs = [r for r in rows if r.id is not None]
-    offered = rows[0].offered if rows else 0
+    `contended` is true when fewer than `limit` were taken although more were due (concurrent
+    claimers held them): claim again at once."""
+    values = _driver_rows(
+        conn, _CLAIM, {"limit": limit, "worker": worker_id, "lease": lease_seconds}
+    )
+    jobs = [_claimed(v) for v in values if v[0] is not None]
+    offered = values[0][-1] if values else 0
     return Claim(jobs, contended=len(jobs) < limit and offered > len(jobs))
 
 
@@ -295,9 +344,9 @@ class Outcome:
 # index); when the queue has grown since the last ANALYZE, the planner then believes a few
 # rows match and reads every running or queued row (and the dead ones) through a bitmap, then
 # hashes them: measured, 10,950 index entries and 468 heap pages to update 10 jobs.
-_OUTCOMES = text("""
+_OUTCOMES = """
 WITH t AS (
-    SELECT * FROM jsonb_to_recordset(CAST(:outcomes AS jsonb))
+    SELECT * FROM jsonb_to_recordset(CAST(%(outcomes)s AS jsonb))
       AS t(id uuid, token uuid, status text, attempt int, delay float8, result jsonb,
            code text, message text, detail jsonb)
 ), upd AS (
@@ -316,7 +365,7 @@ WITH t AS (
                                      THEN j.last_error_message ELSE t.message END,
            lease_token = NULL, leased_by = NULL, lease_expires_at = NULL
       FROM t
-     WHERE j.id = ANY(CAST(:ids AS uuid[])) AND j.id = t.id
+     WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = t.id
        AND j.status::text = 'running' AND j.lease_token IS NOT DISTINCT FROM t.token
     RETURNING j.id, t.status, t.delay, t.detail
 ), ev AS (
@@ -324,7 +373,7 @@ WITH t AS (
     SELECT id, clock_timestamp(), 'running', status, detail FROM upd
 )
 SELECT id, status, delay FROM upd
-""")
+"""
 
 
 def write_outcomes(conn: Connection, outcomes: Sequence[Outcome]) -> set[uuid.UUID]:
@@ -349,12 +398,12 @@ def write_outcomes(conn: Connection, outcomes: Sequence[Outcome]) -> set[uuid.UU
         }
         for o in outcomes
     ]
-    rows = conn.execute(
-        _OUTCOMES, {"outcomes": _json_array(payload), "ids": [o.job_id for o in outcomes]}
-    ).all()
-    if any(r.status == JobStatus.QUEUED.value and r.delay <= 0 for r in rows):
+    rows = _driver_rows(
+        conn, _OUTCOMES, {"outcomes": _json_array(payload), "ids": [o.job_id for o in outcomes]}
+    )
+    if any(status == JobStatus.QUEUED.value and delay <= 0 for _, status, delay in rows):
         notify(conn)
-    return {r.id for r in rows}
+    return {job_id for job_id, _, _ in rows}
 
 
 def notify(conn: Connection) -> None:

@@ -27,7 +27,7 @@ from heimdex_common.ledger.errors import (
 )
 from heimdex_common.ledger.fingerprint import request_fingerprint
 from heimdex_common.ledger.registry import Registry
-from heimdex_common.ledger.repository import JobRow, NewJob, Outcome
+from heimdex_common.ledger.repository import ClaimedJob, JobRow, NewJob, Outcome
 from heimdex_common.ledger.states import ensure_transition
 from heimdex_common.models import BackoffPolicy, JobStatus
 
@@ -190,7 +190,7 @@ def cancel_job(
     raise JobAlreadyFinished(job_id, job.status)
 
 
-def succeeded(job: JobRow, result: Mapping[str, Any] | None) -> Outcome:
+def succeeded(job: JobRow | ClaimedJob, result: Mapping[str, Any] | None) -> Outcome:
     ensure_transition(job.id, job.status, JobStatus.SUCCEEDED)
     return Outcome(
         job.id, job.lease_token, JobStatus.SUCCEEDED, job.attempt, {"action": "succeeded"},
@@ -198,7 +198,7 @@ def succeeded(job: JobRow, result: Mapping[str, Any] | None) -> Outcome:
     )  # fmt: skip
 
 
-def canceled(job: JobRow, *, stage: str | None) -> Outcome:
+def canceled(job: JobRow | ClaimedJob, *, stage: str | None) -> Outcome:
     """The attempt stopped at a stage boundary (after `stage`) because a cancel was requested."""
     ensure_transition(job.id, job.status, JobStatus.CANCELED)
     return Outcome(
@@ -207,14 +207,14 @@ def canceled(job: JobRow, *, stage: str | None) -> Outcome:
     )  # fmt: skip
 
 
-def released(job: JobRow) -> Outcome:
+def released(job: JobRow | ClaimedJob) -> Outcome:
     """Back to the queue, due now, the attempt not counted (the worker is shutting down)."""
     ensure_transition(job.id, job.status, JobStatus.QUEUED)
     return Outcome(job.id, job.lease_token, JobStatus.QUEUED, job.attempt, {"action": "released"})
 
 
 def after_failure(
-    job: JobRow,
+    job: JobRow | ClaimedJob,
     *,
     error_code: str,
     error_message: str,
