@@ -12,7 +12,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from heimdex_api import problems
+from heimdex_api import ops, problems
 from heimdex_api.auth import AuthenticationFailed, bearer, decode_token
 from heimdex_api.metrics import ApiMetrics
 from heimdex_api.routes import router
@@ -48,6 +48,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="Heimdex", version="0.1.0", lifespan=lifespan)
     problems.install(app)
     app.include_router(router)
+    app.include_router(ops.router)
 
     app.add_middleware(GuardAndCount)
     return app
