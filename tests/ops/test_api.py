@@ -6,10 +6,12 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
-from heimdex_api.auth import ADMIN_ROLE, READONLY_ROLE, issue_token
+from heimdex_api.auth import ADMIN_ROLE, READONLY_ROLE, decode_token, issue_token
+from heimdex_api.cli import dev_token
 from heimdex_common.ledger import repository
 from tests.ops import seed
 from tests.stack import SECRET, auth
@@ -114,3 +116,13 @@ def test_cancel_of_a_finished_job_is_409(client: TestClient, engine: Engine) -> 
     (job_id,) = seed.failed(engine, uuid.uuid4())
     resp = client.post(f"/ops/jobs/{job_id}/cancel", json={}, headers=ADMIN)
     assert resp.status_code == 409 and resp.json()["type"].endswith("/job-finished")
+
+
+def test_dev_token_issues_an_operator_role(settings: object) -> None:
+    org = uuid.uuid4()
+    out = CliRunner().invoke(dev_token, ["--org", str(org), "--role", ADMIN_ROLE])
+    assert out.exit_code == 0, out.output
+    principal = decode_token(out.output.strip(), SECRET)
+    assert (principal.org_id, principal.role, principal.is_admin) == (org, ADMIN_ROLE, True)
+    plain = CliRunner().invoke(dev_token, ["--org", str(org)]).output.strip()
+    assert not decode_token(plain, SECRET).is_operator
