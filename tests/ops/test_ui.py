@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from urllib.parse import urlencode
 
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
@@ -14,6 +15,8 @@ from heimdex_common.ledger import repository
 from heimdex_common.models import JobStatus
 from tests.ops import seed
 from tests.stack import SECRET
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 def _token(role: str, sub: str = "op-alice") -> str:
@@ -99,3 +102,22 @@ def test_admin_acts_on_one_job_and_sees_refusals(client: TestClient, engine: Eng
     assert "canceled: now canceled" in cancel.text
     client.post("/ui/signout", data={"csrf": csrf})
     assert client.get("/ui", follow_redirects=False).status_code == 303
+
+
+def test_admin_cancels_a_selection(client: TestClient, engine: Engine) -> None:
+    a, b, c = seed.queued(engine, uuid.uuid4(), 3)
+    csrf = _sign_in(client, ADMIN_ROLE)
+    listing = client.get("/ui/jobs", params={"status": "queued"}).text
+    assert listing.count('type="checkbox" name="id"') == 3 and 'id="selection"' in listing
+    preview = client.get(
+        "/ui/bulk", params=[("action", "cancel"), ("id", str(a)), ("id", str(b))]
+    ).text
+    assert '<b id="count">2</b>' in preview and "one of the 2 selected" in preview
+    form = [("csrf", csrf), ("action", "cancel"), ("id", str(a)), ("id", str(b))]
+    done = client.post("/ui/bulk", content=urlencode(form), headers=FORM)
+    assert "Canceled 2 jobs in 1 batches." in done.text
+    with engine.connect() as conn:
+        states = [repository.get_job(conn, j).status for j in (a, b, c)]
+    assert states == [JobStatus.CANCELED, JobStatus.CANCELED, JobStatus.QUEUED]
+    bad = client.get("/ui/bulk", params=[("action", "cancel"), ("id", "nope")])
+    assert bad.status_code == 400 and "&#x27;nope&#x27; is not a job id" in bad.text

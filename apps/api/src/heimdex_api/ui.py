@@ -49,6 +49,7 @@ router = APIRouter(prefix="/ui", include_in_schema=False)
 COOKIE = "heimdex_session"
 SESSION_SECONDS = 8 * 3600
 PAGE_SIZE = 50
+SELECTION_MAX = PAGE_SIZE
 POLL_MS = 5000
 STATIC_TYPES = {"ui.js": "text/javascript", "ui.css": "text/css"}
 FILTER_FIELDS = ("status", "type", "org", "error_code", "fingerprint")
@@ -137,9 +138,13 @@ def _admin(s: Session, form: Mapping[str, str]) -> None:
         )
 
 
-async def _form(request: Request) -> dict[str, str]:
+async def _form_lists(request: Request) -> dict[str, list[str]]:
     body = (await request.body()).decode("utf-8", errors="replace")
-    return {k: v[-1] for k, v in parse_qs(body, keep_blank_values=True).items()}
+    return parse_qs(body, keep_blank_values=True)
+
+
+async def _form(request: Request) -> dict[str, str]:
+    return {k: v[-1] for k, v in (await _form_lists(request)).items()}
 
 
 # --- rendering ------------------------------------------------------------------------------
@@ -217,37 +222,46 @@ def _notice(request: Request) -> str:
     return f'<p class="notice" role="status">{_e(text)}</p>' if text else ""
 
 
-def _bars(minutes: Sequence[repository.Minute], *, width: int = 720, height: int = 120) -> str:
-    """Attempts ended per minute, oldest left: succeeded (green) under failed (red)."""
-    n = max(1, len(minutes))
-    top = max([m.succeeded + m.failed for m in minutes] + [1])
-    step = width / n
+def _bars(
+    minutes: Sequence[repository.Minute], kind: str, *, width: int = 720, height: int = 90
+) -> str:
+    """One bar per minute of `kind` ("succeeded" or "failed"), oldest left."""
+    values = [getattr(m, kind) for m in reversed(minutes)]
+    top = max([*values, 1])
+    step = width / max(1, len(values))
     bars = []
-    for i, m in enumerate(reversed(minutes)):
-        x = i * step
-        ok = m.succeeded / top * (height - 14)
-        bad = m.failed / top * (height - 14)
-        label = f"{m.minutes_ago} min ago: {m.succeeded} succeeded, {m.failed} failed"
+    for i, value in enumerate(values):
+        h = value / top * (height - 14)
+        ago = len(values) - 1 - i
         bars.append(
-            f"<g><title>{_e(label)}</title>"
-            f'<rect class="ok" x="{x:.1f}" y="{height - ok:.1f}" width="{step * 0.8:.1f}" '
-            f'height="{ok:.1f}"/>'
-            f'<rect class="bad" x="{x:.1f}" y="{height - ok - bad:.1f}" '
-            f'width="{step * 0.8:.1f}" height="{bad:.1f}"/></g>'
+            f'<rect x="{i * step:.1f}" y="{height - h:.1f}" width="{step * 0.8:.1f}" '
+            f'height="{h:.1f}"><title>{ago} min ago: {value} {kind}</title></rect>'
         )
     return (
-        f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" '
-        f'aria-label="attempts per minute">'
-        f'<text x="0" y="10" class="axis">max {top}/min</text>{"".join(bars)}</svg>'
+        f'<svg class="chart {"ok" if kind == "succeeded" else "bad"}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{kind} per minute">'
+        f'<text x="0" y="10" class="axis">{kind} per minute, max {top}</text>'
+        f"{''.join(bars)}</svg>"
     )
 
 
 # --- filters --------------------------------------------------------------------------------
 
 
-def _filter_of(params: Mapping[str, str]) -> tuple[JobFilter, dict[str, str], list[str]]:
-    """The job filter a query string states, its clean values, and what was refused."""
+def _filter_of(
+    params: Mapping[str, str], ids: Sequence[str] = ()
+) -> tuple[JobFilter, dict[str, str], list[str], list[str]]:
+    """The job filter a query string states (with `ids`, the jobs selected), its clean values,
+    what was refused, and the selected ids."""
     problems: list[str] = []
+    selected: list[str] = []
+    for raw in ids[:SELECTION_MAX]:
+        try:
+            selected.append(str(uuid.UUID(raw)))
+        except ValueError:
+            problems.append(f"{raw!r} is not a job id")
+    if len(ids) > SELECTION_MAX:
+        problems.append(f"select at most {SELECTION_MAX} jobs, or use a filter")
     clean: dict[str, str] = {}
     status: tuple[JobStatus, ...] = ()
     org: uuid.UUID | None = None
@@ -273,6 +287,7 @@ def _filter_of(params: Mapping[str, str]) -> tuple[JobFilter, dict[str, str], li
             text_fields[name] = value
     return (
         JobFilter(
+            ids=tuple(uuid.UUID(i) for i in selected) if selected else None,
             statuses=status,
             org_id=org,
             type=text_fields.get("type"),
@@ -281,6 +296,7 @@ def _filter_of(params: Mapping[str, str]) -> tuple[JobFilter, dict[str, str], li
         ),
         clean,
         problems,
+        selected,
     )
 
 
@@ -304,12 +320,20 @@ def _filter_form(clean: Mapping[str, str]) -> str:
 <button type="submit">Filter</button> <a href="/ui/jobs">Clear</a></form>"""
 
 
-def _jobs_table(jobs: Sequence[JobRow]) -> str:
+def _jobs_table(jobs: Sequence[JobRow], *, select: bool = False) -> str:
+    def box(job_id: uuid.UUID) -> list[str]:
+        return (
+            [f'<input type="checkbox" name="id" value="{job_id}" form="selection" '
+             f'aria-label="select {job_id}">']
+            if select
+            else []
+        )  # fmt: skip
+
     return _table(
-        ["Job", "State", "Type", "Org", "Attempt", "Created", "Error"],
+        [*([""] if select else []), "Job", "State", "Type", "Org", "Attempt", "Created", "Error"],
         [
             [
-                _job_link(j.id), _badge(j.status.value), _e(j.type), _org(j.org_id),
+                *box(j.id), _job_link(j.id), _badge(j.status.value), _e(j.type), _org(j.org_id),
                 f"{j.attempt}/{j.max_attempts}", f'<span title="{_when(j.created_at)}">'
                 f"{_ago(j.created_at)}</span>", _e(j.last_error_code),
             ]
@@ -371,8 +395,9 @@ def _overview_body(conn: Connection, s: Session, org: uuid.UUID | None) -> str:
         _counts_cards(st.by_status, org),
         f"""<section data-live id="throughput"><h2>Last hour</h2>
 <p>{succeeded} succeeded, {failed} failed attempts; oldest due job: {oldest}</p>
-<div class="legend"><span class="ok">succeeded</span> <span class="bad">failed</span>
- per minute, oldest left</div>{_bars(st.throughput)}</section>""",
+<h3>Throughput: attempts succeeded per minute (oldest left)</h3>{_bars(st.throughput, "succeeded")}
+<h3>Failures: attempts failed per minute</h3>{_bars(st.throughput, "failed")}
+</section>""",
         f'<section data-live id="failures"><h2>Failures by fingerprint</h2>'
         f"{_failures_table(groups, s)}</section>",
     ]
@@ -417,7 +442,7 @@ def org_page(org_id: uuid.UUID, request: Request, state: State, s: Operator) -> 
 @router.get("/jobs")
 def jobs(request: Request, state: State, s: Operator) -> HTMLResponse:
     params = dict(request.query_params)
-    f, clean, problems = _filter_of(params)
+    f, clean, problems, _ = _filter_of(params)
     cursor = params.get("cursor")
     try:
         before = _decode_cursor(cursor) if cursor else None
@@ -440,11 +465,21 @@ def jobs(request: Request, state: State, s: Operator) -> HTMLResponse:
             f"{a.value.capitalize()}…</a>"
             for a in ops.Action
         ) + "</p>"  # fmt: skip
+    selection = ""
+    if s.can_act and page:
+        selection = (
+            '<form id="selection" method="get" action="/ui/bulk" class="act">With the selected '
+            "jobs: " + " ".join(
+                f'<button type="submit" name="action" value="{a.value}">'
+                f"{a.value.capitalize()}…</button>"
+                for a in ops.Action
+            ) + "</form>"
+        )  # fmt: skip
     errors = "".join(f'<p class="error">{_e(p)}</p>' for p in problems)
     body = (
         _notice(request) + errors + _filter_form(clean) + bulk
-        + f'<section data-live id="jobs">{_jobs_table(page)}</section>'
-        + f'<p class="pager">{" ".join(pager)}</p>'
+        + f'<section data-live id="jobs">{_jobs_table(page, select=s.can_act)}</section>'
+        + selection + f'<p class="pager">{" ".join(pager)}</p>'
     )  # fmt: skip
     return _page("Jobs", body, s)
 
@@ -577,7 +612,9 @@ def bulk_preview(request: Request, state: State, s: Operator) -> HTMLResponse:
         return _page("Bulk action", '<p class="error">Unknown action.</p>', s, status=400)
     if not s.can_act:
         raise UiForbidden(f"bulk actions need the {ADMIN_ROLE} role (you have {s.principal.role})")
-    f, clean, problems = _filter_of(dict(request.query_params))
+    f, clean, problems, selected = _filter_of(
+        dict(request.query_params), request.query_params.getlist("id")
+    )
     if problems:
         return _page(
             "Bulk action", f'<p class="error">{_e("; ".join(problems))}</p>', s, status=400
@@ -587,8 +624,14 @@ def bulk_preview(request: Request, state: State, s: Operator) -> HTMLResponse:
             count = ops.preview(conn, action, f)
     except HeimdexError as exc:
         return _page("Bulk action", f'<p class="error">{_e(exc)}</p>', s, status=400)
-    described = ", ".join(f"{k} = {_e(v)}" for k, v in clean.items())
-    hidden = "".join(f'<input type="hidden" name="{k}" value="{_e(v)}">' for k, v in clean.items())
+    described = ", ".join(
+        [f"{k} = {_e(v)}" for k, v in clean.items()]
+        + ([f"the job is one of the {len(selected)} selected"] if selected else [])
+    )
+    hidden = "".join(
+        f'<input type="hidden" name="{k}" value="{_e(v)}">'
+        for k, v in [*clean.items(), *(("id", i) for i in selected)]
+    )
     required = " required" if action is ops.Action.RETRY else ""
     body = f"""<p>Jobs where {described}.</p>
 <p class="preview" data-live id="preview"><b id="count">{count}</b> job{"" if count == 1 else "s"}
@@ -604,9 +647,10 @@ def bulk_preview(request: Request, state: State, s: Operator) -> HTMLResponse:
 
 @router.post("/bulk")
 async def bulk_run(request: Request, state: State, s: Operator) -> Response:
-    form = await _form(request)
+    lists = await _form_lists(request)
+    form = {k: v[-1] for k, v in lists.items()}
     _admin(s, form)
-    f, clean, problems = _filter_of(form)
+    f, clean, problems, _ = _filter_of(form, lists.get("id", []))
     try:
         action = ops.Action(form.get("action", ""))
         if problems:

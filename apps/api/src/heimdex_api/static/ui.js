@@ -21,6 +21,7 @@
         if (!html) return;
         var fresh = new DOMParser().parseFromString(html, "text/html");
         document.querySelectorAll("[data-live][id]").forEach(function (old) {
+          if (old.querySelector("input:checked")) return; // keep what the operator selected
           var next = fresh.getElementById(old.id);
           if (next && next.innerHTML !== old.innerHTML) old.innerHTML = next.innerHTML;
         });
