@@ -187,6 +187,8 @@ def test_dev_on_a_terminal_shows_a_person_the_ready_block_in_colour_and_no_log_l
     assert ANSI.search(text), text
     assert f"Heimdex is up at http://127.0.0.1:{port}" in plain
     assert re.search(rf"API docs +http://127\.0\.0\.1:{port}/docs", plain), plain
+    assert re.search(rf"Dashboard +http://127\.0\.0\.1:{port}/ui\s", plain), plain
+    assert "--role heimdex_admin" in plain
     assert "export HEIMDEX_TOKEN=ey" in plain
     assert "make demo" in plain
     assert "logs/{dev,api,worker}.log" in plain

@@ -12,7 +12,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from heimdex_api import problems
+from heimdex_api import ops, problems, ui
 from heimdex_api.auth import AuthenticationFailed, bearer, decode_token
 from heimdex_api.metrics import ApiMetrics
 from heimdex_api.routes import router
@@ -48,6 +48,8 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="Heimdex", version="0.1.0", lifespan=lifespan)
     problems.install(app)
     app.include_router(router)
+    app.include_router(ops.router)
+    ui.install(app)
 
     app.add_middleware(GuardAndCount)
     return app
@@ -134,6 +136,14 @@ class GuardAndCount:
             )
         has_body = (length is not None and length != "0") or "transfer-encoding" in headers
         state: AppState | None = getattr(scope["app"].state, "heimdex", None)
+        if has_body and state is not None and scope["path"].startswith("/ui"):
+            # The dashboard's forms carry its session cookie, not a bearer token; only the
+            # sign-in form is read without one.
+            secret = state.settings.jwt_secret.get_secret_value()
+            cookie = Request(scope).cookies.get(ui.COOKIE)
+            if scope["path"] != "/ui/signin" and ui.open_session(cookie, secret) is None:
+                return problems.problem(401, "unauthenticated", "sign in at /ui/signin", request)
+            return None
         if has_body and state is not None and scope["path"] not in PUBLIC_PATHS:
             # FastAPI reads and parses the whole body before it solves any dependency, so
             # the route's own token check would come only after the body is in memory.

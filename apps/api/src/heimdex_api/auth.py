@@ -1,4 +1,5 @@
-"""Bearer tokens: HS256 JWTs carrying `sub` and `org_id` (Supabase-compatible secret)."""
+"""Bearer tokens: HS256 JWTs carrying `sub` and `org_id` (Supabase-compatible secret), and a
+`role` that makes an operator of the bearer."""
 
 from __future__ import annotations
 
@@ -12,16 +13,48 @@ from heimdex_common.errors import HeimdexError
 
 ALGORITHM = "HS256"
 SUB_MAX = 255
+# Operators see (and the admin acts on) every org's jobs through /ops and the dashboard.
+ADMIN_ROLE = "heimdex_admin"
+READONLY_ROLE = "heimdex_operator_readonly"
+OPERATOR_ROLES = frozenset({ADMIN_ROLE, READONLY_ROLE})
 
 
 class AuthenticationFailed(HeimdexError):
     """Missing, malformed, expired or wrongly signed credentials."""
 
 
+class Forbidden(HeimdexError):
+    """Authenticated, but the token's role does not allow this."""
+
+
 @dataclass(frozen=True)
 class Principal:
     sub: str
     org_id: uuid.UUID
+    role: str | None = None
+
+    @property
+    def is_operator(self) -> bool:
+        return self.role in OPERATOR_ROLES
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == ADMIN_ROLE
+
+
+def require_operator(principal: Principal, *, act: bool = False) -> Principal:
+    """`principal` if its role may read (any operator role) or, with `act`, change jobs of
+    every org (the admin role only); `Forbidden` otherwise."""
+    if act and not principal.is_admin:
+        raise Forbidden(
+            f"this needs the {ADMIN_ROLE} role in the token"
+            + (f" (it has {principal.role})" if principal.role else "")
+        )
+    if not principal.is_operator:
+        raise Forbidden(
+            f"operator endpoints need the {ADMIN_ROLE} or {READONLY_ROLE} role in the token"
+        )
+    return principal
 
 
 def decode_token(token: str, secret: str) -> Principal:
@@ -50,7 +83,8 @@ def decode_token(token: str, secret: str) -> Principal:
         org_id = uuid.UUID(raw_org)
     except ValueError:
         raise AuthenticationFailed("the bearer token's org_id claim is not a UUID") from None
-    return Principal(sub=sub, org_id=org_id)
+    role = claims.get("role")
+    return Principal(sub=sub, org_id=org_id, role=role if isinstance(role, str) else None)
 
 
 def bearer(header: str | None) -> str:
@@ -63,14 +97,19 @@ def bearer(header: str | None) -> str:
 
 
 def issue_token(
-    secret: str, *, org_id: uuid.UUID, sub: str = "dev-user", ttl_seconds: int = 24 * 3600
+    secret: str,
+    *,
+    org_id: uuid.UUID,
+    sub: str = "dev-user",
+    ttl_seconds: int = 24 * 3600,
+    role: str = "authenticated",
 ) -> str:
     """A signed token for local use (`heimdex dev-token`) and tests."""
     now = int(time.time())
     claims = {
         "sub": sub,
         "org_id": str(org_id),
-        "role": "authenticated",
+        "role": role,
         "iat": now,
         "exp": now + ttl_seconds,
     }

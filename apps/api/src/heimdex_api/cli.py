@@ -9,7 +9,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from heimdex_api.app import create_app
-from heimdex_api.auth import issue_token
+from heimdex_api.auth import ADMIN_ROLE, READONLY_ROLE, issue_token
 from heimdex_common.errors import HeimdexError
 from heimdex_common.logs import configure_logging
 from heimdex_common.settings import Environment, load_settings
@@ -54,12 +54,20 @@ def api(host: str | None, port: int | None, workers: int) -> None:
 Examples:
   heimdex dev-token --org "$(cat .heimdex/dev-org)"
   heimdex dev-token --org 2f0c5e0e-8a3a-4f7e-9a39-4b4a0f0c1d2e --ttl 600
+  heimdex dev-token --org "$(cat .heimdex/dev-org)" --role heimdex_admin   # the dashboard, /ops
 """,
 )
 @click.option("--org", "org", required=True, help="Organization UUID to put in org_id.")
 @click.option("--sub", default="dev-user", show_default=True, help="Subject (user id).")
 @click.option("--ttl", default=24 * 3600, show_default=True, help="Lifetime in seconds.")
-def dev_token(org: str, sub: str, ttl: int) -> None:
+@click.option(
+    "--role",
+    type=click.Choice(["authenticated", ADMIN_ROLE, READONLY_ROLE]),
+    default="authenticated",
+    show_default=True,
+    help="The role claim: an operator role opens /ops and the dashboard (/ui).",
+)
+def dev_token(org: str, sub: str, ttl: int, role: str) -> None:
     """Print a signed token for local use. Refused when HEIMDEX_ENV=prod."""
     settings = load_settings()
     if settings.env is Environment.PROD:
@@ -69,5 +77,11 @@ def dev_token(org: str, sub: str, ttl: int) -> None:
     except ValueError:
         raise HeimdexError(f"--org must be a UUID, got {org!r}") from None
     click.echo(
-        issue_token(settings.jwt_secret.get_secret_value(), org_id=org_id, sub=sub, ttl_seconds=ttl)
+        issue_token(
+            settings.jwt_secret.get_secret_value(),
+            org_id=org_id,
+            sub=sub,
+            ttl_seconds=ttl,
+            role=role,
+        )
     )

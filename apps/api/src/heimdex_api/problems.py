@@ -15,14 +15,16 @@ from sqlalchemy.exc import InterfaceError as SAInterfaceError
 from sqlalchemy.exc import OperationalError as SAOperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from heimdex_api.auth import AuthenticationFailed
+from heimdex_api.auth import AuthenticationFailed, Forbidden
 from heimdex_common.errors import DatabaseUnavailable, HeimdexError
 from heimdex_common.ledger.errors import (
     IdempotencyConflict,
+    IllegalTransition,
     InvalidBatchItem,
     InvalidParams,
     JobAlreadyFinished,
     JobNotFound,
+    NotEligible,
     UnknownJobType,
 )
 
@@ -34,9 +36,12 @@ TYPE_BASE = "https://heimdex.dev/problems/"
 # Most specific first: the first matching class decides.
 ERROR_STATUS: tuple[tuple[type[HeimdexError], int, str], ...] = (
     (AuthenticationFailed, 401, "unauthenticated"),
+    (Forbidden, 403, "forbidden"),
     (JobNotFound, 404, "job-not-found"),
     (IdempotencyConflict, 409, "idempotency-conflict"),
     (JobAlreadyFinished, 409, "job-finished"),
+    (NotEligible, 409, "not-eligible"),
+    (IllegalTransition, 409, "illegal-transition"),
     (InvalidBatchItem, 422, "invalid-batch"),
     (UnknownJobType, 422, "unknown-job-type"),
     (InvalidParams, 422, "invalid-params"),
@@ -64,8 +69,10 @@ PROBLEM_SCHEMA: dict[str, Any] = {
 WHEN = {
     400: "Bad request (bad cursor or header, a NUL byte in the query string)",
     401: "Missing, invalid or expired bearer token",
+    403: "The token's role does not allow this (operator endpoints)",
     404: "No such job in the caller's organisation",
-    409: "Conflict (idempotency key reused with another body, or the job has finished)",
+    409: "Conflict (idempotency key reused with another body, the job has finished, or its"
+    " state does not allow the operator action)",
     413: "Request body over 256 KiB",
     422: "The request does not validate",
     503: "PostgreSQL unreachable or restarting (database-unavailable); retry later",

@@ -286,11 +286,14 @@ def ready_block(stack: DevStack, url: str, token: str) -> str:
         "",
         label("API") + click.style(url, fg="cyan"),
     ]
-    lines += [
-        label(name) + click.style(f"{url}{path}", fg="cyan")
-        for name, path in PAGES.items()
-        if served(f"{url}{path}")
-    ]
+    shown = [name for name, path in PAGES.items() if served(f"{url}{path}")]
+    lines += [label(name) + click.style(f"{url}{PAGES[name]}", fg="cyan") for name in shown]
+    if "Dashboard" in shown:
+        lines.append(
+            label("")
+            + "sign in with: heimdex dev-token --org "
+            + f'"$(cat {_shown(stack.state_dir / "dev-org")})" --role heimdex_admin'
+        )
     files = stack.log_files()
     lines += [
         label("Logs") + f"{_shown(stack.logs_dir)}/{{{','.join(files)}}}.log"

@@ -81,3 +81,13 @@ class InvalidBatchItem(LedgerError):
     def __init__(self, index: int, cause: LedgerError) -> None:
         super().__init__(f"jobs[{index}]: {cause}; nothing in this batch was submitted")
         self.index = index
+
+
+class NotEligible(LedgerError):
+    """An operator action asked of a job in a state it does not apply to."""
+
+    def __init__(self, job_id: uuid.UUID, action: str, status: JobStatus, applies_to: str) -> None:
+        super().__init__(f"job {job_id} is {status.value}; {action} applies to {applies_to} jobs")
+        self.job_id = job_id
+        self.action = action
+        self.status = status

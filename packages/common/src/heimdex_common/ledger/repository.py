@@ -571,3 +571,281 @@ SELECT type,
     return [
         QueueStats(r.type, int(r.queued), int(r.due), int(r.running), float(r.oldest)) for r in rows
     ]
+
+
+# --- Operator statements: cross-org reads and the operator's retry, cancel and requeue -------
+# Bulk actions walk the matching rows in id order, one batch per call, so each transaction
+# locks at most `limit` rows; `after` is the last id of the previous batch.
+
+# An error's fingerprint: its code and its message with ids and numbers masked, hashed, so the
+# same failure on different jobs groups together. `fingerprint.error_fingerprint` is its twin.
+ERROR_FINGERPRINT_SQL = (
+    "left(md5(coalesce(j.last_error_code, '') || ':' || regexp_replace(regexp_replace("
+    "coalesce(j.last_error_message, ''), "
+    "'[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}', "
+    "'<uuid>', 'g'), '[0-9]+', '<n>', 'g')), 12)"
+)
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """Which jobs an operator means: every given criterion must hold (ids, if given, too)."""
+
+    ids: tuple[uuid.UUID, ...] | None = None
+    statuses: tuple[JobStatus, ...] = ()
+    type: str | None = None
+    org_id: uuid.UUID | None = None
+    error_code: str | None = None
+    error_fingerprint: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+    def is_empty(self) -> bool:
+        return self == JobFilter()
+
+
+def _where(f: JobFilter) -> tuple[list[str], dict[str, Any]]:
+    clauses: list[str] = []
+    params: dict[str, Any] = {}
+    if f.ids is not None:
+        clauses.append("j.id = ANY(CAST(:f_ids AS uuid[]))")
+        params["f_ids"] = list(f.ids)
+    if f.statuses:
+        clauses.append("j.status = ANY(CAST(:f_statuses AS job_status[]))")
+        params["f_statuses"] = [s.value for s in f.statuses]
+    if f.type is not None:
+        clauses.append("j.type = :f_type")
+        params["f_type"] = f.type
+    if f.org_id is not None:
+        clauses.append("j.org_id = :f_org")
+        params["f_org"] = f.org_id
+    if f.error_code is not None:
+        clauses.append("j.last_error_code = :f_code")
+        params["f_code"] = f.error_code
+    if f.error_fingerprint is not None:
+        clauses.append(f"{ERROR_FINGERPRINT_SQL} = :f_fp")
+        params["f_fp"] = f.error_fingerprint
+    if f.created_after is not None:
+        clauses.append("j.created_at >= :f_after")
+        params["f_after"] = f.created_after
+    if f.created_before is not None:
+        clauses.append("j.created_at < :f_before")
+        params["f_before"] = f.created_before
+    return clauses, params
+
+
+# What each operator action may touch; the service checks the state machine per job as well.
+_ELIGIBLE = {
+    "retry": "j.status IN ('dead_letter', 'failed', 'canceled')",
+    "cancel": "(j.status = 'queued' OR (j.status = 'running' AND NOT j.cancel_requested))",
+    "requeue": "(j.status = 'queued' AND j.run_at > now())",
+}
+
+_OPERATOR_UPDATE = {
+    "retry": """
+    UPDATE job AS j
+       SET status = 'queued', attempt = 0, run_at = now(), finished_at = NULL,
+           cancel_requested = false, stage = NULL, progress = 0, updated_at = now()
+      FROM picked WHERE j.id = picked.id
+    RETURNING j.id, picked.prev, 'queued' AS next, picked.attempt""",
+    "cancel": """
+    UPDATE job AS j
+       SET status = CASE WHEN picked.prev = 'queued' THEN 'canceled' ELSE 'running' END
+                    ::job_status,
+           finished_at = CASE WHEN picked.prev = 'queued' THEN now() END,
+           cancel_requested = picked.prev = 'running', updated_at = now()
+      FROM picked WHERE j.id = picked.id
+    RETURNING j.id, picked.prev,
+              CASE WHEN picked.prev = 'queued' THEN 'canceled' ELSE 'running' END AS next,
+              picked.attempt""",
+    "requeue": """
+    UPDATE job AS j SET run_at = now(), updated_at = now()
+      FROM picked WHERE j.id = picked.id
+    RETURNING j.id, picked.prev, 'queued' AS next, picked.attempt""",
+}
+
+_ACTION_EVENT = {"retry": "retried", "cancel": "canceled", "requeue": "requeued"}
+
+
+def count_eligible(conn: Connection, action: str, f: JobFilter) -> int:
+    """How many jobs `action` would change now (the dry run of a bulk action)."""
+    clauses, params = _where(f)
+    sql = "SELECT count(*) FROM job AS j WHERE " + " AND ".join([*clauses, _ELIGIBLE[action]])
+    return int(conn.execute(text(sql), params).scalar_one())
+
+
+def operate_batch(
+    conn: Connection,
+    action: str,
+    f: JobFilter,
+    *,
+    detail: Mapping[str, Any],
+    after: uuid.UUID | None,
+    limit: int,
+) -> list[Row[Any]]:
+    """Apply `action` ("retry", "cancel", "requeue") to the next `limit` eligible jobs after id
+    `after`, with one event each (`detail` plus the action's own keys); one statement.
+
+    Rows are locked in id order (FOR UPDATE: a job that changed meanwhile is checked again and
+    skipped if no longer eligible). Returns (id, prev, next, attempt) per job changed, by id.
+    A running job's cancel is a request (`cancel_requested`, event running -> running).
+    """
+    clauses, params = _where(f)
+    if after is not None:
+        clauses.append("j.id > :after")
+        params["after"] = after
+    where = " AND ".join([*clauses, _ELIGIBLE[action]])
+    sql = f"""
+WITH picked AS (
+    SELECT j.id, j.status::text AS prev, j.attempt FROM job AS j
+     WHERE {where}
+     ORDER BY j.id
+     LIMIT :limit
+       FOR UPDATE
+), upd AS ({_OPERATOR_UPDATE[action]}
+), ev AS (
+    INSERT INTO job_event (job_id, ts, prev_status, next_status, detail_json)
+    SELECT id, clock_timestamp(), prev, next,
+           CAST(:detail AS jsonb) || jsonb_build_object(
+               'action', CASE WHEN next = 'running' THEN 'cancel_requested'
+                              ELSE CAST(:event AS text) END,
+               'attempts_before', attempt)
+      FROM upd
+)
+SELECT id, prev, next, attempt FROM upd ORDER BY id"""
+    params.update(limit=limit, detail=_json(detail), event=_ACTION_EVENT[action])
+    rows = list(conn.execute(text(sql), params).all())
+    if action != "cancel" and rows:
+        notify(conn)
+    return rows
+
+
+def list_jobs_ops(
+    conn: Connection,
+    f: JobFilter,
+    *,
+    limit: int = 50,
+    before: tuple[datetime, uuid.UUID] | None = None,
+) -> list[JobRow]:
+    """Jobs of every org matching `f`, newest first, after the keyset cursor `before`."""
+    clauses, params = _where(f)
+    if before is not None:
+        clauses.append("(j.created_at, j.id) < (:before_ts, :before_id)")
+        params["before_ts"], params["before_id"] = before
+    where = " WHERE " + " AND ".join(clauses) if clauses else ""
+    params["limit"] = limit
+    sql = f"SELECT {_JOB_COLUMNS} FROM job AS j{where} ORDER BY j.created_at DESC, j.id DESC"
+    return list(conn.execute(_typed(sql + " LIMIT :limit"), params).all())
+
+
+@dataclass(frozen=True)
+class Counts:
+    status: str
+    type: str
+    org_id: uuid.UUID
+    jobs: int
+
+
+def counts(conn: Connection, *, org_id: uuid.UUID | None = None) -> list[Counts]:
+    """Jobs by (status, type, org), every org or one. Reads the whole ledger (or the org's
+    part, by its index): an operator's question, not a hot path."""
+    sql = "SELECT j.status::text AS status, j.type, j.org_id, count(*) AS jobs FROM job AS j"
+    if org_id is not None:
+        sql += " WHERE j.org_id = :org"
+    sql += " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+    return [
+        Counts(r.status, r.type, r.org_id, int(r.jobs))
+        for r in conn.execute(text(sql), {"org": org_id}).all()
+    ]
+
+
+def oldest_due(conn: Connection, *, org_id: uuid.UUID | None = None) -> JobRow | None:
+    """The queued job that has been due longest, if any."""
+    sql = f"SELECT {_JOB_COLUMNS} FROM job AS j WHERE j.status = 'queued' AND j.run_at <= now()"
+    if org_id is not None:
+        sql += " AND j.org_id = :org"
+    sql += " ORDER BY j.run_at, j.id LIMIT 1"
+    return conn.execute(_typed(sql), {"org": org_id}).one_or_none()
+
+
+@dataclass(frozen=True)
+class Minute:
+    minutes_ago: int
+    succeeded: int
+    failed: int
+
+
+def throughput(conn: Connection, *, minutes: int, org_id: uuid.UUID | None = None) -> list[Minute]:
+    """Attempts ended per minute over the last `minutes` (0 = the current minute), read from
+    the events (their `ts` index): succeeded, and failed (every attempt that ended with an
+    error, retried or not). Minutes with nothing are included as zeros."""
+    join = " JOIN job AS j ON j.id = e.job_id AND j.org_id = :org" if org_id else ""
+    rows = conn.execute(
+        text(f"""
+SELECT floor(extract(epoch FROM now() - e.ts) / 60)::int AS ago,
+       count(*) FILTER (WHERE e.next_status = 'succeeded') AS succeeded,
+       count(*) FILTER (WHERE e.detail_json -> 'error' IS NOT NULL) AS failed
+  FROM job_event AS e{join}
+ WHERE e.ts > now() - make_interval(mins => :minutes)
+   AND e.prev_status = 'running' AND e.next_status <> 'running'
+ GROUP BY 1"""),
+        {"minutes": minutes, "org": org_id},
+    ).all()
+    by_minute = {r.ago: r for r in rows}
+    return [
+        Minute(m, int(by_minute[m].succeeded), int(by_minute[m].failed))
+        if m in by_minute
+        else Minute(m, 0, 0)
+        for m in range(minutes)
+    ]
+
+
+@dataclass(frozen=True)
+class FailureGroup:
+    error_code: str | None
+    fingerprint: str
+    jobs: int
+    orgs: int
+    types: list[str]
+    sample_message: str | None
+    sample_job_id: uuid.UUID
+    last_failed_at: datetime | None
+
+
+def failure_groups(
+    conn: Connection,
+    *,
+    statuses: Sequence[JobStatus] = (JobStatus.DEAD_LETTER,),
+    org_id: uuid.UUID | None = None,
+    type: str | None = None,
+    limit: int = 50,
+) -> list[FailureGroup]:
+    """Jobs in `statuses` grouped by (error code, error fingerprint), largest group first."""
+    clauses, params = _where(JobFilter(statuses=tuple(statuses), org_id=org_id, type=type))
+    rows = conn.execute(
+        text(f"""
+SELECT j.last_error_code AS code, {ERROR_FINGERPRINT_SQL} AS fingerprint, count(*) AS jobs,
+       count(DISTINCT j.org_id) AS orgs, array_agg(DISTINCT j.type) AS types,
+       (array_agg(j.last_error_message ORDER BY j.finished_at DESC, j.id))[1] AS sample,
+       (array_agg(j.id ORDER BY j.finished_at DESC, j.id))[1] AS sample_id,
+       max(j.finished_at) AS last_at
+  FROM job AS j
+ WHERE {" AND ".join(clauses)}
+ GROUP BY 1, 2
+ ORDER BY jobs DESC, code, fingerprint
+ LIMIT :limit"""),
+        {**params, "limit": limit},
+    ).all()
+    return [
+        FailureGroup(
+            r.code,
+            r.fingerprint,
+            int(r.jobs),
+            int(r.orgs),
+            sorted(r.types),
+            r.sample,
+            r.sample_id,
+            r.last_at,
+        )
+        for r in rows
+    ]

@@ -20,10 +20,25 @@ LEGAL_TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
 }
 
 
+# An operator's retry is the one way out of a terminal state, with a fresh attempt budget; a
+# success is never rerun. Only `operations.retry` takes these, never a worker or the reaper.
+OPERATOR_TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.DEAD_LETTER: frozenset({Q}),
+    JobStatus.FAILED: frozenset({Q}),
+    JobStatus.CANCELED: frozenset({Q}),
+}
+
+
 def can_transition(current: JobStatus, target: JobStatus) -> bool:
     return target in LEGAL_TRANSITIONS[current]
 
 
 def ensure_transition(job_id: uuid.UUID, current: JobStatus, target: JobStatus) -> None:
     if not can_transition(current, target):
+        raise IllegalTransition(job_id, current, target)
+
+
+def ensure_operator_transition(job_id: uuid.UUID, current: JobStatus, target: JobStatus) -> None:
+    """What an operator may do: every legal transition, and a retry out of a failure."""
+    if not (can_transition(current, target) or target in OPERATOR_TRANSITIONS.get(current, ())):
         raise IllegalTransition(job_id, current, target)

@@ -1,0 +1,235 @@
+"""The operator API under /ops: every org's jobs, for tokens with an operator role. Reads need
+`heimdex_operator_readonly` or `heimdex_admin`; changes need `heimdex_admin`. Thin: the work is
+`heimdex_common.ledger.operations`, the same functions as `heimdex jobs`."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from heimdex_api.auth import Principal, require_operator
+from heimdex_api.problems import problem_responses
+from heimdex_api.routes import Caller, State, _autocommit, _decode_cursor, _encode_cursor
+from heimdex_api.schemas import NO_NUL, EventOut, JobOut, JobPage
+from heimdex_common.ledger import operations as ops
+from heimdex_common.ledger import repository
+from heimdex_common.ledger.fingerprint import error_fingerprint
+from heimdex_common.ledger.repository import JobFilter
+from heimdex_common.models import JobStatus
+
+router = APIRouter(
+    prefix="/ops", tags=["operators"], responses=problem_responses(400, 401, 403, 413, 422, 503)
+)
+
+
+def reader(caller: Caller) -> Principal:
+    return require_operator(caller)
+
+
+def admin(caller: Caller) -> Principal:
+    return require_operator(caller, act=True)
+
+
+Reader = Annotated[Principal, Depends(reader)]
+Admin = Annotated[Principal, Depends(admin)]
+
+
+class Filter(BaseModel):
+    """Which jobs: every given criterion must hold."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[uuid.UUID] | None = Field(default=None, max_length=10_000)
+    states: list[JobStatus] = Field(default_factory=list)
+    type: str | None = Field(default=None, max_length=100, pattern=NO_NUL)
+    org_id: uuid.UUID | None = None
+    error_code: str | None = Field(default=None, max_length=64, pattern=NO_NUL)
+    fingerprint: str | None = Field(default=None, max_length=64, pattern=NO_NUL)
+    created_after: AwareDatetime | None = None
+    created_before: AwareDatetime | None = None
+
+    def job_filter(self) -> JobFilter:
+        return JobFilter(
+            ids=tuple(self.ids) if self.ids is not None else None,
+            statuses=tuple(self.states),
+            type=self.type,
+            org_id=self.org_id,
+            error_code=self.error_code,
+            error_fingerprint=self.fingerprint,
+            created_after=self.created_after,
+            created_before=self.created_before,
+        )
+
+
+class Act(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(
+        default=None, max_length=ops.REASON_MAX, pattern=NO_NUL,
+        description="Why; required for retry. Written to the job's event with your `sub`.",
+    )  # fmt: skip
+
+
+class BulkAct(Act):
+    filter: Filter
+    dry_run: bool = False
+    batch_size: int = Field(default=ops.DEFAULT_BATCH_SIZE, ge=1, le=ops.MAX_BATCH_SIZE)
+
+
+class BulkOut(BaseModel):
+    action: ops.Action
+    dry_run: bool
+    jobs: int = Field(description="Jobs changed (in a dry run: that would be)")
+    batches: int
+
+
+class JobDetail(BaseModel):
+    job: JobOut
+    error_fingerprint: str | None
+    events: list[EventOut]
+
+
+class Counts(BaseModel):
+    by_status: dict[str, int]
+    by_type: dict[str, dict[str, int]]
+    by_org: dict[uuid.UUID, dict[str, int]]
+    oldest_due: JobOut | None
+    oldest_due_seconds: float
+    minutes: int
+    per_minute: list[dict[str, int]] = Field(description="minutes_ago, succeeded, failed")
+
+
+class FailureGroupOut(BaseModel):
+    error_code: str | None
+    fingerprint: str
+    jobs: int
+    orgs: int
+    types: list[str]
+    sample_message: str | None
+    sample_job_id: uuid.UUID
+    last_failed_at: datetime | None
+
+
+class FailureList(BaseModel):
+    items: list[FailureGroupOut]
+
+
+def detail_of(conn: Any, job_id: uuid.UUID) -> JobDetail:
+    job = repository.get_job(conn, job_id)
+    fingerprint = (
+        error_fingerprint(job.last_error_code, job.last_error_message)
+        if job.last_error_code or job.last_error_message
+        else None
+    )
+    return JobDetail(
+        job=JobOut.of(job),
+        error_fingerprint=fingerprint,
+        events=[
+            EventOut(
+                id=e.id, ts=e.ts, prev_status=e.prev_status, next_status=e.next_status,
+                detail=e.detail_json,
+            )
+            for e in repository.list_events(conn, job_id)
+        ],
+    )  # fmt: skip
+
+
+@router.get("/jobs", response_model=JobPage)
+def list_jobs(
+    *,
+    state: State,
+    _: Reader,
+    status: Annotated[list[JobStatus] | None, Query()] = None,
+    type: Annotated[str | None, Query(max_length=100)] = None,
+    org_id: uuid.UUID | None = None,
+    error_code: Annotated[str | None, Query(max_length=64)] = None,
+    fingerprint: Annotated[str | None, Query(max_length=64)] = None,
+    created_after: AwareDatetime | None = None,
+    created_before: AwareDatetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> JobPage:
+    """Jobs of every org, newest first, filtered; keyset pages like `GET /jobs`."""
+    f = JobFilter(
+        statuses=tuple(status or ()), type=type, org_id=org_id, error_code=error_code,
+        error_fingerprint=fingerprint, created_after=created_after, created_before=created_before,
+    )  # fmt: skip
+    before = _decode_cursor(cursor) if cursor else None
+    with _autocommit(state) as conn:
+        jobs = repository.list_jobs_ops(conn, f, limit=limit + 1, before=before)
+    items = [JobOut.of(job) for job in jobs[:limit]]
+    next_cursor = _encode_cursor(items[-1].created_at, items[-1].id) if len(jobs) > limit else None
+    return JobPage(items=items, next_cursor=next_cursor)
+
+
+@router.get("/jobs/{job_id}", response_model=JobDetail, responses=problem_responses(404))
+def read_job(job_id: uuid.UUID, state: State, _: Reader) -> JobDetail:
+    """One job of any org with its error fingerprint and its events."""
+    with _autocommit(state) as conn:
+        return detail_of(conn, job_id)
+
+
+@router.post(
+    "/jobs/{job_id}/{action}", response_model=JobOut, responses=problem_responses(404, 409)
+)
+def act(job_id: uuid.UUID, action: ops.Action, body: Act, state: State, caller: Admin) -> JobOut:
+    """`retry` (dead_letter, failed or canceled: queued now, attempts from 0; a reason is
+    required), `cancel` (queued: now; running: at its next stage) or `requeue` (queued: due
+    now). 409 when the job's state does not allow it."""
+    with state.engine.begin() as conn:
+        job = ops.operate(conn, action, job_id, ops.Operator(caller.sub, body.reason))
+    return JobOut.of(job)
+
+
+@router.post("/bulk/{action}", response_model=BulkOut)
+def bulk(action: ops.Action, body: BulkAct, state: State, caller: Admin) -> BulkOut:
+    """`action` on every job matching the filter (which must not be empty), in batches of
+    `batch_size` jobs, each its own transaction. `dry_run` answers the count only."""
+    result = ops.bulk(
+        state.engine, action, body.filter.job_filter(), ops.Operator(caller.sub, body.reason),
+        dry_run=body.dry_run, batch_size=body.batch_size,
+    )  # fmt: skip
+    return BulkOut(action=action, dry_run=result.dry_run, jobs=result.jobs, batches=result.batches)
+
+
+@router.get("/stats", response_model=Counts)
+def stats(
+    state: State,
+    _: Reader,
+    org_id: uuid.UUID | None = None,
+    minutes: Annotated[int, Query(ge=1, le=1440)] = 60,
+) -> Counts:
+    """Counts by state, type and org; the oldest due job; attempts ended per minute."""
+    with _autocommit(state) as conn:
+        s = ops.stats(conn, org_id=org_id, minutes=minutes)
+    return Counts(
+        by_status=s.by_status,
+        by_type=s.by_type,
+        by_org=s.by_org,
+        oldest_due=JobOut.of(s.oldest_due) if s.oldest_due else None,
+        oldest_due_seconds=round(s.oldest_due_seconds, 3),
+        minutes=minutes,
+        per_minute=[vars(m) for m in s.throughput],
+    )
+
+
+@router.get("/failures", response_model=FailureList)
+def failures(
+    state: State,
+    _: Reader,
+    status: Annotated[list[JobStatus] | None, Query()] = None,
+    org_id: uuid.UUID | None = None,
+    type: Annotated[str | None, Query(max_length=100)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+) -> FailureList:
+    """Dead letters (or `status`) grouped by error code and fingerprint, largest first."""
+    with _autocommit(state) as conn:
+        groups = ops.failures(
+            conn, statuses=status or [JobStatus.DEAD_LETTER], org_id=org_id, type=type,
+            limit=limit,
+        )  # fmt: skip
+    return FailureList(items=[FailureGroupOut(**vars(g)) for g in groups])

@@ -1,0 +1,56 @@
+"""Jobs in the states an operator meets, made through the ledger's own functions."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import Engine
+
+from heimdex_common.ledger import repository, service
+from heimdex_common.ledger.registry import load_registry
+
+POLICY = service.RetryPolicy(base_seconds=60.0, max_seconds=60.0)
+TIMEOUT = ("UPSTREAM_TIMEOUT", "no answer from 10.0.0.{n} after 30s (job {id})")
+
+
+def queued(engine: Engine, org: uuid.UUID, n: int = 1, **spec: object) -> list[uuid.UUID]:
+    specs = [
+        service.JobSpec(**{"type": "noop", "params": {}, **spec})  # type: ignore[arg-type]
+        for _ in range(n)
+    ]
+    with engine.begin() as conn:
+        return [
+            s.job.id for s in service.submit_jobs(conn, load_registry(), org_id=org, specs=specs)
+        ]
+
+
+def failed(
+    engine: Engine,
+    org: uuid.UUID,
+    n: int = 1,
+    *,
+    code: str = TIMEOUT[0],
+    message: str = TIMEOUT[1],
+    retryable: bool = True,
+    max_attempts: int = 1,
+    type: str = "noop",
+) -> list[uuid.UUID]:
+    """`n` jobs whose one attempt failed with `code`: dead letters (or `failed` when not
+    retryable). `message` may name `{n}` and `{id}`, which differ per job."""
+    ids = set(queued(engine, org, n, max_attempts=max_attempts, type=type))
+    with engine.begin() as conn:
+        # Other tests' queued jobs may be claimed too; only ours fail, the rest are released.
+        claimed = repository.claim(conn, worker_id="seed", limit=10_000, lease_seconds=60)
+        mine = [j for j in claimed if j.id in ids]
+        others = [service.released(j) for j in claimed if j.id not in ids]
+        repository.write_outcomes(conn, others)
+        service.fail_attempts(
+            conn,
+            [
+                service.Failure(j.id, j.lease_token, code, message.format(n=i, id=j.id), retryable)
+                for i, j in enumerate(mine)
+            ],
+            policy=POLICY,
+        )
+    assert len(mine) == n
+    return sorted(ids)

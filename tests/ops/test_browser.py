@@ -1,0 +1,156 @@
+"""The dashboard in a real headless browser (Debian's chromium driven by Playwright) against a
+real API server and, once the group is retried, a real worker. Screenshots go to the test's
+tmp dir (printed); HEIMDEX_DOCS_SCREENSHOT=1 also refreshes docs/img/dashboard.png."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+from sqlalchemy import Engine
+
+from heimdex_api.auth import ADMIN_ROLE, READONLY_ROLE, issue_token
+from heimdex_common.localpg import free_port
+from tests.ops import seed
+from tests.stack import SECRET, Processes, wait_for
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]  # fmt: skip
+DOCS_SCREENSHOT = Path(__file__).parents[2] / "docs" / "img" / "dashboard.png"
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: scripts/install-deps.sh installs Debian's chromium")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def api_url(processes: Processes) -> str:
+    port = free_port()
+    api = processes.start("api", "--host", "127.0.0.1", "--port", str(port))
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert api.poll() is None, processes.log_of(api)
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2):  # noqa: S310 - loopback
+                return True
+        except OSError:
+            return False
+
+    wait_for(up, what="the API server", timeout=60)
+    return url
+
+
+def _token(role: str, sub: str) -> str:
+    return issue_token(SECRET, org_id=uuid.uuid4(), sub=sub, role=role)
+
+
+def _sign_in(page: Page, url: str, token: str) -> None:
+    page.goto(f"{url}/ui")
+    expect(page).to_have_url(f"{url}/ui/signin?next=%2Fui")
+    page.fill("#token", token)
+    page.click("button[type=submit]")
+
+
+def test_an_operator_retries_a_dead_letter_group_and_a_worker_runs_it(
+    browser: Browser, api_url: str, engine: Engine, processes: Processes, tmp_path: Path
+) -> None:
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    print(f"screenshots: {shots}")  # noqa: T201 - where the artifacts are
+    org, other = uuid.uuid4(), uuid.uuid4()
+    timeouts = seed.failed(engine, org, 3)
+    seed.failed(engine, other, 1, code="BAD_INPUT", message="row 1 is empty")
+    seed.queued(engine, other, 2)
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    # Refused without the role: the sign-in page says why and nothing else is shown.
+    _sign_in(page, api_url, _token("authenticated", "tenant-user"))
+    expect(page.locator(".error")).to_contain_text("no operator role")
+    page.screenshot(path=shots / "01-refused.png")
+    page.goto(f"{api_url}/ui/jobs")
+    expect(page).to_have_url(f"{api_url}/ui/signin?next=%2Fui%2Fjobs")
+
+    _sign_in(page, api_url, _token(ADMIN_ROLE, "op-alice"))
+    expect(page).to_have_url(f"{api_url}/ui")
+    expect(page.locator(".card.s-dead_letter .n")).to_have_text("4")
+    expect(page.locator("#failures tbody tr")).to_have_count(2)
+    page.screenshot(path=shots / "02-overview.png", full_page=True)
+
+    # Filter the job list, then open a job and read its timeline.
+    page.click("nav >> text=Jobs")
+    page.select_option("select[name=status]", "dead_letter")
+    page.fill("input[name=error_code]", "UPSTREAM_TIMEOUT")
+    page.click("form.filters button[type=submit]")
+    rows = page.locator("#jobs tbody tr")
+    expect(rows).to_have_count(3)
+    page.screenshot(path=shots / "03-filtered.png", full_page=True)
+    rows.first.locator("a.mono").first.click()
+    expect(page.locator(".errorbox")).to_contain_text("UPSTREAM_TIMEOUT")
+    expect(page.locator("#events li")).to_have_count(3)
+    expect(page.locator("#events")).to_contain_text("attempt_failed")
+    page.screenshot(path=shots / "04-job.png", full_page=True)
+
+    # Cancel a selection: the two queued jobs, checked in the list.
+    page.click("nav >> text=Jobs")
+    page.select_option("select[name=status]", "queued")
+    page.click("form.filters button[type=submit]")
+    expect(rows).to_have_count(2)
+    for box in page.locator("#jobs input[type=checkbox]").all():
+        box.check()
+    page.click("#selection button[value=cancel]")
+    expect(page.locator("#count")).to_have_text("2")
+    page.click("form.act button[type=submit]")
+    expect(page.locator(".notice")).to_have_text("Canceled 2 jobs in 1 batches.")
+
+    # Retry the group: a count first, a reason required.
+    page.click("nav >> text=Failures")
+    group = page.locator("tr", has_text="UPSTREAM_TIMEOUT")
+    group.locator("text=Retry this group").click()
+    expect(page.locator("#count")).to_have_text("3")
+    page.click("form.act button[type=submit]")  # no reason: the browser refuses to send it
+    expect(page.locator("#count")).to_have_text("3")
+    page.fill("input[name=reason]", "upstream fixed")
+    page.screenshot(path=shots / "05-preview.png", full_page=True)
+    page.click("form.act button[type=submit]")
+    expect(page.locator(".notice")).to_have_text("Retried 3 jobs in 1 batches.")
+    expect(page.locator("#jobs .badge.s-queued")).to_have_count(3)
+    page.screenshot(path=shots / "06-queued.png", full_page=True)
+
+    # A real worker runs them; the page shows it by polling, without a reload.
+    processes.start("worker")
+    expect(page.locator("#jobs .badge.s-succeeded")).to_have_count(3, timeout=60_000)
+    page.screenshot(path=shots / "07-succeeded.png", full_page=True)
+    page.goto(f"{api_url}/ui/jobs/{timeouts[0]}")
+    expect(page.locator("#events")).to_contain_text("by op-alice “upstream fixed”")
+
+    page.goto(f"{api_url}/ui")
+    expect(page.locator(".card.s-succeeded .n")).to_have_text("3")
+    expect(page.locator(".card.s-canceled .n")).to_have_text("2")
+    page.screenshot(path=shots / "dashboard.png", full_page=True)
+    if os.environ.get("HEIMDEX_DOCS_SCREENSHOT") == "1":
+        shutil.copyfile(shots / "dashboard.png", DOCS_SCREENSHOT)
+
+    # Read-only: everything visible, nothing to press.
+    viewer = browser.new_page()
+    _sign_in(viewer, api_url, _token(READONLY_ROLE, "op-bob"))
+    expect(viewer.locator(".who")).to_contain_text("read-only")
+    viewer.goto(f"{api_url}/ui/failures")
+    expect(viewer.locator("#groups tbody tr")).to_have_count(1)
+    expect(viewer.locator("text=Retry this group")).to_have_count(0)
+    viewer.screenshot(path=shots / "08-readonly.png", full_page=True)
