@@ -205,6 +205,22 @@ def test_a_claim_locks_what_it_takes_and_says_when_others_held_the_rest(
         conn.rollback()
 
 
+def test_orgs_at_one_priority_offer_a_share_and_a_short_batch_says_more_may_be_due(
+    conn: Connection, registry: Registry
+) -> None:
+    big, *small = (uuid.uuid4() for _ in range(5))
+    service.submit_jobs(conn, registry, org_id=big, specs=[NOOP] * 30)
+    for org in small:
+        service.submit_jobs(conn, registry, org_id=org, specs=[NOOP])
+    # Five orgs share a claim of 10: each offers 4 (2 * 10 / 5); the small orgs have one each.
+    first = repository.claim(conn, worker_id="w", limit=10, lease_seconds=30)
+    assert sorted(j.org_id == big for j in first.jobs).count(True) == 4
+    assert {j.org_id for j in first.jobs} == {big, *small}
+    assert first.contended  # 8 taken, and the big org may have more: claim again at once
+    second = repository.claim(conn, worker_id="w", limit=10, lease_seconds=30)
+    assert len(second.jobs) == 10 and {j.org_id for j in second.jobs} == {big}
+
+
 def test_outcome_needs_the_lease_and_keeps_long_errors_in_the_event(
     conn: Connection, registry: Registry, org_id: uuid.UUID
 ) -> None:

@@ -187,14 +187,20 @@ def list_events(conn: Connection, job_id: uuid.UUID) -> list[Row[Any]]:
 
 
 # The claim. Fairness is round-robin by org within a priority: the recursive CTE walks the
-# distinct orgs that have queued jobs (one index probe each, however deep their backlogs),
-# each org offers its next due jobs (highest priority, then earliest due) without locking
-# them, and the batch takes them by priority, then by turn (every org's 1st job, then every
-# org's 2nd, ...), then due time. Rows are locked only as the batch takes them, in that order
-# (`FOR UPDATE SKIP LOCKED` under the `LIMIT`): a claim locks `limit` rows, not `limit` per
-# org, and a concurrent claimer passes the rows another holds. Each org offers `2 * limit`,
-# so two claimers in flight on one org both fill their batch; when more contend, the claim
-# says so (`contended`) and the worker claims again at once instead of sleeping.
+# distinct orgs that have queued jobs (one index probe each, however deep their backlogs, which
+# also reads each org's highest queued priority), each org offers its next due jobs (highest
+# priority, then earliest due) without locking them, and the batch takes them by priority, then
+# by turn (every org's 1st job, then every org's 2nd, ...), then due time. Rows are locked only
+# as the batch takes them, in that order (`FOR UPDATE SKIP LOCKED` under the `LIMIT`): a claim
+# locks `limit` rows, not `limit` per org, and a concurrent claimer passes the rows another
+# holds.
+# What each org offers: `2 * limit` jobs when the orgs' highest priorities differ (so the batch
+# is strictly by priority); when they are all equal (the usual case), only jobs at that
+# priority and `2 * limit / orgs` of them (at least one): a claim then reads about
+# `2 * limit + orgs` rows instead of `2 * limit * orgs`, and never mixes in a lower priority.
+# When the claim took fewer than `limit` although more may be due (rows held by other
+# claimers, or an org that offered its whole share), it says so (`contended`) and the worker
+# claims again at once instead of sleeping.
 class ClaimedJob(NamedTuple):
     """What a worker needs of a claimed job, and no more: the claim is the hottest read."""
 
@@ -218,24 +224,32 @@ CLAIMED_COLUMNS = ClaimedJob._fields
 
 _CLAIM = f"""
 WITH RECURSIVE orgs AS (
-    (SELECT org_id FROM job WHERE status = 'queued' ORDER BY org_id LIMIT 1)
+    (SELECT org_id, priority AS head FROM job
+      WHERE status = 'queued' ORDER BY org_id, priority DESC LIMIT 1)
     UNION ALL
-    SELECT (SELECT j.org_id FROM job AS j
-             WHERE j.status = 'queued' AND j.org_id > orgs.org_id
-             ORDER BY j.org_id LIMIT 1)
+    SELECT later.org_id, later.head
       FROM orgs
-     WHERE orgs.org_id IS NOT NULL
+     CROSS JOIN LATERAL (
+        SELECT j.org_id, j.priority AS head FROM job AS j
+         WHERE j.status = 'queued' AND j.org_id > orgs.org_id
+         ORDER BY j.org_id, j.priority DESC LIMIT 1) AS later
+), share AS (
+    SELECT CASE WHEN max(head) = min(head)
+                THEN greatest(1, ceil(2.0 * %(limit)s / count(*)))::int
+                ELSE 2 * %(limit)s END AS per_org,
+           CASE WHEN max(head) = min(head) THEN max(head) ELSE -2147483648 END AS floor
+      FROM orgs
 ), offered AS MATERIALIZED (
-    SELECT c.id, c.priority, c.run_at,
+    SELECT c.id, c.org_id, c.priority, c.run_at,
            row_number() OVER (PARTITION BY c.org_id, c.priority ORDER BY c.run_at, c.id) AS turn
       FROM orgs
      CROSS JOIN LATERAL (
         SELECT j.id, j.org_id, j.priority, j.run_at
           FROM job AS j
          WHERE j.status = 'queued' AND j.org_id = orgs.org_id AND j.run_at <= now()
+           AND j.priority >= (SELECT floor FROM share)
          ORDER BY j.priority DESC, j.run_at
-         LIMIT 2 * %(limit)s) AS c
-     WHERE orgs.org_id IS NOT NULL
+         LIMIT (SELECT per_org FROM share)) AS c
 ), ranked AS (
     SELECT id, row_number() OVER (ORDER BY priority DESC, turn, run_at, id) AS rank
       FROM offered
@@ -266,8 +280,9 @@ WITH RECURSIVE orgs AS (
            jsonb_build_object('action', 'claimed', 'attempt', attempt, 'worker', %(worker)s)
       FROM claimed
 )
-SELECT {", ".join(f"claimed.{c}" for c in CLAIMED_COLUMNS)}, pool.offered
-  FROM (SELECT count(*) AS offered FROM offered) AS pool
+SELECT {", ".join(f"claimed.{c}" for c in CLAIMED_COLUMNS)}, pool.offered, pool.full
+  FROM (SELECT sum(n) AS offered, count(*) FILTER (WHERE n = (SELECT per_org FROM share)) AS full
+          FROM (SELECT count(*) AS n FROM offered GROUP BY org_id) AS per_org) AS pool
   LEFT JOIN claimed ON true
  ORDER BY claimed.priority DESC, claimed.run_at
 """
@@ -304,7 +319,7 @@ class Claim:
 
 
 def _claimed(values: Sequence[Any]) -> ClaimedJob:
-    job = ClaimedJob._make(values[:-1])
+    job = ClaimedJob._make(values[:-2])
     return job._replace(
         status=JobStatus(job.status), backoff_policy=BackoffPolicy(job.backoff_policy)
     )
@@ -319,8 +334,8 @@ def claim(conn: Connection, *, worker_id: str, limit: int, lease_seconds: float)
         conn, _CLAIM, {"limit": limit, "worker": worker_id, "lease": lease_seconds}
     )
     jobs = [_claimed(v) for v in values if v[0] is not None]
-    offered = values[0][-1] if values else 0
-    return Claim(jobs, contended=len(jobs) < limit and offered > len(jobs))
+    offered, full = (values[0][-2] or 0, values[0][-1]) if values else (0, 0)
+    return Claim(jobs, contended=len(jobs) < limit and (offered > len(jobs) or full > 0))
 
 
 @dataclass(frozen=True)
