@@ -20,12 +20,14 @@ import threading
 import time
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter as MetricCounter
+from prometheus_client import Histogram
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -53,7 +55,9 @@ class Held:
 
     job: ClaimedJob
     claimed_at: float = field(default_factory=time.monotonic)
-    lost: threading.Event = field(default_factory=threading.Event)
+    # Set by the keeper when a heartbeat finds the lease gone (a plain flag: an Event per job
+    # costs a lock and a condition, and nothing waits on it).
+    lost: bool = False
     stage: str | None = None
 
     @property
@@ -73,7 +77,7 @@ class _Context:
         return attempt
 
     def stage(self, name: str, progress: int) -> None:
-        if self.held.lost.is_set():
+        if self.held.lost:
             raise LeaseLost(self.held.job.id)
         if self.worker.stopping.is_set():
             raise ShuttingDown
@@ -106,13 +110,13 @@ class WorkerMetrics:
             registry=self.ledger.registry,
             buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
         )
-        self.reaped = Counter(
+        self.reaped = MetricCounter(
             "heimdex_leases_reaped_total",
             "Running jobs whose lease expired and were returned to the queue or dead-lettered",
             registry=self.ledger.registry,
         )
         self._attempt_children: dict[tuple[str, str], Histogram] = {}
-        self.claims = Counter(
+        self.claims = MetricCounter(
             "heimdex_claims_total",
             "Claim statements run by this worker",
             registry=self.ledger.registry,
@@ -281,8 +285,9 @@ class Worker:
                     self._reserved -= want
                     for job in jobs:
                         self._held[job.id] = Held(job)
+                for type_, n in Counter(job.type for job in jobs).items():
+                    self.metrics.ledger.count(type_, JobStatus.QUEUED, JobStatus.RUNNING, n)
                 for job in jobs:
-                    self.metrics.ledger.count(job.type, JobStatus.QUEUED, JobStatus.RUNNING)
                     self._runnable.put(self._held[job.id])
                 if len(jobs) == want or contended:
                     continue
@@ -328,7 +333,7 @@ class Worker:
         except Exception as exc:  # a handler's bug: recorded with its traceback, then retried
             message = "".join(traceback.format_exception(exc)).strip()
             return held, self._failure(job, type(exc).__name__, message, retryable=True), "failed"
-        if held.lost.is_set():
+        if held.lost:
             return held, None, "lease_lost"
         return held, service.succeeded(job, result), "succeeded"
 
@@ -423,7 +428,7 @@ class Worker:
                 else:
                     for h in due:
                         if h.token not in kept:
-                            h.lost.set()
+                            h.lost = True
             if now >= next_reap:
                 next_reap = now + self.settings.reaper_interval_seconds
                 self._reap()

@@ -97,10 +97,10 @@ class LedgerMetrics:
 
             self.registry.register(QueueCollector(read))
 
-    def count(self, type: str, before: JobStatus | None, after: JobStatus) -> None:
+    def count(self, type: str, before: JobStatus | None, after: JobStatus, n: int = 1) -> None:
         key = (type, before, after)
         child = self._children.get(key)
         if child is None:  # `labels()` costs a lock and a tuple build per call: resolve once
             child = self.transitions.labels(type, before.value if before else "", after.value)
             self._children[key] = child
-        child.inc()
+        child.inc(n)
