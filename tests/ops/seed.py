@@ -40,7 +40,7 @@ def failed(
     ids = set(queued(engine, org, n, max_attempts=max_attempts, type=type))
     with engine.begin() as conn:
         # Other tests' queued jobs may be claimed too; only ours fail, the rest are released.
-        claimed = repository.claim(conn, worker_id="seed", limit=10_000, lease_seconds=60)
+        claimed = repository.claim(conn, worker_id="seed", limit=10_000, lease_seconds=60).jobs
         mine = [j for j in claimed if j.id in ids]
         others = [service.released(j) for j in claimed if j.id not in ids]
         repository.write_outcomes(conn, others)

@@ -56,7 +56,7 @@ def test_retry_a_dead_letter_gives_a_fresh_budget_and_records_who_and_why(
         "action": "retried", "actor": "alice", "reason": "upstream fixed", "attempts_before": 1,
     }  # fmt: skip
     with engine.begin() as conn:
-        (claimed,) = repository.claim(conn, worker_id="w", limit=5, lease_seconds=30)
+        (claimed,) = repository.claim(conn, worker_id="w", limit=5, lease_seconds=30).jobs
     assert claimed.id == job_id
 
 
@@ -79,7 +79,7 @@ def test_illegal_operator_actions_are_refused_and_change_nothing(
 ) -> None:
     seed.queued(engine, org_id, 2)
     with engine.begin() as conn:
-        first, second = repository.claim(conn, worker_id="w", limit=2, lease_seconds=30)
+        first, second = repository.claim(conn, worker_id="w", limit=2, lease_seconds=30).jobs
         repository.write_outcomes(conn, [repository.Outcome(
             first.id, first.lease_token, JobStatus.SUCCEEDED, 0, {"action": "succeeded"},
             result={},
@@ -222,7 +222,7 @@ def test_a_batch_holds_its_locks_only_for_its_own_transaction(engine: Engine) ->
         # Another connection: a long transaction over the whole bulk would make it wait.
         with engine.begin() as conn:
             conn.exec_driver_sql("SET LOCAL lock_timeout = '2s'")
-            rows = repository.claim(conn, worker_id="w", limit=100, lease_seconds=30)
+            rows = repository.claim(conn, worker_id="w", limit=100, lease_seconds=30).jobs
         claimed_between.append(len(rows))
 
     ops.bulk(engine, ops.Action.RETRY, JobFilter(org_id=org), ME, batch_size=2,
@@ -258,7 +258,7 @@ def test_stats_counts_oldest_due_and_throughput(engine: Engine) -> None:
     seed.failed(engine, org, 2)
     first = seed.queued(engine, other, 3)
     with engine.begin() as conn:
-        (job,) = repository.claim(conn, worker_id="w", limit=1, lease_seconds=30)
+        (job,) = repository.claim(conn, worker_id="w", limit=1, lease_seconds=30).jobs
         repository.write_outcomes(conn, [repository.Outcome(
             job.id, job.lease_token, JobStatus.SUCCEEDED, 0, {"action": "succeeded"}, result={}
         )])  # fmt: skip
