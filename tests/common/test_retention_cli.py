@@ -1,0 +1,38 @@
+"""`heimdex prune`: dry run, a real run, and bad input changing nothing."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import Engine
+from sqlalchemy.engine import URL
+
+from heimdex_common.ledger.retention_cli import prune as prune_command
+from heimdex_common.models import JobStatus
+from tests.common.test_retention import _ids, _job
+
+
+def test_the_cli_dry_run_and_prune(
+    engine: Engine, db_url: URL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    org = uuid.uuid4()
+    with engine.begin() as conn:
+        _job(conn, org, JobStatus.SUCCEEDED, 3, events=2)
+        _job(conn, org, JobStatus.FAILED, 3, events=1)
+    monkeypatch.setenv("DATABASE_URL", db_url.render_as_string(hide_password=False))
+    dry = CliRunner().invoke(prune_command, ["--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "succeeded older than 2w" in dry.output
+    dry = CliRunner().invoke(prune_command, ["--dry-run", "--older-than", "2d"])
+    assert dry.exit_code == 0, dry.output
+    assert dry.output.splitlines()[-1].split() == ["total", "2", "3"]
+    assert len(_ids(engine)) == 2
+    bad = CliRunner().invoke(prune_command, ["--older-than", "soon"])
+    assert bad.exit_code != 0
+    assert len(_ids(engine)) == 2
+    done = CliRunner().invoke(prune_command, ["--older-than", "2d"])
+    assert done.exit_code == 0, done.output
+    assert "total" in done.output
+    assert _ids(engine) == set()
