@@ -1,7 +1,7 @@
 """Retention: finished jobs and their events are deleted once older than the policy's age.
 
 A pass walks each finished status oldest first (`finished_at`, through the partial index
-`idx_job__finished_retention`) and deletes `batch_size` jobs per transaction: the events of
+`idx_job__status_finished_at_id`) and deletes `batch_size` jobs per transaction: the events of
 the batch, then the jobs (the FK's cascade then finds nothing left). Each transaction is short
 and runs under a `lock_timeout` of `lock_timeout_ms`: it locks only the rows it deletes (FOR
 UPDATE SKIP LOCKED, so a row someone holds is left for the next pass) and takes no table lock
@@ -236,6 +236,9 @@ _UNLOCK = text("SELECT pg_advisory_unlock(:key)")
 
 
 def _victims(target: Target, limit: int) -> str:
+    # Oldest first behind a keyset cursor, for an org's own target too: an unordered LIMIT
+    # invites a sequential scan that rereads the dead rows of the batches before it (until
+    # vacuum), and the cursor passes over the rows the pass keeps once, not once per batch.
     return (
         f"SELECT j.id, j.finished_at FROM job AS j WHERE {target.where()}"
         " AND (j.finished_at, j.id) > (:after_ts, :after_id)"
