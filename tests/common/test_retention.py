@@ -75,7 +75,10 @@ def _event_count(engine: Engine) -> int:
         return int(conn.execute(text("SELECT count(*) FROM job_event")).scalar_one())
 
 
-def test_old_finished_jobs_go_with_their_events_and_the_rest_stays(engine: Engine) -> None:
+@pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "events-first"])
+def test_old_finished_jobs_go_with_their_events_and_the_rest_stays(
+    engine: Engine, cascade: bool
+) -> None:
     org = uuid.uuid4()
     with engine.begin() as conn:
         old = {
@@ -93,7 +96,7 @@ def test_old_finished_jobs_go_with_their_events_and_the_rest_stays(engine: Engin
             _job(conn, org, JobStatus.RUNNING, 400),
         }
     # Batches of 1 walk every target through several transactions.
-    result = retention.prune(engine, POLICY, batch_size=1)
+    result = retention.prune(engine, POLICY, batch_size=1, cascade=cascade)
     assert result.complete and not result.skipped
     assert (result.jobs, result.events) == (4, 12)
     assert result.batches == 4

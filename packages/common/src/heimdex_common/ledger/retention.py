@@ -1,8 +1,8 @@
 """Retention: finished jobs and their events are deleted once older than the policy's age.
 
 A pass walks each finished status oldest first (`finished_at`, through the partial index
-`idx_job__status_finished_at_id`) and deletes `batch_size` jobs per transaction: the events of
-the batch, then the jobs (the FK's cascade then finds nothing left). Each transaction is short
+`idx_job__status_finished_at_id`) and deletes `batch_size` jobs per transaction, their events
+with them by the foreign key's ON DELETE CASCADE. Each transaction is short
 and runs under a `lock_timeout` of `lock_timeout_ms`: it locks only the rows it deletes (FOR
 UPDATE SKIP LOCKED, so a row someone holds is left for the next pass) and takes no table lock
 that a writer waits on; submits and claims touch other rows. An archive callback, when given,
@@ -251,6 +251,7 @@ _EVENTS = text(
 )
 _JOBS = text("SELECT * FROM job WHERE id = ANY(CAST(:ids AS uuid[])) ORDER BY finished_at, id")
 _DELETE_EVENTS = text("DELETE FROM job_event WHERE job_id = ANY(CAST(:ids AS uuid[]))")
+_COUNT_EVENTS = text("SELECT count(*) FROM job_event WHERE job_id = ANY(CAST(:ids AS uuid[]))")
 _DELETE_JOBS = text("DELETE FROM job WHERE id = ANY(CAST(:ids AS uuid[]))")
 _EPOCH = datetime.fromisoformat("0001-01-01T00:00:00+00:00")
 _NIL = uuid.UUID(int=0)
@@ -282,6 +283,7 @@ def prune(
     batch_size: int = DEFAULT_BATCH_SIZE,
     lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS,
     archive: Archive | None = None,
+    cascade: bool = True,
     observer: RetentionObserver | None = None,
     budget_seconds: float | None = None,
     stop: Callable[[], bool] = lambda: False,
@@ -292,7 +294,10 @@ def prune(
     own). Returns early, `complete=False`, once `budget_seconds` have passed or `stop()` is
     true; the next pass continues where the rows left off. A lock timeout skips the batch's
     target for this pass (someone holds what it wanted). An exception from `archive` rolls its
-    batch back and propagates.
+    batch back and propagates. With `cascade` (the default) a batch deletes its jobs and the
+    foreign key's ON DELETE CASCADE takes their events (one index probe per job); without it,
+    the events go first in one statement, and the cascade then probes again for nothing:
+    bench/ledger_scale.py measures both, and the cascade's batches are the shorter.
     """
     if batch_size < 1:
         raise HeimdexError(f"the retention batch size must be positive, not {batch_size}")
@@ -315,6 +320,7 @@ def prune(
                 batch_size=batch_size,
                 lock_timeout_ms=lock_timeout_ms,
                 archive=archive,
+                cascade=cascade,
                 observer=observer,
                 deadline=None if budget_seconds is None else started + budget_seconds,
                 stop=stop,
@@ -354,6 +360,7 @@ def _walk(
     batch_size: int,
     lock_timeout_ms: int,
     archive: Archive | None,
+    cascade: bool,
     observer: RetentionObserver | None,
     deadline: float | None,
     stop: Callable[[], bool],
@@ -384,7 +391,11 @@ def _walk(
                         jobs = conn.execute(_JOBS, {"ids": ids}).all()
                         events = conn.execute(_EVENTS, {"ids": ids}).all()
                         archive(conn, jobs, events)
-                    events_deleted = conn.execute(_DELETE_EVENTS, {"ids": ids}).rowcount
+                    events_deleted = (
+                        conn.execute(_COUNT_EVENTS, {"ids": ids}).scalar_one()
+                        if cascade
+                        else conn.execute(_DELETE_EVENTS, {"ids": ids}).rowcount
+                    )
                     jobs_deleted = conn.execute(_DELETE_JOBS, {"ids": ids}).rowcount
             except Exception as exc:
                 if getattr(getattr(exc, "orig", None), "sqlstate", None) != "55P03":
