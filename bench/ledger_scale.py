@@ -163,6 +163,18 @@ class Writer:
         return max((s for t, s in self.samples if since <= t <= until), default=0.0)
 
 
+EVENTS_OF_JOB = (
+    "SELECT id, ts, prev_status, next_status, detail_json FROM job_event"
+    " WHERE job_id = :id ORDER BY ts, id"
+)
+
+
+def _pages(conn: Any, sql: str, params: dict[str, Any]) -> int:
+    plan = conn.execute(text(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}"), params).scalar_one()
+    top = plan[0]["Plan"]
+    return int(top["Shared Hit Blocks"] + top["Shared Read Blocks"])
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -287,6 +299,15 @@ def run_one(  # noqa: PLR0915 - one scenario, start to end, reads best in one pl
                     repository.queue_stats(conn)
 
             results["queue stats query (uncached)"] = _timed(samples, stats)
+            # Pages read per events lookup: what the layout costs, free of the machine's noise.
+            with engine.connect() as conn:
+                pages = [
+                    _pages(conn, EVENTS_OF_JOB, {"id": p.id}) for p in picks[: min(100, samples)]
+                ]
+            results["events of a job, pages read"] = (
+                statistics.median(pages),
+                _pct([float(p) for p in pages], 0.99),
+            )
 
             def claim(_: int) -> None:
                 with engine.connect() as conn:

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Connection, Engine, Row, text
 
 from heimdex_common.errors import HeimdexError
-from heimdex_common.ledger import retention
+from heimdex_common.ledger import repository, retention
 from heimdex_common.ledger.retention import Ages, RetentionPolicy
 from heimdex_common.metrics import RetentionMetrics
 from heimdex_common.models import JobStatus
@@ -269,3 +269,43 @@ def test_policy_parsing() -> None:
             retention.parse_age(bad)
     with pytest.raises(HeimdexError, match="ORG_UUID"):
         RetentionPolicy.parse("1d", "1d", "acme=1d")
+
+
+def test_writers_never_wait_on_a_batch_in_flight(engine: Engine) -> None:
+    """While a batch holds everything it locks, a submit, a claim, an outcome and a heartbeat
+    go through on another connection with `lock_timeout = 1ms`: none of them waits on it."""
+    org = uuid.uuid4()
+    with engine.begin() as conn:
+        for _ in range(3):
+            _job(conn, org, JobStatus.SUCCEEDED, 2)
+        running = repository.insert_jobs(
+            conn, [repository.NewJob(org_id=org, type="noop", params={}, request_fingerprint="r")]
+        )
+        repository.insert_jobs(
+            conn, [repository.NewJob(org_id=org, type="noop", params={}, request_fingerprint="q")]
+        )
+    assert running
+    written: list[object] = []
+
+    def archive(conn: Connection, jobs: Sequence[Row[Any]], events: Sequence[Row[Any]]) -> None:
+        with engine.connect() as other:
+            other.execute(text("SET lock_timeout = '1ms'"))
+            new = repository.NewJob(org_id=org, type="noop", params={}, request_fingerprint="w")
+            written.append(repository.insert_jobs(other, [new]))
+            claimed = repository.claim(other, worker_id="w", limit=1, lease_seconds=30)
+            written.append(claimed)
+            written.append(
+                repository.renew_leases(other, [claimed[0].lease_token], lease_seconds=30)
+            )
+            outcome = repository.Outcome(
+                job_id=claimed[0].id,
+                lease_token=claimed[0].lease_token,
+                status=JobStatus.SUCCEEDED,
+                attempt=0,
+                detail={"action": "succeeded"},
+            )
+            written.append(repository.write_outcomes(other, [outcome]))
+            other.commit()
+
+    assert retention.prune(engine, POLICY, archive=archive).jobs == 3
+    assert all(written), written
