@@ -6,9 +6,10 @@ import uuid
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
+from heimdex_common.ledger import retention
 from heimdex_common.ledger.retention_cli import prune as prune_command
 from heimdex_common.models import JobStatus
 from tests.common.test_retention import _ids, _job
@@ -36,3 +37,21 @@ def test_the_cli_dry_run_and_prune(
     assert done.exit_code == 0, done.output
     assert "total" in done.output
     assert _ids(engine) == set()
+
+
+def test_the_cli_refuses_while_another_pass_holds_the_lock(
+    engine: Engine, db_url: URL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    org = uuid.uuid4()
+    with engine.begin() as conn:
+        _job(conn, org, JobStatus.SUCCEEDED, 30)
+    monkeypatch.setenv("DATABASE_URL", db_url.render_as_string(hide_password=False))
+    with engine.connect() as holder:
+        holder.execute(text("SELECT pg_advisory_lock(:k)"), {"k": retention.ADVISORY_LOCK_KEY})
+        holder.commit()
+        refused = CliRunner().invoke(prune_command, [])
+        assert refused.exit_code == 1
+        assert "another retention pass holds the lock" in str(refused.exception)
+        assert len(_ids(engine)) == 1
+        holder.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": retention.ADVISORY_LOCK_KEY})
+        holder.commit()
