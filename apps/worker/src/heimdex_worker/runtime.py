@@ -6,7 +6,10 @@ Threads of one process, each with one job:
 - `concurrency` runner threads call the handlers;
 - the completer writes the outcomes that finished meanwhile in one statement (retrying through
   an outage: an outcome is never dropped while its lease may still be held);
-- the keeper renews every lease this process holds in one statement, and runs the reaper;
+- the keeper renews every lease this process holds in one statement, runs the reaper, and every
+  `retention_interval_seconds` a slice of the retention pass (one worker of the deployment at a
+  time, by advisory lock; a slice stops after a quarter of the heartbeat period, so leases are
+  always renewed in time, and the next tick goes on while old jobs are left);
 - the listener holds a LISTEN connection and turns notifications into wake-ups (optional: behind
   a transaction pooler, polling alone keeps the worker going).
 """
@@ -31,11 +34,11 @@ from prometheus_client import Histogram
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from heimdex_common.ledger import repository, service
+from heimdex_common.ledger import repository, retention, service
 from heimdex_common.ledger.errors import CancelRequested, InvalidParams, LeaseLost
 from heimdex_common.ledger.registry import JobError, Registry
 from heimdex_common.ledger.repository import ClaimedJob, Outcome
-from heimdex_common.metrics import LedgerMetrics
+from heimdex_common.metrics import LedgerMetrics, RetentionMetrics
 from heimdex_common.models import JobStatus
 from heimdex_common.settings import Settings
 
@@ -116,6 +119,7 @@ class WorkerMetrics:
             registry=self.ledger.registry,
         )
         self._attempt_children: dict[tuple[str, str], Histogram] = {}
+        self.retention = RetentionMetrics(self.ledger.registry)
         self.claims = MetricCounter(
             "heimdex_claims_total",
             "Claim statements run by this worker",
@@ -202,6 +206,11 @@ class Worker:
         )
         self._threads: list[threading.Thread] = []
         self._finish = threading.Event()
+        self.archive = (
+            retention.JsonlArchive(settings.retention_archive)
+            if settings.retention_archive
+            else None
+        )
 
     @contextlib.contextmanager
     def autocommit(self) -> Iterator[Connection]:
@@ -409,6 +418,7 @@ class Worker:
 
     def _keeper(self) -> None:
         next_reap = 0.0
+        next_prune = 0.0
         while not self._finish.wait(self.settings.heartbeat_seconds / 2):
             now = time.monotonic()
             with self._held_lock:
@@ -432,6 +442,33 @@ class Worker:
             if now >= next_reap:
                 next_reap = now + self.settings.reaper_interval_seconds
                 self._reap()
+            if now >= next_prune:
+                done = self._prune()
+                # Old jobs left: the next tick goes on; else the next pass is an interval away.
+                next_prune = time.monotonic() + (
+                    self.settings.retention_interval_seconds if done else 0.0
+                )
+
+    def _prune(self) -> bool:
+        """A slice of the retention pass; True when nothing old is left (or another worker
+        prunes), False when the next tick should go on."""
+        try:
+            result = retention.prune(
+                self.engine,
+                self.settings.retention_policy,
+                batch_size=self.settings.retention_batch,
+                archive=self.archive,
+                observer=self.metrics.retention,
+                budget_seconds=self.settings.heartbeat_seconds / 4,
+                stop=self._finish.is_set,
+            )
+        except Exception as exc:
+            logger.warning(
+                "retention pass failed",
+                extra={"action": "retention.failed", "error": f"{type(exc).__name__}: {exc}"},
+            )
+            return True
+        return result.complete
 
     def _reap(self) -> None:
         try:
@@ -514,6 +551,8 @@ class Worker:
         for thread in self._threads:
             if thread.name in {"completer", "keeper"}:
                 thread.join(timeout=5)
+        if self.archive is not None:
+            self.archive.close()
         with self._held_lock:
             left = len(self._held)
         if left:

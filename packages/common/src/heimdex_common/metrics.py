@@ -12,12 +12,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 
 from heimdex_common.ledger.repository import QueueStats, queue_stats
+from heimdex_common.ledger.retention import PruneResult
 from heimdex_common.models import JobStatus
 
 logger = logging.getLogger(__name__)
@@ -104,3 +105,47 @@ class LedgerMetrics:
             child = self.transitions.labels(type, before.value if before else "", after.value)
             self._children[key] = child
         child.inc(n)
+
+
+class RetentionMetrics:
+    """What the retention passes of this process deleted; registered on `registry`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.jobs = Counter(
+            "heimdex_retention_deleted_jobs_total",
+            "Finished jobs deleted by retention, by status",
+            ["status"],
+            registry=registry,
+        )
+        self.events = Counter(
+            "heimdex_retention_deleted_events_total",
+            "Job events deleted by retention with their jobs",
+            registry=registry,
+        )
+        self.batch_seconds = Histogram(
+            "heimdex_retention_batch_duration_seconds",
+            "Wall time of one retention batch (one transaction)",
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.passes = Counter(
+            "heimdex_retention_passes_total",
+            "Retention passes, by outcome (done, partial: more left, skipped: another pruner)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.last_pass = Gauge(
+            "heimdex_retention_last_pass_timestamp_seconds",
+            "When this process last finished a retention pass",
+            registry=registry,
+        )
+
+    def batch(self, status: JobStatus, jobs: int, events: int, seconds: float) -> None:
+        self.jobs.labels(status.value).inc(jobs)
+        self.events.inc(events)
+        self.batch_seconds.observe(seconds)
+
+    def finished(self, result: PruneResult) -> None:
+        outcome = "skipped" if result.skipped else "done" if result.complete else "partial"
+        self.passes.labels(outcome).inc()
+        self.last_pass.set_to_current_time()

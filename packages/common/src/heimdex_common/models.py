@@ -81,6 +81,16 @@ class Job(Base):
         ),
         Index("idx_job__org_id_created_at_desc", "org_id", text("created_at DESC")),
         Index(None, "status", "created_at"),
+        # The API's list filtered by status: newest first, from the keyset cursor on.
+        Index(None, "org_id", "status", "created_at", "id"),
+        # Retention walks each finished status oldest first.
+        Index(
+            None,
+            "status",
+            "finished_at",
+            "id",
+            postgresql_where=text("status IN ('succeeded', 'failed', 'canceled', 'dead_letter')"),
+        ),
         # The claim walks queued jobs org by org (round-robin), each org's by priority then due
         # time; the partial index holds only the queue, so it stays small on a large ledger.
         Index(

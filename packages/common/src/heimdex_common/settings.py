@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 
 from heimdex_common.errors import HeimdexError
+from heimdex_common.ledger.retention import RetentionPolicy
 from heimdex_common.logs import LogFormat
 
 DRIVER = "postgresql+psycopg"
@@ -98,6 +99,21 @@ class Settings(BaseSettings):
     )
     dev_port: int = Field(default=0, ge=0, validation_alias="HEIMDEX_DEV_PG_PORT")
 
+    # Retention: finished jobs (and their events) older than these ages are deleted by the
+    # workers' keeper. Ages like 30d, 12h, 90m; `off` keeps them forever.
+    retention_succeeded: str = Field(default="14d", validation_alias="HEIMDEX_RETENTION_SUCCEEDED")
+    retention_failed: str = Field(default="30d", validation_alias="HEIMDEX_RETENTION_FAILED")
+    # ORG_UUID=SUCCEEDED/FAILED entries, comma-separated: orgs with ages of their own.
+    retention_orgs: str = Field(default="", validation_alias="HEIMDEX_RETENTION_ORGS")
+    retention_interval_seconds: float = Field(
+        default=300.0, gt=0, validation_alias="HEIMDEX_RETENTION_INTERVAL_SECONDS"
+    )
+    retention_batch: int = Field(
+        default=500, ge=1, le=10000, validation_alias="HEIMDEX_RETENTION_BATCH"
+    )
+    # A JSONL file each deleted job (with its events) is appended to first; empty: no archive.
+    retention_archive: str = Field(default="", validation_alias="HEIMDEX_RETENTION_ARCHIVE")
+
     @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
@@ -116,7 +132,18 @@ class Settings(BaseSettings):
                 "HEIMDEX_HEARTBEAT_SECONDS must be shorter than HEIMDEX_LEASE_SECONDS, "
                 "or every lease expires before its renewal"
             )
+        self.retention_policy  # noqa: B018 - an unreadable policy fails at startup, not later
         return self
+
+    @cached_property
+    def retention_policy(self) -> RetentionPolicy:
+        """The retention ages of `HEIMDEX_RETENTION_*`, parsed."""
+        try:
+            return RetentionPolicy.parse(
+                self.retention_succeeded, self.retention_failed, self.retention_orgs
+            )
+        except HeimdexError as exc:
+            raise ValueError(str(exc)) from None
 
     @property
     def log_options(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from heimdex_common.ledger import operations as ops
 from heimdex_common.ledger import repository
 from heimdex_common.ledger.fingerprint import error_fingerprint
 from heimdex_common.ledger.repository import JobFilter
+from heimdex_common.ledger.retention_cli import prune
 from heimdex_common.models import JobStatus
 from heimdex_common.settings import load_settings, normalize_url
 
@@ -138,6 +139,7 @@ Examples:
   heimdex jobs list --state dead_letter --org 2f0c5e0e-8a3a-4f7e-9a39-4b4a0f0c1d2e
   heimdex jobs retry --fingerprint 3fa2c1d09b7e --dry-run
   heimdex jobs retry --fingerprint 3fa2c1d09b7e --reason "upstream fixed" --yes
+  heimdex jobs prune --dry-run                # what retention would delete now
 """
 )
 @click.option(
@@ -155,6 +157,9 @@ def jobs(ctx: click.Context, database_url: str | None) -> None:
     and run in batches of --batch-size jobs, each its own short transaction.
     """
     ctx.find_root().meta["heimdex.jobs.database_url"] = database_url
+
+
+jobs.add_command(prune)
 
 
 @jobs.command("list")

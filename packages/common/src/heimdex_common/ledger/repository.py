@@ -149,16 +149,15 @@ def get_job(
     return row
 
 
-def list_jobs(
-    conn: Connection,
+def list_jobs_query(
     *,
     org_id: uuid.UUID,
     status: JobStatus | None = None,
     type: str | None = None,
     limit: int = 50,
     before: tuple[datetime, uuid.UUID] | None = None,
-) -> list[JobRow]:
-    """The org's jobs, newest first, after the keyset cursor `before` (created_at, id)."""
+) -> tuple[TextualSelect, dict[str, Any]]:
+    """The statement of `list_jobs` and its parameters (the EXPLAIN tests plan it)."""
     sql = f"SELECT {_JOB_COLUMNS} FROM job AS j WHERE j.org_id = :org"
     params: dict[str, Any] = {"org": org_id, "limit": limit}
     if status is not None:
@@ -171,7 +170,23 @@ def list_jobs(
         sql += " AND (j.created_at, j.id) < (:before_ts, :before_id)"
         params["before_ts"], params["before_id"] = before
     sql += " ORDER BY j.created_at DESC, j.id DESC LIMIT :limit"
-    return list(conn.execute(_typed(sql), params).all())
+    return _typed(sql), params
+
+
+def list_jobs(
+    conn: Connection,
+    *,
+    org_id: uuid.UUID,
+    status: JobStatus | None = None,
+    type: str | None = None,
+    limit: int = 50,
+    before: tuple[datetime, uuid.UUID] | None = None,
+) -> list[JobRow]:
+    """The org's jobs, newest first, after the keyset cursor `before` (created_at, id)."""
+    query, params = list_jobs_query(
+        org_id=org_id, status=status, type=type, limit=limit, before=before
+    )
+    return list(conn.execute(query, params).all())
 
 
 def list_events(conn: Connection, job_id: uuid.UUID) -> list[Row[Any]]:
