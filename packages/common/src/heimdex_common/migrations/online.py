@@ -64,6 +64,9 @@ LOCK_TIMEOUT_ATTRIBUTE = "heimdex.lock_timeout"
 STRONG_LOCKS_ATTRIBUTE = "heimdex.strong_locks"
 ONLINE_ATTRIBUTE = "heimdex.online"  # set once a revision entered online()
 LOCK_NOT_AVAILABLE = "55P03"
+# A batch whose pages still hold pending rows runs again (the application changed a row between
+# its two statements); this many times in a row means its statements cannot finish them.
+MAX_BATCH_AGAIN = 3
 _DURATION = re.compile(r"^\d+(ms|s|min)?$")
 
 
@@ -366,11 +369,76 @@ def _rows_per_page(table: str) -> float:
     return tuples / pages if pages else 1.0
 
 
+def _first_pending_page(table: str, lo: int, pending: str) -> int | None:
+    """The page of the first row at or after page `lo` matching `pending`, or None.
+
+    One TID range scan in physical order that stops at the first match: a stretch with nothing
+    to do (already backfilled before a crash, or the new row versions the backfill itself
+    appended at the end of the table) is read once, sequentially, without a batch per page range.
+    """
+    tid = (
+        _bind()
+        .execute(
+            text(
+                f"SELECT ctid::text FROM {table} WHERE ctid >= CAST(:lo AS tid)"
+                f" AND ({pending}) LIMIT 1"
+            ),
+            {"lo": f"({lo},0)"},
+        )
+        .scalar()
+    )
+    if tid is None:
+        return None
+    return int(str(tid).strip("()").split(",")[0])
+
+
+def _backfill_block(table: str, label: str, body: list[str]) -> None:
+    """Offline: the batches as one DO block (PostgreSQL 11+: outside a transaction block it may
+    COMMIT between batches); `body` is one batch, over pages lo to lo + k."""
+    batch = "\n".join(f"        {statement}" for statement in body)
+    op.execute(
+        "DO $backfill$\nDECLARE\n    n bigint;\n    done bigint := 0;\n"
+        "    lo bigint := 0;\n    k bigint;\nBEGIN\n"
+        f"    SELECT greatest(1, {DEFAULT_BATCH_SIZE} / greatest(1, (reltuples"
+        " / greatest(relpages, 1))::bigint)) INTO k\n"
+        f"      FROM pg_class WHERE oid = '{table}'::regclass;\n"
+        "    LOOP\n"
+        f"        EXIT WHEN lo >= pg_relation_size('{table}')"
+        " / current_setting('block_size')::bigint;\n"
+        f"{batch}\n"
+        "        lo := lo + k;\n"
+        f"        RAISE NOTICE USING MESSAGE = '{label}: ' || done || ' rows';\n"
+        "        COMMIT;\n    END LOOP;\nEND\n$backfill$"
+    )
+
+
+def _batch(statements: list[str], label: str) -> int | None:
+    """One batch, its statements in one transaction: rows changed, or None on lock_timeout."""
+    conn = _bind()
+    n = 0
+    try:
+        conn.exec_driver_sql("BEGIN")
+        for sql in statements:
+            result = conn.execute(text(sql))
+            n += int(result.scalar() or 0) if result.returns_rows else result.rowcount
+        conn.exec_driver_sql("COMMIT")
+    except DBAPIError as exc:
+        conn.exec_driver_sql("ROLLBACK")
+        if not _is_lock_timeout(exc):
+            raise
+        logger.warning("%s: lock_timeout on a batch, retrying", label)
+        time.sleep(random.uniform(0.1, 0.5))  # noqa: S311 (jitter)
+        return None
+    return n
+
+
 def backfill(
     table: str,
     *,
     pending: str,
-    steps: str,
+    steps: str | None = None,
+    set: str | None = None,
+    steps_where: str | None = None,
     columns: tuple[str, ...] = (),
     key: str = "id",
     recheck: bool = True,
@@ -380,49 +448,66 @@ def backfill(
 
     Batches walk the table in physical order, a range of pages at a time (a TID range scan):
     each page is read once, sequentially, instead of once per row in key order, which on a
-    table bigger than the cache is several times faster. Each batch is one statement: the CTE
-    `batch` holds the rows of those pages that match `pending` (locked FOR UPDATE, with `key`
-    and `columns`), and `steps` are further CTEs (`name AS (UPDATE ... FROM batch ...)`, e.g.
-    an UPDATE and an INSERT of what it changed). The steps must make `pending` false for every
-    row of the batch. New row versions land at the end of the table; the walk follows the
-    table's current size, and `pending` skips them. A restarted backfill starts over at page 0
-    and `pending` skips what is done (a sequential read, no writes).
-    With `recheck`, a second pass catches rows that became pending behind the cursor; pass
+    table bigger than the cache is several times faster. A batch is one transaction of up to
+    two statements over the pending rows of its pages:
+
+    - `steps`: the CTE `batch` holds those rows (those matching `steps_where` too, if given),
+      locked FOR UPDATE, with `key` and `columns`; `steps` are further CTEs
+      (`name AS (UPDATE ... FROM batch ...)`, e.g. an UPDATE and an INSERT of what it changed);
+    - `set`: then `UPDATE table SET <set>` on the other pending rows of those pages (those for
+      which `steps_where` is not true; all of them without `steps`), computed from the row
+      itself: no join back by `key` (an index probe per row) and no separate row lock, about a
+      third less work per row than an UPDATE ... FROM batch.
+
+    So the common case goes through `set` and the rows that need more (an event, a log) through
+    `steps`, e.g. `steps_where` = "the values will change". Every row of the batch must end up
+    with `pending` false. After each batch the walk goes on from the first pending row at or
+    after the batch's first page (`_first_pending_page`, a sequential read that stops there):
+    a row the application changed between the two statements so that it now matches
+    `steps_where` is taken by the next batch, and a batch that leaves its rows pending stops the
+    backfill with an error instead of looping. Stretches with nothing to do (done by a killed
+    run, or the new row versions the updates append at the end of the table) are read once,
+    without a batch for them; the walk ends when no pending row is left at or after it. A
+    restarted backfill starts over at page 0 and skips what is done.
+    With `recheck`, a second walk catches rows that became pending behind the cursor; pass
     False when nothing can (e.g. a trigger fills new rows).
     Returns the number of rows updated (online; 0 offline).
     """
+    if steps is None and set is None:
+        raise HeimdexError("backfill needs steps, set, or both")
     label = label or f"backfill {table}"
     cols = "".join(f", {c}" for c in columns)
+    only = f" AND ({steps_where})" if steps_where and set is not None else ""
+    others = f" AND ({steps_where}) IS NOT TRUE" if steps_where and steps is not None else ""
+
+    def range_of(lo: str, hi: str) -> str:
+        return f"ctid >= {lo} AND ctid < {hi} AND ({pending})"
 
     def batch_sql(lo: str, hi: str) -> str:
         return (
             f"WITH batch AS (SELECT {key}{cols} FROM {table}"
-            f" WHERE ctid >= {lo} AND ctid < {hi} AND ({pending}) FOR UPDATE),\n"
+            f" WHERE {range_of(lo, hi)}{only} FOR UPDATE),\n"
             f"{steps}\n"
             "SELECT count(*) FROM batch"
         )
 
+    def update_sql(lo: str, hi: str) -> str:
+        return f"UPDATE {table} SET {set}\n WHERE {range_of(lo, hi)}{others}"
+
     if _offline():
-        # PostgreSQL 11+: a DO block outside a transaction block may COMMIT between batches.
-        one_batch = batch_sql("('(' || lo || ',0)')::tid", "('(' || lo + k || ',0)')::tid")
-        op.execute(
-            f"DO $backfill$\nDECLARE\n    n bigint;\n    done bigint := 0;\n"
-            "    lo bigint := 0;\n    k bigint;\nBEGIN\n"
-            f"    SELECT greatest(1, {DEFAULT_BATCH_SIZE} / greatest(1, (reltuples"
-            " / greatest(relpages, 1))::bigint)) INTO k\n"
-            f"      FROM pg_class WHERE oid = '{table}'::regclass;\n"
-            "    LOOP\n"
-            f"        EXIT WHEN lo >= pg_relation_size('{table}')"
-            " / current_setting('block_size')::bigint;\n"
-            f"        {one_batch}\n"
-            "          INTO n;\n"
-            "        done := done + n;\n"
-            "        lo := lo + k;\n"
-            f"        RAISE NOTICE USING MESSAGE = '{label}: ' || done || ' rows';\n"
-            "        COMMIT;\n    END LOOP;\nEND\n$backfill$"
-        )
+        lo_tid, hi_tid = "('(' || lo || ',0)')::tid", "('(' || lo + k || ',0)')::tid"
+        body = []
+        if steps is not None:
+            body.append(
+                f"{batch_sql(lo_tid, hi_tid)}\n          INTO n;\n        done := done + n;"
+            )
+        if set is not None:
+            body.append(
+                f"{update_sql(lo_tid, hi_tid)};\n"
+                "        GET DIAGNOSTICS n = ROW_COUNT;\n        done := done + n;"
+            )
+        _backfill_block(table, label, body)
         return 0
-    conn = _bind()
     size = batch_size()
     per_page = _rows_per_page(table)
     step = max(1, int(size / max(per_page, 1.0)))
@@ -440,29 +525,38 @@ def backfill(
         extra={"action": "db.online.backfill.start"},
     )
     for _pass in range(2 if recheck else 1):
-        lo = 0
-        while lo < (pages := _pages(table)):
-            sql = batch_sql(f"'({lo},0)'::tid", f"'({lo + step},0)'::tid")
-            try:
-                n = conn.execute(text(sql)).scalar()
-            except DBAPIError as exc:
-                if not _is_lock_timeout(exc):
-                    raise
-                logger.warning("%s: lock_timeout on a batch, retrying", label)
-                time.sleep(random.uniform(0.1, 0.5))  # noqa: S311 (jitter)
+        lo, again = 0, -1  # again: batches in a row that left rows of their pages pending
+        while (first := _first_pending_page(table, lo, pending)) is not None:
+            again = again + 1 if first < lo + step else 0
+            if again > MAX_BATCH_AGAIN:
+                raise HeimdexError(
+                    f"{label}: rows of pages {lo}-{lo + step - 1} are still pending"
+                    f" ({pending}) after {again} batches over them: the batch's statements"
+                    " must make it false for every row they take"
+                )
+            lo = first
+            lo_tid, hi_tid = f"'({lo},0)'::tid", f"'({lo + step},0)'::tid"
+            statements = []
+            if steps is not None:
+                statements.append(batch_sql(lo_tid, hi_tid))
+            if set is not None:
+                statements.append(update_sql(lo_tid, hi_tid))
+            n = _batch(statements, label)
+            if n is None:  # lock_timeout: that batch again
+                again = -1
                 continue
-            done += int(n or 0)
-            lo += step
+            done += n
             now = time.monotonic()
             if now - last_log >= 1.0:
                 last_log = now
+                pages = max(_pages(table), 1)
                 logger.info(
                     "%s: %d rows, page %d of %d (%.0f%%), %.1fs",
                     label,
                     done,
-                    min(lo, pages),
+                    min(lo + step, pages),
                     pages,
-                    100 * min(lo, pages) / pages,
+                    100 * min(lo + step, pages) / pages,
                     now - started,
                     extra={"action": "db.online.backfill.progress", "rows": done},
                 )
