@@ -21,7 +21,7 @@ Inside `online()` every statement commits on its own (Alembic's autocommit block
   `add_check`) runs in a DO block that starts with `SET LOCAL lock_timeout` (the one value of
   `lock_timeout()`); online, a lock timeout is retried with growing, jittered waits up to
   `retry_deadline()` seconds, each wait logged, and its duration is recorded as strong-lock time;
-- `backfill` updates about `batch_size()` rows per transaction (a range of pages, in physical
+- `backfill` updates about `batch_size()` rows per statement (a range of pages, in physical
   order), each committed, selecting only rows matching `pending`: an upgrade killed half-way
   skips what is done and continues. Most rows take a plain `UPDATE ... SET` of their pages,
   rows that need more (e.g. an event) the `steps` over a locked `batch`. Offline (`--sql`) it
@@ -67,8 +67,8 @@ LOCK_TIMEOUT_ATTRIBUTE = "heimdex.lock_timeout"
 STRONG_LOCKS_ATTRIBUTE = "heimdex.strong_locks"
 ONLINE_ATTRIBUTE = "heimdex.online"  # set once a revision entered online()
 LOCK_NOT_AVAILABLE = "55P03"
-# A batch whose pages still hold pending rows runs again (the application changed a row between
-# its two statements); this many times in a row means its statements cannot finish them.
+# A batch whose pages still hold pending rows runs again (the application changed a row while
+# the batch ran); this many times in a row means the batch's statement cannot finish them.
 MAX_BATCH_AGAIN = 3
 _DURATION = re.compile(r"^\d+(ms|s|min)?$")
 _MEMORY = re.compile(r"^\d+(kB|MB|GB)$")
@@ -413,10 +413,9 @@ def _first_pending_page(table: str, lo: int, pending: str) -> int | None:
     return int(str(tid).strip("()").split(",")[0])
 
 
-def _backfill_block(table: str, label: str, body: list[str]) -> None:
+def _backfill_block(table: str, label: str, batch: str) -> None:
     """Offline: the batches as one DO block (PostgreSQL 11+: outside a transaction block it may
-    COMMIT between batches); `body` is one batch, over pages lo to lo + k."""
-    batch = "\n".join(f"        {statement}" for statement in body)
+    COMMIT between batches); `batch` is one batch's statement, over pages lo to lo + k."""
     op.execute(
         "DO $backfill$\nDECLARE\n    n bigint;\n    done bigint := 0;\n"
         "    lo bigint := 0;\n    k bigint;\nBEGIN\n"
@@ -426,31 +425,24 @@ def _backfill_block(table: str, label: str, body: list[str]) -> None:
         "    LOOP\n"
         f"        EXIT WHEN lo >= pg_relation_size('{table}')"
         " / current_setting('block_size')::bigint;\n"
-        f"{batch}\n"
+        f"        {batch}\n          INTO n;\n"
+        "        done := done + n;\n"
         "        lo := lo + k;\n"
         f"        RAISE NOTICE USING MESSAGE = '{label}: ' || done || ' rows';\n"
         "        COMMIT;\n    END LOOP;\nEND\n$backfill$"
     )
 
 
-def _batch(statements: list[str], label: str) -> int | None:
-    """One batch, its statements in one transaction: rows changed, or None on lock_timeout."""
-    conn = _bind()
-    n = 0
+def _batch(sql: str, label: str) -> int | None:
+    """One batch, one statement (its own transaction): rows changed, or None on lock_timeout."""
     try:
-        conn.exec_driver_sql("BEGIN")
-        for sql in statements:
-            result = conn.execute(text(sql))
-            n += int(result.scalar() or 0) if result.returns_rows else result.rowcount
-        conn.exec_driver_sql("COMMIT")
+        return int(_bind().execute(text(sql)).scalar() or 0)
     except DBAPIError as exc:
-        conn.exec_driver_sql("ROLLBACK")
         if not _is_lock_timeout(exc):
             raise
         logger.warning("%s: lock_timeout on a batch, retrying", label)
         time.sleep(random.uniform(0.1, 0.5))  # noqa: S311 (jitter)
         return None
-    return n
 
 
 def backfill(
@@ -469,65 +461,63 @@ def backfill(
 
     Batches walk the table in physical order, a range of pages at a time (a TID range scan):
     each page is read once, sequentially, instead of once per row in key order, which on a
-    table bigger than the cache is several times faster. A batch is one transaction of up to
-    two statements over the pending rows of its pages:
+    table bigger than the cache is several times faster. A batch is one statement (so one
+    transaction) over the pending rows of its pages:
 
-    - `steps`: the CTE `batch` holds those rows (those matching `steps_where` too, if given),
-      locked FOR UPDATE, with `key` and `columns`; `steps` are further CTEs
-      (`name AS (UPDATE ... FROM batch ...)`, e.g. an UPDATE and an INSERT of what it changed);
-    - `set`: then `UPDATE table SET <set>` on the other pending rows of those pages (those for
-      which `steps_where` is not true; all of them without `steps`), computed from the row
-      itself: no join back by `key` (an index probe per row) and no separate row lock, about a
-      third less work per row than an UPDATE ... FROM batch.
+    - `set`: `UPDATE table SET <set>` of those rows, computed from the row itself: no join back
+      by `key` (an index probe per row) and no separate row lock (a WAL record per row), about
+      a third less work per row than an UPDATE ... FROM batch;
+    - `steps`: further CTEs (`name AS (UPDATE ... FROM batch ...)`, e.g. an UPDATE and an
+      INSERT of what it changed) over the CTE `batch`, which holds the rows (`key` and
+      `columns`) locked FOR UPDATE.
 
-    So the common case goes through `set` and the rows that need more (an event, a log) through
-    `steps`, e.g. `steps_where` = "the values will change". Every row of the batch must end up
-    with `pending` false. After each batch the walk goes on from the first pending row at or
-    after the batch's first page (`_first_pending_page`, a sequential read that stops there):
-    a row the application changed between the two statements so that it now matches
-    `steps_where` is taken by the next batch, and a batch that leaves its rows pending stops the
-    backfill with an error instead of looping. Stretches with nothing to do (done by a killed
-    run, or the new row versions the updates append at the end of the table) are read once,
-    without a batch for them; the walk ends when no pending row is left at or after it. A
-    restarted backfill starts over at page 0 and skips what is done.
-    With `recheck`, a second walk catches rows that became pending behind the cursor; pass
-    False when nothing can (e.g. a trigger fills new rows).
+    With both, `steps_where` splits the rows: those it is true for take the `steps`, the others
+    (`IS NOT TRUE`, so NULL counts as false) the `set`. So the common case is a plain UPDATE and
+    only the rows that need more (an event, a log) pay for it.
+
+    Every row of the batch must end up with `pending` false. After each batch the walk goes on
+    from the first pending row at or after the batch's first page (`_first_pending_page`, a
+    sequential read that stops there): a row the application changed meanwhile so that it now
+    matches `steps_where` is taken by the next batch, and statements that leave rows pending
+    stop the backfill with an error after `MAX_BATCH_AGAIN` tries instead of looping. Stretches
+    with nothing to do (done by a killed run, or the new row versions the updates append at the
+    end of the table) are read once, without a batch for them; the walk ends when no pending
+    row is left at or after it. A restarted backfill starts over at page 0 and skips what is
+    done. With `recheck`, a second walk catches rows that became pending behind the cursor;
+    pass False when nothing can (e.g. a trigger fills new rows).
     Returns the number of rows updated (online; 0 offline).
     """
     if steps is None and set is None:
         raise HeimdexError("backfill needs steps, set, or both")
+    if steps is not None and set is not None and steps_where is None:
+        raise HeimdexError("backfill with both steps and set needs steps_where (which rows)")
     label = label or f"backfill {table}"
     cols = "".join(f", {c}" for c in columns)
-    only = f" AND ({steps_where})" if steps_where and set is not None else ""
-    others = f" AND ({steps_where}) IS NOT TRUE" if steps_where and steps is not None else ""
-
-    def range_of(lo: str, hi: str) -> str:
-        return f"ctid >= {lo} AND ctid < {hi} AND ({pending})"
 
     def batch_sql(lo: str, hi: str) -> str:
-        return (
-            f"WITH batch AS (SELECT {key}{cols} FROM {table}"
-            f" WHERE {range_of(lo, hi)}{only} FOR UPDATE),\n"
-            f"{steps}\n"
-            "SELECT count(*) FROM batch"
-        )
-
-    def update_sql(lo: str, hi: str) -> str:
-        return f"UPDATE {table} SET {set}\n WHERE {range_of(lo, hi)}{others}"
+        rows = f"ctid >= {lo} AND ctid < {hi} AND ({pending})"
+        ctes, counts = [], []
+        if steps is not None:
+            only = f" AND ({steps_where})" if set is not None else ""
+            ctes += [
+                f"batch AS (SELECT {key}{cols} FROM {table} WHERE {rows}{only} FOR UPDATE)",
+                steps.strip(),
+            ]
+            counts.append("(SELECT count(*) FROM batch)")
+        if set is not None:
+            others = f" AND ({steps_where}) IS NOT TRUE" if steps is not None else ""
+            ctes.append(
+                f"backfill_set AS (UPDATE {table} SET {set}\n WHERE {rows}{others} RETURNING 1)"
+            )
+            counts.append("(SELECT count(*) FROM backfill_set)")
+        return "WITH " + ",\n".join(ctes) + "\nSELECT " + " + ".join(counts)
 
     if _offline():
-        lo_tid, hi_tid = "('(' || lo || ',0)')::tid", "('(' || lo + k || ',0)')::tid"
-        body = []
-        if steps is not None:
-            body.append(
-                f"{batch_sql(lo_tid, hi_tid)}\n          INTO n;\n        done := done + n;"
-            )
-        if set is not None:
-            body.append(
-                f"{update_sql(lo_tid, hi_tid)};\n"
-                "        GET DIAGNOSTICS n = ROW_COUNT;\n        done := done + n;"
-            )
-        _backfill_block(table, label, body)
+        _backfill_block(
+            table,
+            label,
+            batch_sql("('(' || lo || ',0)')::tid", "('(' || lo + k || ',0)')::tid"),
+        )
         return 0
     size = batch_size()
     per_page = _rows_per_page(table)
@@ -556,13 +546,7 @@ def backfill(
                     " must make it false for every row they take"
                 )
             lo = first
-            lo_tid, hi_tid = f"'({lo},0)'::tid", f"'({lo + step},0)'::tid"
-            statements = []
-            if steps is not None:
-                statements.append(batch_sql(lo_tid, hi_tid))
-            if set is not None:
-                statements.append(update_sql(lo_tid, hi_tid))
-            n = _batch(statements, label)
+            n = _batch(batch_sql(f"'({lo},0)'::tid", f"'({lo + step},0)'::tid"), label)
             if n is None:  # lock_timeout: that batch again
                 again = -1
                 continue
