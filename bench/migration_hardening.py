@@ -4,10 +4,14 @@ Loads N job rows shaped like the field's data at 001 (mostly succeeded, some fai
 with a stale finished_at, terminal rows without one, long error texts), clones the database,
 then runs each variant while a writer inserts a job every 10 ms and a reader lists an org's
 latest jobs every 10 ms, and prints one table: wall time of the migration and the writer's and
-the reader's longest stall, for every row count.
+the reader's longest stall, for every row count. The variants run interleaved over several
+rounds (a noisy shared machine slows whatever runs at that moment: interleaving spreads it over
+all of them), each on a fresh copy of the same seeded database; the table shows the medians,
+each round's wall time and the worst stall of any round, then online/previous wall time.
 
-    uv run python bench/migration_hardening.py            # 100,000 and 1,000,000 rows
-    uv run python bench/migration_hardening.py --rows 200000 --database-url postgresql://...
+    uv run python bench/migration_hardening.py            # 100,000 and 1,000,000 rows, 3 rounds
+    uv run python bench/migration_hardening.py --rows 200000 --rounds 5 --variant online \\
+        --variant previous --database-url postgresql://...
 
 Variants:
 - online: 3af4686817cc as it is (heimdex_common.migrations.online: new columns, batched
@@ -211,12 +215,9 @@ def run_naive(url: URL) -> None:
 VARIANTS = ("online", "previous", "naive")
 
 
-def run_rows(admin_url: URL, rows: int, variants: tuple[str, ...] = VARIANTS) -> list[Result]:
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    names = ["bench_seed", *(f"bench_{v}" for v in VARIANTS)]
+def _load_seed(admin: Engine, admin_url: URL, rows: int) -> None:
     with admin.connect() as conn:
-        for name in names:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        conn.execute(text("DROP DATABASE IF EXISTS bench_seed WITH (FORCE)"))
         conn.execute(text("CREATE DATABASE bench_seed"))
     seed = admin_url.set(database="bench_seed")
     command.upgrade(alembic_config(database_url=seed), "001_job_ledger_init")
@@ -229,27 +230,81 @@ def run_rows(admin_url: URL, rows: int, variants: tuple[str, ...] = VARIANTS) ->
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE job"))
     engine.dispose()
     print(f"loaded in {time.perf_counter() - start:.1f} s", flush=True)
-    with admin.connect() as conn:
-        for variant in VARIANTS:
-            conn.execute(text(f"CREATE DATABASE bench_{variant} TEMPLATE bench_seed"))
 
-    urls = {v: admin_url.set(database=f"bench_{v}") for v in VARIANTS}
+
+def run_rows(
+    admin_url: URL, rows: int, variants: tuple[str, ...] = VARIANTS, rounds: int = 1
+) -> list[Result]:
+    """Every variant `rounds` times, interleaved (round 1: each variant once, then round 2 ...,
+    the order rotated each round), each on a fresh copy of the same seeded database, so that
+    a burst of load from elsewhere on the machine hits every variant alike."""
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    _load_seed(admin, admin_url, rows)
+    url = admin_url.set(database="bench_run")
     migrations: dict[str, Callable[[], None]] = {
-        "online": lambda: command.upgrade(
-            alembic_config(database_url=urls["online"]), "3af4686817cc"
-        ),
-        "previous": lambda: command.upgrade(previous_config(urls["previous"]), "3af4686817cc"),
-        "naive": lambda: run_naive(urls["naive"]),
+        "online": lambda: command.upgrade(alembic_config(database_url=url), "3af4686817cc"),
+        "previous": lambda: command.upgrade(previous_config(url), "3af4686817cc"),
+        "naive": lambda: run_naive(url),
     }
     results = []
-    for variant in variants:
-        print(f"{variant} at {rows:,} rows ...", flush=True)
-        results.append(measure(variant, rows, urls[variant], migrations[variant]))
+    for round_ in range(rounds):
+        shift = round_ % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            with admin.connect() as conn:
+                conn.execute(text("DROP DATABASE IF EXISTS bench_run WITH (FORCE)"))
+                conn.execute(text("CREATE DATABASE bench_run TEMPLATE bench_seed"))
+            print(f"round {round_ + 1}/{rounds}: {variant} at {rows:,} rows ...", flush=True)
+            results.append(measure(variant, rows, url, migrations[variant]))
     with admin.connect() as conn:
-        for name in names:
+        for name in ("bench_run", "bench_seed"):
             conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
     admin.dispose()
     return results
+
+
+def table(results: list[Result], counts: list[int], variants: tuple[str, ...]) -> list[str]:
+    """Medians over the rounds (and each round's wall time), then online/previous per count."""
+    median = statistics.median
+    header = (
+        "variant",
+        "rows",
+        "wall s (median)",
+        "wall s per round",
+        "writer max stall ms (median)",
+        "writer max stall ms (worst)",
+        "writer p50 ms",
+        "reader max stall ms (median)",
+        "reader max stall ms (worst)",
+        "inserts",
+        "errors",
+    )
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    ratios = []
+    for rows in counts:
+        of = {v: [r for r in results if r.rows == rows and r.variant == v] for v in variants}
+        for variant in variants:
+            rs = of[variant]
+            lines.append(
+                f"| {variant} | {rows:,} | {median(r.wall_s for r in rs):.1f} | "
+                + " / ".join(f"{r.wall_s:.1f}" for r in rs)
+                + f" | {median(r.writer_stall_ms for r in rs):.0f}"
+                f" | {max(r.writer_stall_ms for r in rs):.0f}"
+                f" | {median(r.writer_p50_ms for r in rs):.1f}"
+                f" | {median(r.reader_stall_ms for r in rs):.0f}"
+                f" | {max(r.reader_stall_ms for r in rs):.0f}"
+                f" | {median(r.inserts for r in rs):.0f} | {sum(r.errors for r in rs)} |"
+            )
+        if of.get("online") and of.get("previous"):
+            online, previous = of["online"], of["previous"]
+            per_round = " / ".join(
+                f"{o.wall_s / p.wall_s:.2f}" for o, p in zip(online, previous, strict=True)
+            )
+            ratios.append(
+                f"online/previous wall time at {rows:,} rows: "
+                f"{median(r.wall_s for r in online) / median(r.wall_s for r in previous):.2f}x"
+                f" (medians; per round {per_round})"
+            )
+    return [*lines, "", *ratios]
 
 
 def main() -> None:
@@ -258,12 +313,20 @@ def main() -> None:
         "--rows", type=int, action="append", help="row count (repeatable; default 100k and 1M)"
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="runs of each variant, interleaved; the table shows medians (default 3)",
+    )
+    parser.add_argument(
         "--database-url", help="a server to use (superuser); default: a throwaway cluster"
     )
     parser.add_argument(
         "--variant", action="append", choices=VARIANTS, help="variants to run (default: all)"
     )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     variants = tuple(args.variant or VARIANTS)
     counts = args.rows or [100_000, 1_000_000]
 
@@ -276,29 +339,12 @@ def main() -> None:
     results: list[Result] = []
     try:
         for rows in counts:
-            results += run_rows(admin_url, rows, variants)
+            results += run_rows(admin_url, rows, variants, args.rounds)
     finally:
         if cluster is not None:
             cluster.destroy()
-
-    header = (
-        "variant",
-        "rows",
-        "wall s",
-        "writer max stall ms",
-        "writer p50 ms",
-        "reader max stall ms",
-        "inserts",
-        "errors",
-    )
     print()
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for r in results:
-        print(
-            f"| {r.variant} | {r.rows:,} | {r.wall_s:.1f} | {r.writer_stall_ms:.0f} | "
-            f"{r.writer_p50_ms:.1f} | {r.reader_stall_ms:.0f} | {r.inserts} | {r.errors} |"
-        )
+    print("\n".join(table(results, counts, variants)))
 
 
 if __name__ == "__main__":

@@ -169,19 +169,47 @@ $fn$""",
     ]
 
 
+def _normalized(row: str = "") -> dict[str, str]:
+    """The new value of each backfilled column, computed from the row's old values.
+
+    `row` qualifies the old columns (e.g. "b." for the batch CTE); unqualified, the expressions
+    read the row being updated.
+    """
+    new_status = _mapped(f"{row}status")
+    return {
+        "status_new": f"({new_status})::job_status",
+        "finished_at": f"CASE WHEN {new_status} IN ({_quoted(TERMINAL)})"
+        f" THEN coalesce({row}finished_at, {row}updated_at, {row}started_at, {row}created_at)"
+        " END",
+        "last_error_code_new": f"left({row}last_error_code, {CODE_MAX})",
+        "last_error_message_new": f"left({row}last_error_message, {MESSAGE_MAX})",
+    }
+
+
+def _normalize_set() -> str:
+    """A batch's rows whose values stay as they are: fill the new columns from the row itself."""
+    return ",\n    ".join(f"{column} = {value}" for column, value in _normalized().items())
+
+
+def _changes() -> str:
+    """True for a row whose values the normalisation changes (it gets a `job_event`)."""
+    new = _normalized()
+    return (
+        f"status IS DISTINCT FROM ({_mapped('status')})"
+        f" OR finished_at IS DISTINCT FROM ({new['finished_at']})"
+        f" OR length(last_error_code) > {CODE_MAX}"
+        f" OR length(last_error_message) > {MESSAGE_MAX}"
+    )
+
+
 def _normalize_steps() -> str:
-    """One batch: fill the new columns (normalised), and log every row whose values changed."""
-    new_status = _mapped("b.status")
-    terminal = _quoted(TERMINAL)
+    """A batch's rows that change: fill the new columns (normalised), log the original values."""
+    sets = ",\n           ".join(
+        f"{column} = {value}" for column, value in _normalized("b.").items()
+    )
     return f"""fixed AS (
     UPDATE job AS j
-       SET status_new = ({new_status})::job_status,
-           finished_at = CASE
-               WHEN {new_status} IN ({terminal})
-               THEN coalesce(b.finished_at, b.updated_at, b.started_at, b.created_at)
-           END,
-           last_error_code_new = left(b.last_error_code, {CODE_MAX}),
-           last_error_message_new = left(b.last_error_message, {MESSAGE_MAX})
+       SET {sets}
       FROM batch AS b
      WHERE j.id = b.id
  RETURNING j.id, j.status_new::text AS new_status, j.finished_at AS new_finished_at,
@@ -411,7 +439,11 @@ def upgrade() -> None:
                     "last_error_code",
                     "last_error_message",
                 ),
+                # Most rows only get their new columns (`set`, straight from the row); the
+                # rows whose values change take the `steps` (locked, updated, logged).
+                set=_normalize_set(),
                 steps=_normalize_steps(),
+                steps_where=_changes(),
                 # The mirror trigger fills every row written from now on: none can become
                 # pending behind the cursor (VALIDATE of the NOT NULL check would say so).
                 recheck=False,

@@ -188,7 +188,9 @@ Progress on stderr: each revision, long steps of online revisions (backfill rows
 index builds), and per revision how long it held ACCESS EXCLUSIVE locks. Online
 revisions (docs/migrations.md §6) commit step by step and are resumable: after a
 crash, the next upgrade continues where it stopped. HEIMDEX_BACKFILL_BATCH (rows per
-batch, default 5000) and HEIMDEX_LOCK_RETRY_DEADLINE (seconds, default 300) tune them.
+batch, default 5000), HEIMDEX_LOCK_RETRY_DEADLINE (seconds, default 300) and
+HEIMDEX_MAINTENANCE_WORK_MEM (sort memory of a concurrent index build, default 256MB)
+tune them.
 
 On a terminal each revision shows as [i/n] with its duration.
 

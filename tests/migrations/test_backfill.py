@@ -1,0 +1,85 @@
+"""`backfill(set=..., steps=..., steps_where=...)` of the online toolkit, on a revision of its own.
+
+The plain `UPDATE ... SET` takes the common rows, the `steps` the rows matching `steps_where`
+(locked in `batch`); every row ends up done. A batch whose statements leave rows pending stops
+the upgrade with an error instead of walking the same pages forever.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy.engine import URL
+
+from heimdex_common.errors import HeimdexError
+from heimdex_common.migrations.migrate import upgrade
+from tests.dbutil import execute, scalar, version_of
+
+from .conftest import HistoryCopy
+
+HEADER = "from heimdex_common.migrations.online import backfill, ddl, online, set_lock_timeout\n"
+ROWS = 3000
+
+
+def _rows(url: URL) -> None:
+    execute(
+        url,
+        "INSERT INTO job (org_id, type, priority)"
+        f" SELECT gen_random_uuid(), 't', mod(g, 10) FROM generate_series(1, {ROWS}) AS g",
+    )
+
+
+def test_set_takes_the_common_rows_and_steps_the_others(
+    history: HistoryCopy, db_url: URL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HEIMDEX_BACKFILL_BATCH", "250")
+    _rows(db_url)
+    history.add_revision(
+        "bf0000000001",
+        history.head,
+        """
+        set_lock_timeout()
+        with online():
+            ddl("ALTER TABLE job ADD COLUMN IF NOT EXISTS region_new varchar(16)")
+            backfill(
+                "job",
+                pending="region_new IS NULL",
+                set="region_new = 'plain'",
+                steps_where="priority = 3",
+                columns=("priority",),
+                steps="s AS (UPDATE job j SET region_new = 'step-' || b.priority"
+                " FROM batch b WHERE j.id = b.id)",
+            )
+        """,
+        header=HEADER,
+    )
+    upgrade(config=history.ini, database_url=db_url)
+    assert version_of(db_url) == "bf0000000001"
+    by_region = scalar(
+        db_url,
+        "SELECT string_agg(region || ':' || n, ' ' ORDER BY region) FROM"
+        " (SELECT coalesce(region_new, 'NULL') || '/' || (priority = 3) AS region, count(*) AS n"
+        "    FROM job GROUP BY 1) AS r",
+    )
+    assert by_region == f"plain/false:{ROWS - ROWS // 10} step-3/true:{ROWS // 10}"
+
+
+def test_a_batch_that_leaves_its_rows_pending_stops_the_upgrade(
+    history: HistoryCopy, db_url: URL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HEIMDEX_BACKFILL_BATCH", "250")
+    _rows(db_url)
+    head = history.head
+    history.add_revision(
+        "bf0000000002",
+        head,
+        """
+        set_lock_timeout()
+        with online():
+            ddl("ALTER TABLE job ADD COLUMN IF NOT EXISTS region_new varchar(16)")
+            backfill("job", pending="region_new IS NULL", set="region_new = NULL")
+        """,
+        header=HEADER,
+    )
+    with pytest.raises(HeimdexError, match="still pending"):
+        upgrade(config=history.ini, database_url=db_url)
+    assert version_of(db_url) == head
