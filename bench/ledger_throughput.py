@@ -7,11 +7,14 @@ system. Every measurement runs in a fresh child process, in rounds interleaved a
 systems (H, P, Q, H, P, Q, ...), so a noisy neighbour hits them alike; the table shows medians
 and each system's ratio to Heimdex.
 
-- processing: N no-op jobs enqueued in bulk (not timed), then one consumer with concurrency 4
-  drains them; jobs/s from the consumer's start until the last job is done. Heimdex runs its
-  production worker (claim, runner threads, batched outcomes, the full event log: submitted,
-  claimed, succeeded per job); PGQueuer runs `concurrency` queue managers (its own benchmark's
-  `dequeue` tasks) with the same batch size; Procrastinate (no batch fetch) `concurrency` 4.
+- processing: N no-op jobs (over `--orgs` orgs for Heimdex) enqueued in bulk by a child of
+  their own (not timed), then one consumer with concurrency 4 drains them; jobs/s from the
+  consumer's start until the last job is done, and CPU per job: the consumer process's (from
+  its start) and PostgreSQL's backends' (from /proc, the postmaster's reaped children).
+  Heimdex runs its production worker (claim, runner threads, batched outcomes, the full event
+  log: submitted, claimed, succeeded per job); PGQueuer runs `concurrency` queue managers
+  (its own benchmark's `dequeue` tasks) with the same batch size; Procrastinate (no batch
+  fetch) `concurrency` 4.
 - raw SQL ceiling: the least a worker could do on Heimdex's schema with the full event log:
   4 connections, each `UPDATE ... FOR UPDATE SKIP LOCKED` (+ claimed events) then the outcome
   (+ events), per batch, no fairness, no Python work per job.
@@ -460,8 +463,9 @@ def measure(cluster: Cluster, system: str, jobs: int, batch: int) -> Measured | 
     out = _child(system, url, jobs, batch)
     if out is None:
         return None
-    server = (cluster.server_cpu() - server_before) / jobs if system in ENQUEUE else None
-    result = Measured(out["rate"], out.get("cpu_per_job"), server)
+    processing = system in ENQUEUE  # the submit rows' client is the load generator: not shown
+    server = (cluster.server_cpu() - server_before) / jobs if processing else None
+    result = Measured(out["rate"], out.get("cpu_per_job") if processing else None, server)
     cpu = (
         f"  client {result.client_cpu * 1e6:4.0f} us/job, PostgreSQL {server * 1e6:4.0f} us/job"
         if result.client_cpu is not None and server is not None
