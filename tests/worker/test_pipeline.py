@@ -124,7 +124,9 @@ def test_sigterm_releases_the_running_job_without_counting_an_attempt(
     client: TestClient, processes: Processes, org_id: uuid.UUID
 ) -> None:
     first = processes.start("worker")
-    job_id = _submit(client, org_id, {"type": "mock_process", "params": {"stage_seconds": 0.4}})
+    # The first stage lasts 2 s: a poll delayed past a shorter stage (a loaded CI machine)
+    # missed it once, and then waited for a stage already gone.
+    job_id = _submit(client, org_id, {"type": "mock_process", "params": {"stage_seconds": 2}})
     wait_for(lambda: _job(client, org_id, job_id)["stage"] == "extracting", what="first stage")
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=30) == 0
