@@ -198,8 +198,8 @@ class Worker:
         self._held_lock = threading.Lock()
         self._local = threading.local()
         self._reserved = 0
-        # SimpleQueue (C): every job crosses two queues, and queue.Queue's Python-level locks
-        # and notifications cost more per no-op job than the ledger's statements do.
+        # SimpleQueue (C): every job crosses two queues; queue.Queue adds Python-level locking
+        # and notification to each crossing.
         self._runnable: queue.SimpleQueue[Held | None] = queue.SimpleQueue()
         self._done: queue.SimpleQueue[tuple[Held, Outcome | service.Failure | None, str]] = (
             queue.SimpleQueue()

@@ -16,7 +16,6 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 import psycopg
-from psycopg.rows import RowMaker
 from sqlalchemy import Connection, Row, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.selectable import TextualSelect
@@ -303,16 +302,15 @@ SELECT {", ".join(f"claimed.{c}" for c in CLAIMED_COLUMNS)}, pool.offered, pool.
 """
 
 
-def _driver_rows(
-    conn: Connection, sql: str, params: Mapping[str, Any], row: RowMaker[Any] | None = None
-) -> list[Any]:
+def _driver_rows(conn: Connection, sql: str, params: Mapping[str, Any]) -> list[Any]:
     """Run `sql` (psycopg placeholders) on the driver connection under `conn`, in the caller's
     transaction, as a server-side prepared statement.
 
     For the worker's hot statements (claim and outcomes): SQLAlchemy's per-statement work
-    (compiled cache, result metadata, typed rows) cost more Python time per no-op job than
-    the rest of the worker. Errors still surface as SQLAlchemy's `DBAPIError` family, and a
-    broken connection is invalidated, as `conn.execute` would."""
+    (compiled cache, result metadata, typed rows) was about a fifth of the worker's Python
+    time per no-op job in a py-spy profile (its removal did not move the drain's throughput
+    measurably: docs/architecture.md). Errors still surface as SQLAlchemy's `DBAPIError`
+    family, and a broken connection is invalidated, as `conn.execute` would."""
     driver: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
     try:
         with driver.cursor() as cursor:
@@ -322,7 +320,7 @@ def _driver_rows(
         if driver.broken or driver.closed:
             conn.invalidate(exc)
         raise DBAPIError.instance(sql, dict(params), exc, psycopg.Error) from exc
-    return values if row is None else [row(v) for v in values]
+    return values
 
 
 @dataclass(frozen=True)
