@@ -14,7 +14,7 @@ from sqlalchemy.engine import URL
 
 from heimdex_common.db import check_connection, make_engine
 from heimdex_common.errors import DatabaseUnavailable, HeimdexError
-from heimdex_common.localpg import LocalPostgres
+from heimdex_common.localpg import LocalPostgres, create_database
 from heimdex_common.migrations.config import alembic_config, script_directory
 from heimdex_common.settings import Settings, load_settings
 
@@ -110,7 +110,7 @@ def test_password_with_special_characters_authenticates(tmp_path: Path) -> None:
                     + "'"
                 )
             )
-            conn.execute(text("CREATE DATABASE appdb OWNER app"))
+            create_database(conn, "appdb", owner="app")
         hba = cluster.datadir / "pg_hba.conf"
         hba.write_text("host all app 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
         with admin.connect() as conn:
