@@ -281,6 +281,16 @@ def describe_url(url: URL) -> str:
     return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
 
 
+def log_options_or_defaults() -> dict[str, Any]:
+    """`configure_logging` keywords from the environment's settings, or the defaults when the
+    settings do not load (a prod env without its secret): a command that needs none of them,
+    a migration, must not fail on that."""
+    try:
+        return load_settings().log_options
+    except HeimdexError:
+        return {"fmt": LogFormat.AUTO, "level": "info"}
+
+
 def load_settings() -> Settings:
     """Read the settings, turning validation errors into one readable `HeimdexError`."""
     try:
