@@ -389,17 +389,12 @@ class Cluster:
     def fresh_database(self, system: str) -> str:
         """A new database prepared for `system`, as a plain postgresql:// URL."""
         from alembic import command  # noqa: PLC0415
-        from sqlalchemy import create_engine, text  # noqa: PLC0415
 
         from heimdex_common.migrations.config import alembic_config  # noqa: PLC0415
 
         self._n += 1
         name = f"{system.replace('-', '_')}_{self._n}"
-        admin = create_engine(self.pg.url(), isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        admin.dispose()
-        url = self.pg.url(name)
+        url = self.pg.create_database(name)
         plain = url.set(drivername="postgresql").render_as_string(hide_password=False)
         if system in ("heimdex", "raw", "submit-heimdex"):
             command.upgrade(alembic_config(database_url=url), "head")
