@@ -398,7 +398,7 @@ class Cluster:
         plain = url.set(drivername="postgresql").render_as_string(hide_password=False)
         if system in ("heimdex", "raw", "submit-heimdex"):
             command.upgrade(alembic_config(database_url=url), "head")
-        elif system == "baseline":
+        elif system in ("baseline", "submit-baseline"):
             assert BASELINE is not None
             upgrade = (
                 "import sys\nfrom alembic import command\n"
@@ -453,7 +453,7 @@ BASELINE: Path | None = None
 
 def _interpreter(system: str) -> tuple[str, str, str]:
     """(python, script, system as that script knows it) for a child of `system`."""
-    if BASELINE is not None and system.removeprefix("enqueue:") == "baseline":
+    if BASELINE is not None and system.endswith("baseline"):
         python = BASELINE / ".venv" / "bin" / "python"
         return (
             str(python),
@@ -587,7 +587,9 @@ def main() -> None:  # noqa: PLR0912 - argument handling, the rounds and the tab
             rows.append(("processing", system, batch, args.jobs))
     if not args.skip_submit:
         for batch in (1, 1000):
-            for system in ("submit-heimdex", "submit-pgqueuer"):
+            for system in ("submit-heimdex", "submit-baseline", "submit-pgqueuer"):
+                if system == "submit-baseline" and not args.baseline:
+                    continue
                 rows.append(("submit", system, batch, args.jobs if batch == 1 else args.jobs * 4))
     if args.only:
         wanted = set(args.only.split(","))

@@ -96,12 +96,15 @@ class JobOut(BaseModel):
 
     @classmethod
     def of(cls, job: JobRow) -> JobOut:
+        """The job as the API shows it. Built without validation (`model_construct`): the row's
+        columns are typed by the repository already, and validating 1,000 of them was a tenth
+        of the API's CPU on a bulk submit."""
         error = (
-            JobError(code=job.last_error_code, message=job.last_error_message)
+            JobError.model_construct(code=job.last_error_code, message=job.last_error_message)
             if job.last_error_code or job.last_error_message
             else None
         )
-        return cls(
+        return cls.model_construct(
             id=job.id,
             org_id=job.org_id,
             type=job.type,
