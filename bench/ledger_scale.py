@@ -2,23 +2,40 @@
 
     uv run python bench/ledger_scale.py --jobs 1000000,10000000
     uv run python bench/ledger_scale.py --jobs 1000000 --layout plain,partitioned
+    uv run python bench/ledger_scale.py --jobs 1000000 --load-only     # the load time alone
+    uv run python bench/ledger_scale.py --jobs 1000000 --retention 500:0,500:1 --passes 4
 
 For each size (and each `job_event` layout) a throwaway PostgreSQL cluster (fsync on) is
-migrated to head, then loaded in SQL (INSERT ... SELECT over generate_series, logged tables,
-indexes in place): N jobs over `--orgs` orgs and `--days` days (1% failed, 1% dead_letter, 1%
-canceled, 0.1% queued, the rest succeeded) with `--events-per-job` events each, then VACUUM
-ANALYZE. Then, while a writer submits a job every 20 ms through `repository.insert_jobs`:
+migrated to head, then loaded in SQL (INSERT ... SELECT over generate_series, logged tables): N
+jobs over `--orgs` orgs and `--days` days (1% failed, 1% dead_letter, 1% canceled, 0.1% queued,
+the rest succeeded) with `--events-per-job` events each. The load reads the indexes and the
+primary key, unique and foreign key constraints of `job` and `job_event` from the catalog
+(`pg_get_indexdef`, `pg_get_constraintdef`), drops them, inserts in chunks of 250,000 jobs, then
+rebuilds them under those names and definitions (parallel maintenance workers, 1 GB of
+maintenance_work_mem; the foreign key last, validated in one join) and fails unless the catalog
+then reads exactly as before; then VACUUM ANALYZE and a checkpoint. Progress is printed per chunk
+and per index with the elapsed seconds. `--load-only` stops there.
+
+Then, while a writer submits a job every 20 ms through `repository.insert_jobs` (its commit timed
+apart: a commit waits for the WAL written before it):
 - the API through the real ASGI app (FastAPI's TestClient, httpx): an org's latest jobs, its
   failed jobs (the list by status), one job, its events, `/metrics` (its queue gauges are
   cached 5 s, as in production) and the queue-stats query uncached;
 - the claim statement (10 jobs, rolled back so the queue stays the same);
-- a retention pass deleting the oldest day of jobs with their events (`retention.prune`,
-  500 jobs per transaction, events first), and the writer's longest submit during it vs before
-  it; then the next day with `cascade=True` (the jobs alone, the foreign key takes the events).
+- `--passes` rounds (default 1) of retention passes (`retention.prune`): per `--retention` config
+  (`default`: the settings' batch and pause factor; `BATCH:PAUSE_FACTOR`, e.g. `500:0` for
+  unpaced 500-job batches), one pass over the oldest day left with the events deleted first and
+  one over the next day with the foreign key's cascade taking them, 2 s apart. Each pass prints
+  its batches, the WAL it wrote (`pg_stat_wal`: bytes, full-page images, sync time) and the
+  writer's longest submit and commit during it; the table gives, per config, the batch p50/p99
+  and the median and max over passes of the pass time, the writer's longest submit and commit,
+  and the WAL; and the writer's submits while no pass runs.
 
 `partitioned` replaces `job_event` by the same table partitioned by month of `ts` (an
 experiment, not a revision): the events reads and the retention pass then probe every partition,
-and "drop a month" is timed as what partitioning would give retention instead.
+and "drop a month" is timed as what partitioning would give retention instead. Its indexes and
+keys are dropped and rebuilt the same way (a partitioned index is rebuilt without `ON ONLY`, so
+one statement builds it on every partition, as before the load).
 """
 
 from __future__ import annotations
@@ -49,9 +66,16 @@ from heimdex_common.settings import Ages, RetentionPolicy, Settings
 SECRET = "bench-secret-for-heimdex-ledger-scale-0123"  # noqa: S105 - a throwaway cluster
 CHUNK = 250_000
 WRITER_PERIOD = 0.02
+REBUILD_SETTINGS = {  # the session that rebuilds the indexes and validates the foreign key
+    "maintenance_work_mem": "1GB",
+    "max_parallel_maintenance_workers": "2",
+    "work_mem": "256MB",
+}
 SERVER_SETTINGS = {
     "shared_buffers": "2GB",
     "maintenance_work_mem": "512MB",
+    "max_parallel_maintenance_workers": "2",
+    "track_wal_io_timing": "on",
     "max_wal_size": "32GB",
     "checkpoint_timeout": "30min",
     "effective_cache_size": "8GB",
@@ -135,13 +159,140 @@ CREATE TABLE job_event (
             month += 1
 
 
+# The schema the loader takes apart and puts back, read from the catalog (never hard-coded, so the
+# bench follows the migrations): the indexes and the primary key, unique and foreign key
+# constraints of `job`, `job_event` and its partitions (the partitioned layout).
+_OURS = "(c.relname = 'job' OR c.relname ~ '^job_event')"
+_INDEXES = f"""
+SELECT c.relname AS tbl, i.relname AS name, pg_get_indexdef(i.oid) AS def,
+       con.conname AS constraint_name, c.relispartition AS partition, x.indisvalid AS valid
+  FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_class c ON c.oid = x.indrelid
+  LEFT JOIN pg_constraint con ON con.conindid = i.oid AND con.conrelid = c.oid
+                             AND con.contype IN ('p', 'u', 'x')
+ WHERE c.relnamespace = 'public'::regnamespace AND {_OURS}
+ ORDER BY 1, 2"""
+_CONSTRAINTS = f"""
+SELECT c.relname AS tbl, con.conname AS name, con.contype AS type,
+       pg_get_constraintdef(con.oid) AS def, con.convalidated AS valid,
+       c.relispartition AS partition, con.conparentid <> 0 AS inherited
+  FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid
+ WHERE c.relnamespace = 'public'::regnamespace AND con.contype IN ('p', 'u', 'x', 'f')
+   AND ({_OURS} OR con.confrelid IN (SELECT oid FROM pg_class WHERE relname = 'job'
+                                       AND relnamespace = 'public'::regnamespace))
+ ORDER BY 1, 2"""
+
+
+@dataclass(frozen=True)
+class Schema:
+    """The catalog's definitions of what the fast load drops and rebuilds."""
+
+    indexes: tuple[tuple[Any, ...], ...]
+    constraints: tuple[tuple[Any, ...], ...]
+
+    @classmethod
+    def read(cls, conn: Any) -> Schema:
+        return cls(
+            tuple(tuple(r) for r in conn.execute(text(_INDEXES)).all()),
+            tuple(tuple(r) for r in conn.execute(text(_CONSTRAINTS)).all()),
+        )
+
+    def diff(self, other: Schema) -> list[str]:
+        lines = [
+            f"- {r}"
+            for r in self.indexes + self.constraints
+            if r not in set(other.indexes + other.constraints)
+        ]
+        return lines + [
+            f"+ {r}"
+            for r in other.indexes + other.constraints
+            if r not in set(self.indexes + self.constraints)
+        ]
+
+
+def _drop_schema(conn: Any, schema: Schema) -> None:
+    """Foreign keys, then primary keys and unique constraints, then the other indexes: of the
+    tables themselves (a partition's follow its parent's)."""
+    top = [c for c in schema.constraints if not c[5] and not c[6]]
+    for tbl, name, *_ in (c for c in top if c[2] == "f"):
+        conn.execute(text(f'ALTER TABLE "{tbl}" DROP CONSTRAINT "{name}"'))
+    for tbl, name, *_ in (c for c in top if c[2] != "f"):
+        conn.execute(text(f'ALTER TABLE "{tbl}" DROP CONSTRAINT "{name}"'))
+    for _tbl, name, _def, constraint, partition, _valid in schema.indexes:
+        if constraint is None and not partition:
+            conn.execute(text(f'DROP INDEX IF EXISTS "{name}"'))
+
+
+def _rebuild_schema(conn: Any, schema: Schema, started: float) -> None:
+    """Back as the migrations made them, from the definitions read before the load."""
+    for name, value in REBUILD_SETTINGS.items():
+        conn.execute(text(f"SET {name} = '{value}'"))
+    top = [c for c in schema.constraints if not c[5] and not c[6]]
+    steps = [
+        (f"primary key/unique {name} on {tbl}", f'ALTER TABLE "{tbl}" ADD CONSTRAINT "{name}" {d}')
+        for tbl, name, kind, d, *_ in top
+        if kind != "f"
+    ]
+    # A partitioned table's index reads "ON ONLY parent" (as pg_dump attaches the partitions'
+    # one by one); without ONLY one statement builds it on every partition too.
+    steps += [
+        (f"index {name} on {tbl}", d.replace(f" ON ONLY public.{tbl} ", f" ON public.{tbl} "))
+        for tbl, name, d, constraint, partition, _valid in schema.indexes
+        if constraint is None and not partition
+    ]
+    steps += [
+        (f"foreign key {name} on {tbl}", f'ALTER TABLE "{tbl}" ADD CONSTRAINT "{name}" {d}')
+        for tbl, name, kind, d, *_ in top
+        if kind == "f"
+    ]
+    for what, ddl in steps:
+        step = time.monotonic()
+        conn.execute(text(ddl))
+        print(f"  built {what}: {time.monotonic() - step:.0f}s,"
+              f" {time.monotonic() - started:.0f}s in all", flush=True)  # fmt: skip
+
+
+def load(engine: Engine, jobs: int, *, orgs: list[uuid.UUID], days: int, events: int) -> float:
+    """N jobs and their events, the indexes and keys dropped first and rebuilt after (as the
+    catalog had them, checked), then VACUUM ANALYZE and a checkpoint; returns the seconds."""
+    started = time.monotonic()
+    with engine.begin() as conn:
+        migrated = Schema.read(conn)
+        _drop_schema(conn, migrated)
+    print(f"  dropped {len(migrated.indexes)} indexes and"
+          f" {len(migrated.constraints)} constraints read from the catalog"
+          " (partitions' included, with their parents')",
+          flush=True)  # fmt: skip
+    sql = text(_load_jobs(len(orgs), days, jobs))
+    for lo in range(0, jobs, CHUNK):
+        with engine.begin() as conn:
+            conn.execute(
+                sql, {"lo": lo, "hi": min(jobs, lo + CHUNK), "orgs": orgs, "events": events}
+            )
+        print(f"  loaded {min(jobs, lo + CHUNK):,} jobs, {time.monotonic() - started:.0f}s",
+              flush=True)  # fmt: skip
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        _rebuild_schema(conn, migrated, started)
+        rebuilt = Schema.read(conn)
+        if rebuilt != migrated:
+            raise SystemExit(
+                "the rebuilt indexes and constraints differ from the migrated ones:\n"
+                + "\n".join(migrated.diff(rebuilt))
+            )
+        print("  indexes and constraints equal the migrated ones", flush=True)
+        conn.execute(text("VACUUM ANALYZE job, job_event"))
+        conn.execute(text("CHECKPOINT"))
+    print(f"  vacuumed and analyzed, {time.monotonic() - started:.0f}s", flush=True)
+    return time.monotonic() - started
+
+
 @dataclass
 class Writer:
-    """Submits one job every WRITER_PERIOD (due in a day: the claim's queue stays the same)."""
+    """Submits one job every WRITER_PERIOD (due in a day: the claim's queue stays the same),
+    timing the submit and, apart, its commit (where it waits for WAL written before it)."""
 
     engine: Engine
     org: uuid.UUID = field(default_factory=uuid.uuid4)
-    samples: list[tuple[float, float]] = field(default_factory=list)  # (start, seconds)
+    samples: list[tuple[float, float, float]] = field(default_factory=list)  # start, s, commit
     stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
@@ -152,15 +303,138 @@ class Writer:
             request_fingerprint="0" * 64,
             run_at=datetime.now(UTC) + timedelta(days=1),
         )
-        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        with self.engine.connect() as conn:
             while not self.stop.is_set():
                 start = time.perf_counter()
                 repository.insert_jobs(conn, [job])
-                self.samples.append((start, time.perf_counter() - start))
+                committing = time.perf_counter()
+                conn.commit()
+                end = time.perf_counter()
+                self.samples.append((start, end - start, end - committing))
                 time.sleep(max(0.0, WRITER_PERIOD - (time.perf_counter() - start)))
 
+    def during(self, since: float, until: float) -> list[tuple[float, float, float]]:
+        return [s for s in self.samples if since <= s[0] <= until]
+
     def longest(self, since: float, until: float) -> float:
-        return max((s for t, s in self.samples if since <= t <= until), default=0.0)
+        return max((s for _, s, _ in self.during(since, until)), default=0.0)
+
+
+@dataclass
+class PassStats:
+    """One retention pass beside the writer."""
+
+    kind: str
+    result: retention.PruneResult
+    batches: list[float]
+    writer_longest: float
+    commit_longest: float
+    wal_bytes: float
+    wal_fpi: float
+    wal_sync_ms: float
+
+
+@dataclass
+class BatchTimes:
+    """A retention observer keeping each batch's seconds."""
+
+    times: list[float] = field(default_factory=list)
+
+    def batch(self, status: Any, jobs: int, events: int, seconds: float) -> None:
+        self.times.append(seconds)
+
+    def finished(self, result: retention.PruneResult) -> None:
+        pass
+
+
+# WAL bytes from the insert position (exact); full-page images and sync time from pg_stat_wal,
+# which backends update up to a second late (a pass's figures may land in the next pass's).
+_WAL = text(
+    "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0') AS wal_bytes, wal_fpi,"
+    " wal_sync_time FROM pg_stat_wal"
+)
+
+
+def _retention_config(spec: str) -> tuple[str, int, float]:
+    """`default` (the settings' defaults) or BATCH:PAUSE_FACTOR, e.g. 500:0 (no pacing)."""
+    if spec == "default":
+        return spec, retention.DEFAULT_BATCH_SIZE, retention.DEFAULT_PAUSE_FACTOR
+    batch, pause = spec.split(":")
+    return spec, int(batch), float(pause)
+
+
+def _retention(
+    engine: Engine, writer: Writer, *, days: int, configs: list[str], passes: int
+) -> tuple[dict[str, tuple[float, float]], list[tuple[float, float]]]:
+    """`passes` rounds of, for each config, a pass over the oldest day left with the events
+    deleted first and one over the next day with the cascade taking them; 2 s quiet before each.
+    Returns the rows and the (start, end) of every pass."""
+    stats: dict[str, list[PassStats]] = {c: [] for c in configs}
+    windows: list[tuple[float, float]] = []
+    day = days - 1
+    for _ in range(passes):
+        for spec in configs:
+            label, batch, pause = _retention_config(spec)
+            for cascade in (False, True):
+                time.sleep(2)
+                policy = RetentionPolicy(Ages(timedelta(days=day), timedelta(days=day)))
+                day -= 1
+                with engine.connect() as conn:
+                    would = retention.dry_run(conn, policy)
+                    wal0 = conn.execute(_WAL).one()
+                observer = BatchTimes()
+                start = time.perf_counter()
+                result = retention.prune(
+                    engine,
+                    policy,
+                    batch_size=batch,
+                    pause_factor=pause,
+                    observer=observer,
+                    cascade=cascade,
+                )
+                end = time.perf_counter()
+                with engine.connect() as conn:
+                    wal1 = conn.execute(_WAL).one()
+                # The cutoff moves with the clock: a job or two may come of age after the dry run.
+                assert result.jobs >= would.jobs, (result.jobs, would.jobs)
+                windows.append((start, end))
+                during = writer.during(start, end)
+                one = PassStats(
+                    "cascade" if cascade else "events first",
+                    result,
+                    observer.times,
+                    max((s for _, s, _ in during), default=0.0),
+                    max((c for _, _, c in during), default=0.0),
+                    float(wal1.wal_bytes - wal0.wal_bytes),
+                    float(wal1.wal_fpi - wal0.wal_fpi),
+                    float(wal1.wal_sync_time - wal0.wal_sync_time),
+                )
+                stats[spec].append(one)
+                print(
+                    f"  retention {label} ({batch} jobs/batch, pause x{pause:g}), {one.kind}:"
+                    f" {result.jobs:,} jobs, {result.events:,} events in {result.batches}"
+                    f" batches, {result.seconds:.1f}s (paused {result.paused_seconds:.1f}s);"
+                    f" batch p50 {_pct(observer.times, 0.5) * 1000:.0f} ms, longest"
+                    f" {max(observer.times, default=0) * 1000:.0f} ms; WAL"
+                    f" {one.wal_bytes / 2**20:.1f} MB, {one.wal_fpi:.0f} full-page images, sync"
+                    f" {one.wal_sync_ms:.0f} ms; writer's longest submit"
+                    f" {one.writer_longest * 1000:.1f} ms (its commit"
+                    f" {one.commit_longest * 1000:.1f} ms)",
+                    flush=True,
+                )
+    rows: dict[str, tuple[float, float]] = {}
+    for spec, passes_of in stats.items():
+        label = f"retention {spec}"
+        batches = [b for p in passes_of for b in p.batches]
+        rows[f"{label}: batch"] = (_pct(batches, 0.5) * 1000, _pct(batches, 0.99) * 1000)
+        for name, values in (
+            ("pass, s (med / max)", [p.result.seconds for p in passes_of]),
+            ("writer longest, ms (med / max)", [p.writer_longest * 1000 for p in passes_of]),
+            ("its commit, ms (med / max)", [p.commit_longest * 1000 for p in passes_of]),
+            ("WAL MB per pass (med / max)", [p.wal_bytes / 2**20 for p in passes_of]),
+        ):
+            rows[f"{label}: {name}"] = (statistics.median(values), max(values))
+    return rows, windows
 
 
 EVENTS_OF_JOB = (
@@ -208,7 +482,16 @@ def _cluster() -> Iterator[LocalPostgres]:
 
 
 def run_one(  # noqa: PLR0915 - one scenario, start to end, reads best in one place
-    jobs: int, layout: str, *, orgs: int, days: int, events: int, samples: int
+    jobs: int,
+    layout: str,
+    *,
+    orgs: int,
+    days: int,
+    events: int,
+    samples: int,
+    configs: list[str],
+    passes: int,
+    load_only: bool = False,
 ) -> dict[str, tuple[float, float]]:
     results: dict[str, tuple[float, float]] = {}
     with _cluster() as cluster:
@@ -218,18 +501,8 @@ def run_one(  # noqa: PLR0915 - one scenario, start to end, reads best in one pl
         if layout == "partitioned":
             _partition_job_event(engine, days)
         org_ids = [uuid.uuid4() for _ in range(orgs)]
-        started = time.monotonic()
-        sql = text(_load_jobs(orgs, days, jobs))
-        for lo in range(0, jobs, CHUNK):
-            with engine.begin() as conn:
-                conn.execute(
-                    sql, {"lo": lo, "hi": min(jobs, lo + CHUNK), "orgs": org_ids, "events": events}
-                )
-            print(f"  loaded {min(jobs, lo + CHUNK):,} jobs, {time.monotonic() - started:.0f}s",
-                  flush=True)  # fmt: skip
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("VACUUM ANALYZE job, job_event"))
-            conn.execute(text("CHECKPOINT"))
+        load_seconds = load(engine, jobs, orgs=org_ids, days=days, events=events)
+        with engine.connect() as conn:
             sizes = conn.execute(
                 text(
                     "SELECT pg_size_pretty(pg_total_relation_size('job')),"
@@ -239,13 +512,14 @@ def run_one(  # noqa: PLR0915 - one scenario, start to end, reads best in one pl
                     " (SELECT count(*) FROM job_event)"
                 )
             ).one()
-        load_seconds = time.monotonic() - started
         print(
             f"  {jobs:,} jobs ({sizes[0]}), {sizes[2]:,} events ({sizes[1]}), loaded and"
             f" vacuumed in {load_seconds:.0f}s",
             flush=True,
         )
         results["load + VACUUM ANALYZE, s"] = (load_seconds, load_seconds)
+        if load_only:
+            return results
 
         with engine.connect() as conn:
             picks = conn.execute(
@@ -316,67 +590,30 @@ def run_one(  # noqa: PLR0915 - one scenario, start to end, reads best in one pl
 
             results["claim 10 (rolled back)"] = _timed(samples, claim)
 
-            before = time.perf_counter()
-            time.sleep(5)
-            policy = RetentionPolicy(Ages(timedelta(days=days - 1), timedelta(days=days - 1)))
-            with engine.connect() as conn:
-                would = retention.dry_run(conn, policy)
-            batch_times: list[float] = []
-
-            class Observer:
-                def batch(self, status: Any, jobs: int, events: int, seconds: float) -> None:
-                    batch_times.append(seconds)
-
-                def finished(self, result: retention.PruneResult) -> None:
-                    pass
-
-            pass_start = time.perf_counter()
-            result = retention.prune(engine, policy, observer=Observer(), cascade=False)
-            pass_end = time.perf_counter()
-            events_first = list(batch_times)
-            time.sleep(2)
-            # The next day's jobs, their events taken by the foreign key's cascade instead.
-            batch_times.clear()
-            cascade_policy = RetentionPolicy(
-                Ages(timedelta(days=days - 2), timedelta(days=days - 2))
+            retention_rows, windows = _retention(
+                engine, writer, days=days, configs=configs, passes=passes
             )
-            cascade_start = time.perf_counter()
-            cascaded = retention.prune(engine, cascade_policy, observer=Observer(), cascade=True)
-            cascade_end = time.perf_counter()
             time.sleep(1)
         finally:
             writer.stop.set()
             thread.join()
-        # The cutoff moves with the clock: a job or two may come of age after the dry run.
-        assert result.jobs >= would.jobs, (result.jobs, would.jobs)
-        print(
-            f"  retention: {result.jobs:,} jobs, {result.events:,} events in {result.batches}"
-            f" batches, {result.seconds:.1f}s ({result.jobs / max(result.seconds, 1e-9):,.0f}"
-            " jobs/s)",
-            flush=True,
+        results.update(retention_rows)
+        quiet = [
+            sample
+            for sample in writer.samples
+            if writer.samples[0][0] + 1 <= sample[0]
+            and not any(a <= sample[0] <= b for a, b in windows)
+        ]
+        outside = [s for _, s, _ in quiet]
+        results["writer submit, no pass running"] = (
+            statistics.median(outside) * 1000,
+            _pct(outside, 0.99) * 1000,
         )
-        results["retention batch (500 jobs)"] = (
-            _pct(events_first, 0.5) * 1000,
-            _pct(events_first, 0.99) * 1000,
-        )
-        results["retention pass, s"] = (result.seconds, result.seconds)
-        results["writer submit, before the pass"] = (
-            statistics.median(s for t, s in writer.samples if before <= t < pass_start) * 1000,
-            writer.longest(before, pass_start) * 1000,
-        )
-        results["writer submit, during the pass"] = (
-            statistics.median(s for t, s in writer.samples if pass_start <= t <= pass_end) * 1000,
-            writer.longest(pass_start, pass_end) * 1000,
-        )
-        results["cascade: retention batch"] = (
-            _pct(batch_times, 0.5) * 1000,
-            _pct(batch_times, 0.99) * 1000,
-        )
-        results["cascade: pass, s"] = (cascaded.seconds, cascaded.seconds)
-        cascade_samples = [s for t, s in writer.samples if cascade_start <= t <= cascade_end]
-        results["cascade: writer during the pass"] = (
-            statistics.median(cascade_samples) * 1000,
-            writer.longest(cascade_start, cascade_end) * 1000,
+        results["writer's longest, no pass running"] = (max(outside) * 1000, max(outside) * 1000)
+        commits = [c for _, _, c in quiet]
+        results["writer's commit, no pass running"] = (
+            statistics.median(commits) * 1000,
+            max(commits) * 1000,
         )
         if layout == "partitioned":
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
@@ -403,7 +640,30 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=90, help="the history's span")
     parser.add_argument("--events-per-job", type=int, default=5)
     parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument(
+        "--load-only",
+        action="store_true",
+        help="load (and check the rebuilt schema), print the load time and stop",
+    )
+    parser.add_argument(
+        "--passes",
+        type=int,
+        default=1,
+        help="rounds of retention passes (each: events first, then cascade, per --retention)",
+    )
+    parser.add_argument(
+        "--retention",
+        default="default",
+        help="retention configs, comma-separated: 'default' (the settings' batch and pause"
+        " factor, 500:0) or BATCH:PAUSE_FACTOR, e.g. 500:0,500:1 compares unpaced and paced"
+        " 500-job batches (each pass takes the oldest day left)",
+    )
     args = parser.parse_args()
+    configs = args.retention.split(",")
+    for spec in configs:
+        _retention_config(spec)
+    if 2 * args.passes * len(configs) > args.days - 2:
+        parser.error(f"{2 * args.passes * len(configs)} passes need more than --days {args.days}")
     sizes = [int(s) for s in args.jobs.split(",")]
     layouts = args.layout.split(",")
     table: dict[tuple[str, int], dict[str, tuple[float, float]]] = {}
@@ -417,6 +677,9 @@ def main() -> None:
                 days=args.days,
                 events=args.events_per_job,
                 samples=args.samples,
+                configs=configs,
+                passes=args.passes,
+                load_only=args.load_only,
             )
             for measure, (p50, p99) in table[(layout, n)].items():
                 print(f"  {measure:<34} {p50:10.2f} {p99:10.2f}", flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
@@ -11,13 +12,14 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 from sqlalchemy import Connection, Engine, Row, text
 
 from heimdex_common.errors import HeimdexError
 from heimdex_common.ledger import repository, retention
 from heimdex_common.metrics import RetentionMetrics
 from heimdex_common.models import JobStatus
-from heimdex_common.settings import Ages, RetentionPolicy, parse_age
+from heimdex_common.settings import Ages, RetentionPolicy, Settings, parse_age
 
 DAY = timedelta(days=1)
 POLICY = RetentionPolicy(Ages(succeeded=DAY, failed=7 * DAY))
@@ -309,3 +311,93 @@ def test_writers_never_wait_on_a_batch_in_flight(engine: Engine) -> None:
 
     assert retention.prune(engine, POLICY, archive=archive).jobs == 3
     assert all(written), written
+
+
+def _slow_archive(seconds: float) -> retention.Archive:
+    """An archive that takes `seconds` per batch: batches of a known least duration."""
+
+    def archive(conn: Connection, jobs: Sequence[Row[Any]], events: Sequence[Row[Any]]) -> None:
+        time.sleep(seconds)
+
+    return archive
+
+
+def test_a_pass_pauses_its_factor_times_each_batch(engine: Engine) -> None:
+    org = uuid.uuid4()
+    with engine.begin() as conn:
+        for age in (2, 3, 4):
+            _job(conn, org, JobStatus.SUCCEEDED, age)
+    times = _BatchTimes()
+    result = retention.prune(
+        engine,
+        POLICY,
+        batch_size=1,
+        archive=_slow_archive(0.05),
+        observer=times,
+        pause_factor=2.0,
+    )
+    assert (result.jobs, result.batches, result.complete) == (3, 3, True)
+    # Three full batches of at least 50 ms, each followed by twice its duration asleep.
+    assert len(times.seconds) == 3 and min(times.seconds) >= 0.05
+    assert result.paused_seconds >= 2 * sum(times.seconds)
+    assert result.seconds >= 3 * sum(times.seconds)
+
+
+def test_no_pause_at_factor_zero(engine: Engine) -> None:
+    org = uuid.uuid4()
+    with engine.begin() as conn:
+        for age in (2, 3):
+            _job(conn, org, JobStatus.SUCCEEDED, age)
+    result = retention.prune(engine, POLICY, batch_size=1, pause_factor=0)
+    assert (result.jobs, result.paused_seconds) == (2, 0.0)
+
+
+def test_a_pause_ends_at_the_budget_or_on_stop(engine: Engine) -> None:
+    org = uuid.uuid4()
+    with engine.begin() as conn:
+        for age in (2, 3, 4, 5):
+            _job(conn, org, JobStatus.SUCCEEDED, age)
+    # A 100x pause after a 50 ms batch would be 5 s: the budget cuts it short.
+    result = retention.prune(
+        engine,
+        POLICY,
+        batch_size=1,
+        archive=_slow_archive(0.05),
+        pause_factor=100,
+        budget_seconds=0.5,
+    )
+    assert not result.complete and result.jobs >= 1
+    assert result.seconds < 2.0
+    # So does stop(), set here during the first pause.
+    times = _BatchTimes()
+    result = retention.prune(
+        engine,
+        POLICY,
+        batch_size=1,
+        archive=_slow_archive(0.05),
+        observer=times,
+        pause_factor=100,
+        stop=lambda: bool(times.seconds),
+    )
+    assert not result.complete and result.jobs == 1
+    assert result.seconds < 2.0
+    with pytest.raises(HeimdexError, match="pause factor"):
+        retention.prune(engine, POLICY, pause_factor=-1)
+
+
+class _BatchTimes:
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def batch(self, status: JobStatus, jobs: int, events: int, seconds: float) -> None:
+        self.seconds.append(seconds)
+
+    def finished(self, result: retention.PruneResult) -> None:
+        pass
+
+
+def test_the_pause_factor_setting() -> None:
+    assert Settings().retention_pause_factor == retention.DEFAULT_PAUSE_FACTOR
+    assert Settings(HEIMDEX_RETENTION_PAUSE_FACTOR="1.5").retention_pause_factor == 1.5
+    with pytest.raises(ValidationError):
+        Settings(HEIMDEX_RETENTION_PAUSE_FACTOR="-1")

@@ -33,9 +33,12 @@ def test_the_cli_dry_run_and_prune(
     bad = CliRunner().invoke(prune_command, ["--older-than", "soon"])
     assert bad.exit_code != 0
     assert len(_ids(engine)) == 2
-    done = CliRunner().invoke(prune_command, ["--older-than", "2d"])
+    done = CliRunner().invoke(
+        prune_command, ["--older-than", "2d", "--batch-size", "1", "--pause-factor", "0.5"]
+    )
     assert done.exit_code == 0, done.output
     assert "total" in done.output
+    assert "2 batches" in done.output and "paused" in done.output
     assert _ids(engine) == set()
 
 

@@ -9,6 +9,11 @@ that a writer waits on; submits and claims touch other rows. An archive callback
 receives the batch's rows in the same transaction, before the delete: if it raises, that batch
 is rolled back and the pass stops, so nothing leaves the ledger unarchived.
 
+Pacing, when asked for: after each batch the pass sleeps `pause_factor` times as long as the
+batch took (a duty cycle: 1.0 keeps a pass busy at most half the time), leaving the disk, the WAL
+and the CPU to everyone else in between. Off by default: bench/ledger_scale.py measured no
+writer stall from back-to-back 500-job batches (README).
+
 One pruner at a time: a pass holds a session advisory lock (`ADVISORY_LOCK_KEY`) on its own
 connection; a pass that finds it taken returns at once (`PruneResult.skipped`).
 """
@@ -41,6 +46,7 @@ logger = logging.getLogger(__name__)
 ADVISORY_LOCK_KEY = 0x48_44_58_52_45_54_4E
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_LOCK_TIMEOUT_MS = 100
+DEFAULT_PAUSE_FACTOR = 0.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,7 @@ class PruneResult:
     batches: int = 0
     seconds: float = 0.0
     longest_batch_seconds: float = 0.0
+    paused_seconds: float = 0.0
     by_target: dict[str, Count] = field(default_factory=dict)
 
     @property
@@ -220,6 +227,7 @@ def prune(
     observer: RetentionObserver | None = None,
     budget_seconds: float | None = None,
     stop: Callable[[], bool] = lambda: False,
+    pause_factor: float = DEFAULT_PAUSE_FACTOR,
 ) -> PruneResult:
     """Delete what the policy says is old, `batch_size` jobs per committed transaction.
 
@@ -231,10 +239,14 @@ def prune(
     foreign key's ON DELETE CASCADE takes their events (one index probe per job); without it,
     the events go first in one statement, and the cascade then probes again for nothing.
     bench/ledger_scale.py measures both: their batches are within the machine's noise of each
-    other, so the one with a statement less is the default.
+    other, so the one with a statement less is the default. After each full batch the
+    pass sleeps `pause_factor` times the batch's duration (0: no pause), within the budget and
+    waking early on `stop()`; the pauses are in `PruneResult.paused_seconds`.
     """
     if batch_size < 1:
         raise HeimdexError(f"the retention batch size must be positive, not {batch_size}")
+    if pause_factor < 0:
+        raise HeimdexError(f"the retention pause factor must not be negative, not {pause_factor}")
     started = time.monotonic()
     result = PruneResult()
     with engine.connect() as conn:
@@ -258,6 +270,7 @@ def prune(
                 observer=observer,
                 deadline=None if budget_seconds is None else started + budget_seconds,
                 stop=stop,
+                pause_factor=pause_factor,
             )
         finally:
             conn.rollback()
@@ -298,6 +311,7 @@ def _walk(
     observer: RetentionObserver | None,
     deadline: float | None,
     stop: Callable[[], bool],
+    pause_factor: float,
 ) -> None:
     now = conn.execute(text("SELECT now()")).scalar_one()
     conn.commit()
@@ -364,3 +378,15 @@ def _walk(
                 )
             if len(victims) < batch_size:
                 break
+            result.paused_seconds += _pause(seconds * pause_factor, deadline, stop)
+
+
+def _pause(seconds: float, deadline: float | None, stop: Callable[[], bool]) -> float:
+    """Sleep `seconds`, no later than the deadline, waking early on `stop()`; the time slept."""
+    if seconds <= 0:
+        return 0.0
+    started = time.monotonic()
+    end = started + seconds if deadline is None else min(started + seconds, deadline)
+    while (left := end - time.monotonic()) > 0 and not stop():
+        time.sleep(min(left, 0.05))
+    return time.monotonic() - started

@@ -28,6 +28,7 @@ Examples:
   heimdex jobs prune --dry-run           # what the configured ages would delete now
   heimdex jobs prune --dry-run --older-than 7d
   heimdex jobs prune                     # delete it, 500 jobs per transaction
+  heimdex jobs prune --pause-factor 1    # idle as long as busy: twice as long, gentler
   heimdex jobs prune --older-than 90d --archive /var/lib/heimdex/pruned.jsonl
 """
 )
@@ -52,15 +53,23 @@ Examples:
     help="Jobs deleted per transaction (default: HEIMDEX_RETENTION_BATCH, 500).",
 )
 @click.option(
+    "--pause-factor",
+    type=click.FloatRange(0, 100),
+    help="After each batch, sleep this many times as long as it took (default: "
+    "HEIMDEX_RETENTION_PAUSE_FACTOR, 0: back to back; 1: busy at most half the time).",
+)
+@click.option(
     "--database-url",
     metavar="URL",
     help="Database URL (default: DATABASE_URL or PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE).",
 )
-def prune(
+def prune(  # click passes the options by name
+    *,
     dry_run: bool,
     older_than: str | None,
     archive_path: Path | None,
     batch_size: int | None,
+    pause_factor: float | None,
     database_url: str | None,
 ) -> None:
     """Delete finished jobs (and their events) older than the retention ages.
@@ -97,6 +106,9 @@ def prune(
                 policy,
                 batch_size=batch_size or settings.retention_batch,
                 archive=archive,
+                pause_factor=(
+                    settings.retention_pause_factor if pause_factor is None else pause_factor
+                ),
             )
         finally:
             if archive is not None:
@@ -106,7 +118,8 @@ def prune(
         click.echo(_table(result, "deleted"))
         click.echo(
             f"{result.batches} batches in {result.seconds:.1f}s,"
-            f" longest {result.longest_batch_seconds * 1000:.0f} ms"
+            f" longest {result.longest_batch_seconds * 1000:.0f} ms,"
+            f" paused {result.paused_seconds:.1f}s"
             + ("" if result.complete else "; some rows were locked: run again to finish")
         )
     finally:
