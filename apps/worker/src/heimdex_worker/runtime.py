@@ -481,6 +481,7 @@ class Worker:
                 archive=self.archive,
                 observer=self.metrics.retention,
                 budget_seconds=self.settings.heartbeat_seconds / 4,
+                pause_factor=self.settings.retention_pause_factor,
                 stop=self._finish.is_set,
             )
         except Exception as exc:
