@@ -238,9 +238,21 @@ def _api_client(db: OwnDatabase) -> TestClient:
 def test_eight_workers_run_every_job_exactly_once(
     client: TestClient, processes: Processes, engine: Engine
 ) -> None:
-    ids = _batch(client, uuid.uuid4(), [{"type": "noop"}] * 2000)
     for _ in range(8):
         processes.start("worker", "--concurrency", "2", "--batch", "5")
+    # Every worker listening before the jobs arrive: one worker alone drains 2,000 no-op jobs
+    # faster than seven more processes start.
+    wait_for(
+        lambda: _count(
+            engine,
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND query LIKE 'LISTEN heimdex_jobs%'",
+        )
+        == 8,
+        what="8 workers listening",
+        timeout=60,
+    )
+    ids = _batch(client, uuid.uuid4(), [{"type": "noop"}] * 2000)
     wait_for(
         lambda: _count(engine, "SELECT count(*) FROM job WHERE status = 'succeeded'") == 2000,
         what="2000 jobs to succeed",
