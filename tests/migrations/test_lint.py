@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from heimdex_common.migrations.lint import MARKER, lint
-from heimdex_common.migrations.lint_rls import RLS_BASELINE_REVISION
+from heimdex_common.migrations.lint.command import MARKER, lint
+from heimdex_common.migrations.lint.rls import RLS_BASELINE_REVISION
 
 from .conftest import COMMON, HistoryCopy, heimdex, revisions_of
 

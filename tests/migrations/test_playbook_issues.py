@@ -6,7 +6,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import URL
 
-from heimdex_common.migrations.lint import lint
+from heimdex_common.migrations.lint.command import lint
 
 from .conftest import REPO, HistoryCopy, clean_env, heimdex, read_only, url_arg
 

@@ -9,9 +9,9 @@ from alembic import command
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
-from heimdex_common.migrations.artifacts import sql
 from heimdex_common.migrations.config import alembic_config
-from heimdex_common.migrations.verify import VerifyFailed, verify
+from heimdex_common.migrations.supabase.artifacts import sql
+from heimdex_common.migrations.verify.command import VerifyFailed, verify
 
 from .conftest import HistoryCopy, clean_env, heimdex, revisions_of, url_arg
 

@@ -15,14 +15,14 @@ import click
 from heimdex_common.db import missing_privilege
 from heimdex_common.errors import HeimdexError
 from heimdex_common.logs import LogFormat, configure_logging
-from heimdex_common.migrations import artifacts as artifacts_cmd
-from heimdex_common.migrations import lint as lint_cmd
 from heimdex_common.migrations import migrate as migrate_cmd
 from heimdex_common.migrations import revision as revision_cmd
 from heimdex_common.migrations import status as status_cmd
-from heimdex_common.migrations import verify as verify_cmd
-from heimdex_common.migrations.lint_rls import RLS_BASELINE_REVISION
+from heimdex_common.migrations.lint import command as lint_cmd
+from heimdex_common.migrations.lint.rls import RLS_BASELINE_REVISION
 from heimdex_common.migrations.online import DEFAULT_LOCK_TIMEOUT, LOCK_TIMEOUT_ENV
+from heimdex_common.migrations.supabase import artifacts as artifacts_cmd
+from heimdex_common.migrations.verify import command as verify_cmd
 from heimdex_common.settings import load_settings, normalize_url
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -345,7 +345,7 @@ def sql(*, output_dir: Path | None, check: bool, config: Path | None) -> None:
 @db.command(
     epilog="""\b
 Checks: a single head; for every revision, upgrade -> downgrade -> upgrade with
-the schema compared (on seeded rows, see heimdex_common.migrations.seeds);
+the schema compared (on seeded rows, see heimdex_common.migrations.verify.seeds);
 models equal to the database at head; Supabase artifacts current.
 Never touches the configured database. Exit codes: 0 all good, 1 a check failed
 (the revision and the schema diff are printed) or error.

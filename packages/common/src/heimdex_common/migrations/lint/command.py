@@ -7,7 +7,7 @@ Each revision's upgrade SQL is compiled offline (no database) and checked twice:
   revision;
 - by our own rules, which know the schema before the revision from the SQL of the revisions
   before it (tables and enum types created, dropped and renamed);
-- by `table-without-rls` (lint_rls), on the revisions after the one that brought RLS to the
+- by `table-without-rls` (lint.rls), on the revisions after the one that brought RLS to the
   ledger: a table created in `public` gets row-level security in the same revision.
 
 A finding is reported at the line of the revision's source that emitted the statement, so a
@@ -31,11 +31,11 @@ from pathlib import Path
 from alembic.script import Script
 
 from heimdex_common.errors import HeimdexError
-from heimdex_common.migrations.findings import Finding
 from heimdex_common.migrations.history import make_config, ordered_revisions, scripts_of
-from heimdex_common.migrations.lint_rls import RLS_BASELINE_REVISION, check_rls
-from heimdex_common.migrations.offline import Chunk, CompiledRevision, compile_revision
+from heimdex_common.migrations.lint.findings import Finding
+from heimdex_common.migrations.lint.rls import RLS_BASELINE_REVISION, check_rls
 from heimdex_common.migrations.revision import EXTRA_HINT
+from heimdex_common.migrations.supabase.offline import Chunk, CompiledRevision, compile_revision
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ def _own_rules(
 
 
 def _rls(compiled: CompiledRevision) -> list[tuple[int, str, str]]:
-    """lint_rls's findings on the revision's statements, at the source line that emitted each.
+    """rls.check_rls's findings on the revision's statements, at the source line that emitted each.
 
     The statements are joined with `;\n` into one text, so that an ENABLE ROW LEVEL SECURITY
     in a later statement than its CREATE TABLE counts; each finding's line in that text is

@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from heimdex_common.db import connection_error
 from heimdex_common.errors import HeimdexError
 from heimdex_common.localpg import LocalPostgres
-from heimdex_common.migrations import artifacts, migrate
+from heimdex_common.migrations import migrate
 from heimdex_common.migrations.history import (
     connect,
     inspect_with_env,
@@ -32,9 +32,10 @@ from heimdex_common.migrations.history import (
     ordered_revisions,
     scripts_of,
 )
-from heimdex_common.migrations.schema import Snapshot, render_diff, snapshot
-from heimdex_common.migrations.seeds import seeds_for
 from heimdex_common.migrations.status import model_drift
+from heimdex_common.migrations.supabase import artifacts
+from heimdex_common.migrations.verify.schema import Snapshot, render_diff, snapshot
+from heimdex_common.migrations.verify.seeds import seeds_for
 from heimdex_common.settings import normalize_url
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def _seed(url: URL, script: Script | None) -> None:
         except DBAPIError as exc:
             raise VerifyFailed(
                 f"seed rows for {where} do not fit the schema at {where}: "
-                f"{str(exc.orig).splitlines()[0]} (update heimdex_common.migrations.seeds)"
+                f"{str(exc.orig).splitlines()[0]} (update heimdex_common.migrations.verify.seeds)"
             ) from None
 
 

@@ -20,7 +20,7 @@ from alembic.script import Script
 from heimdex_common.errors import HeimdexError
 from heimdex_common.migrations.config import PACKAGE_ROOT
 from heimdex_common.migrations.history import make_config, ordered_revisions, scripts_of
-from heimdex_common.migrations.offline import Chunk, compile_revision
+from heimdex_common.migrations.supabase.offline import Chunk, compile_revision
 
 logger = logging.getLogger(__name__)
 

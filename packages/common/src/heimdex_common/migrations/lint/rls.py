@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from heimdex_common.migrations.findings import Finding
+from heimdex_common.migrations.lint.findings import Finding
 
 RULE = "table-without-rls"
 # Revisions up to this one predate the rule (this one brings RLS to the tables they created).
