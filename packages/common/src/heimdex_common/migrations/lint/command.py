@@ -31,7 +31,8 @@ from pathlib import Path
 from alembic.script import Script
 
 from heimdex_common.errors import HeimdexError
-from heimdex_common.migrations.history import make_config, ordered_revisions, scripts_of
+from heimdex_common.migrations.context import DbContext
+from heimdex_common.migrations.history import ordered_revisions, resolve_revision
 from heimdex_common.migrations.lint.findings import Finding
 from heimdex_common.migrations.lint.rls import RLS_BASELINE_REVISION, check_rls
 from heimdex_common.migrations.revision import EXTRA_HINT
@@ -462,18 +463,17 @@ def _acknowledge(path: Path, raw: list[tuple[int, str, str]]) -> tuple[list[Find
     return findings, acknowledged
 
 
-def lint(
-    *, config: Path | str | None = None, revisions: tuple[str, ...] | list[str] | None = None
-) -> LintReport:
-    """Lint the given revisions (ids or prefixes; default: all) in history order."""
-    cfg = make_config(config)
-    history = ordered_revisions(scripts_of(cfg))
+def lint(ctx: DbContext, revisions: tuple[str, ...] | list[str] | None = None) -> LintReport:
+    """Lint the given revisions (ids, prefixes or head; default: all) in history order."""
+    cfg = ctx.config
+    scripts = ctx.scripts()
+    history = ordered_revisions(scripts)
     wanted = set()
     for given in revisions or []:
-        matches = [s.revision for s in history if s.revision.startswith(given)]
-        if len(matches) != 1:
-            raise HeimdexError(f"{given!r} does not name exactly one revision of this history")
-        wanted.add(matches[0])
+        script = resolve_revision(scripts, given)
+        if script is None:
+            raise HeimdexError(f"{given!r} names no revision to lint (base is before the first)")
+        wanted.add(script.revision)
     report = LintReport()
     before = _Schema()
     # Revisions up to the baseline predate the RLS rule (the baseline covers their tables).
