@@ -1,4 +1,4 @@
-"""What importing the schema check costs an API replica: none of the developer tooling."""
+"""What the deployment imports of `heimdex_common.migrations`: none of the developer tooling."""
 
 from __future__ import annotations
 
@@ -24,3 +24,12 @@ def test_the_schema_check_imports_no_tooling() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_heimdex_db_loads_the_sql_parser_only_for_lint() -> None:
+    # pglast is in the migrations extra: `heimdex db upgrade` runs where it is not installed.
+    probe = "import sys, heimdex_common.migrations.cli\nprint('pglast' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "False"

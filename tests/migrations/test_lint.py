@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from heimdex_common.errors import HeimdexError
 from heimdex_common.migrations.context import DbContext
 from heimdex_common.migrations.lint.command import MARKER, lint
-from heimdex_common.migrations.lint.rls import RLS_BASELINE_REVISION
+from heimdex_common.migrations.lint.findings import OWN_RULES, RLS_BASELINE_REVISION
 
 from .conftest import COMMON, HistoryCopy, heimdex, revisions_of
 
@@ -269,3 +272,35 @@ def test_a_revision_written_with_the_online_toolkit_passes(history: HistoryCopy)
     )
     report = lint(DbContext.build(history.ini), revisions=["onl"])
     assert report.findings == []
+
+
+def test_sql_is_read_as_postgresql_reads_it(history: HistoryCopy) -> None:
+    """Comments, string literals and DO bodies are what they are, not SQL the rules misread."""
+    path = history.add_revision(
+        "pg0000000001",
+        history.head,
+        """
+        op.execute("/* writers must not wait */ SET LOCAL lock_timeout = '5s'")
+        op.execute("COMMENT ON TABLE job IS 'CREATE TYPE fake AS ENUM (''a'')'")
+        op.execute("-- one statement, on purpose\\nUPDATE job SET stage = 'no LIMIT here'")
+        op.execute("ALTER TABLE job ADD CHECK (attempt >= 0)")
+        op.execute("DO $body$ BEGIN UPDATE job SET stage = NULL; END $body$")
+        """,
+        LOCK,
+    )
+    report = lint(DbContext.build(history.ini), ["pg00"])
+    found = {(f.line, f.rule) for f in report.findings if f.rule in OWN_RULES}
+    # The regex grammar missed the first two (a LIMIT in a string, a leading comment; an
+    # unnamed constraint) and flagged a missing lock_timeout and a fake enum never dropped.
+    assert found == {
+        (_line_of(path, "no LIMIT here"), "backfill-in-one-statement"),
+        (_line_of(path, "ADD CHECK"), "validation-under-lock"),
+    }
+
+
+def test_sql_the_database_would_reject_is_an_error_naming_its_line(history: HistoryCopy) -> None:
+    path = history.add_revision(
+        "pg0000000002", history.head, f'{LOCK}\nop.execute("ALTER TABLE job ADD COLUMN")', LOCK
+    )
+    with pytest.raises(HeimdexError, match=f"{path}:{_line_of(path, 'ADD COLUMN')}: PostgreSQL"):
+        lint(DbContext.build(history.ini), ["pg00"])

@@ -24,9 +24,9 @@ from heimdex_common.migrations.context import (
     DbContext,
     Tuning,
 )
-from heimdex_common.migrations.lint import command as lint_cmd
-from heimdex_common.migrations.lint.rls import RLS_BASELINE_REVISION
+from heimdex_common.migrations.lint.findings import RLS_BASELINE_REVISION
 from heimdex_common.migrations.online import DEFAULT_LOCK_TIMEOUT, LOCK_TIMEOUT_ENV
+from heimdex_common.migrations.revision import require_extra
 from heimdex_common.migrations.supabase import artifacts as artifacts_cmd
 from heimdex_common.migrations.verify import command as verify_cmd
 from heimdex_common.settings import load_settings, normalize_url
@@ -432,6 +432,10 @@ Examples:
 @click.argument("revisions", nargs=-1)
 def lint(*, config: Path | None, revisions: tuple[str, ...]) -> None:
     """Check revisions (default: all) for operations that lock or break a live database."""
+    require_extra("pglast", "heimdex db lint")
+    # Imported here: the parser is in the migrations extra, which `heimdex db upgrade` needs not.
+    from heimdex_common.migrations.lint import command as lint_cmd  # noqa: PLC0415
+
     report = lint_cmd.lint(_context(config), revisions or None)
     for finding in report.findings:
         click.echo(finding.render())
