@@ -36,7 +36,7 @@ def ordered_revisions(scripts: ScriptDirectory) -> list[Script]:
     if len(heads) > 1:
         raise HeimdexError(
             f"the history has {len(heads)} heads ({', '.join(sorted(heads))}): "
-            "merge them with `heimdex db revision --merge` or `alembic merge heads`"
+            "merge them with `alembic merge heads`"
         )
     try:
         return list(reversed(list(scripts.walk_revisions())))
