@@ -7,6 +7,8 @@ test:
 lint:
 	uv run ruff check .
 	uv run ruff format --check .
+	uv run lint-imports
+	scripts/lint-deploy
 	uv run mypy
 
 bench:

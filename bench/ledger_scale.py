@@ -44,7 +44,7 @@ from heimdex_common.db import make_engine
 from heimdex_common.ledger import repository, retention
 from heimdex_common.localpg import LocalPostgres
 from heimdex_common.migrations.config import alembic_config
-from heimdex_common.settings import Settings
+from heimdex_common.settings import Ages, RetentionPolicy, Settings
 
 SECRET = "bench-secret-for-heimdex-ledger-scale-0123"  # noqa: S105 - a throwaway cluster
 CHUNK = 250_000
@@ -318,9 +318,7 @@ def run_one(  # noqa: PLR0915 - one scenario, start to end, reads best in one pl
 
             before = time.perf_counter()
             time.sleep(5)
-            policy = retention.RetentionPolicy(
-                retention.Ages(timedelta(days=days - 1), timedelta(days=days - 1))
-            )
+            policy = RetentionPolicy(Ages(timedelta(days=days - 1), timedelta(days=days - 1)))
             with engine.connect() as conn:
                 would = retention.dry_run(conn, policy)
             batch_times: list[float] = []
@@ -339,8 +337,8 @@ def run_one(  # noqa: PLR0915 - one scenario, start to end, reads best in one pl
             time.sleep(2)
             # The next day's jobs, their events taken by the foreign key's cascade instead.
             batch_times.clear()
-            cascade_policy = retention.RetentionPolicy(
-                retention.Ages(timedelta(days=days - 2), timedelta(days=days - 2))
+            cascade_policy = RetentionPolicy(
+                Ages(timedelta(days=days - 2), timedelta(days=days - 2))
             )
             cascade_start = time.perf_counter()
             cascaded = retention.prune(engine, cascade_policy, observer=Observer(), cascade=True)

@@ -357,6 +357,7 @@ def child_submit_pgqueuer(url: str, n: int, batch: int) -> float:
 ENQUEUE: dict[str, Callable[[str, int], None]] = {
     "heimdex": _heimdex_enqueue,
     "raw": _heimdex_enqueue,
+    "baseline": _heimdex_enqueue,  # run in the baseline tree (see _interpreter)
     "pgqueuer": _pgqueuer_enqueue,
     "procrastinate": _procrastinate_enqueue,
 }
@@ -388,20 +389,25 @@ class Cluster:
     def fresh_database(self, system: str) -> str:
         """A new database prepared for `system`, as a plain postgresql:// URL."""
         from alembic import command  # noqa: PLC0415
-        from sqlalchemy import create_engine, text  # noqa: PLC0415
 
         from heimdex_common.migrations.config import alembic_config  # noqa: PLC0415
 
         self._n += 1
         name = f"{system.replace('-', '_')}_{self._n}"
-        admin = create_engine(self.pg.url(), isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        admin.dispose()
-        url = self.pg.url(name)
+        url = self.pg.create_database(name)
         plain = url.set(drivername="postgresql").render_as_string(hide_password=False)
         if system in ("heimdex", "raw", "submit-heimdex"):
             command.upgrade(alembic_config(database_url=url), "head")
+        elif system == "baseline":
+            assert BASELINE is not None
+            upgrade = (
+                "import sys\nfrom alembic import command\n"
+                "from heimdex_common.migrations.config import alembic_config\n"
+                "command.upgrade(alembic_config(database_url=sys.argv[1]), 'head')"
+            )
+            python = BASELINE / ".venv" / "bin" / "python"
+            subprocess.run([python, "-c", upgrade, url.render_as_string(hide_password=False)],
+                           check=True, cwd=BASELINE)  # fmt: skip
         elif system in ("pgqueuer", "submit-pgqueuer"):
             subprocess.run(
                 [sys.executable, "-c",
@@ -440,9 +446,27 @@ class Measured:
     server_cpu: float | None = None  # seconds of PostgreSQL backends' CPU per job
 
 
+# `--baseline TREE`: Heimdex as another checkout has it (its own venv and this script there),
+# measured as the system "baseline" in the same rounds, so a change is judged side by side.
+BASELINE: Path | None = None
+
+
+def _interpreter(system: str) -> tuple[str, str, str]:
+    """(python, script, system as that script knows it) for a child of `system`."""
+    if BASELINE is not None and system.removeprefix("enqueue:") == "baseline":
+        python = BASELINE / ".venv" / "bin" / "python"
+        return (
+            str(python),
+            str(BASELINE / "bench" / HERE.name),
+            system.replace("baseline", "heimdex"),
+        )
+    return sys.executable, str(HERE), system
+
+
 def _child(system: str, url: str, jobs: int, batch: int) -> dict[str, float] | None:
+    python, script, as_system = _interpreter(system)
     proc = subprocess.run(
-        [sys.executable, str(HERE), "--child", system, url, str(jobs), str(batch)],
+        [python, script, "--child", as_system, url, str(jobs), str(batch)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -523,6 +547,15 @@ def main() -> None:  # noqa: PLR0912 - argument handling, the rounds and the tab
     parser.add_argument(
         "--orgs", type=int, default=10, help="orgs the processing jobs are spread over"
     )
+    parser.add_argument(
+        "--batches", default="1,10", help="claim batch sizes of the processing rows"
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="TREE",
+        help="also run Heimdex from this checkout (with its own .venv) as 'baseline', "
+        "interleaved in the same rounds",
+    )
     parser.add_argument("--child", nargs=4, metavar=("SYSTEM", "URL", "JOBS", "BATCH"),
                         help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
@@ -539,8 +572,16 @@ def main() -> None:  # noqa: PLR0912 - argument handling, the rounds and the tab
 
     os.environ["BENCH_ORGS"] = str(args.orgs)  # read by the children that enqueue
     rows: list[tuple[str, str, int, int]] = []  # (section, system, batch, jobs)
-    for batch in (1, 10):
-        for system in ("heimdex", "pgqueuer", "procrastinate", "raw"):
+    systems = ("heimdex", "baseline", "pgqueuer", "procrastinate", "raw")
+    if args.baseline:
+        global BASELINE  # noqa: PLW0603 - set once, before any child runs
+        BASELINE = Path(args.baseline).resolve()
+        if not (BASELINE / ".venv" / "bin" / "python").exists():
+            parser.error(f"--baseline {BASELINE}: no .venv there (run `uv sync` in it first)")
+    else:
+        systems = tuple(s for s in systems if s != "baseline")
+    for batch in sorted({int(b) for b in args.batches.split(",")}):
+        for system in systems:
             if system == "procrastinate" and batch != 1:
                 continue  # no batch fetch: one row, at its only setting
             rows.append(("processing", system, batch, args.jobs))

@@ -38,7 +38,7 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 
-from heimdex_common.localpg import LocalPostgres
+from heimdex_common.localpg import LocalPostgres, create_database
 from heimdex_common.migrations.config import alembic_config
 from heimdex_common.settings import normalize_url
 
@@ -218,7 +218,7 @@ VARIANTS = ("online", "previous", "naive")
 def _load_seed(admin: Engine, admin_url: URL, rows: int) -> None:
     with admin.connect() as conn:
         conn.execute(text("DROP DATABASE IF EXISTS bench_seed WITH (FORCE)"))
-        conn.execute(text("CREATE DATABASE bench_seed"))
+        create_database(conn, "bench_seed")
     seed = admin_url.set(database="bench_seed")
     command.upgrade(alembic_config(database_url=seed), "001_job_ledger_init")
     print(f"loading {rows:,} job rows at 001_job_ledger_init ...", flush=True)
@@ -252,7 +252,7 @@ def run_rows(
         for variant in variants[shift:] + variants[:shift]:
             with admin.connect() as conn:
                 conn.execute(text("DROP DATABASE IF EXISTS bench_run WITH (FORCE)"))
-                conn.execute(text("CREATE DATABASE bench_run TEMPLATE bench_seed"))
+                create_database(conn, "bench_run", template="bench_seed")
             print(f"round {round_ + 1}/{rounds}: {variant} at {rows:,} rows ...", flush=True)
             results.append(measure(variant, rows, url, migrations[variant]))
     with admin.connect() as conn:

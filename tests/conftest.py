@@ -14,6 +14,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
+from heimdex_common import localpg
 from heimdex_common.db import make_engine
 from heimdex_common.localpg import LocalPostgres
 from heimdex_common.migrations.config import alembic_config
@@ -54,9 +55,8 @@ def create_database(admin_engine: Engine, pg_admin_url: URL) -> Iterator[Databas
 
     def factory(template: str | None = None, name: str | None = None) -> URL:
         name = name or f"t_{os.getpid()}_{next(_counter)}"
-        clause = f" TEMPLATE {template}" if template else ""
         with admin_engine.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"{clause}'))
+            localpg.create_database(conn, name, template=template)
         created.append(name)
         return pg_admin_url.set(database=name)
 

@@ -16,7 +16,6 @@ import jwt
 import pytest
 from alembic import command
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
 from heimdex_api.app import BODY_MAX_BYTES
@@ -154,11 +153,7 @@ def test_an_oversized_chunked_body_is_refused_while_it_streams(
 def own_db_url() -> Iterator[tuple[LocalPostgres, URL]]:
     pg = LocalPostgres.throwaway().start()
     try:
-        admin = create_engine(pg.url(), isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text("CREATE DATABASE ledger"))
-        admin.dispose()
-        url = pg.url("ledger")
+        url = pg.create_database("ledger")
         command.upgrade(alembic_config(database_url=url), "head")
         yield pg, url
     finally:

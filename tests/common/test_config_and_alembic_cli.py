@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from sqlalchemy.engine import URL
 
 from heimdex_common.db import check_connection, make_engine
 from heimdex_common.errors import DatabaseUnavailable, HeimdexError
-from heimdex_common.localpg import LocalPostgres
+from heimdex_common.localpg import LocalPostgres, create_database
 from heimdex_common.migrations.config import alembic_config, script_directory
 from heimdex_common.settings import Settings, load_settings
 
@@ -110,7 +111,7 @@ def test_password_with_special_characters_authenticates(tmp_path: Path) -> None:
                     + "'"
                 )
             )
-            conn.execute(text("CREATE DATABASE appdb OWNER app"))
+            create_database(conn, "appdb", owner="app")
         hba = cluster.datadir / "pg_hba.conf"
         hba.write_text("host all app 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
         with admin.connect() as conn:
@@ -233,6 +234,25 @@ def test_offline_sql_needs_no_database() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "CREATE TYPE job_status AS ENUM" in proc.stdout
     assert "UPDATE heimdex_private.alembic_version SET version_num='3af4686817cc'" in proc.stdout
+
+
+def test_plain_alembic_logs_like_every_heimdex_process() -> None:
+    """env.py sets up logging with heimdex_common.logs (JSON lines off a terminal), keeping
+    alembic's per-revision lines: plain alembic has no lines of ours in their place."""
+    env = {**_libpq_env(URL.create("postgresql", host="nowhere.invalid")), "HEIMDEX_ENV": "prod"}
+    env.pop("HEIMDEX_JWT_SECRET", None)  # settings that do not load: the defaults apply
+    proc = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "001_job_ledger_init:3af4686817cc", "--sql"],
+        cwd=COMMON,
+        env={k: v for k, v in env.items() if k not in ("HEIMDEX_LOG_FORMAT", "HEIMDEX_LOG_LEVEL")},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert {line["process"] for line in lines} == {"alembic"}
+    assert any(line["msg"].startswith("Running upgrade 001_job_ledger_init") for line in lines)
 
 
 def test_invalid_database_url_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

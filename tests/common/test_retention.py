@@ -15,9 +15,9 @@ from sqlalchemy import Connection, Engine, Row, text
 
 from heimdex_common.errors import HeimdexError
 from heimdex_common.ledger import repository, retention
-from heimdex_common.ledger.retention import Ages, RetentionPolicy
 from heimdex_common.metrics import RetentionMetrics
 from heimdex_common.models import JobStatus
+from heimdex_common.settings import Ages, RetentionPolicy, parse_age
 
 DAY = timedelta(days=1)
 POLICY = RetentionPolicy(Ages(succeeded=DAY, failed=7 * DAY))
@@ -266,7 +266,7 @@ def test_policy_parsing() -> None:
     assert RetentionPolicy.parse("1d", "1d", f" {org}=2d ").orgs[org] == Ages(2 * DAY, 2 * DAY)
     for bad in ("-1d", "1y", "soon", "0d"):
         with pytest.raises(HeimdexError, match="retention age"):
-            retention.parse_age(bad)
+            parse_age(bad)
     with pytest.raises(HeimdexError, match="ORG_UUID"):
         RetentionPolicy.parse("1d", "1d", "acme=1d")
 

@@ -1,9 +1,7 @@
-"""Paths and tool lookup for the deploy checks."""
+"""Paths and files of the deploy checks."""
 
 from __future__ import annotations
 
-import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +15,6 @@ COMPOSE_DEV = DEPLOY / "docker-compose.dev.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 ENV_EXAMPLE = DEPLOY / ".env.example"
 HEIMDEX_SERVICES = ("migrate", "api", "worker")
-
-
-def dev_tool(name: str) -> str:
-    """A binary shipped by a dev-group wheel: beside this interpreter, else on PATH."""
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} not found: it comes with the dev dependency group (uv sync)")
-    return found
 
 
 def load_yaml(path: Path) -> dict[str, Any]:

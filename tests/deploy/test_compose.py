@@ -164,6 +164,16 @@ def test_dockerfile_installs_dependencies_before_copying_the_source() -> None:
         )
 
 
+def test_the_image_leaves_the_dev_tooling_out() -> None:
+    # `uv sync --no-dev` installs the root's dependencies: heimdex-dev must come only with the
+    # dev group, and nothing the image runs may import it (import-linter, pyproject.toml).
+    root = tomllib.loads((REPO / "pyproject.toml").read_text())
+    runtime = root["project"]["dependencies"]
+    assert not [d for d in runtime if d.startswith("heimdex-dev")]
+    assert "heimdex-dev" in root["dependency-groups"]["dev"]
+    assert "--no-dev" in DOCKERFILE.read_text()
+
+
 def test_dockerfile_runs_as_a_non_root_appuser_from_app() -> None:
     text = DOCKERFILE.read_text()
     assert "ARG PYTHON_IMAGE=python:3.11-slim" in text

@@ -76,11 +76,7 @@ class OwnDatabase:
 def own_db() -> Iterator[OwnDatabase]:
     pg = LocalPostgres.throwaway().start()
     try:
-        admin = create_engine(pg.url(), isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text("CREATE DATABASE ledger"))
-        admin.dispose()
-        url = pg.url("ledger")
+        url = pg.create_database("ledger")
         command.upgrade(alembic_config(database_url=url), "head")
         engine = create_engine(url)
         env = {

@@ -10,7 +10,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
-from heimdex_common.localpg import LocalPostgres
+from heimdex_common.localpg import LocalPostgres, create_database
 from heimdex_common.migrations.config import alembic_config, script_directory
 from tests.dbutil import execute, scalar
 from tests.security.conftest import apply_sql_file, offline_sql
@@ -118,7 +118,7 @@ def test_missing_roles_and_no_right_to_create_them_is_a_clear_error() -> None:
         admin = create_engine(cluster.url(), isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
             conn.execute(text("CREATE ROLE app LOGIN"))
-            conn.execute(text("CREATE DATABASE appdb OWNER app"))
+            create_database(conn, "appdb", owner="app")
         url = cluster.url("appdb").set(username="app")
         with pytest.raises(DBAPIError) as exc:
             command.upgrade(alembic_config(database_url=url), "head")

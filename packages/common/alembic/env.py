@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from logging.config import fileConfig
 
 from alembic import context
 from alembic.util import CommandError
@@ -12,10 +11,11 @@ from sqlalchemy.exc import OperationalError
 
 from heimdex_common.db import connection_error, make_engine
 from heimdex_common.errors import HeimdexError
+from heimdex_common.logs import configure_logging
 from heimdex_common.migrations.autogen import rewriter as enum_change_around_default
 from heimdex_common.migrations.config import VERSION_TABLE_OPTIONS, VERSION_TABLE_PRELUDE
 from heimdex_common.models import Base
-from heimdex_common.settings import load_settings, normalize_url
+from heimdex_common.settings import load_settings, log_options_or_defaults, normalize_url
 
 # Enum create/drop and VARCHAR -> enum with USING in autogenerate (the migrations extra; an
 # image without it never autogenerates).
@@ -25,8 +25,10 @@ with contextlib.suppress(ImportError):
 config = context.config
 target_metadata = Base.metadata
 
+# Plain `alembic` (the playbook's commands) logs like every heimdex process; `heimdex db` and the
+# tests configure logging themselves and say so (configure_logger False).
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
-    fileConfig(config.config_file_name, disable_existing_loggers=False)
+    configure_logging("alembic", **log_options_or_defaults(), quiet_chatter=False)
 
 COMMON_OPTIONS = {
     "target_metadata": target_metadata,

@@ -47,13 +47,10 @@ def run_worker(
         )
     concurrency = concurrency or settings.worker_concurrency
     batch = batch or settings.claim_batch
-    # One connection per thread that talks to the database: runners (stages), claimers (up to
-    # one per batch of capacity, plus one ahead), the completer and the keeper (its own, the
-    # reaper's and the retention pass's).
-    claimers = max(concurrency, batch) // batch + 1
-    engine = make_engine(
-        settings.sqlalchemy_url, pool_size=concurrency + claimers + 4, max_overflow=4
-    )
+    # Connections: one per runner (its claims, outcomes and stages), one more per runner while
+    # it writes failed attempts (their own transaction), and the keeper's (heartbeat, reaper,
+    # retention).
+    engine = make_engine(settings.sqlalchemy_url, pool_size=2 * concurrency + 4, max_overflow=4)
     metrics = WorkerMetrics(LedgerMetrics(engine))
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, registry=metrics.ledger.registry)

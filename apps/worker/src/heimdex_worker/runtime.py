@@ -1,11 +1,14 @@
 """The worker process: claim batches from the ledger, run them on threads, write outcomes.
 
 Threads of one process, each with one job:
-- the claim loop (the caller's thread) takes up to `batch` due jobs in one statement whenever
-  enough slots are free, and otherwise sleeps until a NOTIFY, a freed slot or the poll interval;
-- `concurrency` runner threads call the handlers;
-- the completer writes the outcomes that finished meanwhile in one statement (retrying through
-  an outage: an outcome is never dropped while its lease may still be held);
+- `concurrency` runner threads. Each runs claimed jobs from a shared deque while any is ready;
+  when none is, it writes the outcomes of what it ran in one statement and claims the next
+  batch (a few claims in flight per process, see `_claim_slots`), sleeping until a NOTIFY or
+  the poll interval when nothing was due. The claimer runs the first job it claimed, the rest
+  wait in the deque for whichever runner is free: no thread is woken per job. A runner claims
+  `batch` jobs while jobs are short and one at a time otherwise, when a job's outcome is also
+  written as soon as it ends. Writes are retried through an outage: an outcome is never dropped
+  while its lease may still be held;
 - the keeper renews every lease this process holds in one statement, runs the reaper, and every
   `retention_interval_seconds` a slice of the retention pass (one worker of the deployment at a
   time, by advisory lock; a slice stops after a quarter of the heartbeat period, so leases are
@@ -16,9 +19,9 @@ Threads of one process, each with one job:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
-import queue
 import threading
 import time
 import traceback
@@ -67,6 +70,12 @@ class Held:
     def token(self) -> uuid.UUID:
         token: uuid.UUID = self.job.lease_token
         return token
+
+
+Done = tuple[Held, "Outcome | service.Failure | None", str]
+"""An ended attempt: the job, its outcome (None: the lease was lost) and how it ended."""
+Written = tuple[set[uuid.UUID], list[Outcome]]
+"""What an outcome write did: the ids of direct outcomes written, the failures' outcomes."""
 
 
 @dataclass
@@ -180,14 +189,10 @@ class Worker:
         self.worker_id = worker_id
         self.concurrency = concurrency
         self.batch = batch
-        self.base_capacity = max(concurrency, batch)
-        # Claim one batch ahead only while jobs are short (the claim of the next batch then
-        # overlaps the outcome of the last); a long job never waits in a busy worker's buffer
-        # while another worker is idle.
+        # Runners claim `batch` jobs at a time only while jobs are short (a long job never
+        # waits behind another in a busy runner while a thread is free); see _runner.
         self._short_jobs = False
         self._mean_seconds: float | None = None
-        # Claim again once half a batch of slots is free: full batches without idle threads.
-        self.threshold = max(1, min(batch, self.base_capacity) // 2)
         self.metrics = metrics
         self.policy = service.RetryPolicy(
             base_seconds=settings.backoff_base_seconds, max_seconds=settings.backoff_max_seconds
@@ -197,12 +202,18 @@ class Worker:
         self._held: dict[uuid.UUID, Held] = {}
         self._held_lock = threading.Lock()
         self._local = threading.local()
-        self._reserved = 0
-        # SimpleQueue (C): every job crosses two queues; queue.Queue adds Python-level locking
-        # and notification to each crossing.
-        self._runnable: queue.SimpleQueue[Held | None] = queue.SimpleQueue()
-        self._done: queue.SimpleQueue[tuple[Held, Outcome | service.Failure | None, str]] = (
-            queue.SimpleQueue()
+        # Claimed jobs not started yet, shared by the runners (deque: append and popleft are
+        # atomic, and no thread is woken per job).
+        self._ready: collections.deque[Held] = collections.deque()
+        # Ended attempts waiting for the runner that writes outcomes (see _flush).
+        self._outbox: list[Done] = []
+        self._outbox_lock = threading.Lock()
+        self._writing = False
+        # Claims in flight at once in this process: one per batch of runners, plus one ahead
+        # (batch 1 at concurrency 4: four; batch 10: two). Every idle runner claiming at once
+        # would split a batch between them and send more, emptier claims.
+        self._claim_slots = threading.BoundedSemaphore(
+            min(concurrency, -(-concurrency // batch) + 1)
         )
         self._threads: list[threading.Thread] = []
         self._finish = threading.Event()
@@ -228,99 +239,139 @@ class Worker:
             conn.close()
             raise
 
-    # The claim loop.
+    # Runner threads: each claims, runs and writes outcomes itself.
 
     def run(self, stop: threading.Event) -> None:
         self._start_threads()
-        # Small batches on many threads: several claims in flight, so one claim's round trip
-        # does not idle the others (batch 1 at concurrency 4 runs four claimers).
-        claimers = [
-            threading.Thread(target=self._claim_loop, args=(stop,), name=f"claimer-{i}")
-            for i in range(1, max(1, (self.base_capacity + self.batch) // self.batch))
-        ]
-        for thread in claimers:
-            thread.start()
-        try:
-            self._claim_loop(stop)
-        finally:
-            for thread in claimers:
-                thread.join()
-            self._shutdown()
-
-    @property
-    def capacity(self) -> int:
-        return self.base_capacity + (self.batch if self._short_jobs else 0)
+        while not stop.wait(1.0):
+            pass
+        self._shutdown()
 
     def _observe(self, seconds: float) -> None:
-        """Keep a moving mean of attempt durations; jobs under SHORT_JOB_SECONDS are short."""
+        """Keep a moving mean of the handlers' run times (not claim to outcome: that grows
+        with the batch and the machine's load); jobs under SHORT_JOB_SECONDS are short."""
         mean = seconds if self._mean_seconds is None else 0.9 * self._mean_seconds + 0.1 * seconds
         self._mean_seconds = mean
         self._short_jobs = mean < SHORT_JOB_SECONDS
 
-    def _reserve(self) -> int:
-        """Slots this claimer may fill now (0: not worth a claim yet), reserved under the lock
-        so that concurrent claimers never hold more than the capacity together."""
-        with self._held_lock:
-            free = self.capacity - len(self._held) - self._reserved
-            want = min(self.batch, free)
-            if want >= self.threshold or (want > 0 and free == self.capacity):
-                self._reserved += want
-                return want
-            return 0
+    def _pop(self) -> Held | None:
+        try:
+            return self._ready.popleft()
+        except IndexError:
+            return None
 
-    def _claim_loop(self, stop: threading.Event) -> None:
+    def _runner(self) -> None:
+        """Run claimed jobs while any is ready; then write their outcomes and claim the next
+        batch (sleeping until a NOTIFY or the poll interval when nothing was due)."""
+        pending: list[Done] = []
         failing_since: float | None = None
-        while not stop.is_set():
-            want = self._reserve()
-            if want:
-                self.wake.clear()
+        own: Held | None = None
+        while True:
+            held, own = own or self._pop(), None
+            if held is not None:
+                started = time.monotonic()
+                pending.append(self._attempt(held))
+                self._observe(time.monotonic() - started)
+                # Short jobs: the outcomes are written together once no job is ready. Long
+                # ones: at once, so none waits for the next job to end.
+                if self._ready and not self._short_jobs:
+                    self._flush(pending)
+                    pending = []
+                continue
+            if pending:
+                self._flush(pending)
+                pending = []
+            if self.stopping.is_set():
+                return
+            # Long jobs: one at a time per runner, so none waits behind another while a
+            # thread (here or in another worker) is free.
+            want = self.batch if self._short_jobs else 1
+            claim: repository.Claim | None = None
+            with self._claim_slots:
+                if self._ready:
+                    continue  # a claim in flight while we waited for the slot brought jobs
                 try:
-                    jobs, contended = self._claim(want)
+                    claim = self._claim(want)
                 except DBAPIError as exc:
-                    with self._held_lock:
-                        self._reserved -= want
-                    if failing_since is None:
-                        failing_since = time.monotonic()
-                        logger.warning(
-                            "claim failed; retrying",
-                            extra={"action": "worker.claim_failed", "error": type(exc).__name__},
-                        )
-                    stop.wait(min(self.settings.poll_interval_seconds, MAX_RETRY_WAIT_SECONDS))
-                    continue
-                if failing_since is not None:
-                    logger.info("claiming again", extra={"action": "worker.claim_recovered"})
-                    failing_since = None
-                with self._held_lock:
-                    self._reserved -= want
-                    for job in jobs:
-                        self._held[job.id] = Held(job)
-                for type_, n in Counter(job.type for job in jobs).items():
-                    self.metrics.ledger.count(type_, JobStatus.QUEUED, JobStatus.RUNNING, n)
-                for job in jobs:
-                    self._runnable.put(self._held[job.id])
-                if len(jobs) == want or contended:
-                    continue
-            self.wake.wait(self.settings.poll_interval_seconds)
+                    error = exc
+            if claim is None:
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    logger.warning(
+                        "claim failed; retrying",
+                        extra={"action": "worker.claim_failed", "error": type(error).__name__},
+                    )
+                self.stopping.wait(min(self.settings.poll_interval_seconds, MAX_RETRY_WAIT_SECONDS))
+                continue
+            if failing_since is not None:
+                logger.info("claiming again", extra={"action": "worker.claim_recovered"})
+                failing_since = None
+            if claim.jobs:
+                own = self._take(claim.jobs)
+            elif not claim.contended:
+                self.wake.wait(self.settings.poll_interval_seconds)
+                self.wake.clear()
 
-    def _claim(self, limit: int) -> tuple[list[ClaimedJob], bool]:
+    def _take(self, jobs: list[ClaimedJob]) -> Held:
+        """Hold what was claimed; the first job is the claimer's own (so its next write
+        carries an outcome), the rest go to the shared deque for whichever runner is free."""
+        with self._held_lock:
+            fresh = [Held(job) for job in jobs]
+            for h in fresh:
+                self._held[h.job.id] = h
+        self._ready.extend(fresh[1:])
+        for type_, n in Counter(job.type for job in jobs).items():
+            self.metrics.ledger.count(type_, JobStatus.QUEUED, JobStatus.RUNNING, n)
+        if len(jobs) > 1:
+            self.wake.set()  # idle runners help with the batch
+        return fresh[0]
+
+    def _flush(self, ended: list[Done]) -> None:
+        """Hand ended attempts to the writer; when no runner is writing, become it and write
+        everything waiting (other runners' too) until nothing is left. One outcome statement in
+        flight per process, with every outcome that ended meanwhile (concurrent writers cost
+        PostgreSQL more per job), and no thread of its own to wake."""
+        with self._outbox_lock:
+            self._outbox.extend(ended)
+            if self._writing:
+                return
+            self._writing = True
+        while True:
+            with self._outbox_lock:
+                batch, self._outbox = self._outbox, []
+                if not batch:
+                    self._writing = False
+                    return
+            self._settle(batch, self._write(batch))
+
+    def _write(self, pending: list[Done]) -> Written:
+        """Write the outcomes of ended attempts; one statement when none failed (failures read
+        their rows for the retry rule: a transaction). Retried through an outage: an outcome is
+        never dropped while its lease may still be held."""
+        direct = [o for _, o, _ in pending if isinstance(o, Outcome)]
+        failures = [o for _, o, _ in pending if isinstance(o, service.Failure)]
+
+        def write() -> Written:
+            if not failures:
+                with self.autocommit() as conn:
+                    return repository.write_outcomes(conn, direct), []
+            with self.engine.begin() as conn:
+                written = repository.write_outcomes(conn, direct)
+                return written, service.fail_attempts(conn, failures, policy=self.policy)
+
+        result: Written = _retrying("writing outcomes", write)
+        return result
+
+    def _claim(self, limit: int) -> repository.Claim:
         with self.autocommit() as conn:
             claim = repository.claim(
                 conn, worker_id=self.worker_id, limit=limit,
                 lease_seconds=self.settings.lease_seconds,
             )  # fmt: skip
         self.metrics.claims.inc()
-        return claim.jobs, claim.contended
+        return claim
 
-    # Runner threads.
-
-    def _runner(self) -> None:
-        while True:
-            held = self._runnable.get()
-            if held is None:
-                return
-            self._done.put(self._attempt(held))
-
-    def _attempt(self, held: Held) -> tuple[Held, Outcome | service.Failure | None, str]:  # noqa: PLR0911 - one return per way an attempt ends
+    def _attempt(self, held: Held) -> Done:  # noqa: PLR0911 - one return per way an attempt ends
         job = held.job
         if self.stopping.is_set():
             return held, service.released(job), "released"
@@ -350,37 +401,9 @@ class Worker:
     def _failure(job: ClaimedJob, code: str, message: str, *, retryable: bool) -> service.Failure:
         return service.Failure(job.id, job.lease_token, code, message, retryable)
 
-    # The completer.
-
-    def _completer(self) -> None:
-        while True:
-            try:
-                first = self._done.get(timeout=0.2)
-            except queue.Empty:
-                if self._finish.is_set():
-                    return
-                continue
-            batch = [first]
-            while len(batch) < 1000:
-                try:
-                    batch.append(self._done.get_nowait())
-                except queue.Empty:
-                    break
-            self._complete(batch)
-
-    def _complete(self, batch: list[tuple[Held, Outcome | service.Failure | None, str]]) -> None:
-        direct = [o for _, o, _ in batch if isinstance(o, Outcome)]
-        failures = [o for _, o, _ in batch if isinstance(o, service.Failure)]
-
-        def write() -> tuple[set[uuid.UUID], list[Outcome]]:
-            if not failures:
-                with self.autocommit() as conn:
-                    return repository.write_outcomes(conn, direct), []
-            with self.engine.begin() as conn:
-                written = repository.write_outcomes(conn, direct)
-                return written, service.fail_attempts(conn, failures, policy=self.policy)
-
-        written, failed = _retrying("writing outcomes", write)
+    def _settle(self, batch: list[Done], written_and_failed: Written) -> None:
+        """Count, log and forget the attempts whose outcomes were just written."""
+        written, failed = written_and_failed
         by_id = {o.job_id: o for o in failed}
         now = time.monotonic()
         for held, outcome, how in batch:
@@ -409,10 +432,8 @@ class Worker:
                         },
                     )
             self.metrics.observe_attempt(job.type, label, now - held.claimed_at)
-            self._observe(now - held.claimed_at)
             with self._held_lock:
                 self._held.pop(job.id, None)
-        self.wake.set()
 
     # The keeper: heartbeat and reaper.
 
@@ -526,7 +547,7 @@ class Worker:
         targets: list[tuple[str, Callable[[], None]]] = [
             (f"runner-{i}", self._runner) for i in range(self.concurrency)
         ]
-        targets += [("completer", self._completer), ("keeper", self._keeper)]
+        targets.append(("keeper", self._keeper))
         if self.settings.listen:
             targets.append(("listener", self._listener))
         for name, target in targets:
@@ -539,18 +560,17 @@ class Worker:
         up to the grace for the rest; a job still running after it keeps its lease until it
         expires, then the reaper requeues it."""
         self.stopping.set()
+        self.wake.set()
         deadline = time.monotonic() + self.settings.shutdown_grace_seconds
         while time.monotonic() < deadline:
             with self._held_lock:
                 if not self._held:
                     break
             time.sleep(0.05)
-        for _ in range(self.concurrency):
-            self._runnable.put(None)
         self._finish.set()
         for thread in self._threads:
-            if thread.name in {"completer", "keeper"}:
-                thread.join(timeout=5)
+            # Runners are done once nothing is held (or stuck in a handler past the grace).
+            thread.join(timeout=5 if thread.name == "keeper" else 0.5)
         if self.archive is not None:
             self.archive.close()
         with self._held_lock:

@@ -1,8 +1,10 @@
-"""A private PostgreSQL cluster started from the machine's own binaries.
+"""A private PostgreSQL cluster started from the machine's own binaries, and the one way to
+create a database on a server.
 
-Used by `heimdex db verify` (a throwaway database that needs no configuration), by `heimdex dev`
-and by the test suite. PostgreSQL refuses to run as root, so when we are root the cluster's
-files belong to an unprivileged user and its processes run as that user (`runuser`).
+Tooling, not runtime: `heimdex db verify` (a throwaway cluster that needs no configuration),
+`heimdex dev` (heimdex_dev), the tests and the benches. No process the image runs reaches it
+(import-linter, pyproject.toml). PostgreSQL refuses to run as root, so when we are root the
+cluster's files belong to an unprivileged user and its processes run as that user (`runuser`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.engine import URL
 
 from heimdex_common.errors import HeimdexError
@@ -55,6 +58,33 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def create_database(
+    conn: Connection, name: str, *, template: str | None = None, owner: str | None = None
+) -> None:
+    """`CREATE DATABASE name` on an autocommit connection (the statement refuses a transaction),
+    optionally as a copy of `template` and owned by `owner`."""
+    quote = conn.dialect.identifier_preparer.quote
+    clauses = (f" TEMPLATE {quote(template)}" if template else "") + (
+        f" OWNER {quote(owner)}" if owner else ""
+    )
+    conn.execute(text(f"CREATE DATABASE {quote(name)}{clauses}"))
+
+
+def ensure_database(admin_url: URL, name: str) -> URL:
+    """The URL of database `name` on the server of `admin_url`, created when missing."""
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            exists = conn.execute(
+                text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}
+            ).scalar()
+            if not exists:
+                create_database(conn, name)
+    finally:
+        engine.dispose()
+    return admin_url.set(database=name)
 
 
 def _unprivileged_user() -> str | None:
@@ -101,6 +131,16 @@ class LocalPostgres:
         return URL.create(
             DRIVER, username=SUPERUSER, host="127.0.0.1", port=self.port, database=database
         )
+
+    def create_database(self, name: str, *, template: str | None = None) -> URL:
+        """A new database `name` on this cluster (a copy of `template`, if given); its URL."""
+        engine = create_engine(self.url(), isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                create_database(conn, name, template=template)
+        finally:
+            engine.dispose()
+        return self.url(name)
 
     def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
         user = _unprivileged_user()

@@ -153,12 +153,17 @@ def configure_logging(
     stream_level: int | str | None = None,
     file: Path | None = None,
     color: bool = True,
+    quiet_chatter: bool = True,
 ) -> None:
-    """The one logging setup of every entrypoint (api, worker, dev, db).
+    """The one logging setup of every entrypoint (api, worker, dev, db, jobs prune, and plain
+    `alembic` through env.py); nothing else installs a handler (ruff bans `logging.basicConfig`
+    and `logging.config`).
 
     `process` names the lines (`api`, `worker`, ...). `fmt` picks the stream's format (the
     `HEIMDEX_LOG_FORMAT` setting). `stream_level` raises the stream's threshold above `level`
-    when a `file` (always JSON) keeps everything, as `heimdex dev` does.
+    when a `file` (always JSON) keeps everything, as `heimdex dev` does. `quiet_chatter` off
+    keeps the `CHATTER` lines at their level: plain `alembic` has no lines of ours to replace
+    its "Running upgrade" ones.
     """
     root_level = _level(level)
     out = stream if stream is not None else sys.stderr
@@ -173,7 +178,8 @@ def configure_logging(
         to_file.setLevel(root_level)
         handlers.append(to_file)
     for h in handlers:
-        h.addFilter(ChatterFilter(show=root_level <= logging.DEBUG))
+        if quiet_chatter:
+            h.addFilter(ChatterFilter(show=root_level <= logging.DEBUG))
         h._heimdex = True  # type: ignore[attr-defined]
     root = logging.getLogger()
     # Replaces an earlier call's handlers only: a host's own (pytest's capture) stay.

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
 from enum import StrEnum
 from functools import cached_property
 from typing import Any, Literal
@@ -19,14 +24,87 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 
 from heimdex_common.errors import HeimdexError
-from heimdex_common.ledger.retention import RetentionPolicy
 from heimdex_common.logs import LogFormat
+from heimdex_common.models import JobStatus
 
 DRIVER = "postgresql+psycopg"
 # At least 32 bytes, as RFC 7518 asks of an HS256 key (PyJWT warns below that).
 PLACEHOLDER_JWT_SECRET = "local-dev-secret-change-me-not-for-prod"  # noqa: S105 - local only
 # Earlier placeholders, refused outside local too.
 _OLD_PLACEHOLDERS = ("local-dev-secret-change-me",)
+
+
+SUCCEEDED_GROUP = (JobStatus.SUCCEEDED, JobStatus.CANCELED)
+FAILED_GROUP = (JobStatus.FAILED, JobStatus.DEAD_LETTER)
+_AGE = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)?\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_OFF = ("", "off", "never", "none")
+
+
+def parse_age(value: str) -> timedelta | None:
+    """`30d`, `12h`, `90m`, `3600s` (or `3600`), `2w`; `off`/`never` is None (keep forever)."""
+    raw = value.strip().lower()
+    if raw in _OFF:
+        return None
+    match = _AGE.match(raw)
+    if match is None or int(match.group(1)) <= 0:
+        raise HeimdexError(
+            f"a retention age looks like 30d, 12h, 90m, 3600s or 2w (or 'off'), not {value!r}"
+        )
+    return timedelta(**{_UNITS[match.group(2) or "s"]: int(match.group(1))})
+
+
+def format_age(age: timedelta | None) -> str:
+    if age is None:
+        return "off"
+    seconds = int(age.total_seconds())
+    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@dataclass(frozen=True)
+class Ages:
+    """How long finished jobs are kept: `succeeded` for succeeded and canceled jobs, `failed`
+    for failed and dead-lettered ones; None keeps them forever."""
+
+    succeeded: timedelta | None
+    failed: timedelta | None
+
+    def for_status(self, status: JobStatus) -> timedelta | None:
+        return self.succeeded if status in SUCCEEDED_GROUP else self.failed
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """The deployment's ages, and orgs that keep their jobs for other ages."""
+
+    default: Ages
+    orgs: Mapping[uuid.UUID, Ages] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, succeeded: str, failed: str, orgs: str = "") -> RetentionPolicy:
+        """From the settings' strings; `orgs` is `ORG=SUCCEEDED/FAILED` entries, comma-separated
+        (`0b5d...=90d/1y`-style ages as in `parse_age`; one age alone applies to both)."""
+        overrides: dict[uuid.UUID, Ages] = {}
+        for entry in (e.strip() for e in orgs.split(",")):
+            if not entry:
+                continue
+            org, sep, ages = entry.partition("=")
+            try:
+                org_id = uuid.UUID(org.strip())
+            except ValueError:
+                raise HeimdexError(
+                    f"a per-org retention looks like ORG_UUID=30d/90d, not {entry!r}"
+                ) from None
+            if not sep:
+                raise HeimdexError(
+                    f"a per-org retention looks like ORG_UUID=30d/90d, not {entry!r}"
+                )
+            first, _, second = ages.partition("/")
+            overrides[org_id] = Ages(parse_age(first), parse_age(second or first))
+        return cls(Ages(parse_age(succeeded), parse_age(failed)), overrides)
 
 
 class Environment(StrEnum):
@@ -201,6 +279,16 @@ def _parse(raw: str) -> URL:
 def describe_url(url: URL) -> str:
     """`host:port/database` for messages; never includes the password."""
     return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
+
+
+def log_options_or_defaults() -> dict[str, Any]:
+    """`configure_logging` keywords from the environment's settings, or the defaults when the
+    settings do not load (a prod env without its secret): a command that needs none of them,
+    a migration, must not fail on that."""
+    try:
+        return load_settings().log_options
+    except HeimdexError:
+        return {"fmt": LogFormat.AUTO, "level": "info"}
 
 
 def load_settings() -> Settings:

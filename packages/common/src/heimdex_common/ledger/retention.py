@@ -18,10 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -32,99 +31,16 @@ from sqlalchemy import Connection, Engine, Row, text
 from heimdex_common.errors import HeimdexError
 from heimdex_common.models import JobStatus
 
+# The ages are configuration: the settings parse them (an unreadable age fails at startup) into
+# the policy this pass walks.
+from heimdex_common.settings import FAILED_GROUP, SUCCEEDED_GROUP, RetentionPolicy, format_age
+
 logger = logging.getLogger(__name__)
 
 # pg_try_advisory_lock(bigint): "heimdex retention" in the low bytes of a fixed key.
 ADVISORY_LOCK_KEY = 0x48_44_58_52_45_54_4E
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_LOCK_TIMEOUT_MS = 100
-SUCCEEDED_GROUP = (JobStatus.SUCCEEDED, JobStatus.CANCELED)
-FAILED_GROUP = (JobStatus.FAILED, JobStatus.DEAD_LETTER)
-_AGE = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)?\s*$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-_OFF = ("", "off", "never", "none")
-
-
-def parse_age(value: str) -> timedelta | None:
-    """`30d`, `12h`, `90m`, `3600s` (or `3600`), `2w`; `off`/`never` is None (keep forever)."""
-    raw = value.strip().lower()
-    if raw in _OFF:
-        return None
-    match = _AGE.match(raw)
-    if match is None or int(match.group(1)) <= 0:
-        raise HeimdexError(
-            f"a retention age looks like 30d, 12h, 90m, 3600s or 2w (or 'off'), not {value!r}"
-        )
-    return timedelta(**{_UNITS[match.group(2) or "s"]: int(match.group(1))})
-
-
-def format_age(age: timedelta | None) -> str:
-    if age is None:
-        return "off"
-    seconds = int(age.total_seconds())
-    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
-@dataclass(frozen=True)
-class Ages:
-    """How long finished jobs are kept: `succeeded` for succeeded and canceled jobs, `failed`
-    for failed and dead-lettered ones; None keeps them forever."""
-
-    succeeded: timedelta | None
-    failed: timedelta | None
-
-    def for_status(self, status: JobStatus) -> timedelta | None:
-        return self.succeeded if status in SUCCEEDED_GROUP else self.failed
-
-
-@dataclass(frozen=True)
-class RetentionPolicy:
-    """The deployment's ages, and orgs that keep their jobs for other ages."""
-
-    default: Ages
-    orgs: Mapping[uuid.UUID, Ages] = field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, succeeded: str, failed: str, orgs: str = "") -> RetentionPolicy:
-        """From the settings' strings; `orgs` is `ORG=SUCCEEDED/FAILED` entries, comma-separated
-        (`0b5d...=90d/1y`-style ages as in `parse_age`; one age alone applies to both)."""
-        overrides: dict[uuid.UUID, Ages] = {}
-        for entry in (e.strip() for e in orgs.split(",")):
-            if not entry:
-                continue
-            org, sep, ages = entry.partition("=")
-            try:
-                org_id = uuid.UUID(org.strip())
-            except ValueError:
-                raise HeimdexError(
-                    f"a per-org retention looks like ORG_UUID=30d/90d, not {entry!r}"
-                ) from None
-            if not sep:
-                raise HeimdexError(
-                    f"a per-org retention looks like ORG_UUID=30d/90d, not {entry!r}"
-                )
-            first, _, second = ages.partition("/")
-            overrides[org_id] = Ages(parse_age(first), parse_age(second or first))
-        return cls(Ages(parse_age(succeeded), parse_age(failed)), overrides)
-
-    def targets(self) -> list[Target]:
-        """One walk per (status, org or everyone else) that has an age, in a stable order."""
-        others = tuple(sorted(self.orgs))
-        found = [
-            Target(status, age, None, others)
-            for status in (*SUCCEEDED_GROUP, *FAILED_GROUP)
-            if (age := self.default.for_status(status)) is not None
-        ]
-        for org_id in others:
-            found.extend(
-                Target(status, age, org_id, ())
-                for status in (*SUCCEEDED_GROUP, *FAILED_GROUP)
-                if (age := self.orgs[org_id].for_status(status)) is not None
-            )
-        return found
 
 
 @dataclass(frozen=True)
@@ -155,6 +71,23 @@ class Target:
 
     def params(self, now: datetime) -> dict[str, Any]:
         return {"cutoff": now - self.age, "org": self.org_id, "excluded": list(self.excluded)}
+
+
+def targets(policy: RetentionPolicy) -> list[Target]:
+    """One walk per (status, org or everyone else) that has an age, in a stable order."""
+    others = tuple(sorted(policy.orgs))
+    found = [
+        Target(status, age, None, others)
+        for status in (*SUCCEEDED_GROUP, *FAILED_GROUP)
+        if (age := policy.default.for_status(status)) is not None
+    ]
+    for org_id in others:
+        found.extend(
+            Target(status, age, org_id, ())
+            for status in (*SUCCEEDED_GROUP, *FAILED_GROUP)
+            if (age := policy.orgs[org_id].for_status(status)) is not None
+        )
+    return found
 
 
 class Archive(Protocol):
@@ -263,7 +196,7 @@ def dry_run(
     """What a pass would delete now, counted (jobs, and their events); deletes nothing."""
     now = now or conn.execute(text("SELECT now()")).scalar_one()
     result = PruneResult(dry_run=True)
-    for target in policy.targets():
+    for target in targets(policy):
         row = conn.execute(
             text(
                 f"SELECT count(*) AS jobs, coalesce(sum(e.n), 0) AS events FROM job AS j"
@@ -369,7 +302,7 @@ def _walk(
     now = conn.execute(text("SELECT now()")).scalar_one()
     conn.commit()
     last_log = time.monotonic()
-    for target in policy.targets():
+    for target in targets(policy):
         count = result.by_target.setdefault(target.label, Count())
         params = target.params(now)
         after: tuple[datetime, uuid.UUID] = (_EPOCH, _NIL)

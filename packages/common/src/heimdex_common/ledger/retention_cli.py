@@ -10,7 +10,7 @@ from heimdex_common.db import make_engine
 from heimdex_common.errors import HeimdexError
 from heimdex_common.ledger import retention
 from heimdex_common.logs import configure_logging
-from heimdex_common.settings import load_settings
+from heimdex_common.settings import Ages, RetentionPolicy, load_settings, parse_age
 
 
 def _table(result: retention.PruneResult, verb: str) -> str:
@@ -78,8 +78,8 @@ def prune(
     configure_logging("prune", **settings.log_options)
     policy = settings.retention_policy
     if older_than is not None:
-        age = retention.parse_age(older_than)
-        policy = retention.RetentionPolicy(retention.Ages(age, age), policy.orgs)
+        age = parse_age(older_than)
+        policy = RetentionPolicy(Ages(age, age), policy.orgs)
     engine = make_engine(database_url or settings.sqlalchemy_url)
     try:
         if dry_run:

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import click
 from alembic import command
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import URL
 
+from heimdex_api.auth import issue_token
 from heimdex_common.errors import HeimdexError
-from heimdex_common.localpg import LocalPostgres, free_port
+from heimdex_common.localpg import LocalPostgres, ensure_database, free_port
 from heimdex_common.logs import JsonFormatter, configure_logging, make_formatter, render_json_line
 from heimdex_common.migrations.config import PACKAGE_ROOT, alembic_config
 from heimdex_common.settings import Environment, Settings, load_settings
@@ -47,20 +46,6 @@ def dev_processes(api_port: int) -> dict[str, list[str]]:
         "api": ["api", "--host", "127.0.0.1", "--port", str(api_port)],
         "worker": ["worker"],
     }
-
-
-def ensure_database(admin_url: URL, name: str) -> URL:
-    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            exists = conn.execute(
-                text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}
-            ).scalar()
-            if not exists:
-                conn.execute(text(f'CREATE DATABASE "{name}"'))
-    finally:
-        engine.dispose()
-    return admin_url.set(database=name)
 
 
 def dev_org(state_dir: Path) -> uuid.UUID:
@@ -191,8 +176,6 @@ class DevStack:
         return {name: self.logs_dir / f"{name}.log" for name in (SELF, *self.processes)}
 
     def start(self) -> tuple[str, str]:
-        from heimdex_api.auth import issue_token  # noqa: PLC0415 - dev only; apps stay apart
-
         ensure_port_free(self.api_port)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o755)  # noqa: S103 - the PostgreSQL user must traverse it
