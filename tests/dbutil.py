@@ -6,7 +6,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
 from heimdex_common.migrations.config import migration_context
-from heimdex_common.migrations.schema import Snapshot, snapshot
+from heimdex_common.migrations.verify.schema import Snapshot, snapshot
 
 
 def scalar(url: URL, sql: str) -> object:

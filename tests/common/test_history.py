@@ -9,7 +9,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
 from heimdex_common.migrations.config import alembic_config, script_directory
-from heimdex_common.migrations.schema import render_diff, without_access_control
+from heimdex_common.migrations.verify.schema import render_diff, without_access_control
 from heimdex_common.models import Base
 from tests.dbutil import schema_of, version_of
 

@@ -13,7 +13,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 
 from heimdex_common.migrations.config import alembic_config
-from heimdex_common.migrations.schema import render_diff, snapshot
+from heimdex_common.migrations.verify.schema import render_diff, snapshot
 
 REVISION, BEFORE = "4c2f9a1e7b3d", "3af4686817cc"
 

@@ -14,7 +14,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
 from heimdex_common.migrations.config import alembic_config
-from heimdex_common.migrations.schema import snapshot
+from heimdex_common.migrations.verify.schema import snapshot
 
 PRE_LEDGER_JOBS = """
 CREATE TABLE jobs (

@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy.engine import URL
 
 from heimdex_common.errors import HeimdexError
+from heimdex_common.migrations.context import DbContext
 from heimdex_common.migrations.migrate import upgrade
 from tests.dbutil import execute, scalar, version_of
 
@@ -52,7 +53,7 @@ def test_set_takes_the_common_rows_and_steps_the_others(
         """,
         header=HEADER,
     )
-    upgrade(config=history.ini, database_url=db_url)
+    upgrade(DbContext.build(history.ini, database_url=db_url))
     assert version_of(db_url) == "bf0000000001"
     by_region = scalar(
         db_url,
@@ -81,5 +82,5 @@ def test_a_batch_that_leaves_its_rows_pending_stops_the_upgrade(
         header=HEADER,
     )
     with pytest.raises(HeimdexError, match="still pending"):
-        upgrade(config=history.ini, database_url=db_url)
+        upgrade(DbContext.build(history.ini, database_url=db_url))
     assert version_of(db_url) == head

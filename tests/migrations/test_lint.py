@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from heimdex_common.migrations.lint import MARKER, lint
-from heimdex_common.migrations.lint_rls import RLS_BASELINE_REVISION
+import pytest
+
+from heimdex_common.errors import HeimdexError
+from heimdex_common.migrations.context import DbContext
+from heimdex_common.migrations.lint.command import MARKER, lint
+from heimdex_common.migrations.lint.findings import OWN_RULES, RLS_BASELINE_REVISION
 
 from .conftest import COMMON, HistoryCopy, heimdex, revisions_of
 
@@ -97,7 +101,7 @@ def test_a_table_created_in_the_same_revision_is_not_flagged(history: HistoryCop
         op.drop_table("job_tag")
         """,
     )
-    report = lint(config=history.ini, revisions=["new0"])
+    report = lint(DbContext.build(history.ini), revisions=["new0"])
     assert report.findings == []
 
 
@@ -120,7 +124,7 @@ def test_a_marker_acknowledges_one_finding_and_needs_a_reason(history: HistoryCo
         op.drop_index("idx_job_event__next_status")
         """,
     )
-    report = lint(config=history.ini, revisions=["ack"])
+    report = lint(DbContext.build(history.ini), revisions=["ack"])
     rendered = [f.render() for f in report.findings]
     priority = _line_of(path, 'idx_job__priority", "job')
     assert report.acknowledged == 1
@@ -174,7 +178,7 @@ def test_a_table_created_without_rls_after_the_baseline_is_flagged(history: Hist
             '    op.execute("CREATE TABLE job_audit',
         )
     )
-    report = lint(config=history.ini, revisions=["rls0"])
+    report = lint(DbContext.build(history.ini), revisions=["rls0"])
     assert (report.findings, report.acknowledged) == ([], 1)
 
 
@@ -209,7 +213,7 @@ def test_a_table_created_with_rls_after_the_baseline_passes(history: HistoryCopy
 def test_revisions_up_to_the_baseline_are_not_checked_for_rls() -> None:
     """001 and 3af created job and job_event without RLS; the baseline revision covers them."""
     assert RLS_BASELINE_REVISION in revisions_of()
-    report = lint()
+    report = lint(DbContext.build())
     assert [f for f in report.findings if f.rule == "table-without-rls"] == []
 
 
@@ -231,7 +235,7 @@ def test_what_breaks_the_online_promise_is_flagged_at_its_line(history: HistoryC
             op.execute("ALTER TABLE job DROP COLUMN note")
         """,
     )
-    report = lint(config=history.ini, revisions=["onl"])
+    report = lint(DbContext.build(history.ini), revisions=["onl"])
     found = {(f.line, f.rule) for f in report.findings}
     expected = {
         (_line_of(path, "TYPE varchar(200)"), "table-rewrite"),
@@ -266,5 +270,37 @@ def test_a_revision_written_with_the_online_toolkit_passes(history: HistoryCopy)
         header="from heimdex_common.migrations.online import (\n"
         "    add_check, backfill, create_index, ddl, online, set_lock_timeout,\n)\n",
     )
-    report = lint(config=history.ini, revisions=["onl"])
+    report = lint(DbContext.build(history.ini), revisions=["onl"])
     assert report.findings == []
+
+
+def test_sql_is_read_as_postgresql_reads_it(history: HistoryCopy) -> None:
+    """Comments, string literals and DO bodies are what they are, not SQL the rules misread."""
+    path = history.add_revision(
+        "pg0000000001",
+        history.head,
+        """
+        op.execute("/* writers must not wait */ SET LOCAL lock_timeout = '5s'")
+        op.execute("COMMENT ON TABLE job IS 'CREATE TYPE fake AS ENUM (''a'')'")
+        op.execute("-- one statement, on purpose\\nUPDATE job SET stage = 'no LIMIT here'")
+        op.execute("ALTER TABLE job ADD CHECK (attempt >= 0)")
+        op.execute("DO $body$ BEGIN UPDATE job SET stage = NULL; END $body$")
+        """,
+        LOCK,
+    )
+    report = lint(DbContext.build(history.ini), ["pg00"])
+    found = {(f.line, f.rule) for f in report.findings if f.rule in OWN_RULES}
+    # The regex grammar missed the first two (a LIMIT in a string, a leading comment; an
+    # unnamed constraint) and flagged a missing lock_timeout and a fake enum never dropped.
+    assert found == {
+        (_line_of(path, "no LIMIT here"), "backfill-in-one-statement"),
+        (_line_of(path, "ADD CHECK"), "validation-under-lock"),
+    }
+
+
+def test_sql_the_database_would_reject_is_an_error_naming_its_line(history: HistoryCopy) -> None:
+    path = history.add_revision(
+        "pg0000000002", history.head, f'{LOCK}\nop.execute("ALTER TABLE job ADD COLUMN")', LOCK
+    )
+    with pytest.raises(HeimdexError, match=f"{path}:{_line_of(path, 'ADD COLUMN')}: PostgreSQL"):
+        lint(DbContext.build(history.ini), ["pg00"])

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from sqlalchemy.engine import URL
 
-from heimdex_common.migrations.lint import lint
+from heimdex_common.migrations.context import DbContext
+from heimdex_common.migrations.lint.command import lint
 
 from .conftest import REPO, HistoryCopy, clean_env, heimdex, read_only, url_arg
 
@@ -57,7 +58,7 @@ def test_column_cannot_be_cast_automatically_lint_names_the_missing_using(
         op.execute("DROP TYPE job_priority")
         """,
     )
-    report = lint(config=history.ini, revisions=["enum0"])
+    report = lint(DbContext.build(history.ini), revisions=["enum0"])
     rules = [(f.path, f.rule) for f in report.findings]
     assert (path, "enum-without-using") in rules
     # (autogenerate renders USING: test_revision.test_varchar_to_enum_autogenerates_...)

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy.engine import URL
 
 from heimdex_common.errors import HeimdexError
+from heimdex_common.migrations.context import DbContext
 from heimdex_common.migrations.migrate import downgrade, upgrade
 from heimdex_common.migrations.revision import revision
 from heimdex_common.migrations.status import StatusCode, status
@@ -35,7 +36,7 @@ def test_autogenerate_refuses_a_database_that_is_not_at_head(
 
 def test_a_plain_revision_is_formatted_and_follows_head(history: HistoryCopy) -> None:
     head = history.head
-    path = revision("add job region", rev_id="aa11bb22cc33", config=history.ini)
+    path = revision(DbContext.build(history.ini), "add job region", rev_id="aa11bb22cc33")
     assert path == history.versions / "aa11bb22cc33_add_job_region.py"
     text = path.read_text()
     assert f'down_revision = "{head}"' in text
@@ -61,13 +62,9 @@ def test_varchar_to_enum_autogenerates_create_type_and_using_and_applies(
         "DROP TYPE job_backoff_policy",
         "INSERT INTO job (org_id, type, backoff_policy) VALUES (gen_random_uuid(), 't', 'fixed')",
     )
-    path = revision(
-        "backoff policy as enum",
-        autogenerate=True,
-        rev_id="e0e0e0e0e0e0",
-        config=history.ini,
-        database_url=db_url,
-    )
+    # One context for the whole session: the revision written is in its history afterwards.
+    ctx = DbContext.build(history.ini, database_url=db_url)
+    path = revision(ctx, "backoff policy as enum", autogenerate=True, rev_id="e0e0e0e0e0e0")
     text = path.read_text()
     assert 'postgresql_using="backoff_policy::job_backoff_policy"' in text or (
         "postgresql_using='backoff_policy::job_backoff_policy'" in text
@@ -76,12 +73,12 @@ def test_varchar_to_enum_autogenerates_create_type_and_using_and_applies(
     assert ".create(op.get_bind())" in text
     assert ".drop(op.get_bind())" in text  # the downgrade drops the type it created
     # It applies on the row holding 'fixed', and the models then match the database.
-    upgrade(config=history.ini, database_url=db_url)
-    result = status(config=history.ini, database_url=db_url)
+    upgrade(ctx)
+    result = status(ctx)
     assert result.code is StatusCode.AT_HEAD, result
     # And the generated downgrade works too (enum -> VARCHAR around the default as well).
-    downgrade(head, config=history.ini, database_url=db_url)
-    upgrade(config=history.ini, database_url=db_url)
+    downgrade(ctx, head)
+    upgrade(ctx)
 
 
 def test_output_dir_receives_the_file_and_the_history_stays_untouched(
@@ -89,33 +86,30 @@ def test_output_dir_receives_the_file_and_the_history_stays_untouched(
 ) -> None:
     out = tmp_path / "out" / "nested"
     before = sorted(p.name for p in history.versions.iterdir())
-    path = revision("elsewhere", rev_id="ff00ff00ff00", output_dir=out, config=history.ini)
+    path = revision(
+        DbContext.build(history.ini), "elsewhere", rev_id="ff00ff00ff00", output_dir=out
+    )
     assert path.parent == out
     assert sorted(p.name for p in history.versions.iterdir()) == before
 
 
 def test_an_empty_message_is_refused(history: HistoryCopy) -> None:
     with pytest.raises(HeimdexError, match="-m/--message"):
-        revision("  ", config=history.ini)
+        revision(DbContext.build(history.ini), "  ")
 
 
 def test_a_new_index_on_an_existing_table_is_generated_concurrent_and_applies(
     history: HistoryCopy, db_url: URL
 ) -> None:
     execute(db_url, "DROP INDEX idx_job__status_created_at")
-    path = revision(
-        "status index back",
-        autogenerate=True,
-        rev_id="c0c0c0c0c0c0",
-        config=history.ini,
-        database_url=db_url,
-    )
+    ctx = DbContext.build(history.ini, database_url=db_url)
+    path = revision(ctx, "status index back", autogenerate=True, rev_id="c0c0c0c0c0c0")
     text = path.read_text()
     upgrade_body = text.split("def upgrade() -> None:")[1].split("def downgrade()")[0]
     assert "with op.get_context().autocommit_block():" in upgrade_body
     assert "postgresql_concurrently=True" in upgrade_body
-    upgrade(config=history.ini, database_url=db_url)
-    result = status(config=history.ini, database_url=db_url)
+    upgrade(ctx)
+    result = status(ctx)
     assert result.code is StatusCode.AT_HEAD, result
     compiled = subprocess.run(
         [sys.executable, "-m", "alembic", "-c", str(history.ini), "upgrade",

@@ -12,11 +12,12 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
-from heimdex_common.migrations.artifacts import ArtifactsStale, compile_artifacts, sql
 from heimdex_common.migrations.config import alembic_config
+from heimdex_common.migrations.context import DbContext
 from heimdex_common.migrations.migrate import upgrade
-from heimdex_common.migrations.schema import render_diff, snapshot
 from heimdex_common.migrations.status import status
+from heimdex_common.migrations.supabase.artifacts import ArtifactsStale, compile_artifacts, sql
+from heimdex_common.migrations.verify.schema import render_diff, snapshot
 from tests.dbutil import scalar
 
 from .conftest import COMMON, REPO, HistoryCopy, clean_env, heimdex, revisions_of, url_arg
@@ -63,8 +64,8 @@ def test_committed_artifacts_are_the_playbook_commands_output_byte_for_byte() ->
 def test_check_passes_on_the_repository_and_twice_compiled_is_identical(tmp_path: Path) -> None:
     proc = heimdex("db", "sql", "--check")
     assert proc.returncode == 0, proc.stderr
-    sql(output_dir=tmp_path / "a")
-    sql(output_dir=tmp_path / "b")
+    sql(DbContext.build(), output_dir=tmp_path / "a")
+    sql(DbContext.build(), output_dir=tmp_path / "b")
     for first in (tmp_path / "a").iterdir():
         assert first.read_bytes() == (tmp_path / "b" / first.name).read_bytes()
 
@@ -73,7 +74,7 @@ def test_check_fails_naming_the_file_after_a_revision_changes(
     history: HistoryCopy, tmp_path: Path
 ) -> None:
     out = tmp_path / "migrations"
-    sql(config=history.ini, output_dir=out)
+    sql(DbContext.build(history.ini), output_dir=out)
     hardening = history.versions / "3af4686817cc_hardening_job_ledger_enums_indexes.py"
     hardening.write_text(
         hardening.read_text().replace(
@@ -91,7 +92,7 @@ def test_check_fails_naming_the_file_after_a_revision_changes(
 
 def test_check_names_missing_and_unexpected_files(history: HistoryCopy, tmp_path: Path) -> None:
     out = tmp_path / "migrations"
-    compiled = len(sql(config=history.ini, output_dir=out).written)
+    compiled = len(sql(DbContext.build(history.ini), output_dir=out).written)
     history.add_revision(
         "beef00000001",
         history.head,
@@ -100,7 +101,7 @@ def test_check_names_missing_and_unexpected_files(history: HistoryCopy, tmp_path
     )
     (out / "0009_hand_written.sql").write_text("SELECT 1;\n")
     with pytest.raises(ArtifactsStale) as info:
-        sql(config=history.ini, output_dir=out, check=True)
+        sql(DbContext.build(history.ini), output_dir=out, check=True)
     missing = out / f"{compiled + 1:04d}_add_job_region.sql"
     assert f"{missing}: missing (compiled from revision beef00000001)" in str(info.value)
     assert f"{out / '0009_hand_written.sql'}: unexpected" in str(info.value)
@@ -160,7 +161,7 @@ def test_a_statement_that_cannot_run_in_a_transaction_gets_a_file_of_its_own(
         message="job region",
     )
     out = tmp_path / "migrations"
-    sql(config=history.ini, output_dir=out)
+    sql(DbContext.build(history.ini), output_dir=out)
     names = sorted(p.name for p in out.iterdir())
     n = len(existing)
     assert names == [
@@ -193,9 +194,11 @@ def test_a_statement_that_cannot_run_in_a_transaction_gets_a_file_of_its_own(
     assert whole == playbook
     _apply_like_supabase(empty_db_url, [out / name for name in names])
     by_alembic = create_database()
-    upgrade(config=history.ini, database_url=by_alembic)
+    upgrade(DbContext.build(history.ini, database_url=by_alembic))
     assert _schema(empty_db_url) == _schema(by_alembic)
-    assert status(config=history.ini, database_url=empty_db_url).current == ("face00000001",)
+    assert status(DbContext.build(history.ini, database_url=empty_db_url)).current == (
+        "face00000001",
+    )
 
 
 def test_the_online_revision_s_artifacts_on_rows_do_what_the_upgrade_does(
@@ -203,7 +206,7 @@ def test_the_online_revision_s_artifacts_on_rows_do_what_the_upgrade_does(
 ) -> None:
     """3af4686817cc's files (batched backfill as a DO block that COMMITs) on real rows."""
     seed = create_database()
-    upgrade("001_job_ledger_init", database_url=seed)
+    upgrade(DbContext.build(database_url=seed), "001_job_ledger_init")
     engine = create_engine(seed)
     with engine.begin() as conn:
         conn.execute(text(LOAD), {"rows": 30_000})
@@ -220,7 +223,7 @@ def test_the_online_revision_s_artifacts_on_rows_do_what_the_upgrade_does(
         if a.revision == "3af4686817cc"
     ]
     _apply_like_supabase(by_files, files)
-    upgrade("3af4686817cc", database_url=by_upgrade)
+    upgrade(DbContext.build(database_url=by_upgrade), "3af4686817cc")
     assert scalar(by_files, "SELECT count(*) FROM job") == 30_000
     assert scalar(by_files, ROWS_CHECKSUM) == scalar(by_upgrade, ROWS_CHECKSUM)
     assert scalar(by_files, EVENTS_CHECKSUM) == scalar(by_upgrade, EVENTS_CHECKSUM)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.engine import URL
 
+from heimdex_common.migrations.context import DbContext
 from heimdex_common.migrations.status import StatusCode, status
 from tests.dbutil import execute
 
@@ -28,7 +29,7 @@ def test_at_head_is_zero(db_url: URL) -> None:
 
 def test_partly_migrated_database_lists_only_what_is_left(db_url: URL) -> None:
     execute(db_url, f"UPDATE {VERSION_TABLE} SET version_num = '001_job_ledger_init'")
-    result = status(database_url=db_url)
+    result = status(DbContext.build(database_url=db_url))
     assert result.code is StatusCode.PENDING
     assert [p.revision for p in result.pending] == revisions_of()[1:]
 

@@ -16,6 +16,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
 from heimdex_common.errors import HeimdexError
+from heimdex_common.migrations.context import DbContext, Tuning
 from heimdex_common.migrations.locking import MIGRATION_LOCK, WAITING_APPLICATION_NAME
 from heimdex_common.migrations.migrate import RevisionFailed, downgrade, upgrade
 from tests.conftest import DatabaseFactory
@@ -170,25 +171,58 @@ def test_progress_on_a_terminal_is_aligned_lines_in_colour(empty_db_url: URL) ->
 
 def test_downgrade_and_upgrade_by_relative_steps_and_prefixes(db_url: URL) -> None:
     revisions = revisions_of()
-    assert downgrade("-1", database_url=db_url).after == revisions[-2]
+    ctx = DbContext.build(database_url=db_url)  # one context, reused by every command
+    assert downgrade(ctx, "-1").after == revisions[-2]
     proc = heimdex("db", "downgrade", "base", "--database-url", url_arg(db_url))
     assert proc.returncode == 0, proc.stderr
     assert scalar(db_url, "SELECT to_regclass('public.job')") is None
     assert version_of(db_url) is None
-    assert upgrade("001", database_url=db_url).applied == ["001_job_ledger_init"]
-    assert upgrade("+1", database_url=db_url).after == "3af4686817cc"
-    assert upgrade("4c2f", database_url=db_url).applied == ["4c2f9a1e7b3d"]
-    assert upgrade(database_url=db_url).applied == revisions[3:]
+    assert upgrade(ctx, "001").applied == ["001_job_ledger_init"]
+    assert upgrade(ctx, "+1").after == "3af4686817cc"
+    assert upgrade(ctx, "4c2f").applied == ["4c2f9a1e7b3d"]
+    assert upgrade(ctx).applied == revisions[3:]
 
 
 def test_bad_targets_are_clear_and_change_nothing(db_url: URL) -> None:
+    ctx = DbContext.build(database_url=db_url)
     with pytest.raises(HeimdexError, match="'nope' is not a revision of this history"):
-        upgrade("nope", database_url=db_url)
+        upgrade(ctx, "nope")
     with pytest.raises(HeimdexError, match="use `heimdex db downgrade 001_job_ledger_init`"):
-        upgrade("001_job_ledger_init", database_url=db_url)
+        upgrade(ctx, "001_job_ledger_init")
     with pytest.raises(HeimdexError, match="--lock-timeout must look like"):
-        upgrade(database_url=db_url, lock_timeout="5 seconds; DROP TABLE job")
+        upgrade(
+            DbContext.build(
+                database_url=db_url, tuning=Tuning(lock_timeout="5 seconds; DROP TABLE job")
+            )
+        )
     assert version_of(db_url) == head()
+
+
+def test_bad_revision_ids_exit_non_zero_with_what_to_type_instead(db_url: URL) -> None:
+    proc = heimdex("db", "upgrade", "nope", "--database-url", url_arg(db_url))
+    assert proc.returncode == 1
+    assert "error: 'nope' is not a revision of this history" in proc.stderr
+    assert "known: 001_job_ledger_init, 3af4686817cc" in proc.stderr
+    assert "head, base, +N, -N" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = heimdex("db", "lint", "nope")
+    assert proc.returncode == 1
+    assert "error: 'nope' is not a revision of this history" in proc.stderr
+    assert version_of(db_url) == head()
+
+
+def test_a_prefix_of_two_revisions_is_ambiguous_and_changes_nothing(
+    history: HistoryCopy, db_url: URL
+) -> None:
+    history.add_revision("ab0000000001", history.head, "pass")
+    history.add_revision("ab0000000002", "ab0000000001", "pass")
+    ctx = DbContext.build(history.ini, database_url=db_url)
+    with pytest.raises(
+        HeimdexError, match=r"'ab' is ambiguous \(Multiple revisions start with 'ab'"
+    ):
+        upgrade(ctx, "ab")
+    assert version_of(db_url) == head()
+    assert upgrade(ctx, "ab0000000001").applied == ["ab0000000001"]
 
 
 def test_a_failing_revision_is_named_with_its_statement_and_rolled_back(
@@ -249,14 +283,14 @@ def test_lock_timeout_fails_fast_and_leaves_the_previous_revision(
 ) -> None:
     # 3af4686817cc is online: its statements retry by themselves until this deadline.
     monkeypatch.setenv("HEIMDEX_LOCK_RETRY_DEADLINE", "1")
-    downgrade("001_job_ledger_init", database_url=db_url)
+    downgrade(DbContext.build(database_url=db_url), "001_job_ledger_init")
     release, holding = threading.Event(), threading.Event()
     blocker = threading.Thread(target=_hold_lock_on_job, args=(db_url, release, holding))
     blocker.start()
     try:
         holding.wait(10)
         with pytest.raises(RevisionFailed) as info:
-            upgrade(database_url=db_url, retries=0)
+            upgrade(DbContext.build(database_url=db_url, tuning=Tuning(retries=0)))
     finally:
         release.set()
         blocker.join()
@@ -271,7 +305,7 @@ def test_lock_timeout_fails_fast_and_leaves_the_previous_revision(
 def test_lock_timeout_is_retried_once_the_long_transaction_ends(
     db_url: URL, caplog: pytest.LogCaptureFixture
 ) -> None:
-    downgrade("001_job_ledger_init", database_url=db_url)
+    downgrade(DbContext.build(database_url=db_url), "001_job_ledger_init")
     release, holding = threading.Event(), threading.Event()
     blocker = threading.Thread(target=_hold_lock_on_job, args=(db_url, release, holding))
     blocker.start()
@@ -289,7 +323,9 @@ def test_lock_timeout_is_retried_once_the_long_transaction_ends(
     releaser.start()
     try:
         with caplog.at_level(logging.WARNING, logger="heimdex_common"):
-            result = upgrade(database_url=db_url, retries=3, retry_delay=0.2)
+            result = upgrade(
+                DbContext.build(database_url=db_url, tuning=Tuning(retries=3, retry_delay=0.2))
+            )
     finally:
         release.set()
         blocker.join()
@@ -308,7 +344,7 @@ def test_lock_timeout_reaches_online_statements_which_retry_with_logged_waits(
     create_database: DatabaseFactory,
 ) -> None:
     url = create_database()
-    upgrade("001_job_ledger_init", database_url=url)
+    upgrade(DbContext.build(database_url=url), "001_job_ledger_init")
     execute(url, "INSERT INTO job (org_id, type) VALUES (gen_random_uuid(), 't')")
     holder = create_engine(url, poolclass=NullPool)
     with holder.connect() as conn:

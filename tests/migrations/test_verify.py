@@ -9,9 +9,10 @@ from alembic import command
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
-from heimdex_common.migrations.artifacts import sql
 from heimdex_common.migrations.config import alembic_config
-from heimdex_common.migrations.verify import VerifyFailed, verify
+from heimdex_common.migrations.context import DbContext
+from heimdex_common.migrations.supabase.artifacts import sql
+from heimdex_common.migrations.verify.command import VerifyFailed, verify
 
 from .conftest import HistoryCopy, clean_env, heimdex, revisions_of, url_arg
 
@@ -61,7 +62,7 @@ def test_a_downgrade_that_leaves_something_behind_is_named_with_the_diff(
         """,
     )
     with pytest.raises(VerifyFailed) as info:
-        verify(config=history.ini, database_url=pg_admin_url, check_artifacts=False)
+        verify(DbContext.build(history.ini), check_artifacts=False, server_url=pg_admin_url)
     message = str(info.value)
     assert message.startswith("downgrade of leaky0000001 does not restore the schema before it")
     assert "+enums: job_region ('eu,us',)" in message
@@ -82,7 +83,7 @@ def test_a_downgrade_that_forgets_a_table_is_named(history: HistoryCopy, pg_admi
         """,
     )
     with pytest.raises(VerifyFailed) as info:
-        verify(config=history.ini, database_url=pg_admin_url, check_artifacts=False)
+        verify(DbContext.build(history.ini), check_artifacts=False, server_url=pg_admin_url)
     assert "reup00000001" in str(info.value)
 
 
@@ -112,7 +113,7 @@ def test_a_data_migration_that_breaks_on_legacy_rows_is_caught(
     command.upgrade(cfg, "head")
     # ...verify, with the legacy rows 001 imported, does not.
     with pytest.raises(VerifyFailed) as info:
-        verify(config=history.ini, database_url=pg_admin_url, check_artifacts=False)
+        verify(DbContext.build(history.ini), check_artifacts=False, server_url=pg_admin_url)
     message = str(info.value)
     assert message.startswith("upgrade to backf0000001 failed on seeded rows")
     assert 'column "requested_by" of relation "job" contains null values' in message
@@ -122,7 +123,7 @@ def test_stale_artifacts_fail_verify(
     history: HistoryCopy, pg_admin_url: URL, tmp_path: Path
 ) -> None:
     out = tmp_path / "migrations"
-    sql(config=history.ini, output_dir=out)
+    sql(DbContext.build(history.ini), output_dir=out)
     (out / "0001_job_ledger_init.sql").write_text("-- edited by hand\n")
     with pytest.raises(VerifyFailed, match=r"0001_job_ledger_init.sql: stale"):
-        verify(config=history.ini, database_url=pg_admin_url, artifacts_dir=out)
+        verify(DbContext.build(history.ini), artifacts_dir=out, server_url=pg_admin_url)

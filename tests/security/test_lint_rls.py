@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from heimdex_common.migrations.config import alembic_config, script_directory
-from heimdex_common.migrations.findings import Finding
-from heimdex_common.migrations.lint_rls import RLS_BASELINE_REVISION, RULE, check_rls
+from heimdex_common.migrations.lint.findings import Finding
+from heimdex_common.migrations.lint.rls import RLS_BASELINE_REVISION, RULE, check_rls
 from tests.security.conftest import COMMON, offline_sql
 
 NEW_REVISION = """\
@@ -119,3 +119,20 @@ CREATE TABLE other.elsewhere (id int);
     ]
     assert "public.made_in_do" in found[0].message
     assert "public.MixedCase" in found[1].message
+
+
+def test_a_function_body_is_not_run_by_the_revision_but_a_do_body_is() -> None:
+    sql = """
+CREATE FUNCTION make_later() RETURNS void LANGUAGE sql AS $fn$
+    CREATE TABLE made_when_called (id int)
+$fn$;
+DO $$
+BEGIN
+    IF true THEN
+        CREATE TABLE made_now (id int);
+    END IF;
+END
+$$;
+"""
+    found = check_rls(sql, filename="x.sql")
+    assert [(f.line, f.message.split()[1]) for f in found] == [(8, "public.made_now")]

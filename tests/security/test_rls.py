@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError
 
 from heimdex_common.ledger import repository, service
 from heimdex_common.ledger.registry import load_registry
-from heimdex_common.migrations.schema import render_diff, snapshot
+from heimdex_common.migrations.verify.schema import render_diff, snapshot
 from tests.security.conftest import Ledger
 
 INSUFFICIENT_PRIVILEGE = "42501"

@@ -20,7 +20,7 @@ from heimdex_api.state import AppState
 from heimdex_common.db import make_engine
 from heimdex_common.ledger.registry import load_registry
 from heimdex_common.logs import configure_logging
-from heimdex_common.migrations.config import alembic_config, script_directory
+from heimdex_common.migrations.head import head_revision
 from heimdex_common.settings import Settings, load_settings
 
 BODY_MAX_BYTES = 256 * 1024
@@ -38,7 +38,7 @@ def create_app(settings: Settings) -> FastAPI:
             engine=engine,
             registry=registry,
             metrics=ApiMetrics(engine),
-            schema_head=script_directory(alembic_config()).get_current_head(),
+            schema_head=head_revision(),
         )
         try:
             yield

@@ -30,7 +30,7 @@ from heimdex_api.schemas import (
 )
 from heimdex_api.state import AppState
 from heimdex_common.ledger import repository, service
-from heimdex_common.migrations.config import migration_context
+from heimdex_common.migrations.head import schema_problem
 from heimdex_common.models import JobStatus
 
 # Every route may answer these; routes add their own (404, 409) with `responses=`.
@@ -217,13 +217,9 @@ def readyz(request: Request, state: State) -> Any:
     try:
         with state.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
-            current = migration_context(conn).get_current_revision()
+            behind = schema_problem(conn, state.schema_head)
         checks["postgres"] = "ok"
-        checks["schema"] = (
-            "ok"
-            if current == state.schema_head
-            else f"at {current or 'no revision'}, expected {state.schema_head}; run migrations"
-        )
+        checks["schema"] = behind or "ok"
     except Exception as exc:
         checks["postgres"] = f"unreachable: {type(exc).__name__}"
         checks["schema"] = "unknown"

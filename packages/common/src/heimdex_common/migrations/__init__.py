@@ -1,1 +1,1 @@
-"""`heimdex db` as plain functions: history, schema comparison, artifacts, lint, locking."""
+"""`heimdex db` as plain functions: what a deployment runs; tooling in lint/, supabase/, verify/."""

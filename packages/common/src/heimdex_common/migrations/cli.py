@@ -15,14 +15,20 @@ import click
 from heimdex_common.db import missing_privilege
 from heimdex_common.errors import HeimdexError
 from heimdex_common.logs import LogFormat, configure_logging
-from heimdex_common.migrations import artifacts as artifacts_cmd
-from heimdex_common.migrations import lint as lint_cmd
 from heimdex_common.migrations import migrate as migrate_cmd
 from heimdex_common.migrations import revision as revision_cmd
 from heimdex_common.migrations import status as status_cmd
-from heimdex_common.migrations import verify as verify_cmd
-from heimdex_common.migrations.lint_rls import RLS_BASELINE_REVISION
+from heimdex_common.migrations.context import (
+    DEFAULT_LOCK_WAIT,
+    DEFAULT_RETRIES,
+    DbContext,
+    Tuning,
+)
+from heimdex_common.migrations.lint.findings import RLS_BASELINE_REVISION
 from heimdex_common.migrations.online import DEFAULT_LOCK_TIMEOUT, LOCK_TIMEOUT_ENV
+from heimdex_common.migrations.revision import require_extra
+from heimdex_common.migrations.supabase import artifacts as artifacts_cmd
+from heimdex_common.migrations.verify import command as verify_cmd
 from heimdex_common.settings import load_settings, normalize_url
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -66,14 +72,14 @@ def _lock_options(f: F) -> F:
     f = click.option(
         "--retries",
         type=click.IntRange(min=0),
-        default=3,
+        default=DEFAULT_RETRIES,
         show_default=True,
         help="Retries of a revision that failed on lock_timeout (it was rolled back).",
     )(f)
     f = click.option(
         "--lock-wait",
         type=click.FloatRange(min=0),
-        default=600.0,
+        default=DEFAULT_LOCK_WAIT,
         show_default=True,
         help="Seconds to wait for another upgrader's migration lock.",
     )(f)
@@ -91,6 +97,29 @@ def _setup_logging() -> None:
     configure_logging("db", **options)
 
 
+CONTEXT_KEY = "heimdex.db_context"
+
+
+def _context(
+    config: Path | None,
+    database_url: str | None = None,
+    *,
+    needs_database: bool = False,
+    tuning: Tuning | None = None,
+) -> DbContext:
+    """The one `DbContext` of this invocation; the database defaults to the settings' URL."""
+    url = None
+    if needs_database:
+        url = (
+            normalize_url(database_url)
+            if database_url is not None
+            else load_settings().sqlalchemy_url
+        )
+    ctx = DbContext.build(config, database_url=url, tuning=tuning)
+    click.get_current_context().find_root().meta[CONTEXT_KEY] = ctx
+    return ctx
+
+
 class DbGroup(click.Group):
     """Maps a missing privilege anywhere below to one line and exit code 1."""
 
@@ -100,20 +129,23 @@ class DbGroup(click.Group):
         except HeimdexError:
             raise
         except Exception as exc:
+            meta = ctx.find_root().meta
             line = missing_privilege(
-                exc, _role_of(ctx.find_root().meta.get("heimdex.database_url"))
+                exc, _role_of(meta.get("heimdex.database_url"), meta.get(CONTEXT_KEY))
             )
             if line is None:
                 raise
             raise HeimdexError(line) from None
 
 
-def _role_of(raw_url: str | None) -> str | None:
-    try:
-        url = normalize_url(raw_url) if raw_url else load_settings().sqlalchemy_url
-    except HeimdexError:
-        return None
-    return url.username
+def _role_of(raw_url: str | None, built: DbContext | None) -> str | None:
+    if raw_url:
+        try:
+            return normalize_url(raw_url).username
+        except HeimdexError:
+            return None
+    url = built.database_url if built is not None else None
+    return url.username if url is not None else None
 
 
 @click.group(
@@ -155,7 +187,7 @@ Examples:
 @_url_option()
 def status(*, config: Path | None, database_url: str | None) -> None:
     """Current revision against head: pending revisions, multiple heads, model drift."""
-    result = status_cmd.status(config=config, database_url=database_url)
+    result = status_cmd.status(_context(config, database_url, needs_database=True))
     click.echo(f"current: {', '.join(result.current) or 'base (empty database)'}")
     click.echo(f"head:    {', '.join(result.heads)}")
     if len(result.heads) > 1:
@@ -214,14 +246,9 @@ def upgrade(
     lock_wait: float,
 ) -> None:
     """Apply revisions up to REVISION (default: head; also an id prefix or +N)."""
-    result = migrate_cmd.upgrade(
-        revision,
-        config=config,
-        database_url=database_url,
-        lock_timeout=lock_timeout,
-        retries=retries,
-        lock_wait=lock_wait,
-    )
+    tuning = Tuning(lock_timeout=lock_timeout, retries=retries, lock_wait=lock_wait)
+    ctx = _context(config, database_url, needs_database=True, tuning=tuning)
+    result = migrate_cmd.upgrade(ctx, revision)
     _report_migration(result)
 
 
@@ -250,14 +277,9 @@ def downgrade(
     lock_wait: float,
 ) -> None:
     """Revert revisions down to REVISION (an id or prefix, base, or -N)."""
-    result = migrate_cmd.downgrade(
-        revision,
-        config=config,
-        database_url=database_url,
-        lock_timeout=lock_timeout,
-        retries=retries,
-        lock_wait=lock_wait,
-    )
+    tuning = Tuning(lock_timeout=lock_timeout, retries=retries, lock_wait=lock_wait)
+    ctx = _context(config, database_url, needs_database=True, tuning=tuning)
+    result = migrate_cmd.downgrade(ctx, revision)
     _report_migration(result)
 
 
@@ -300,12 +322,11 @@ def revision(
 ) -> None:
     """Write a new revision file (formatted with ruff) and print its path."""
     path = revision_cmd.revision(
+        _context(config, database_url, needs_database=autogenerate),
         message,
         autogenerate=autogenerate,
         output_dir=output_dir,
         rev_id=rev_id,
-        config=config,
-        database_url=database_url,
     )
     click.echo(str(path))
 
@@ -333,7 +354,7 @@ Examples:
 @_config_option
 def sql(*, output_dir: Path | None, check: bool, config: Path | None) -> None:
     """Compile the Supabase SQL artifacts from the revision history."""
-    result = artifacts_cmd.sql(config=config, output_dir=output_dir, check=check)
+    result = artifacts_cmd.sql(_context(config), output_dir=output_dir, check=check)
     if check:
         click.echo(f"{len(result.unchanged)} artifact(s) in {result.directory} are current")
     else:
@@ -345,7 +366,7 @@ def sql(*, output_dir: Path | None, check: bool, config: Path | None) -> None:
 @db.command(
     epilog="""\b
 Checks: a single head; for every revision, upgrade -> downgrade -> upgrade with
-the schema compared (on seeded rows, see heimdex_common.migrations.seeds);
+the schema compared (on seeded rows, see heimdex_common.migrations.verify.seeds);
 models equal to the database at head; Supabase artifacts current.
 Never touches the configured database. Exit codes: 0 all good, 1 a check failed
 (the revision and the schema diff are printed) or error.
@@ -377,8 +398,8 @@ def verify(
 ) -> None:
     """Verify the whole history in a throwaway database, as the playbook asks a human to."""
     report = verify_cmd.verify(
-        config=config,
-        database_url=database_url,
+        _context(config),
+        server_url=database_url,
         artifacts_dir=artifacts_dir,
         check_artifacts=not skip_artifacts,
     )
@@ -411,7 +432,11 @@ Examples:
 @click.argument("revisions", nargs=-1)
 def lint(*, config: Path | None, revisions: tuple[str, ...]) -> None:
     """Check revisions (default: all) for operations that lock or break a live database."""
-    report = lint_cmd.lint(config=config, revisions=revisions or None)
+    require_extra("pglast", "heimdex db lint")
+    # Imported here: the parser is in the migrations extra, which `heimdex db upgrade` needs not.
+    from heimdex_common.migrations.lint import command as lint_cmd  # noqa: PLC0415
+
+    report = lint_cmd.lint(_context(config), revisions or None)
     for finding in report.findings:
         click.echo(finding.render())
     click.echo(

@@ -13,8 +13,13 @@ from sqlalchemy.engine import URL
 from heimdex_common.errors import HeimdexError
 from heimdex_common.settings import normalize_url
 
+# The one place the checkout's layout is known: this file is
+# <repo>/packages/common/src/heimdex_common/migrations/config.py.
 PACKAGE_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = PACKAGE_ROOT.parents[1]
 DEFAULT_INI = PACKAGE_ROOT / "alembic.ini"
+ARTIFACT_DIR = REPO_ROOT / "supabase" / "migrations"
+WORKSPACE_PYPROJECT = REPO_ROOT / "pyproject.toml"
 
 # Alembic's bookkeeping lives outside `public`, which Supabase's Data API exposes.
 VERSION_TABLE_SCHEMA = "heimdex_private"

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TypeVar
 
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import Script, ScriptDirectory
+from alembic.script.revision import MultipleHeads, ResolutionError
 from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, pool
 from sqlalchemy.engine import URL
@@ -18,21 +18,9 @@ from sqlalchemy.exc import OperationalError
 
 from heimdex_common.db import connection_error, make_engine
 from heimdex_common.errors import HeimdexError
-from heimdex_common.migrations.config import alembic_config, script_directory
-from heimdex_common.settings import load_settings, normalize_url
+from heimdex_common.migrations.config import script_directory
 
 T = TypeVar("T")
-
-
-def resolve_url(database_url: URL | str | None) -> URL:
-    """The URL given, or the one from the settings."""
-    if database_url is not None:
-        return normalize_url(database_url)
-    return load_settings().sqlalchemy_url
-
-
-def make_config(config: Path | str | None, database_url: URL | str | None = None) -> Config:
-    return alembic_config(config, database_url=database_url)
 
 
 def scripts_of(cfg: Config) -> ScriptDirectory:
@@ -48,12 +36,43 @@ def ordered_revisions(scripts: ScriptDirectory) -> list[Script]:
     if len(heads) > 1:
         raise HeimdexError(
             f"the history has {len(heads)} heads ({', '.join(sorted(heads))}): "
-            "merge them with `heimdex db revision --merge` or `alembic merge heads`"
+            "merge them with `alembic merge heads`"
         )
     try:
         return list(reversed(list(scripts.walk_revisions())))
     except CommandError as exc:
         raise HeimdexError(f"cannot walk the revision history: {exc}") from None
+
+
+def resolve_revision(
+    scripts: ScriptDirectory, given: str, *, also: str = "head, base"
+) -> Script | None:
+    """The revision `given` names, as Alembic reads it: an id, a unique prefix of one, `head`
+    (`heads`) or `base` (None). `also` lists, in the error, the other forms the caller takes.
+
+    Relative targets (`+1`, `-2`) are not ids: `migrate` counts them from where the database is.
+    """
+
+    def known() -> str:
+        return ", ".join(s.revision for s in reversed(list(scripts.walk_revisions())))
+
+    if not given.strip():
+        raise HeimdexError(f"an empty revision names nothing (known: {known()}, {also})")
+    try:
+        found = scripts.revision_map.get_revision(given)
+    except MultipleHeads as exc:
+        raise HeimdexError(
+            f"{given!r} names several heads ({', '.join(exc.heads)}): name one of them, or "
+            "merge them with `alembic merge heads`"
+        ) from None
+    except ResolutionError as exc:
+        problem = (
+            "is ambiguous"
+            if str(exc).startswith("Multiple revisions")
+            else "is not a revision of this history"
+        )
+        raise HeimdexError(f"{given!r} {problem} ({exc}; known: {known()}, {also})") from None
+    return found if isinstance(found, Script) else None
 
 
 def engine_for(url: URL) -> Engine:

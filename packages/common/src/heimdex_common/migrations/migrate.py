@@ -6,39 +6,30 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from alembic import command
-from alembic.config import Config
-from alembic.script import Script
+from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, event, text
-from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
 from heimdex_common.db import missing_privilege
 from heimdex_common.errors import HeimdexError
+from heimdex_common.migrations.context import DbContext
 from heimdex_common.migrations.history import (
     connect,
     current_revisions,
-    make_config,
     ordered_revisions,
-    resolve_url,
-    scripts_of,
+    resolve_revision,
 )
 from heimdex_common.migrations.locking import is_lock_timeout, migration_lock
 from heimdex_common.migrations.online import (
-    DEFAULT_LOCK_TIMEOUT,
     LOCK_TIMEOUT_ATTRIBUTE,
     ONLINE_ATTRIBUTE,
     STRONG_LOCKS_ATTRIBUTE,
 )
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_RETRIES = 3
-DEFAULT_LOCK_WAIT = 600.0
-_DURATION = re.compile(r"^\d+(ms|s|min)?$")
 
 
 class RevisionFailed(HeimdexError):
@@ -85,25 +76,14 @@ def _index(history: list[Script], revision: str | None) -> int:
     )
 
 
-def _resolve(history: list[Script], target: str, current: int) -> int:
-    if target in ("head", "heads"):
-        return len(history) - 1
-    if target == "base":
-        return -1
+def _goal(history: list[Script], scripts: ScriptDirectory, target: str, here: int) -> int:
+    """Position in `history` of the revision `target` names (-1: base); +N/-N count from here."""
     if re.fullmatch(r"[+-]\d+", target):
-        return current + int(target)
-    matches = [i for i, s in enumerate(history) if s.revision.startswith(target)]
-    if len(matches) != 1:
-        known = ", ".join(s.revision for s in history)
-        problem = "is ambiguous" if matches else "is not a revision of this history"
-        raise HeimdexError(f"{target!r} {problem} (known: {known}, head, base, +N, -N)")
-    return matches[0]
-
-
-def _check_duration(value: str) -> str:
-    if not _DURATION.match(value):
-        raise HeimdexError(f"--lock-timeout must look like 5s, 500ms or 1min, not {value!r}")
-    return value
+        return here + int(target)
+    script = resolve_revision(scripts, target, also="head, base, +N, -N")
+    if script is None:
+        return -1
+    return next(i for i, s in enumerate(history) if s.revision == script.revision)
 
 
 def _single(revisions: tuple[str, ...]) -> str | None:
@@ -194,16 +174,9 @@ class StrongLockClock:
         event.remove(self.conn, "rollback", self._end)
 
 
-def _run_step(
-    cfg: Config,
-    url: URL,
-    step: Step,
-    *,
-    lock_timeout: str,
-    retries: int,
-    retry_delay: float,
-    position: str = "",
-) -> None:
+def _run_step(ctx: DbContext, step: Step, *, position: str = "") -> None:
+    cfg, url = ctx.config, ctx.url
+    lock_timeout, retries = ctx.tuning.lock_timeout, ctx.tuning.retries
     attempt = 0
     while True:
         attempt += 1
@@ -234,7 +207,7 @@ def _run_step(
                 if conn.in_transaction():
                     conn.rollback()
                 if is_lock_timeout(exc) and attempt <= retries:
-                    delay = retry_delay * attempt
+                    delay = ctx.tuning.retry_delay * attempt
                     logger.warning(
                         "%s: lock_timeout (%s) waiting for a lock; retry %d/%d in %.1fs",
                         step.script.revision,
@@ -288,28 +261,15 @@ def _run_step(
         return
 
 
-def _migrate(
-    *,
-    direction: str,
-    target: str,
-    config: Path | str | None,
-    database_url: URL | str | None,
-    lock_timeout: str,
-    retries: int,
-    retry_delay: float,
-    lock_wait: float,
-) -> MigrateResult:
-    _check_duration(lock_timeout)
-    if retries < 0:
-        raise HeimdexError("--retries must be 0 or more")
-    url = resolve_url(database_url)
-    cfg = make_config(config, url)
-    history = ordered_revisions(scripts_of(cfg))
-    with connect(url) as lock_conn, migration_lock(lock_conn, wait_seconds=lock_wait):
+def _migrate(ctx: DbContext, direction: str, target: str) -> MigrateResult:
+    cfg, url = ctx.config, ctx.url
+    scripts = ctx.scripts()
+    history = ordered_revisions(scripts)
+    with connect(url) as lock_conn, migration_lock(lock_conn, wait_seconds=ctx.tuning.lock_wait):
         # Read the position only once we hold the lock: another upgrader may just have moved it.
         before = _single(current_revisions(cfg, lock_conn))
         here = _index(history, before)
-        goal = _resolve(history, target, here)
+        goal = _goal(history, scripts, target, here)
         if direction == "upgrade" and goal < here:
             raise HeimdexError(
                 f"the database is at {before}, past {target}: use `heimdex db downgrade {target}`"
@@ -330,65 +290,22 @@ def _migrate(
             logger.info("nothing to do: the database is at %s", before or "base")
         applied = []
         for number, step in enumerate(steps, 1):
-            _run_step(
-                cfg,
-                url,
-                step,
-                lock_timeout=lock_timeout,
-                retries=retries,
-                retry_delay=retry_delay,
-                position=f"[{number}/{len(steps)}] " if len(steps) > 1 else "",
-            )
+            _run_step(ctx, step, position=f"[{number}/{len(steps)}] " if len(steps) > 1 else "")
             applied.append(step.script.revision)
         after = _single(current_revisions(cfg, lock_conn))
     return MigrateResult(before=before, after=after, applied=applied)
 
 
-def upgrade(
-    target: str = "head",
-    *,
-    config: Path | str | None = None,
-    database_url: URL | str | None = None,
-    lock_timeout: str = DEFAULT_LOCK_TIMEOUT,
-    retries: int = DEFAULT_RETRIES,
-    retry_delay: float = 1.0,
-    lock_wait: float = DEFAULT_LOCK_WAIT,
-) -> MigrateResult:
+def upgrade(ctx: DbContext, target: str = "head") -> MigrateResult:
     """Apply the revisions up to `target`, each in its own transaction, under the migration lock.
 
-    A revision failing on `lock_timeout` is retried `retries` times (it was rolled back, so the
-    database is at the previous revision); any other failure stops with `RevisionFailed`.
+    `target` is a revision id or a unique prefix, `head` or `+N`. A revision failing on
+    `lock_timeout` is retried `ctx.tuning.retries` times (it was rolled back, so the database is
+    at the previous revision); any other failure stops with `RevisionFailed`.
     """
-    return _migrate(
-        direction="upgrade",
-        target=target,
-        config=config,
-        database_url=database_url,
-        lock_timeout=lock_timeout,
-        retries=retries,
-        retry_delay=retry_delay,
-        lock_wait=lock_wait,
-    )
+    return _migrate(ctx, "upgrade", target)
 
 
-def downgrade(
-    target: str,
-    *,
-    config: Path | str | None = None,
-    database_url: URL | str | None = None,
-    lock_timeout: str = DEFAULT_LOCK_TIMEOUT,
-    retries: int = DEFAULT_RETRIES,
-    retry_delay: float = 1.0,
-    lock_wait: float = DEFAULT_LOCK_WAIT,
-) -> MigrateResult:
+def downgrade(ctx: DbContext, target: str) -> MigrateResult:
     """Revert revisions down to `target` (a revision, `base` or `-N`), like `upgrade`."""
-    return _migrate(
-        direction="downgrade",
-        target=target,
-        config=config,
-        database_url=database_url,
-        lock_timeout=lock_timeout,
-        retries=retries,
-        retry_delay=retry_delay,
-        lock_wait=lock_wait,
-    )
+    return _migrate(ctx, "downgrade", target)

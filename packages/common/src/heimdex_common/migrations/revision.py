@@ -13,17 +13,11 @@ from pathlib import Path
 
 from alembic import command
 from alembic.util import CommandError
-from sqlalchemy.engine import URL
 
 from heimdex_common.errors import HeimdexError
-from heimdex_common.migrations.config import PACKAGE_ROOT
-from heimdex_common.migrations.history import (
-    connect,
-    current_revisions,
-    make_config,
-    resolve_url,
-    scripts_of,
-)
+from heimdex_common.migrations.config import WORKSPACE_PYPROJECT
+from heimdex_common.migrations.context import DbContext
+from heimdex_common.migrations.history import connect, current_revisions
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +25,6 @@ EXTRA_HINT = (
     "install the migrations extra: `uv sync` in the workspace, "
     "or pip install 'heimdex-common[migrations]'"
 )
-WORKSPACE_PYPROJECT = PACKAGE_ROOT.parents[1] / "pyproject.toml"
 
 
 def require_extra(module: str, purpose: str) -> None:
@@ -79,29 +72,26 @@ def format_with_ruff(path: Path) -> None:
 
 
 def revision(
+    ctx: DbContext,
     message: str,
     *,
     autogenerate: bool = False,
     output_dir: Path | str | None = None,
     rev_id: str | None = None,
-    config: Path | str | None = None,
-    database_url: URL | str | None = None,
 ) -> Path:
     """Write a revision and return its path.
 
-    With `autogenerate`, the database (default: the settings) must be at head: against an older
-    one, Alembic would write the pending revisions again. `output_dir` receives the file
+    With `autogenerate`, the context's database must be at head: against an older one, Alembic
+    would write the pending revisions again. `output_dir` receives the file
     instead of the versions directory (which may be read-only, as under /app in the image).
     """
     if not message.strip():
         raise HeimdexError("-m/--message must say what the revision does")
-    url = resolve_url(database_url) if autogenerate else None
-    cfg = make_config(config, url)
-    scripts = scripts_of(cfg)
+    cfg = ctx.config
+    scripts = ctx.scripts()
     if autogenerate:
         require_extra("alembic_postgresql_enum", "--autogenerate")
-        assert url is not None
-        with connect(url) as conn:
+        with connect(ctx.url) as conn:
             current = current_revisions(cfg, conn)
         heads = tuple(scripts.get_heads())
         if set(current) != set(heads):
@@ -116,9 +106,11 @@ def revision(
 
     # Alembic only writes into a configured version location: generate into a fresh one, so
     # that unrelated files in --output-dir (say /tmp) are never read as revisions.
+    configured = cfg.get_main_option("version_locations")
     with tempfile.TemporaryDirectory(prefix="heimdex-revision-") as staging:
-        locations = cfg.get_main_option("version_locations") or str(versions)
-        cfg.set_main_option("version_locations", os.pathsep.join([locations, staging]))
+        cfg.set_main_option(
+            "version_locations", os.pathsep.join([configured or str(versions), staging])
+        )
         try:
             # Alembic announces "Generating ..." on stdout, which is reserved for the path.
             with contextlib.redirect_stdout(sys.stderr):
@@ -131,6 +123,12 @@ def revision(
                 )
         except CommandError as exc:
             raise HeimdexError(f"cannot write the revision: {exc}") from None
+        finally:
+            # The context outlives this command: its history is the configured one again.
+            if configured is None:
+                cfg.remove_main_option("version_locations")
+            else:
+                cfg.set_main_option("version_locations", configured)
         if script is None or isinstance(script, list):
             raise HeimdexError("alembic wrote no single revision file")
         staged = Path(script.path)

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy.engine import URL
 
 from heimdex_common.errors import HeimdexError
-from heimdex_common.migrations.history import (
-    connect,
-    current_revisions,
-    inspect_with_env,
-    make_config,
-    resolve_url,
-    scripts_of,
-)
+from heimdex_common.migrations.context import DbContext
+from heimdex_common.migrations.history import connect, current_revisions, inspect_with_env
 
 
 class StatusCode(IntEnum):
@@ -91,17 +83,16 @@ def _known(scripts: ScriptDirectory, revision: str) -> bool:
         return False
 
 
-def status(config: Path | str | None = None, database_url: URL | str | None = None) -> Status:
+def status(ctx: DbContext) -> Status:
     """Current revision, heads, pending revisions (oldest first) and model drift.
 
     Drift is only computed when the database is at the (single) head: before that the
     differences are the pending revisions themselves.
     """
-    url = resolve_url(database_url)
-    cfg = make_config(config, url)
-    scripts = scripts_of(cfg)
+    cfg = ctx.config
+    scripts = ctx.scripts()
     heads = tuple(scripts.get_heads())
-    with connect(url) as conn:
+    with connect(ctx.url) as conn:
         current = current_revisions(cfg, conn)
         unknown = tuple(r for r in current if not _known(scripts, r))
         result = Status(current=current, heads=heads, unknown=unknown)

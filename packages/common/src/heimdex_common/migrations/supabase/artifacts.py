@@ -18,13 +18,13 @@ from alembic.config import Config
 from alembic.script import Script
 
 from heimdex_common.errors import HeimdexError
-from heimdex_common.migrations.config import PACKAGE_ROOT
-from heimdex_common.migrations.history import make_config, ordered_revisions, scripts_of
-from heimdex_common.migrations.offline import Chunk, compile_revision
+from heimdex_common.migrations.config import ARTIFACT_DIR
+from heimdex_common.migrations.context import DbContext
+from heimdex_common.migrations.history import ordered_revisions, scripts_of
+from heimdex_common.migrations.supabase.offline import Chunk, compile_revision
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ARTIFACT_DIR = PACKAGE_ROOT.parents[1] / "supabase" / "migrations"
 # The names the playbook gave the first two artifacts; later revisions may declare
 # `supabase_slug = "..."` in their module, otherwise the slug comes from the message.
 PLAYBOOK_SLUGS = {
@@ -125,20 +125,14 @@ def check_artifacts(artifacts: list[Artifact], directory: Path) -> list[str]:
     return problems
 
 
-def sql(
-    *,
-    config: Path | str | None = None,
-    output_dir: Path | str | None = None,
-    check: bool = False,
-) -> SqlResult:
+def sql(ctx: DbContext, *, output_dir: Path | str | None = None, check: bool = False) -> SqlResult:
     """Compile the artifacts into `output_dir` (default: the repository's supabase/migrations).
 
     Needs no database. With `check`, writes nothing and raises `ArtifactsStale` naming every
     missing, stale or unexpected file.
     """
-    directory = Path(output_dir) if output_dir is not None else DEFAULT_ARTIFACT_DIR
-    cfg = make_config(config)
-    artifacts = compile_artifacts(cfg)
+    directory = Path(output_dir) if output_dir is not None else ARTIFACT_DIR
+    artifacts = compile_artifacts(ctx.config)
     if check:
         problems = check_artifacts(artifacts, directory)
         if problems:

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from alembic.script import Script
@@ -24,17 +24,14 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from heimdex_common.db import connection_error
 from heimdex_common.errors import HeimdexError
 from heimdex_common.localpg import LocalPostgres
-from heimdex_common.migrations import artifacts, migrate
-from heimdex_common.migrations.history import (
-    connect,
-    inspect_with_env,
-    make_config,
-    ordered_revisions,
-    scripts_of,
-)
-from heimdex_common.migrations.schema import Snapshot, render_diff, snapshot
-from heimdex_common.migrations.seeds import seeds_for
+from heimdex_common.migrations import migrate
+from heimdex_common.migrations.config import ARTIFACT_DIR
+from heimdex_common.migrations.context import DbContext
+from heimdex_common.migrations.history import connect, inspect_with_env, ordered_revisions
 from heimdex_common.migrations.status import model_drift
+from heimdex_common.migrations.supabase import artifacts
+from heimdex_common.migrations.verify.schema import Snapshot, render_diff, snapshot
+from heimdex_common.migrations.verify.seeds import seeds_for
 from heimdex_common.settings import normalize_url
 
 logger = logging.getLogger(__name__)
@@ -105,7 +102,7 @@ def _seed(url: URL, script: Script | None) -> None:
         except DBAPIError as exc:
             raise VerifyFailed(
                 f"seed rows for {where} do not fit the schema at {where}: "
-                f"{str(exc.orig).splitlines()[0]} (update heimdex_common.migrations.seeds)"
+                f"{str(exc.orig).splitlines()[0]} (update heimdex_common.migrations.verify.seeds)"
             ) from None
 
 
@@ -116,8 +113,12 @@ def _step(what: str, fn: Callable[..., object], *args: object, **kwargs: object)
         raise VerifyFailed(f"{what}: {exc}") from None
 
 
-def stairway(config: Path | str | None, url: URL, history: list[Script]) -> list[str]:
-    """Up, seed, down, up for every revision in order, the schema compared at each turn."""
+def stairway(ctx: DbContext, history: list[Script]) -> list[str]:
+    """Up, seed, down, up for every revision in order, the schema compared at each turn.
+
+    On `ctx`'s database, which must be empty; no retries: nothing else holds a lock there.
+    """
+    url = ctx.url
     passed = []
     _seed(url, None)
     for number, script in enumerate(history, 1):
@@ -127,10 +128,8 @@ def stairway(config: Path | str | None, url: URL, history: list[Script]) -> list
         _step(
             f"upgrade to {rev} failed on seeded rows",
             migrate.upgrade,
+            ctx,
             rev,
-            config=config,
-            database_url=url,
-            retries=0,
         )
         after_up = _snapshot(url)
         _seed(url, script)
@@ -138,10 +137,8 @@ def stairway(config: Path | str | None, url: URL, history: list[Script]) -> list
         _step(
             f"downgrade of {rev} failed on seeded rows",
             migrate.downgrade,
+            ctx,
             str(down_to),
-            config=config,
-            database_url=url,
-            retries=0,
         )
         after_down = _snapshot(url)
         if after_down != before:
@@ -152,10 +149,8 @@ def stairway(config: Path | str | None, url: URL, history: list[Script]) -> list
         _step(
             f"re-upgrade to {rev} failed after its downgrade",
             migrate.upgrade,
+            ctx,
             rev,
-            config=config,
-            database_url=url,
-            retries=0,
         )
         again = _snapshot(url)
         if again != after_up:
@@ -177,22 +172,21 @@ def stairway(config: Path | str | None, url: URL, history: list[Script]) -> list
 
 
 def verify(
+    ctx: DbContext,
     *,
-    config: Path | str | None = None,
-    database_url: URL | str | None = None,
+    server_url: URL | str | None = None,
     artifacts_dir: Path | str | None = None,
     check_artifacts: bool = True,
 ) -> VerifyReport:
-    """Run every check; raise `VerifyFailed` at the first that fails.
+    """Run every check on `ctx`'s history; raise `VerifyFailed` at the first that fails.
 
-    `database_url` names a server on which a scratch database is created and dropped; without
-    it a throwaway cluster is started from the local PostgreSQL binaries. The configured
-    (settings) database is never used.
+    `server_url` names a server on which a scratch database is created and dropped; without it
+    a throwaway cluster is started from the local PostgreSQL binaries. The context's database,
+    if it has one, is never used.
     """
     started = time.monotonic()
     report = VerifyReport()
-    cfg = make_config(config)
-    scripts = scripts_of(cfg)
+    scripts = ctx.scripts()
     heads = scripts.get_heads()
     if len(heads) != 1:
         raise VerifyFailed(
@@ -202,11 +196,11 @@ def verify(
     report.revisions = [s.revision for s in history]
     report.passed.append(f"single head {heads[0]}")
 
-    with scratch_database(database_url) as url:
-        report.passed += stairway(config, url, history)
-        head_cfg = make_config(config, url)
+    with scratch_database(server_url) as url:
+        scratch = ctx.on(url, tuning=replace(ctx.tuning, retries=0))
+        report.passed += stairway(scratch, history)
         with connect(url) as conn:
-            drift = inspect_with_env(head_cfg, conn, model_drift)
+            drift = inspect_with_env(scratch.config, conn, model_drift)
         if drift:
             raise VerifyFailed(
                 f"the models differ from the database at head {heads[0]} "
@@ -216,10 +210,8 @@ def verify(
         report.passed.append("models match the database at head")
 
     if check_artifacts:
-        directory = (
-            Path(artifacts_dir) if artifacts_dir is not None else artifacts.DEFAULT_ARTIFACT_DIR
-        )
-        problems = artifacts.check_artifacts(artifacts.compile_artifacts(cfg), directory)
+        directory = Path(artifacts_dir) if artifacts_dir is not None else ARTIFACT_DIR
+        problems = artifacts.check_artifacts(artifacts.compile_artifacts(ctx.config), directory)
         if problems:
             raise VerifyFailed(
                 "Supabase artifacts out of date (run `heimdex db sql`): " + "; ".join(problems)

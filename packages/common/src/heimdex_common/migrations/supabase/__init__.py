@@ -1,0 +1,1 @@
+"""The Supabase artifacts: each revision's offline SQL, compiled and checked."""
