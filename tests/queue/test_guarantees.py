@@ -243,12 +243,14 @@ def test_eight_workers_run_every_job_exactly_once(
     # Every worker listening before the jobs arrive: one worker alone drains 2,000 no-op jobs
     # faster than seven more processes start.
     wait_for(
-        lambda: _count(
-            engine,
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND query LIKE 'LISTEN heimdex_jobs%'",
-        )
-        == 8,
+        lambda: (
+            _count(
+                engine,
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND query LIKE 'LISTEN heimdex_jobs%'",
+            )
+            == 8
+        ),
         what="8 workers listening",
         timeout=60,
     )
