@@ -68,7 +68,12 @@ IDENTITY_CHECKSUM = (
 )
 
 
-@pytest.fixture
+# Both tests clone the seed and only read the reference: one of each per module (and one xdist
+# worker for both, so that they are built once).
+pytestmark = pytest.mark.xdist_group("online_seed")
+
+
+@pytest.fixture(scope="module")
 def seeded(create_database: DatabaseFactory) -> tuple[URL, URL, str]:
     """(database at 001 with ROWS rows, the same upgraded without a crash, identity checksum)."""
     seed = create_database()
