@@ -70,7 +70,8 @@ DatabaseFactory = Callable[..., URL]
 
 @pytest.fixture(scope="session")
 def create_database(admin_engine: Engine, pg_admin_url: URL) -> Iterator[DatabaseFactory]:
-    """Creates databases (optionally from a template) and drops them at the session's end."""
+    """Creates databases (optionally from a template); at the session's end they go with the
+    throwaway cluster, or are dropped one by one on a server of `HEIMDEX_TEST_PG_URL`."""
     created: list[str] = []
 
     def factory(template: str | None = None, name: str | None = None) -> URL:
@@ -81,6 +82,8 @@ def create_database(admin_engine: Engine, pg_admin_url: URL) -> Iterator[Databas
         return pg_admin_url.set(database=name)
 
     yield factory
+    if not os.environ.get("HEIMDEX_TEST_PG_URL"):
+        return  # the throwaway cluster goes whole (pg_admin_url): no DROP one by one
     with admin_engine.connect() as conn:
         for name in created:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
