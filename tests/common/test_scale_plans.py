@@ -26,6 +26,10 @@ ORGS = [uuid.UUID(int=i + 1) for i in range(20)]
 QUIET = uuid.UUID(int=999)  # an org with a few succeeded jobs and nothing else
 
 
+# One worker builds `big` (a minute on a loaded machine) for every test of the module.
+pytestmark = pytest.mark.xdist_group("scale_plans")
+
+
 @pytest.fixture(scope="module")
 def big(create_database: DatabaseFactory, head_template: str) -> Iterator[Engine]:
     """1M jobs over 20 orgs and 30 days, mostly finished, with 5 events each for 10% of them."""
