@@ -118,7 +118,7 @@ def module_processes(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Processes]:
     """Like `processes`, on a database of the module's own: a server the module's tests share
-    (started once per xdist worker; group its tests with `xdist_group` to start it once)."""
+    (started once per xdist worker that runs the module's tests)."""
     url = create_database(template=head_template)
     env = {
         **FAST,

@@ -26,7 +26,8 @@ ORGS = [uuid.UUID(int=i + 1) for i in range(20)]
 QUIET = uuid.UUID(int=999)  # an org with a few succeeded jobs and nothing else
 
 
-# One worker builds `big` (a minute on a loaded machine) for every test of the module.
+# `big` (a minute on a loaded machine) once for the module's tests: the group would keep them
+# on one worker (pytest-xdist 3.8 ignores it on pytest 9: each worker then builds its own).
 pytestmark = pytest.mark.xdist_group("scale_plans")
 
 
