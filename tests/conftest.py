@@ -1,4 +1,10 @@
-"""Fixtures shared by every test: a real PostgreSQL cluster and per-test databases."""
+"""Fixtures shared by every test: a real PostgreSQL cluster and per-test databases.
+
+Under pytest-xdist every worker process is a session of its own: it starts its own cluster (on a
+free port, in a directory of its own) and builds its own template databases, so workers share no
+server, database, port or file. With `HEIMDEX_TEST_PG_URL` they share that server; database names
+carry the worker's id (`WORKER`) so they still do not collide.
+"""
 
 from __future__ import annotations
 
@@ -20,8 +26,22 @@ from heimdex_common.localpg import LocalPostgres
 from heimdex_common.migrations.config import alembic_config
 from heimdex_common.settings import normalize_url
 
-TEMPLATE = "heimdex_template_head"
+# "gw0", "gw1", ... under pytest-xdist; "main" in a run without workers (-n 0, -p no:xdist).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+TEMPLATE = f"heimdex_template_head_{WORKER}"
 _counter = itertools.count()
+
+
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    """With pytest-xdist disabled (`-p no:xdist`), accept and ignore the options pyproject's
+    addopts passes it, so that a one-process run needs no other flag."""
+    if pluginmanager.has_plugin("xdist"):
+        return
+    group = parser.getgroup("xdist (disabled)")
+    # `_addoption`: lowercase short options are reserved to plugins (xdist registers it so).
+    group._addoption("-n", "--numprocesses", dest="numprocesses", default=None)
+    group.addoption("--maxprocesses", dest="maxprocesses", default=None)
+    group.addoption("--dist", dest="dist", default="no")
 
 
 @pytest.fixture(scope="session")
@@ -50,17 +70,20 @@ DatabaseFactory = Callable[..., URL]
 
 @pytest.fixture(scope="session")
 def create_database(admin_engine: Engine, pg_admin_url: URL) -> Iterator[DatabaseFactory]:
-    """Creates databases (optionally from a template) and drops them at the session's end."""
+    """Creates databases (optionally from a template); at the session's end they go with the
+    throwaway cluster, or are dropped one by one on a server of `HEIMDEX_TEST_PG_URL`."""
     created: list[str] = []
 
     def factory(template: str | None = None, name: str | None = None) -> URL:
-        name = name or f"t_{os.getpid()}_{next(_counter)}"
+        name = name or f"t_{WORKER}_{os.getpid()}_{next(_counter)}"
         with admin_engine.connect() as conn:
             localpg.create_database(conn, name, template=template)
         created.append(name)
         return pg_admin_url.set(database=name)
 
     yield factory
+    if not os.environ.get("HEIMDEX_TEST_PG_URL"):
+        return  # the throwaway cluster goes whole (pg_admin_url): no DROP one by one
     with admin_engine.connect() as conn:
         for name in created:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -109,3 +109,22 @@ def processes(stack_env: dict[str, str], tmp_path: Path) -> Iterator[Processes]:
     procs = Processes(stack_env, tmp_path)
     yield procs
     procs.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_processes(
+    create_database: Callable[..., URL],
+    head_template: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Processes]:
+    """Like `processes`, on a database of the module's own: a server the module's tests share
+    (started once per xdist worker that runs the module's tests)."""
+    url = create_database(template=head_template)
+    env = {
+        **FAST,
+        "DATABASE_URL": url.render_as_string(hide_password=False),
+        "HEIMDEX_ENV": "local",
+    }
+    procs = Processes(env, tmp_path_factory.mktemp("processes"))
+    yield procs
+    procs.stop_all()

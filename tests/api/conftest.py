@@ -1,3 +1,3 @@
-from tests.stack import client, processes, settings, stack_env
+from tests.stack import client, module_processes, processes, settings, stack_env
 
-__all__ = ["client", "processes", "settings", "stack_env"]
+__all__ = ["client", "module_processes", "processes", "settings", "stack_env"]

@@ -81,13 +81,14 @@ def test_405_carries_allow(client: TestClient, org_id: uuid.UUID) -> None:
     assert both.headers["allow"] == "GET, POST"
 
 
-# A real API process, so the body really streams over a socket.
+# A real API process, so the body really streams over a socket; one for the module (its tests
+# are refused before anything is written).
 
 
-@pytest.fixture
-def api_port(processes: Processes) -> int:
+@pytest.fixture(scope="module")
+def api_port(module_processes: Processes) -> int:
     port = free_port()
-    processes.start("api", "--port", str(port))
+    module_processes.start("api", "--port", str(port))
     wait_for(lambda: _status(port, "GET", "/healthz") == 200, what="the API")
     return port
 
@@ -131,11 +132,13 @@ def _chunked(port: int, headers: dict[str, str], total: int, *, finish: bool = F
     return status
 
 
+@pytest.mark.xdist_group("edges_api")
 def test_an_unauthenticated_chunked_body_is_refused_before_it_is_read(api_port: int) -> None:
     # 5 MB announced by chunking, one 64 KiB chunk sent: the 401 comes without the rest.
     assert _chunked(api_port, {}, len(CHUNK)) == 401
 
 
+@pytest.mark.xdist_group("edges_api")
 def test_an_oversized_chunked_body_is_refused_while_it_streams(
     api_port: int, org_id: uuid.UUID
 ) -> None:

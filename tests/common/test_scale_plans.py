@@ -26,6 +26,11 @@ ORGS = [uuid.UUID(int=i + 1) for i in range(20)]
 QUIET = uuid.UUID(int=999)  # an org with a few succeeded jobs and nothing else
 
 
+# `big` (a minute on a loaded machine) once for the module's tests: the group would keep them
+# on one worker (pytest-xdist 3.8 ignores it on pytest 9: each worker then builds its own).
+pytestmark = pytest.mark.xdist_group("scale_plans")
+
+
 @pytest.fixture(scope="module")
 def big(create_database: DatabaseFactory, head_template: str) -> Iterator[Engine]:
     """1M jobs over 20 orgs and 30 days, mostly finished, with 5 events each for 10% of them."""

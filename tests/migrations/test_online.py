@@ -68,7 +68,12 @@ IDENTITY_CHECKSUM = (
 )
 
 
-@pytest.fixture
+# Both tests clone the seed and only read the reference: one of each per module, and per xdist
+# worker (the group would keep both on one worker; pytest-xdist 3.8 ignores it on pytest 9).
+pytestmark = pytest.mark.xdist_group("online_seed")
+
+
+@pytest.fixture(scope="module")
 def seeded(create_database: DatabaseFactory) -> tuple[URL, URL, str]:
     """(database at 001 with ROWS rows, the same upgraded without a crash, identity checksum)."""
     seed = create_database()

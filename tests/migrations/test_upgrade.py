@@ -58,6 +58,9 @@ CREATE TRIGGER log_version AFTER INSERT OR UPDATE ON alembic_version
 """
 
 
+# The default lock_timeout (5s) is what production waits; these tests only need it to expire.
+TEST_LOCK_TIMEOUT = "500ms"
+
 WAITERS = (
     f"SELECT count(*) FROM pg_stat_activity WHERE application_name = '{WAITING_APPLICATION_NAME}'"
 )
@@ -290,7 +293,11 @@ def test_lock_timeout_fails_fast_and_leaves_the_previous_revision(
     try:
         holding.wait(10)
         with pytest.raises(RevisionFailed) as info:
-            upgrade(DbContext.build(database_url=db_url, tuning=Tuning(retries=0)))
+            upgrade(
+                DbContext.build(
+                    database_url=db_url, tuning=Tuning(retries=0, lock_timeout=TEST_LOCK_TIMEOUT)
+                )
+            )
     finally:
         release.set()
         blocker.join()
@@ -324,7 +331,10 @@ def test_lock_timeout_is_retried_once_the_long_transaction_ends(
     try:
         with caplog.at_level(logging.WARNING, logger="heimdex_common"):
             result = upgrade(
-                DbContext.build(database_url=db_url, tuning=Tuning(retries=3, retry_delay=0.2))
+                DbContext.build(
+                    database_url=db_url,
+                    tuning=Tuning(retries=3, retry_delay=0.2, lock_timeout=TEST_LOCK_TIMEOUT),
+                )
             )
     finally:
         release.set()

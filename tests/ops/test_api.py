@@ -26,16 +26,18 @@ def as_role(role: str, sub: str = "op-alice") -> dict[str, str]:
 
 ADMIN = as_role(ADMIN_ROLE)
 READONLY = as_role(READONLY_ROLE, "op-bob")
+# Fixed, not uuid4(): it is in test ids, which every pytest-xdist worker must collect alike.
+NO_SUCH_JOB = uuid.UUID("5e0d1f3a-0000-4000-8000-000000000001")
 
 
 @pytest.mark.parametrize(
     ("method", "path", "body"),
     [
         ("GET", "/ops/jobs", None),
-        ("GET", f"/ops/jobs/{uuid.uuid4()}", None),
+        ("GET", f"/ops/jobs/{NO_SUCH_JOB}", None),
         ("GET", "/ops/stats", None),
         ("GET", "/ops/failures", None),
-        ("POST", f"/ops/jobs/{uuid.uuid4()}/retry", {"reason": "x"}),
+        ("POST", f"/ops/jobs/{NO_SUCH_JOB}/retry", {"reason": "x"}),
         ("POST", "/ops/bulk/cancel", {"filter": {"type": "noop"}}),
     ],
 )

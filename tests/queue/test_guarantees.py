@@ -153,7 +153,9 @@ def test_postgres_restart_under_steady_submission_strands_no_accepted_job(
     processes.start("worker", env=own_db.env)
     submitter = Submitter(port, auth(uuid.uuid4()), per_second=20)
     submitter.start()
-    time.sleep(2)
+    # Steady submission before and after the outage, however slow the machine: a count of
+    # accepted jobs rather than seconds of sleep.
+    wait_for(lambda: len(submitter.accepted) >= 30, what="submissions before the outage")
     if outage == "restart":
         own_db.pg.stop()
         own_db.pg.start()
@@ -163,6 +165,8 @@ def test_postgres_restart_under_steady_submission_strands_no_accepted_job(
         own_db.pg.start()
     back = time.time()
     time.sleep(3)
+    before = len(submitter.accepted)
+    wait_for(lambda: len(submitter.accepted) >= before + 25, what="submissions after the outage")
     submitter.stop.set()
     submitter.join()
     accepted = submitter.accepted

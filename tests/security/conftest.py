@@ -22,6 +22,7 @@ from sqlalchemy.engine import URL
 
 from heimdex_common.migrations.config import alembic_config
 from heimdex_common.migrations.supabase.artifacts import compile_artifacts
+from tests.conftest import WORKER
 
 COMMON = Path(__file__).resolve().parents[2] / "packages" / "common"
 OWNER = "heimdex_owner"
@@ -72,10 +73,15 @@ def apply_sql_file(url: URL, sql: str) -> None:
 @pytest.fixture(scope="session")
 def owner_role(admin_engine: Engine) -> str:
     with admin_engine.connect() as conn:
-        exists = conn.execute(text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": OWNER})
-        if exists.first() is None:
-            # CREATEROLE: the history creates anon/authenticated/service_role when missing.
-            conn.execute(text(f"CREATE ROLE {OWNER} LOGIN NOSUPERUSER CREATEROLE"))
+        # CREATEROLE: the history creates anon/authenticated/service_role when missing. Roles
+        # belong to the server: on a shared one (HEIMDEX_TEST_PG_URL) another xdist worker may
+        # create it between a look and a CREATE, hence the exception handler.
+        conn.execute(
+            text(
+                f"DO $$ BEGIN CREATE ROLE {OWNER} LOGIN NOSUPERUSER CREATEROLE;"
+                " EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+            )
+        )
     return OWNER
 
 
@@ -90,7 +96,7 @@ def _owned_database(create_database: DatabaseFactory, admin_engine: Engine, name
 def templates(
     create_database: DatabaseFactory, admin_engine: Engine, owner_role: str
 ) -> dict[str, str]:
-    names = {build: f"heimdex_template_rls_{build}" for build in BUILDS}
+    names = {build: f"heimdex_template_rls_{build}_{WORKER}" for build in BUILDS}
     migrated = _owned_database(create_database, admin_engine, names["migrated"])
     command.upgrade(alembic_config(database_url=migrated), "head")
     built = _owned_database(create_database, admin_engine, names["artifacts"])
