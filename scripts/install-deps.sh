@@ -22,6 +22,8 @@ if [ ${#need[@]} -gt 0 ]; then
   as_root apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# pip --user puts uv in ~/.local/bin: look there too, so a second run does not reinstall it.
+export PATH="$HOME/.local/bin:$PATH"
 if ! command -v uv >/dev/null 2>&1; then
   echo "install-deps: installing uv (pip)" >&2
   python3 -m pip install -q --user uv 2>/dev/null \

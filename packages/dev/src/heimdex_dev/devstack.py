@@ -26,12 +26,11 @@ from heimdex_api.auth import issue_token
 from heimdex_common.errors import HeimdexError
 from heimdex_common.localpg import LocalPostgres, ensure_database, free_port
 from heimdex_common.logs import JsonFormatter, configure_logging, make_formatter, render_json_line
-from heimdex_common.migrations.config import PACKAGE_ROOT, alembic_config
+from heimdex_common.migrations.config import REPO_ROOT, alembic_config
 from heimdex_common.settings import Environment, Settings, load_settings
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = PACKAGE_ROOT.parents[1]
 DATABASE = "heimdex"
 CLI = ("-c", "from heimdex_common.cli import main; main()")
 # The dev process's own log file, beside one per child process.

@@ -14,7 +14,7 @@ import click
 
 from heimdex_common.db import missing_privilege
 from heimdex_common.errors import HeimdexError
-from heimdex_common.logs import LogFormat, configure_logging
+from heimdex_common.logs import configure_logging
 from heimdex_common.migrations import migrate as migrate_cmd
 from heimdex_common.migrations import revision as revision_cmd
 from heimdex_common.migrations import status as status_cmd
@@ -29,7 +29,7 @@ from heimdex_common.migrations.online import DEFAULT_LOCK_TIMEOUT, LOCK_TIMEOUT_
 from heimdex_common.migrations.revision import require_extra
 from heimdex_common.migrations.supabase import artifacts as artifacts_cmd
 from heimdex_common.migrations.verify import command as verify_cmd
-from heimdex_common.settings import load_settings, normalize_url
+from heimdex_common.settings import load_settings, log_options_or_defaults, normalize_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -90,11 +90,7 @@ def _setup_logging() -> None:
     # Per-revision progress on stderr: aligned lines on a terminal, JSON lines for CI and
     # containers. Settings that do not load (a prod env without its secret) must not stop a
     # migration command, which needs none of them: the defaults then apply.
-    try:
-        options = load_settings().log_options
-    except HeimdexError:
-        options = {"fmt": LogFormat.AUTO, "level": "info"}
-    configure_logging("db", **options)
+    configure_logging("db", **log_options_or_defaults())
 
 
 CONTEXT_KEY = "heimdex.db_context"

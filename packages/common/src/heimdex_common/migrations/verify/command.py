@@ -23,7 +23,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from heimdex_common.db import connection_error
 from heimdex_common.errors import HeimdexError
-from heimdex_common.localpg import LocalPostgres
+from heimdex_common.localpg import LocalPostgres, create_database
 from heimdex_common.migrations import migrate
 from heimdex_common.migrations.config import ARTIFACT_DIR
 from heimdex_common.migrations.context import DbContext
@@ -65,7 +65,7 @@ def scratch_database(server_url: URL | str | None) -> Iterator[URL]:
     admin = create_engine(url, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
+            create_database(conn, name)
     except OperationalError as exc:
         admin.dispose()
         raise connection_error(url, exc) from None
