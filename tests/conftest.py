@@ -44,6 +44,29 @@ def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginMa
     group.addoption("--dist", dest="dist", default="no")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Make `xdist_group` work on pytest 9.
+
+    pytest-xdist 3.8 (`--dist loadgroup`) tells the controller an item's group by appending
+    `@<group>` to `item._nodeid` on the worker; pytest 9 builds `nodeid` from `item._id`
+    instead, so the suffix never leaves the worker and every grouped test is scheduled alone
+    (an expensive module fixture is then built on every worker). Carry the suffix over to the
+    id pytest 9 reads. A no-op without xdist or once xdist sets the id itself.
+    """
+    suffixed = [
+        (item, item.__dict__["_nodeid"])
+        for item in items
+        if "@" in str(item.__dict__.get("_nodeid", "")) and "@" not in item.nodeid
+    ]
+    if not suffixed:  # no xdist, no group, or a pytest that reads `_nodeid` itself
+        return
+    from _pytest.nodeid import NodeId  # pytest 9's id type; only reached on pytest 9
+
+    for item, nodeid in suffixed:
+        item._id = NodeId.parse(nodeid)  # type: ignore[attr-defined]
+
+
 @pytest.fixture(scope="session")
 def pg_admin_url() -> Iterator[URL]:
     """A superuser URL of a throwaway cluster (or of `HEIMDEX_TEST_PG_URL` when set)."""

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import psycopg
+import pydantic_core
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
 from heimdex_api.auth import decode_token
 from heimdex_api.cli import dev_token
+from heimdex_api.schemas import JobOut, job_fields
+from heimdex_common.ledger import repository
 from tests.stack import SECRET, auth
 
 BODY = {"type": "mock_process", "params": {"stage_seconds": 0.01}}
@@ -202,6 +207,29 @@ def test_token_of_another_secret_or_without_org_is_refused(client: TestClient) -
         assert resp.headers["www-authenticate"] == "Bearer"
 
 
+def test_a_token_accepted_once_is_refused_once_it_expires(client: TestClient) -> None:
+    """Verified tokens are remembered (auth.decode_token); expiry is still checked per call."""
+    import jwt
+
+    org = uuid.uuid4()
+    token = jwt.encode({"sub": "x", "org_id": str(org), "exp": time.time() + 1.5}, SECRET, "HS256")
+    headers = {"Authorization": f"Bearer {token}"}
+    assert client.post("/jobs", json={"type": "noop"}, headers=headers).status_code == 201
+    assert client.get("/jobs", headers=headers).status_code == 200
+    time.sleep(1.6)
+    for resp in (
+        client.get("/jobs", headers=headers),
+        client.post("/jobs", json={"type": "noop"}, headers=headers),
+    ):
+        assert resp.status_code == 401, resp.text
+        assert "expired" in resp.json()["detail"]
+    # The same claims signed with another secret were never verified: refused.
+    other = jwt.encode({"sub": "x", "org_id": str(org)}, "other" * 8, "HS256")
+    assert decode_token(jwt.encode({"sub": "x", "org_id": str(org)}, SECRET, "HS256"), SECRET)
+    resp = client.get("/jobs", headers={"Authorization": f"Bearer {other}"})
+    assert resp.status_code == 401
+
+
 def test_readyz_checks_postgres_and_schema_only(client: TestClient) -> None:
     ready = client.get("/readyz")
     assert ready.status_code == 200
@@ -272,6 +300,37 @@ def test_batch_submits_all_or_nothing_with_per_item_keys(
     assert too_many.status_code == 422
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM job")).scalar() == 3
+
+
+def test_submit_responses_are_the_job_models_json(
+    client: TestClient, org_id: uuid.UUID, engine: Engine
+) -> None:
+    """The submit paths serialize `job_fields` without building `JobOut`s; the JSON must be
+    what the model gives (and what GET returns) for every kind of row."""
+    jobs = [{"type": "noop", "priority": 3}, {"type": "noop", "idempotency_key": "pin-1"}]
+    batch = client.post("/jobs/batch", json={"jobs": jobs}, headers=auth(org_id)).json()
+    single = _submit(client, org_id).json()
+    ids = [item["job"]["id"] for item in batch["items"]] + [single["id"]]
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE job SET status = 'failed', last_error_code = 'boom', "
+                "last_error_message = 'it broke', result = '{\"n\": [1, 2.5]}', "
+                "started_at = now(), finished_at = now() WHERE id = :id"
+            ),
+            {"id": ids[0]},
+        )
+        rows = [repository.get_job(conn, uuid.UUID(i)) for i in ids]
+    for row in rows:
+        via_model = json.loads(JobOut.of(row).model_dump_json())
+        assert json.loads(pydantic_core.to_json(job_fields(row))) == via_model
+        assert client.get(f"/jobs/{row.id}", headers=auth(org_id)).json() == via_model
+    failed = json.loads(pydantic_core.to_json(job_fields(rows[0])))
+    assert failed["last_error"] == {"code": "boom", "message": "it broke"}
+    assert failed["result"] == {"n": [1, 2.5]}
+    # Fresh rows: the submit responses themselves equal GET's.
+    assert batch["items"][1]["job"] == client.get(f"/jobs/{ids[1]}", headers=auth(org_id)).json()
+    assert single == client.get(f"/jobs/{ids[2]}", headers=auth(org_id)).json()
 
 
 def test_dev_token_signs_for_the_org_and_refuses_prod(monkeypatch) -> None:  # type: ignore[no-untyped-def]

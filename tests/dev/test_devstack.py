@@ -84,7 +84,7 @@ def test_dev_brings_up_the_stack_runs_a_job_and_stops_on_ctrl_c(state_dir: Path)
             if dev_env.is_file() or proc.poll() is not None:
                 break
             time.sleep(0.1)
-        assert dev_env.is_file(), proc.communicate(timeout=10)[0] if proc.poll() is not None else ""
+        assert dev_env.is_file(), proc.communicate(timeout=10) if proc.poll() is not None else ""
         values = dict(line.split("=", 1) for line in dev_env.read_text().splitlines())
         url, token = values["HEIMDEX_URL"], values["HEIMDEX_TOKEN"]
         assert url == f"http://127.0.0.1:{port}"

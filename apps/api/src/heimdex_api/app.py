@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from heimdex_api import ops, problems, ui
-from heimdex_api.auth import AuthenticationFailed, bearer, decode_token
+from heimdex_api.auth import PRINCIPAL_KEY, AuthenticationFailed, bearer, decode_token
 from heimdex_api.metrics import ApiMetrics
 from heimdex_api.routes import router
 from heimdex_api.state import AppState
@@ -148,10 +148,13 @@ class GuardAndCount:
             # FastAPI reads and parses the whole body before it solves any dependency, so
             # the route's own token check would come only after the body is in memory.
             try:
-                decode_token(
+                principal = decode_token(
                     bearer(headers.get("authorization")),
                     state.settings.jwt_secret.get_secret_value(),
                 )
             except AuthenticationFailed as exc:
                 return problems.problem(401, "unauthenticated", str(exc), request)
+            # The route's `principal` dependency takes it from here instead of decoding the
+            # same token again.
+            scope.setdefault("state", {})[PRINCIPAL_KEY] = principal
         return None

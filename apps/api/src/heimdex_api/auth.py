@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,6 +26,10 @@ class AuthenticationFailed(HeimdexError):
 
 class Forbidden(HeimdexError):
     """Authenticated, but the token's role does not allow this."""
+
+
+# Where the request guard (app.py) leaves the principal it decoded, in the ASGI scope's "state".
+PRINCIPAL_KEY = "heimdex_principal"
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,21 @@ def require_operator(principal: Principal, *, act: bool = False) -> Principal:
 
 
 def decode_token(token: str, secret: str) -> Principal:
+    """The principal of a valid token; `AuthenticationFailed` saying why otherwise.
+
+    A client sends the same token with every request, so a token that verified once is
+    remembered (`_verified`, bounded) and only its expiry is checked again: verifying the
+    signature and claims costs more CPU than the rest of a job submission's Python. Failures
+    are never remembered (an exception is not cached).
+    """
+    principal, expires = _verified(token, secret)
+    if expires is not None and expires <= time.time():
+        raise AuthenticationFailed("the bearer token has expired")
+    return principal
+
+
+@functools.lru_cache(maxsize=4096)
+def _verified(token: str, secret: str) -> tuple[Principal, float | None]:
     try:
         claims = jwt.decode(
             token,
@@ -84,7 +104,11 @@ def decode_token(token: str, secret: str) -> Principal:
     except ValueError:
         raise AuthenticationFailed("the bearer token's org_id claim is not a UUID") from None
     role = claims.get("role")
-    return Principal(sub=sub, org_id=org_id, role=role if isinstance(role, str) else None)
+    exp = claims.get("exp")  # PyJWT checked it is a number when present
+    return (
+        Principal(sub=sub, org_id=org_id, role=role if isinstance(role, str) else None),
+        float(exp) if exp is not None else None,
+    )
 
 
 def bearer(header: str | None) -> str:

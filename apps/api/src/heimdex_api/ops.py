@@ -26,11 +26,11 @@ router = APIRouter(
 )
 
 
-def reader(caller: Caller) -> Principal:
+async def reader(caller: Caller) -> Principal:
     return require_operator(caller)
 
 
-def admin(caller: Caller) -> Principal:
+async def admin(caller: Caller) -> Principal:
     return require_operator(caller, act=True)
 
 

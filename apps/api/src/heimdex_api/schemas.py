@@ -96,37 +96,43 @@ class JobOut(BaseModel):
 
     @classmethod
     def of(cls, job: JobRow) -> JobOut:
-        """The job as the API shows it. (`model_construct` was tried for the bulk submit's
-        1,000 of these: in pydantic 2 it is Python code and no faster than the validating
-        constructor, which is compiled.)"""
-        error = (
-            JobError(code=job.last_error_code, message=job.last_error_message)
-            if job.last_error_code or job.last_error_message
-            else None
-        )
-        return cls(
-            id=job.id,
-            org_id=job.org_id,
-            type=job.type,
-            status=job.status,
-            attempt=job.attempt,
-            max_attempts=job.max_attempts,
-            backoff_policy=job.backoff_policy,
-            priority=job.priority,
-            run_at=job.run_at,
-            params=job.params,
-            stage=job.stage,
-            progress=job.progress,
-            result=job.result,
-            cancel_requested=job.cancel_requested,
-            last_error=error,
-            idempotency_key=job.idempotency_key,
-            requested_by=job.requested_by,
-            created_at=job.created_at,
-            updated_at=job.updated_at,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-        )
+        """The job as the API shows it."""
+        return cls(**job_fields(job))
+
+
+def job_fields(job: JobRow) -> dict[str, Any]:
+    """`JobOut`'s fields of a job row, as plain values. The bulk submit serializes 1,000 of
+    these with `pydantic_core.to_json` (the serializer `JobOut` uses) without building the
+    models: 7 ms against 17 ms. (`model_construct` is Python code in pydantic 2 and was no
+    faster than the validating constructor.) tests/api pins both paths to the same JSON."""
+    error = (
+        {"code": job.last_error_code, "message": job.last_error_message}
+        if job.last_error_code or job.last_error_message
+        else None
+    )
+    return {
+        "id": job.id,
+        "org_id": job.org_id,
+        "type": job.type,
+        "status": job.status,
+        "attempt": job.attempt,
+        "max_attempts": job.max_attempts,
+        "backoff_policy": job.backoff_policy,
+        "priority": job.priority,
+        "run_at": job.run_at,
+        "params": job.params,
+        "stage": job.stage,
+        "progress": job.progress,
+        "result": job.result,
+        "cancel_requested": job.cancel_requested,
+        "last_error": error,
+        "idempotency_key": job.idempotency_key,
+        "requested_by": job.requested_by,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+    }
 
 
 class JobPage(BaseModel):

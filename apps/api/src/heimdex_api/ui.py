@@ -117,7 +117,7 @@ class Session:
         return self.principal.is_admin
 
 
-def session(request: Request, state: State) -> Session:
+async def session(request: Request, state: State) -> Session:
     secret = state.settings.jwt_secret.get_secret_value()
     cookie = request.cookies.get(COOKIE, "")
     principal = open_session(cookie, secret)

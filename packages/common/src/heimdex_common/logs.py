@@ -189,6 +189,13 @@ def configure_logging(
     for h in handlers:
         root.addHandler(h)
     root.setLevel(root_level)
+    if quiet_chatter:
+        # A logger whose every line is chatter (uvicorn's access line per request) makes no
+        # record at all unless DEBUG would show it: the filter above would drop it anyway.
+        for name, prefixes in CHATTER.items():
+            if prefixes is None:
+                shown = root_level <= logging.DEBUG
+                logging.getLogger(name).setLevel(logging.NOTSET if shown else logging.WARNING)
 
 
 def render_json_line(line: str, formatter: logging.Formatter) -> str:

@@ -56,12 +56,13 @@ def _json_array(items: list[dict[str, Any]]) -> str:
 
 @dataclass(frozen=True)
 class NewJob:
-    """A job to insert, validated and fingerprinted by the service."""
+    """A job to insert, validated (and, when it has an idempotency key, fingerprinted) by the
+    service."""
 
     org_id: uuid.UUID
     type: str
     params: Mapping[str, Any]
-    request_fingerprint: str
+    request_fingerprint: str | None
     priority: int = 0
     max_attempts: int = 5
     backoff_policy: BackoffPolicy = BackoffPolicy.EXP
