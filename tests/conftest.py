@@ -25,6 +25,7 @@ from heimdex_common.db import make_engine
 from heimdex_common.localpg import LocalPostgres
 from heimdex_common.migrations.config import alembic_config
 from heimdex_common.settings import normalize_url
+from tests.xdist_groups import pytest_collection_modifyitems  # noqa: F401 - a hook, see there
 
 # "gw0", "gw1", ... under pytest-xdist; "main" in a run without workers (-n 0, -p no:xdist).
 WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
@@ -42,29 +43,6 @@ def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginMa
     group._addoption("-n", "--numprocesses", dest="numprocesses", default=None)
     group.addoption("--maxprocesses", dest="maxprocesses", default=None)
     group.addoption("--dist", dest="dist", default="no")
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Make `xdist_group` work on pytest 9.
-
-    pytest-xdist 3.8 (`--dist loadgroup`) tells the controller an item's group by appending
-    `@<group>` to `item._nodeid` on the worker; pytest 9 builds `nodeid` from `item._id`
-    instead, so the suffix never leaves the worker and every grouped test is scheduled alone
-    (an expensive module fixture is then built on every worker). Carry the suffix over to the
-    id pytest 9 reads. A no-op without xdist or once xdist sets the id itself.
-    """
-    suffixed = [
-        (item, item.__dict__["_nodeid"])
-        for item in items
-        if "@" in str(item.__dict__.get("_nodeid", "")) and "@" not in item.nodeid
-    ]
-    if not suffixed:  # no xdist, no group, or a pytest that reads `_nodeid` itself
-        return
-    from _pytest.nodeid import NodeId  # pytest 9's id type; only reached on pytest 9
-
-    for item, nodeid in suffixed:
-        item._id = NodeId.parse(nodeid)  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session")
