@@ -187,12 +187,12 @@ class Settings(BaseSettings):
         default=300.0, gt=0, validation_alias="HEIMDEX_RETENTION_INTERVAL_SECONDS"
     )
     retention_batch: int = Field(
-        default=500, ge=1, le=10000, validation_alias="HEIMDEX_RETENTION_BATCH"
+        default=100, ge=1, le=10000, validation_alias="HEIMDEX_RETENTION_BATCH"
     )
-    # After each batch the pass sleeps this many times the batch's duration (1: busy at most half
-    # the time); 0, the default, runs the batches back to back.
+    # After each batch the pass sleeps this many times the batch's duration (1, the default: busy
+    # at most half the time); 0 runs the batches back to back.
     retention_pause_factor: float = Field(
-        default=0.0, ge=0, le=100, validation_alias="HEIMDEX_RETENTION_PAUSE_FACTOR"
+        default=1.0, ge=0, le=100, validation_alias="HEIMDEX_RETENTION_PAUSE_FACTOR"
     )
     # A JSONL file each deleted job (with its events) is appended to first; empty: no archive.
     retention_archive: str = Field(default="", validation_alias="HEIMDEX_RETENTION_ARCHIVE")

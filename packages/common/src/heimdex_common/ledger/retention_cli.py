@@ -50,13 +50,13 @@ Examples:
 @click.option(
     "--batch-size",
     type=click.IntRange(1, 10000),
-    help="Jobs deleted per transaction (default: HEIMDEX_RETENTION_BATCH, 500).",
+    help="Jobs deleted per transaction (default: HEIMDEX_RETENTION_BATCH, 100).",
 )
 @click.option(
     "--pause-factor",
     type=click.FloatRange(0, 100),
     help="After each batch, sleep this many times as long as it took (default: "
-    "HEIMDEX_RETENTION_PAUSE_FACTOR, 0: back to back; 1: busy at most half the time).",
+    "HEIMDEX_RETENTION_PAUSE_FACTOR, 1: busy at most half the time; 0: back to back).",
 )
 @click.option(
     "--database-url",
