@@ -313,6 +313,36 @@ def test_priority_first_then_round_robin_across_orgs(
     assert late in order[:11], order.index(late) if late in order else "not claimed"
 
 
+def test_a_short_jobs_outcome_is_written_while_a_long_job_runs_after_it(
+    client: TestClient, processes: Processes, engine: Engine
+) -> None:
+    """One runner claims short jobs and a long one in one batch: the short jobs' outcomes are
+    written (by the keeper) while the long job still runs, not once it ends."""
+    org = uuid.uuid4()
+    shorts = _batch(client, org, [{"type": "noop"}] * 4)  # due first, so claimed first
+    (long_job,) = _batch(client, org, [{"type": "mock_process", "params": {"stage_seconds": 3.0}}])
+    processes.start("worker", "--concurrency", "1", "--batch", "10")
+    wait_for(
+        lambda: (
+            _count(engine, "SELECT count(*) FROM job WHERE status = 'running'") == 1
+            and _count(engine, "SELECT count(*) FROM job WHERE status = 'succeeded'") == 4
+        ),
+        what="the short jobs written while the long one runs (after it, this cannot hold)",
+    )
+    running = _count(
+        engine, "SELECT count(*) FROM job WHERE id = :id AND status = 'running'", id=long_job
+    )
+    assert running == 1  # the long job (9 s in all) has not ended yet
+    assert (
+        _count(
+            engine,
+            "SELECT count(*) FROM job WHERE id::text = ANY(:ids) AND status = 'succeeded'",
+            ids=shorts,
+        )
+        == 4
+    )
+
+
 def test_run_at_defers_the_claim(client: TestClient, processes: Processes, engine: Engine) -> None:
     processes.start("worker")
     due = time.time() + 2

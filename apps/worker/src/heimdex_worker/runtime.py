@@ -9,7 +9,9 @@ Threads of one process, each with one job:
   `batch` jobs while jobs are short and one at a time otherwise, when a job's outcome is also
   written as soon as it ends. Writes are retried through an outage: an outcome is never dropped
   while its lease may still be held;
-- the keeper renews every lease this process holds in one statement, runs the reaper, and every
+- the keeper renews every lease this process holds in one statement, writes outcomes a runner
+  left waiting while it went on to a next job (one try: a heartbeat never waits on an outage),
+  runs the reaper, and every
   `retention_interval_seconds` a slice of the retention pass (one worker of the deployment at a
   time, by advisory lock; a slice stops after a quarter of the heartbeat period, so leases are
   always renewed in time, and the next tick goes on while old jobs are left);
@@ -263,24 +265,15 @@ class Worker:
     def _runner(self) -> None:
         """Run claimed jobs while any is ready; then write their outcomes and claim the next
         batch (sleeping until a NOTIFY or the poll interval when nothing was due)."""
-        pending: list[Done] = []
         failing_since: float | None = None
         own: Held | None = None
         while True:
             held, own = own or self._pop(), None
             if held is not None:
-                started = time.monotonic()
-                pending.append(self._attempt(held))
-                self._observe(time.monotonic() - started)
-                # Short jobs: the outcomes are written together once no job is ready. Long
-                # ones: at once, so none waits for the next job to end.
-                if self._ready and not self._short_jobs:
-                    self._flush(pending)
-                    pending = []
+                self._run(held)
                 continue
-            if pending:
-                self._flush(pending)
-                pending = []
+            if self._outbox:
+                self._flush([])
             if self.stopping.is_set():
                 return
             # Long jobs: one at a time per runner, so none waits behind another while a
@@ -312,6 +305,19 @@ class Worker:
                 self.wake.wait(self.settings.poll_interval_seconds)
                 self.wake.clear()
 
+    def _run(self, held: Held) -> None:
+        """One attempt, then its outcome: short jobs with more ready leave it in the outbox, to
+        be written with others' once a runner finds nothing ready, or by the keeper's next tick
+        (so it never waits for a long job this runner happens to start next); else it is
+        written at once, so none waits for the next job to end."""
+        started = time.monotonic()
+        done = self._attempt(held)
+        self._observe(time.monotonic() - started)
+        if self._ready and self._short_jobs:
+            self._hand_off([done])
+        else:
+            self._flush([done])
+
     def _take(self, jobs: list[ClaimedJob]) -> Held:
         """Hold what was claimed; the first job is the claimer's own (so its next write
         carries an outcome), the rest go to the shared deque for whichever runner is free."""
@@ -326,11 +332,18 @@ class Worker:
             self.wake.set()  # idle runners help with the batch
         return fresh[0]
 
-    def _flush(self, ended: list[Done]) -> None:
-        """Hand ended attempts to the writer; when no runner is writing, become it and write
+    def _hand_off(self, ended: list[Done]) -> None:
+        """Leave ended attempts in the outbox for whoever writes next."""
+        with self._outbox_lock:
+            self._outbox.extend(ended)
+
+    def _flush(self, ended: list[Done], *, retry: bool = True) -> None:
+        """Hand ended attempts to the writer; when no thread is writing, become it and write
         everything waiting (other runners' too) until nothing is left. One outcome statement in
         flight per process, with every outcome that ended meanwhile (concurrent writers cost
-        PostgreSQL more per job), and no thread of its own to wake."""
+        PostgreSQL more per job), and no thread of its own to wake. Without `retry` (the
+        keeper, which must not stall its heartbeats) one failed write puts the outcomes back
+        for the next writer."""
         with self._outbox_lock:
             self._outbox.extend(ended)
             if self._writing:
@@ -342,12 +355,19 @@ class Worker:
                 if not batch:
                     self._writing = False
                     return
-            self._settle(batch, self._write(batch))
+            try:
+                written = self._write(batch, retry=retry)
+            except DBAPIError:
+                with self._outbox_lock:
+                    self._outbox[:0] = batch
+                    self._writing = False
+                return
+            self._settle(batch, written)
 
-    def _write(self, pending: list[Done]) -> Written:
+    def _write(self, pending: list[Done], *, retry: bool = True) -> Written:
         """Write the outcomes of ended attempts; one statement when none failed (failures read
-        their rows for the retry rule: a transaction). Retried through an outage: an outcome is
-        never dropped while its lease may still be held."""
+        their rows for the retry rule: a transaction). Retried through an outage (`retry`): an
+        outcome is never dropped while its lease may still be held."""
         direct = [o for _, o, _ in pending if isinstance(o, Outcome)]
         failures = [o for _, o, _ in pending if isinstance(o, service.Failure)]
 
@@ -359,7 +379,7 @@ class Worker:
                 written = repository.write_outcomes(conn, direct)
                 return written, service.fail_attempts(conn, failures, policy=self.policy)
 
-        result: Written = _retrying("writing outcomes", write)
+        result: Written = _retrying("writing outcomes", write, give_up=lambda: not retry)
         return result
 
     def _claim(self, limit: int) -> repository.Claim:
@@ -460,6 +480,8 @@ class Worker:
                     for h in due:
                         if h.token not in kept:
                             h.lost = True
+            if self._outbox:  # outcomes handed off by runners now busy with other jobs
+                self._flush([], retry=False)
             if now >= next_reap:
                 next_reap = now + self.settings.reaper_interval_seconds
                 self._reap()
@@ -567,6 +589,8 @@ class Worker:
             with self._held_lock:
                 if not self._held:
                     break
+            if self._outbox:  # left by a keeper's failed write after the runners stopped
+                self._flush([], retry=False)
             time.sleep(0.05)
         self._finish.set()
         for thread in self._threads:
