@@ -31,4 +31,8 @@ if ! command -v uv >/dev/null 2>&1; then
   export PATH="$HOME/.local/bin:$PATH"
 fi
 
-uv sync --frozen --quiet
+# --compile-bytecode: the tests start about a hundred Python subprocesses (the CLI, workers, the
+# API); where PYTHONDONTWRITEBYTECODE is set (CI images often do) each would otherwise compile
+# sqlalchemy, fastapi, pydantic and the rest from source again (about a third of the suite's
+# wall time on 2 cores, measured).
+uv sync --frozen --quiet --compile-bytecode
