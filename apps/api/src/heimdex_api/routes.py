@@ -40,8 +40,8 @@ JOB_ERRORS = problem_responses(404)
 
 
 # Dependencies that do not block are `async def`: FastAPI runs a sync dependency in its thread
-# pool, and each such hop (a queue put, a thread wake-up, a GIL handoff) cost more CPU than the
-# function itself (three hops per submit: about a fifth of the API's CPU per request).
+# pool, and each such hop (a queue put, a thread wake-up, a GIL handoff) costs more CPU than the
+# function itself (in process, a sync /healthz took 526 µs of CPU, an async one 112 µs).
 async def app_state(request: Request) -> AppState:
     state: AppState = request.app.state.heimdex
     return state

@@ -10,7 +10,8 @@ Threads of one process, each with one job:
   written as soon as it ends. Writes are retried through an outage: an outcome is never dropped
   while its lease may still be held;
 - the keeper renews every lease this process holds in one statement, writes outcomes a runner
-  left waiting while it went on to a next job (one try: a heartbeat never waits on an outage),
+  left waiting while it went on to a next job (one statement, one try: a heartbeat never
+  waits on an outage or on other runners' outcomes),
   runs the reaper, and every
   `retention_interval_seconds` a slice of the retention pass (one worker of the deployment at a
   time, by advisory lock; a slice stops after a quarter of the heartbeat period, so leases are
@@ -355,13 +356,14 @@ class Worker:
             self.wake.set()  # idle runners help with the batch
         return fresh[0]
 
-    def _flush(self, ended: list[Done], *, retry: bool = True) -> None:
+    def _flush(self, ended: list[Done], *, keeper: bool = False) -> None:
         """Hand ended attempts to the writer; when no thread is writing, become it and write
         everything waiting (other runners' too) until nothing is left. One outcome statement in
         flight per process, with every outcome that ended meanwhile (concurrent writers cost
-        PostgreSQL more per job), and no thread of its own to wake. Without `retry` (the
-        keeper, which must not stall its heartbeats) one failed write puts the outcomes back
-        for the next writer."""
+        PostgreSQL more per job), and no thread of its own to wake. The `keeper` must not stall
+        its heartbeats: it writes one statement with one try (a failed write puts the outcomes
+        back), and leaves what arrived meanwhile to the runners' next write or its next tick,
+        instead of staying the writer while runners keep adding outcomes."""
         with self._outbox_lock:
             self._outbox.extend(ended)
             if self._writing:
@@ -374,13 +376,17 @@ class Worker:
                     self._writing = False
                     return
             try:
-                written = self._write(batch, retry=retry)
+                written = self._write(batch, retry=not keeper)
             except DBAPIError:
                 with self._outbox_lock:
                     self._outbox[:0] = batch
                     self._writing = False
                 return
             self._settle(batch, written)
+            if keeper:
+                with self._outbox_lock:
+                    self._writing = False
+                return
 
     def _write(self, pending: list[Done], *, retry: bool = True) -> Written:
         """Write the outcomes of ended attempts; one statement when none failed (failures read
@@ -500,7 +506,7 @@ class Worker:
                             h.lost = True
             parked = self._unpark_all()  # outcomes of runners now busy with a next job
             if parked or self._outbox:
-                self._flush(parked, retry=False)
+                self._flush(parked, keeper=True)
             if now >= next_reap:
                 next_reap = now + self.settings.reaper_interval_seconds
                 self._reap()
@@ -610,7 +616,7 @@ class Worker:
                     break
             parked = self._unpark_all()  # or left by a keeper's failed write
             if parked or self._outbox:
-                self._flush(parked, retry=False)
+                self._flush(parked, keeper=True)
             time.sleep(0.05)
         self._finish.set()
         for thread in self._threads:
