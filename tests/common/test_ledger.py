@@ -79,6 +79,25 @@ def test_submit_without_key_always_creates(
     assert _events(conn, a.job.id) == [(None, "queued", "submitted")]
 
 
+def test_submit_returns_the_row_as_the_typed_reads_see_it(
+    conn: Connection, registry: Registry, org_id: uuid.UUID
+) -> None:
+    """The submit path reads its rows from the driver (`JobRecord`); they must carry the
+    columns, values and types of the typed SQLAlchemy read of the same job, and a replay
+    (`by_keys`) the same again."""
+    assert repository.JobRecord._fields == tuple(c.name for c in repository.JOB.columns)
+    spec = service.JobSpec(
+        "noop", {}, priority=3, idempotency_key="rec", run_at=datetime(2030, 1, 1, tzinfo=UTC)
+    )
+    created = service.submit_job(conn, registry, org_id=org_id, spec=spec, requested_by="me")
+    replay = service.submit_job(conn, registry, org_id=org_id, spec=spec, requested_by="me")
+    read = repository.get_job(conn, created.job.id)
+    for submitted in (created.job, replay.job):
+        assert tuple(submitted) == tuple(read)
+        assert [type(v) for v in submitted] == [type(v) for v in read]
+    assert created.job.status is JobStatus.QUEUED and created.job.params == {}
+
+
 def test_idempotent_replay_conflict_and_other_org(
     conn: Connection, registry: Registry, org_id: uuid.UUID
 ) -> None:

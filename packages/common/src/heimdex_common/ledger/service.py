@@ -27,7 +27,7 @@ from heimdex_common.ledger.errors import (
 )
 from heimdex_common.ledger.fingerprint import request_fingerprint
 from heimdex_common.ledger.registry import Registry
-from heimdex_common.ledger.repository import ClaimedJob, JobRow, NewJob, Outcome
+from heimdex_common.ledger.repository import ClaimedJob, JobRecord, JobRow, NewJob, Outcome
 from heimdex_common.ledger.states import ensure_transition
 from heimdex_common.models import BackoffPolicy, JobStatus
 
@@ -55,7 +55,7 @@ class JobSpec:
 
 @dataclass(frozen=True)
 class Submitted:
-    job: JobRow
+    job: JobRecord
     created: bool
 
 
