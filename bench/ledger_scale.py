@@ -4,6 +4,7 @@
     uv run python bench/ledger_scale.py --jobs 1000000 --layout plain,partitioned
     uv run python bench/ledger_scale.py --jobs 1000000 --load-only     # the load time alone
     uv run python bench/ledger_scale.py --jobs 1000000 --retention 500:0,500:1 --passes 4
+    uv run python bench/ledger_scale.py --jobs 1000000,10000000 --shared-buffers 14GB --prewarm
 
 For each size (and each `job_event` layout) a throwaway PostgreSQL cluster (fsync on) is
 migrated to head, then loaded in SQL (INSERT ... SELECT over generate_series, logged tables): N
@@ -15,6 +16,13 @@ rebuilds them under those names and definitions (parallel maintenance workers, 1
 maintenance_work_mem; the foreign key last, validated in one join) and fails unless the catalog
 then reads exactly as before; then VACUUM ANALYZE and a checkpoint. Progress is printed per chunk
 and per index with the elapsed seconds. `--load-only` stops there.
+
+The server runs with `--shared-buffers` (default 2GB). `--prewarm` then reads what the measured
+reads use into shared buffers (`pg_prewarm`, the extension created and dropped again): `job`
+and its indexes, `job_event` and its `(job_id, ts)` index (its primary key and `ts` index take
+only the writer's appends); it reports how much of each stayed there: the steady state of a
+server whose memory holds its ledger, against the cold reads of a just-loaded one whose kernel
+may drop the page cache.
 
 Then, while a writer submits a job every 20 ms through `repository.insert_jobs` (its commit timed
 apart: a commit waits for the WAL written before it):
@@ -49,6 +57,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from alembic import command
@@ -72,7 +81,6 @@ REBUILD_SETTINGS = {  # the session that rebuilds the indexes and validates the 
     "work_mem": "256MB",
 }
 SERVER_SETTINGS = {
-    "shared_buffers": "2GB",
     "maintenance_work_mem": "512MB",
     "max_parallel_maintenance_workers": "2",
     "track_wal_io_timing": "on",
@@ -465,13 +473,40 @@ def _timed(samples: int, call: Callable[[int], Any]) -> tuple[float, float]:
     return _pct(times, 0.5) * 1000, _pct(times, 0.99) * 1000
 
 
+def _bytes(size: str) -> int:
+    """PostgreSQL's memory units (kB, MB, GB, TB) in bytes."""
+    units = {"kB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+    for unit, factor in units.items():
+        if size.endswith(unit):
+            return int(size.removesuffix(unit)) * factor
+    raise SystemExit(f"--shared-buffers {size!r}: a number with kB, MB, GB or TB, like 16GB")
+
+
+def _check_huge_pages(shared_buffers: str) -> None:
+    """Refuses to start unless the kernel has free huge pages for the shared buffers."""
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    info = {line.split(":")[0]: int(line.split()[1]) for line in meminfo}
+    page = info.get("Hugepagesize", 2048) * 1024
+    need = -(-int(_bytes(shared_buffers) * 1.03) // page)  # plus PostgreSQL's other shared memory
+    if info.get("HugePages_Free", 0) < need:
+        raise SystemExit(
+            f"--huge-pages: {need} free huge pages needed for shared_buffers {shared_buffers},"
+            f" {info.get('HugePages_Free', 0)} free; as root: sysctl -w vm.nr_hugepages={need}"
+        )
+
+
 @contextmanager
-def _cluster() -> Iterator[LocalPostgres]:
+def _cluster(shared_buffers: str, huge_pages: bool) -> Iterator[LocalPostgres]:
+    if huge_pages:
+        _check_huge_pages(shared_buffers)
     cluster = LocalPostgres.throwaway(durable=True).start()
     try:
         engine = make_engine(cluster.url(), isolation_level="AUTOCOMMIT")
+        settings = {**SERVER_SETTINGS, "shared_buffers": shared_buffers}
+        if huge_pages:
+            settings["huge_pages"] = "on"
         with engine.connect() as conn:
-            for name, value in SERVER_SETTINGS.items():
+            for name, value in settings.items():
                 conn.execute(text(f"ALTER SYSTEM SET {name} = '{value}'"))
         engine.dispose()
         cluster.stop()
@@ -479,6 +514,54 @@ def _cluster() -> Iterator[LocalPostgres]:
         yield cluster
     finally:
         cluster.destroy()
+
+
+def _prewarm(engine: Engine) -> None:
+    """Reads what the measured reads use into shared buffers: `job` with its indexes and
+    `job_event` with its `(job_id, ts)` index, job_event first (what does not fit is evicted
+    first from what was read first); `job_event`'s primary key and `ts` index, which only the
+    writer's inserts touch (at their right edge), are left out. Then prints how much of each
+    the buffers hold (pg_buffercache)."""
+    ours = (
+        "SELECT c.oid, c.relname, c.relfilenode, pg_relation_size(c.oid) AS bytes"
+        " FROM pg_class c LEFT JOIN pg_index i ON i.indexrelid = c.oid"
+        " WHERE c.relkind IN ('r', 'i') AND coalesce(i.indrelid, c.oid) IN"
+        "  (SELECT oid FROM pg_class WHERE relnamespace = current_schema()::regnamespace"
+        "   AND (relname = 'job' OR relname LIKE 'job\\_event%'))"
+        " AND c.relname NOT LIKE 'pk\\_job\\_event%'"
+        " AND c.relname NOT LIKE 'idx\\_job\\_event\\_\\_ts%'"
+        " ORDER BY coalesce(i.indrelid, c.oid)::regclass::text = 'job', c.relkind = 'r', c.relname"
+    )
+    started = time.monotonic()
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("CREATE EXTENSION IF NOT EXISTS pg_prewarm"))
+        conn.execute(text("CREATE EXTENSION IF NOT EXISTS pg_buffercache"))
+        rows = conn.execute(text(ours)).all()
+        for row in rows:
+            conn.execute(text("SELECT pg_prewarm(:oid)"), {"oid": row.oid})
+        held = {
+            r.relfilenode: r.bytes
+            for r in conn.execute(
+                text(
+                    "SELECT relfilenode, count(*) * 8192 AS bytes FROM pg_buffercache"
+                    " WHERE reldatabase = (SELECT oid FROM pg_database"
+                    "  WHERE datname = current_database()) GROUP BY relfilenode"
+                )
+            )
+        }
+        conn.execute(text("DROP EXTENSION pg_buffercache"))
+        conn.execute(text("DROP EXTENSION pg_prewarm"))
+    total = sum(r.bytes for r in rows)
+    kept = sum(min(r.bytes, held.get(r.relfilenode, 0)) for r in rows)
+    print(
+        f"  prewarmed {len(rows)} relations of {total / 2**30:.1f} GiB in"
+        f" {time.monotonic() - started:.0f}s; shared buffers hold {kept / 2**30:.1f} GiB of them:",
+        ", ".join(
+            f"{r.relname} {min(r.bytes, held.get(r.relfilenode, 0)) / max(r.bytes, 1):.0%}"
+            for r in rows
+        ),
+        flush=True,
+    )
 
 
 def run_one(  # noqa: PLR0915 - one scenario, start to end, reads best in one place
@@ -491,10 +574,13 @@ def run_one(  # noqa: PLR0915 - one scenario, start to end, reads best in one pl
     samples: int,
     configs: list[str],
     passes: int,
+    shared_buffers: str = "2GB",
+    huge_pages: bool = False,
+    prewarm: bool = False,
     load_only: bool = False,
 ) -> dict[str, tuple[float, float]]:
     results: dict[str, tuple[float, float]] = {}
-    with _cluster() as cluster:
+    with _cluster(shared_buffers, huge_pages) as cluster:
         url = cluster.url()
         command.upgrade(alembic_config(database_url=url), "head")
         engine = make_engine(url, pool_size=4)
@@ -520,6 +606,8 @@ def run_one(  # noqa: PLR0915 - one scenario, start to end, reads best in one pl
         results["load + VACUUM ANALYZE, s"] = (load_seconds, load_seconds)
         if load_only:
             return results
+        if prewarm:
+            _prewarm(engine)
 
         with engine.connect() as conn:
             picks = conn.execute(
@@ -641,6 +729,19 @@ def main() -> None:
     parser.add_argument("--events-per-job", type=int, default=5)
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument(
+        "--shared-buffers", default="2GB", help="the server's shared_buffers (default 2GB)"
+    )
+    parser.add_argument(
+        "--huge-pages",
+        action="store_true",
+        help="run the server with huge_pages=on (needs vm.nr_hugepages: the bench says how many)",
+    )
+    parser.add_argument(
+        "--prewarm",
+        action="store_true",
+        help="read job, job_event and their indexes into shared buffers before measuring",
+    )
+    parser.add_argument(
         "--load-only",
         action="store_true",
         help="load (and check the rebuilt schema), print the load time and stop",
@@ -679,6 +780,9 @@ def main() -> None:
                 samples=args.samples,
                 configs=configs,
                 passes=args.passes,
+                shared_buffers=args.shared_buffers,
+                huge_pages=args.huge_pages,
+                prewarm=args.prewarm,
                 load_only=args.load_only,
             )
             for measure, (p50, p99) in table[(layout, n)].items():
@@ -686,7 +790,11 @@ def main() -> None:
     columns = [(layout, n) for layout in layouts for n in sizes]
     head = "".join(f" | {layout} {n / 1e6:g}M p50 / p99" for layout, n in columns)
     ratio = len(sizes) > 1
-    print(f"\nms unless said; p50 / p99 of {args.samples} samples\n")
+    print(
+        f"\nms unless said; p50 / p99 of {args.samples} samples; shared_buffers"
+        f" {args.shared_buffers}{', huge pages' if args.huge_pages else ''}"
+        f"{', prewarmed' if args.prewarm else ''}\n"
+    )
     print(
         f"| measure{head}"
         + (f" | p99 {sizes[-1] / 1e6:g}M / {sizes[0] / 1e6:g}M" if ratio else "")
