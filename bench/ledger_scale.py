@@ -18,9 +18,10 @@ then reads exactly as before; then VACUUM ANALYZE and a checkpoint. Progress is 
 and per index with the elapsed seconds. `--load-only` stops there.
 
 The server runs with `--shared-buffers` (default 2GB). `--prewarm` then reads what the measured
-reads use into shared buffers (`pg_prewarm`, the extension created and dropped again): `job`
-and its indexes, `job_event` and its `(job_id, ts)` index (its primary key and `ts` index take
-only the writer's appends); it reports how much of each stayed there: the steady state of a
+statements use into shared buffers (`pg_prewarm`, the extension created and dropped again):
+`job` and `job_event` with their indexes but `job_event`'s on `ts` (inserts only touch its
+right edge; a new event's random-UUID key lands on any page of the primary key); it reports
+how much of each stayed there: the steady state of a
 server whose memory holds its ledger, against the cold reads of a just-loaded one whose kernel
 may drop the page cache.
 
@@ -517,18 +518,17 @@ def _cluster(shared_buffers: str, huge_pages: bool) -> Iterator[LocalPostgres]:
 
 
 def _prewarm(engine: Engine) -> None:
-    """Reads what the measured reads use into shared buffers: `job` with its indexes and
-    `job_event` with its `(job_id, ts)` index, job_event first (what does not fit is evicted
-    first from what was read first); `job_event`'s primary key and `ts` index, which only the
-    writer's inserts touch (at their right edge), are left out. Then prints how much of each
-    the buffers hold (pg_buffercache)."""
+    """Reads what the measured statements use into shared buffers: `job` with its indexes and
+    `job_event` with its indexes but the one on `ts` (inserts only touch its right edge;
+    those into the primary key, a random UUID, land anywhere), job_event first (what does not
+    fit is evicted first from what was read first). Then prints how much of each the buffers
+    hold (pg_buffercache)."""
     ours = (
         "SELECT c.oid, c.relname, c.relfilenode, pg_relation_size(c.oid) AS bytes"
         " FROM pg_class c LEFT JOIN pg_index i ON i.indexrelid = c.oid"
         " WHERE c.relkind IN ('r', 'i') AND coalesce(i.indrelid, c.oid) IN"
         "  (SELECT oid FROM pg_class WHERE relnamespace = current_schema()::regnamespace"
         "   AND (relname = 'job' OR relname LIKE 'job\\_event%'))"
-        " AND c.relname NOT LIKE 'pk\\_job\\_event%'"
         " AND c.relname NOT LIKE 'idx\\_job\\_event\\_\\_ts%'"
         " ORDER BY coalesce(i.indrelid, c.oid)::regclass::text = 'job', c.relkind = 'r', c.relname"
     )
