@@ -98,6 +98,22 @@ def test_submit_returns_the_row_as_the_typed_reads_see_it(
     assert created.job.status is JobStatus.QUEUED and created.job.params == {}
 
 
+def test_statements_on_the_driver_commit_with_the_callers_connection(
+    engine: Engine, registry: Registry, org_id: uuid.UUID
+) -> None:
+    """The submit and the claim run on the driver under the caller's connection: a caller
+    that lets SQLAlchemy begin the transaction and then calls `commit()` must commit them."""
+    with engine.connect() as conn:
+        job = service.submit_job(conn, registry, org_id=org_id, spec=NOOP).job
+        conn.commit()
+        claimed = repository.claim(conn, worker_id="w", limit=1, lease_seconds=30).jobs
+        conn.commit()
+    assert [c.id for c in claimed] == [job.id]
+    with engine.connect() as other:
+        status = other.execute(text("SELECT status FROM job WHERE id = :id"), {"id": job.id})
+        assert status.scalar_one() == "running"
+
+
 def test_idempotent_replay_conflict_and_other_org(
     conn: Connection, registry: Registry, org_id: uuid.UUID
 ) -> None:

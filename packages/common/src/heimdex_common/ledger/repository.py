@@ -360,6 +360,10 @@ def _driver_rows(
     measurably: docs/architecture.md); for a one-job submit, 350 µs of client CPU through
     SQLAlchemy against 190 µs on the driver. Errors still surface as SQLAlchemy's `DBAPIError`
     family, and a broken connection is invalidated, as `conn.execute` would."""
+    if not conn.in_transaction():
+        # What `conn.execute` would do (autobegin): else SQLAlchemy believes no transaction is
+        # open, and the caller's `conn.commit()` does nothing while the driver's stays open.
+        conn.begin()
     driver: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
     try:
         with driver.cursor() as cursor:
