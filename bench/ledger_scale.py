@@ -4,7 +4,7 @@
     uv run python bench/ledger_scale.py --jobs 1000000 --layout plain,partitioned
     uv run python bench/ledger_scale.py --jobs 1000000 --load-only     # the load time alone
     uv run python bench/ledger_scale.py --jobs 1000000 --retention 500:0,500:1 --passes 4
-    uv run python bench/ledger_scale.py --jobs 1000000,10000000 --shared-buffers 14GB --prewarm
+    uv run python bench/ledger_scale.py --jobs 1000000,10000000 --shared-buffers 18GB --huge-pages --prewarm
 
 For each size (and each `job_event` layout) a throwaway PostgreSQL cluster (fsync on) is
 migrated to head, then loaded in SQL (INSERT ... SELECT over generate_series, logged tables): N
@@ -478,7 +478,7 @@ def _bytes(size: str) -> int:
     """PostgreSQL's memory units (kB, MB, GB, TB) in bytes."""
     units = {"kB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
     for unit, factor in units.items():
-        if size.endswith(unit):
+        if size.endswith(unit) and size.removesuffix(unit).isdigit():
             return int(size.removesuffix(unit)) * factor
     raise SystemExit(f"--shared-buffers {size!r}: a number with kB, MB, GB or TB, like 16GB")
 
