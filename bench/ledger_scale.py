@@ -4,7 +4,8 @@
     uv run python bench/ledger_scale.py --jobs 1000000 --layout plain,partitioned
     uv run python bench/ledger_scale.py --jobs 1000000 --load-only     # the load time alone
     uv run python bench/ledger_scale.py --jobs 1000000 --retention 500:0,500:1 --passes 4
-    uv run python bench/ledger_scale.py --jobs 1000000,10000000 --shared-buffers 18GB --huge-pages --prewarm
+    uv run python bench/ledger_scale.py --jobs 1000000,10000000 \
+        --shared-buffers 18GB --huge-pages --prewarm               # in memory (see below)
 
 For each size (and each `job_event` layout) a throwaway PostgreSQL cluster (fsync on) is
 migrated to head, then loaded in SQL (INSERT ... SELECT over generate_series, logged tables): N
