@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 from urllib.parse import quote
 
 from psycopg.errors import InsufficientPrivilege
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,8 +24,30 @@ def make_engine(url: URL | str, **kwargs: object) -> Engine:
     No pre-ping: it costs a round trip on every checkout of the hot paths. A connection broken
     by a restart fails its next statement instead, SQLAlchemy drops the pool's connections from
     before the failure, and the callers (API error mapping, worker loops) retry on a new one.
+
+    Every connection runs with JIT off (`session_settings`).
     """
-    return create_engine(normalize_url(url), **kwargs)
+    engine = create_engine(normalize_url(url), **kwargs)
+    event.listen(engine, "connect", session_settings)
+    return engine
+
+
+# PostgreSQL compiles a statement whose estimated cost passes `jit_above_cost` (100,000 by
+# default) to machine code, on every execution: a prepared statement keeps its plan, not the
+# compiled code. The claim's estimate grows with the queue (about 0.8 per queued job), so a
+# queue past ~130k jobs made every claim spend 25-30 ms compiling a statement that runs in
+# 1-2 ms (150k queued: 49 ms a claim, 27 ms of it JIT). Every statement here is short.
+SESSION_SETTINGS = ("SET jit = off",)
+
+
+def session_settings(dbapi_connection: Any, _record: object) -> None:
+    """Applied once to each new connection, before the pool hands it out. Through a
+    transaction-mode pooler a session setting reaches only the server connection it ran on;
+    the worker needs a session connection anyway (docs/architecture.md)."""
+    with dbapi_connection.cursor() as cursor:
+        for statement in SESSION_SETTINGS:
+            cursor.execute(statement)
+    dbapi_connection.commit()
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

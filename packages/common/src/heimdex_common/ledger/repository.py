@@ -310,18 +310,19 @@ WITH RECURSIVE orgs AS (
          ORDER BY j.priority DESC, j.run_at
          LIMIT (SELECT per_org FROM share)) AS c
 ), ranked AS (
-    SELECT id, row_number() OVER (ORDER BY priority DESC, turn, run_at, id) AS rank
-      FROM offered
-     ORDER BY rank
-     LIMIT 2 * %(limit)s
+    SELECT array_agg(id ORDER BY rank) AS ids
+      FROM (SELECT id, row_number() OVER (ORDER BY priority DESC, turn, run_at, id) AS rank
+              FROM offered
+             ORDER BY rank
+             LIMIT 2 * %(limit)s) AS best
 ), picked AS (
     -- Re-checked after the lock: a row claimed and committed meanwhile is passed over.
     -- `status::text`: see KEY LOOKUPS below.
     SELECT j.id
-      FROM ranked AS r
-      JOIN job AS j ON j.id = r.id
+      FROM ranked
+      JOIN job AS j ON j.id = ANY(ranked.ids)
      WHERE j.status::text = 'queued'
-     ORDER BY r.rank
+     ORDER BY array_position(ranked.ids, j.id)
      LIMIT %(limit)s
        FOR UPDATE OF j SKIP LOCKED
 ), claimed AS (
