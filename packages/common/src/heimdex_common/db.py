@@ -36,7 +36,8 @@ def make_engine(url: URL | str, **kwargs: object) -> Engine:
 # default) to machine code, on every execution: a prepared statement keeps its plan, not the
 # compiled code. The claim's estimate grows with the queue (about 0.8 per queued job), so a
 # queue past ~130k jobs made every claim spend 25-30 ms compiling a statement that runs in
-# 1-2 ms (150k queued: 49 ms a claim, 27 ms of it JIT). Every statement here is short.
+# 1-2 ms (150k queued: 49 ms a claim, 27 ms of it JIT). Heimdex's statements are all short:
+# none is the long analytic query JIT pays off for.
 SESSION_SETTINGS = ("SET jit = off",)
 
 

@@ -310,6 +310,8 @@ WITH RECURSIVE orgs AS (
          ORDER BY j.priority DESC, j.run_at
          LIMIT (SELECT per_org FROM share)) AS c
 ), ranked AS (
+    -- One array, matched below by primary key: joined row by row instead, a generic plan on a
+    -- small ledger read the ids against a sequential scan of `job` (test_claim_plan.py).
     SELECT array_agg(id ORDER BY rank) AS ids
       FROM (SELECT id, row_number() OVER (ORDER BY priority DESC, turn, run_at, id) AS rank
               FROM offered
