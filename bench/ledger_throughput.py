@@ -17,9 +17,8 @@ and each system's ratio to Heimdex.
   `concurrency` 4.
 - raw SQL ceiling: the least a worker could do on Heimdex's schema with the full event log:
   4 connections, each `UPDATE ... FOR UPDATE SKIP LOCKED` (+ claimed events) then the outcome
-  (+ events), per batch, no fairness (jobs in the claim index's order: one index descent, org
-  by org; ordered by priority alone, with the queue's statistics current, it sorted the whole
-  queue on each claim), no Python work per job.
+  (+ events), per batch, in the claim index's order (priority, turn, due time: the turns the
+  submit placed), no placing of unplaced jobs, no clock, no Python work per job.
 - submit: one job per request through the real HTTP API (`heimdex api --workers 2`, loaded by
   `wrk` with 4 keep-alive connections when it is installed, else 4 Python client threads)
   against PGQueuer's `enqueue` one by one (4 tasks, straight to the database, no HTTP); bulk:
@@ -196,8 +195,8 @@ def child_procrastinate(url: str, n: int, batch: int) -> float:
 
 RAW_CLAIM = """
 WITH picked AS (
-    SELECT id FROM job WHERE status = 'queued' AND run_at <= now()
-     ORDER BY org_id, priority DESC, run_at LIMIT %(n)s FOR UPDATE SKIP LOCKED
+    SELECT id FROM job WHERE status = 'queued' AND turn IS NOT NULL AND run_at <= now()
+     ORDER BY priority DESC, turn, run_at LIMIT %(n)s FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE job AS j SET status = 'running', started_at = now(), updated_at = now(),
            lease_token = gen_random_uuid(), leased_by = 'raw',

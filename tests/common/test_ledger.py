@@ -199,7 +199,7 @@ def test_concurrent_claims_never_share_a_job(
     assert not {j.id for j in mine} & {j.id for j in theirs}
 
 
-def test_a_claim_locks_what_it_takes_and_says_when_others_held_the_rest(
+def test_a_claim_locks_what_it_takes_and_passes_the_rows_others_hold(
     engine: Engine, registry: Registry
 ) -> None:
     orgs = [uuid.uuid4() for _ in range(20)]
@@ -209,13 +209,13 @@ def test_a_claim_locks_what_it_takes_and_says_when_others_held_the_rest(
     lockable = text("SELECT count(*) FROM (SELECT id FROM job FOR UPDATE SKIP LOCKED) AS free")
     with engine.begin() as first:
         claim = repository.claim(first, worker_id="a", limit=10, lease_seconds=30)
-        assert len(claim.jobs) == 10 and not claim.contended
+        assert len(claim.jobs) == 10 and not claim.more_due
         assert len({j.org_id for j in claim.jobs}) == 10  # one job per org: round-robin
         with engine.begin() as other:
             # 10 rows locked, not 10 per org with queued work (which would be all 100).
             assert other.execute(lockable).scalar() == 90
-    # Two claimers in flight on one org: the second passes the rows the first holds, and
-    # when the rows it could see are all held, it says so instead of reporting an empty queue.
+    # Three claimers in flight on one org: each passes the rows the ones before it hold and
+    # takes the next (the third the last 5, behind 20 held ones).
     one = uuid.uuid4()
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(
@@ -228,32 +228,59 @@ def test_a_claim_locks_what_it_takes_and_says_when_others_held_the_rest(
             theirs = repository.claim(second, worker_id="b", limit=10, lease_seconds=30)
             with engine.begin() as third:
                 left = repository.claim(third, worker_id="c", limit=10, lease_seconds=30)
-    assert len(mine.jobs) == len(theirs.jobs) == 10 and not theirs.contended
-    assert not {j.id for j in mine.jobs} & {j.id for j in theirs.jobs}
-    assert left.jobs == [] and left.contended  # 5 queued remain, behind 20 held ones
+    assert [len(c.jobs) for c in (mine, theirs, left)] == [10, 10, 5]
+    ids = [{j.id for j in c.jobs} for c in (mine, theirs, left)]
+    assert len(ids[0] | ids[1] | ids[2]) == 25
     with engine.connect() as conn:
-        drained = repository.claim(conn, worker_id="d", limit=10, lease_seconds=30)
-        assert len(drained.jobs) == 5 and not drained.contended
         assert repository.claim(conn, worker_id="d", limit=10, lease_seconds=30) == (
-            repository.Claim([], contended=False)
+            repository.Claim([], more_due=False)
         )
         conn.rollback()
 
 
-def test_orgs_at_one_priority_offer_a_share_and_a_short_batch_says_more_may_be_due(
+def test_jobs_coming_due_later_are_placed_then_not_before_the_queue(
     conn: Connection, registry: Registry
 ) -> None:
-    big, *small = (uuid.uuid4() for _ in range(5))
-    service.submit_jobs(conn, registry, org_id=big, specs=[NOOP] * 30)
-    for org in small:
-        service.submit_jobs(conn, registry, org_id=org, specs=[NOOP])
-    # Five orgs share a claim of 10: each offers 4 (2 * 10 / 5); the small orgs have one each.
+    """A scheduled (or retried) job gets its turn when it comes due: the clock has moved on
+    meanwhile, so a backlog scheduled long ago takes turns with the others' work instead of
+    running before all of it."""
+    scheduled, busy, late = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    later = datetime.now(UTC) + timedelta(hours=1)
+    service.submit_jobs(
+        conn, registry, org_id=scheduled, specs=[dataclasses.replace(NOOP, run_at=later)] * 40
+    )
+    service.submit_jobs(conn, registry, org_id=busy, specs=[NOOP] * 30)
+    assert len(_claim(conn, limit=20)) == 20  # the clock moves to the busy org's turn 19
+    conn.execute(
+        text("UPDATE job SET run_at = now() - interval '1 minute' WHERE org_id = :o"),
+        {"o": scheduled},
+    )
+    newcomer = _submit(conn, registry, late)
+    batch = _claim(conn, limit=10)
+    orgs = [j.org_id for j in batch]
+    assert newcomer in [j.id for j in batch]
+    assert orgs.count(scheduled) == 5 and orgs.count(busy) == 4, orgs  # turn by turn
+    # What the claim placed and did not take keeps its turn: none is left unplaced.
+    unplaced = text("SELECT count(*) FROM job WHERE status = 'queued' AND turn IS NULL")
+    assert conn.execute(unplaced).scalar() == 0
+    rest = _claim(conn, limit=100)
+    assert [j.org_id for j in rest].count(scheduled) == 35
+
+
+def test_a_claim_places_at_most_place_max_and_says_more_are_due(
+    conn: Connection, org_id: uuid.UUID
+) -> None:
+    # Unplaced due jobs as a release before turns left them (or a bulk requeue).
+    conn.execute(
+        text("INSERT INTO job (org_id, type) SELECT :o, 'noop' FROM generate_series(1, :n)"),
+        {"o": org_id, "n": repository.PLACE_MAX + 5},
+    )
     first = repository.claim(conn, worker_id="w", limit=10, lease_seconds=30)
-    assert sorted(j.org_id == big for j in first.jobs).count(True) == 4
-    assert {j.org_id for j in first.jobs} == {big, *small}
-    assert first.contended  # 8 taken, and the big org may have more: claim again at once
+    assert len(first.jobs) == 10 and first.more_due
     second = repository.claim(conn, worker_id="w", limit=10, lease_seconds=30)
-    assert len(second.jobs) == 10 and {j.org_id for j in second.jobs} == {big}
+    assert len(second.jobs) == 10 and not second.more_due
+    unplaced = text("SELECT count(*) FROM job WHERE status = 'queued' AND turn IS NULL")
+    assert conn.execute(unplaced).scalar() == 0
 
 
 def test_outcome_needs_the_lease_and_keeps_long_errors_in_the_event(

@@ -308,7 +308,7 @@ class Worker:
                 failing_since = None
             if claim.jobs:
                 own = self._take(claim.jobs)
-            elif not claim.contended:
+            elif not claim.more_due:
                 self.wake.wait(self.settings.poll_interval_seconds)
                 self.wake.clear()
 

@@ -8,12 +8,14 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     CheckConstraint,
     ForeignKey,
     Index,
     Integer,
     MetaData,
+    Sequence,
     String,
     text,
 )
@@ -91,14 +93,29 @@ class Job(Base):
             "id",
             postgresql_where=text("status IN ('succeeded', 'failed', 'canceled', 'dead_letter')"),
         ),
-        # The claim walks queued jobs org by org (round-robin), each org's by priority then due
-        # time; the partial index holds only the queue, so it stays small on a large ledger.
+        # The queue (partial indexes: they hold queued jobs only, so they stay small on a large
+        # ledger). The claim reads placed jobs in claim order; a submit finds the org's last
+        # turn at a priority; the claim places the jobs that came due unplaced (see
+        # repository.py, "The claim").
         Index(
-            "idx_job__queued_claim",
-            "org_id",
+            "idx_job__claim_order",
             text("priority DESC"),
+            "turn",
             "run_at",
-            postgresql_where=text("status = 'queued'"),
+            postgresql_where=text("status = 'queued' AND turn IS NOT NULL"),
+        ),
+        Index(
+            "idx_job__org_turn",
+            "org_id",
+            "priority",
+            "turn",
+            "id",
+            postgresql_where=text("status = 'queued' AND turn IS NOT NULL"),
+        ),
+        Index(
+            "idx_job__unplaced",
+            "run_at",
+            postgresql_where=text("status = 'queued' AND turn IS NULL"),
         ),
         CheckConstraint(
             "(status IN ('succeeded', 'failed', 'canceled', 'dead_letter')"
@@ -212,6 +229,15 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(
         TIMESTAMP(timezone=True), comment="Last heartbeat of the worker holding the lease"
     )
+    turn: Mapped[int | None] = mapped_column(
+        BigInteger,
+        comment="Claim order within a priority (fair queuing across orgs); NULL until placed",
+    )
+
+
+# The fair queue's clock: about the highest turn claimed so far. Claims advance it; a job is
+# never placed at a turn before it (repository.py, "The claim").
+TURN_CLOCK = Sequence("job_turn_clock", start=0, minvalue=0, metadata=Base.metadata)
 
 
 class JobEvent(Base):
