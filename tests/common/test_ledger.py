@@ -393,3 +393,21 @@ def test_terminal_states_have_no_way_out(terminal: JobStatus) -> None:
             ensure_transition(job_id, terminal, target)
     with pytest.raises(IllegalTransition, match="queued -> succeeded"):
         ensure_transition(job_id, JobStatus.QUEUED, JobStatus.SUCCEEDED)
+
+
+def test_a_submit_places_due_jobs_after_the_orgs_last_turn_and_not_before_the_clock(
+    conn: Connection, registry: Registry
+) -> None:
+    busy, other = uuid.uuid4(), uuid.uuid4()
+    turns = text("SELECT turn FROM job WHERE id = ANY(CAST(:ids AS uuid[])) ORDER BY turn")
+    batch = service.submit_jobs(conn, registry, org_id=busy, specs=[NOOP] * 20)
+    assert conn.execute(turns, {"ids": [r.job.id for r in batch]}).scalars().all() == list(
+        range(20)
+    )
+    assert len(_claim(conn, limit=12)) == 12  # turns 0-11: the clock is at 11
+    one, two = _submit(conn, registry, other), _submit(conn, registry, other)  # one by one
+    later = _submit(conn, registry, other, run_at=datetime.now(UTC) + timedelta(hours=1))
+    assert conn.execute(turns, {"ids": [one, two]}).scalars().all() == [11, 12]
+    assert conn.execute(turns, {"ids": [later]}).scalars().all() == [None]  # placed when due
+    more = service.submit_jobs(conn, registry, org_id=busy, specs=[NOOP] * 2)
+    assert conn.execute(turns, {"ids": [r.job.id for r in more]}).scalars().all() == [20, 21]
