@@ -66,13 +66,13 @@ from alembic import command
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
+from heimdex.db import make_engine
+from heimdex.ledger import repository, retention
+from heimdex.settings import Ages, RetentionPolicy, Settings
 from heimdex_api.app import create_app
 from heimdex_api.auth import issue_token
-from heimdex_common.db import make_engine
-from heimdex_common.ledger import repository, retention
-from heimdex_common.localpg import LocalPostgres
-from heimdex_common.migrations.config import alembic_config
-from heimdex_common.settings import Ages, RetentionPolicy, Settings
+from heimdex_db.config import alembic_config
+from heimdex_db.localpg import LocalPostgres
 
 SECRET = "bench-secret-for-heimdex-ledger-scale-0123"  # noqa: S105 - a throwaway cluster
 CHUNK = 250_000

@@ -63,9 +63,9 @@ def _start() -> float:
 
 
 def _heimdex_enqueue(url: str, n: int) -> None:
-    from heimdex_common.db import make_engine  # noqa: PLC0415
-    from heimdex_common.ledger import service  # noqa: PLC0415
-    from heimdex_common.ledger.registry import load_registry  # noqa: PLC0415
+    from heimdex.db import make_engine  # noqa: PLC0415
+    from heimdex.ledger import service  # noqa: PLC0415
+    from heimdex.ledger.registry import load_registry  # noqa: PLC0415
 
     engine = make_engine(url)
     registry = load_registry()
@@ -80,7 +80,7 @@ def _heimdex_enqueue(url: str, n: int) -> None:
 def child_heimdex(url: str, n: int, batch: int) -> float:
     import psycopg  # noqa: PLC0415
 
-    from heimdex_common.settings import Settings  # noqa: PLC0415
+    from heimdex.settings import Settings  # noqa: PLC0415
     from heimdex_worker.main import run_worker  # noqa: PLC0415
 
     settings = Settings.model_validate({"DATABASE_URL": url, "HEIMDEX_JWT_SECRET": SECRET})
@@ -238,12 +238,12 @@ def child_raw(url: str, n: int, batch: int) -> float:
 
 def _serve_api(url: str) -> tuple[subprocess.Popen[bytes], int, dict[str, str]]:
     from heimdex_api.auth import issue_token  # noqa: PLC0415
-    from heimdex_common.localpg import free_port  # noqa: PLC0415
+    from heimdex_db.localpg import free_port  # noqa: PLC0415
 
     port = free_port()
     env = {**os.environ, "DATABASE_URL": url, "HEIMDEX_JWT_SECRET": SECRET}
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from heimdex_common.cli import main; main()", "api",
+        [sys.executable, "-m", "heimdex", "api",
          "--port", str(port), "--workers", "2"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -386,7 +386,7 @@ def _progress(message: str) -> None:
 
 class Cluster:
     def __init__(self) -> None:
-        from heimdex_common.localpg import LocalPostgres  # noqa: PLC0415
+        from heimdex_db.localpg import LocalPostgres  # noqa: PLC0415
 
         self.pg = LocalPostgres.throwaway(durable=True).start()
         self._n = 0
@@ -395,7 +395,7 @@ class Cluster:
         """A new database prepared for `system`, as a plain postgresql:// URL."""
         from alembic import command  # noqa: PLC0415
 
-        from heimdex_common.migrations.config import alembic_config  # noqa: PLC0415
+        from heimdex_db.config import alembic_config  # noqa: PLC0415
 
         self._n += 1
         name = f"{system.replace('-', '_')}_{self._n}"
@@ -407,7 +407,7 @@ class Cluster:
             assert BASELINE is not None
             upgrade = (
                 "import sys\nfrom alembic import command\n"
-                "from heimdex_common.migrations.config import alembic_config\n"
+                "from heimdex_db.config import alembic_config\n"
                 "command.upgrade(alembic_config(database_url=sys.argv[1]), 'head')"
             )
             python = BASELINE / ".venv" / "bin" / "python"

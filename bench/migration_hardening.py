@@ -14,7 +14,7 @@ each round's wall time and the worst stall of any round, then online/previous wa
         --variant previous --database-url postgresql://...
 
 Variants:
-- online: 3af4686817cc as it is (heimdex_common.migrations.online: new columns, batched
+- online: 3af4686817cc as it is (heimdex_db.online: new columns, batched
   backfill, NOT VALID then VALIDATE, CREATE INDEX CONCURRENTLY, a short swap);
 - previous: 3af4686817cc before it went online (its transactional form, still what it compiles
   to offline: one rewrite and two index builds in one transaction under ACCESS EXCLUSIVE);
@@ -38,9 +38,9 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 
-from heimdex_common.localpg import LocalPostgres, create_database
-from heimdex_common.migrations.config import alembic_config
-from heimdex_common.settings import normalize_url
+from heimdex.settings import normalize_url
+from heimdex_db.config import alembic_config
+from heimdex_db.localpg import LocalPostgres, create_database
 
 LOAD = """
 INSERT INTO job (org_id, type, status, attempt, created_at, updated_at, started_at,

@@ -19,11 +19,11 @@ import uuid
 from alembic import command
 from sqlalchemy import create_engine, text
 
-from heimdex_common.ledger import operations as ops
-from heimdex_common.ledger.repository import JobFilter
-from heimdex_common.localpg import LocalPostgres
-from heimdex_common.migrations.config import alembic_config
-from heimdex_common.models import JobStatus
+from heimdex.ledger import operations as ops
+from heimdex.ledger.repository import JobFilter
+from heimdex.models import JobStatus
+from heimdex_db.config import alembic_config
+from heimdex_db.localpg import LocalPostgres
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ import uuid
 from alembic import command
 from sqlalchemy import Connection, create_engine, text
 
-from heimdex_common.localpg import LocalPostgres
-from heimdex_common.migrations.config import alembic_config
+from heimdex_db.config import alembic_config
+from heimdex_db.localpg import LocalPostgres
 
 # {where} is the owner's explicit org filter (what the API writes); RLS adds it by itself.
 QUERIES = {

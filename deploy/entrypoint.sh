@@ -23,9 +23,9 @@ probe() {
   python - <<'PY'
 import sys
 
-from heimdex_common.db import check_connection, make_engine
-from heimdex_common.errors import HeimdexError
-from heimdex_common.settings import load_settings
+from heimdex.db import check_connection, make_engine
+from heimdex.errors import HeimdexError
+from heimdex.settings import load_settings
 
 try:
     check_connection(make_engine(load_settings().sqlalchemy_url, connect_args={"connect_timeout": 3}))

@@ -20,11 +20,11 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
-from heimdex_common import localpg
-from heimdex_common.db import make_engine
-from heimdex_common.localpg import LocalPostgres
-from heimdex_common.migrations.config import alembic_config
-from heimdex_common.settings import normalize_url
+from heimdex.db import make_engine
+from heimdex.settings import normalize_url
+from heimdex_db import localpg
+from heimdex_db.config import alembic_config
+from heimdex_db.localpg import LocalPostgres
 from tests.xdist_groups import pytest_collection_modifyitems  # noqa: F401 - a hook, see there
 
 # "gw0", "gw1", ... under pytest-xdist; "main" in a run without workers (-n 0, -p no:xdist).

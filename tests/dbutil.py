@@ -5,8 +5,8 @@ from __future__ import annotations
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
-from heimdex_common.migrations.config import migration_context
-from heimdex_common.migrations.verify.schema import Snapshot, snapshot
+from heimdex_db.config import migration_context
+from heimdex_db.verify.schema import Snapshot, snapshot
 
 
 def scalar(url: URL, sql: str) -> object:

@@ -16,9 +16,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import URL
 
+from heimdex.settings import Settings
 from heimdex_api.app import create_app
 from heimdex_api.auth import issue_token
-from heimdex_common.settings import Settings
 
 SECRET = "test-secret-for-heimdex-tests-0123456789"
 FAST = {
@@ -84,7 +84,7 @@ class Processes:
     def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = (self.log_dir / f"{len(self.running)}-{args[0]}.log").open("wb")
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from heimdex_common.cli import main; main()", *args],
+            [sys.executable, "-m", "heimdex", *args],
             env={**os.environ, **self.env, **(env or {})},
             stdout=subprocess.DEVNULL,
             stderr=log,

@@ -19,8 +19,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy.engine import URL
 
 from heimdex_api.app import BODY_MAX_BYTES
-from heimdex_common.localpg import LocalPostgres, free_port
-from heimdex_common.migrations.config import alembic_config
+from heimdex_db.config import alembic_config
+from heimdex_db.localpg import LocalPostgres, free_port
 from tests.stack import FAST, SECRET, Processes, auth, wait_for
 
 PROBLEM = "application/problem+json"

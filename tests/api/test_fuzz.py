@@ -20,12 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode, checks
 
-from heimdex_common.localpg import free_port
+from heimdex_db.localpg import free_port
 from tests.conftest import DatabaseFactory
 from tests.stack import FAST, auth, wait_for
 
 EXAMPLES = 40
-ENTRY = "from heimdex_common.cli import main; main()"
 # Server errors and conformance of every answer to the document. Not positive_data_acceptance:
 # a schema-valid `type` naming no registered job type is rightly a 422 (the registry is loaded
 # at startup, so the document cannot enumerate it).
@@ -56,8 +55,8 @@ def api_url(
     proc = subprocess.Popen(
         [
             sys.executable,
-            "-c",
-            "from heimdex_common.cli import main; main()",
+            "-m",
+            "heimdex",
             *("api", "--port", str(port)),
         ],
         env=env,

@@ -14,10 +14,10 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
+from heimdex.ledger import repository
 from heimdex_api.auth import decode_token
 from heimdex_api.cli import dev_token
 from heimdex_api.schemas import JobOut, job_fields
-from heimdex_common.ledger import repository
 from tests.stack import SECRET, auth
 
 BODY = {"type": "mock_process", "params": {"stage_seconds": 0.01}}

@@ -118,7 +118,7 @@ def test_env_example_documents_every_variable_with_the_compose_default() -> None
 
 
 def test_the_local_jwt_default_is_the_placeholder_the_settings_refuse_outside_local() -> None:
-    from heimdex_common.settings import PLACEHOLDER_JWT_SECRET
+    from heimdex.settings import PLACEHOLDER_JWT_SECRET
 
     assert env_example()["HEIMDEX_JWT_SECRET"] == PLACEHOLDER_JWT_SECRET
     assert env_example()["HEIMDEX_ENV"] == "local"

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from heimdex_common.localpg import free_port
+from heimdex_db.localpg import free_port
 
-CLI = ("-c", "from heimdex_common.cli import main; main()")
+CLI = ("-m", "heimdex")
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL
 
-from heimdex_common.migrations.config import (
+from heimdex_db.config import (
     VERSION_TABLE_SCHEMA,
     alembic_config,
 )

@@ -10,14 +10,14 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.engine import URL
 
-from heimdex_common.errors import HeimdexError
-from heimdex_common.migrations.context import DbContext
-from heimdex_common.migrations.migrate import upgrade
+from heimdex.errors import HeimdexError
+from heimdex_db.context import DbContext
+from heimdex_db.migrate import upgrade
 from tests.dbutil import execute, scalar, version_of
 
 from .conftest import HistoryCopy
 
-HEADER = "from heimdex_common.migrations.online import backfill, ddl, online, set_lock_timeout\n"
+HEADER = "from heimdex_db.online import backfill, ddl, online, set_lock_timeout\n"
 ROWS = 3000
 
 

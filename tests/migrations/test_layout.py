@@ -1,4 +1,4 @@
-"""What the deployment imports of `heimdex_common.migrations`: none of the developer tooling."""
+"""What the deployment imports of `heimdex_db`: none of the developer tooling."""
 
 from __future__ import annotations
 
@@ -7,17 +7,17 @@ import sys
 
 TOOLING = (
     "pglast",
-    "heimdex_common.migrations.lint",
-    "heimdex_common.migrations.supabase",
-    "heimdex_common.migrations.verify",
-    "heimdex_common.migrations.migrate",
-    "heimdex_common.migrations.cli",
+    "heimdex_db.lint",
+    "heimdex_db.supabase",
+    "heimdex_db.verify",
+    "heimdex_db.migrate",
+    "heimdex_db.cli",
 )
 
 
 def test_the_schema_check_imports_no_tooling() -> None:
     probe = (
-        "import sys, heimdex_common.migrations.head\n"
+        "import sys, heimdex_db.head\n"
         f"print(sorted(m for m in sys.modules if m.startswith({TOOLING!r})))"
     )
     out = subprocess.run(
@@ -27,8 +27,8 @@ def test_the_schema_check_imports_no_tooling() -> None:
 
 
 def test_heimdex_db_loads_the_sql_parser_only_for_lint() -> None:
-    # pglast is in the migrations extra: `heimdex db upgrade` runs where it is not installed.
-    probe = "import sys, heimdex_common.migrations.cli\nprint('pglast' in sys.modules)"
+    # pglast is in the tooling extra: `heimdex db upgrade` runs where it is not installed.
+    probe = "import sys, heimdex_db.cli\nprint('pglast' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from heimdex_common.errors import HeimdexError
-from heimdex_common.migrations.context import DbContext
-from heimdex_common.migrations.lint.command import MARKER, lint
-from heimdex_common.migrations.lint.findings import OWN_RULES, RLS_BASELINE_REVISION
+from heimdex.errors import HeimdexError
+from heimdex_db.context import DbContext
+from heimdex_db.lint.command import MARKER, lint
+from heimdex_db.lint.findings import OWN_RULES, RLS_BASELINE_REVISION
 
 from .conftest import COMMON, HistoryCopy, heimdex, revisions_of
 
@@ -267,7 +267,7 @@ def test_a_revision_written_with_the_online_toolkit_passes(history: HistoryCopy)
             add_check("job", "ck_job__region_new", "region_new IS NOT NULL")
             create_index("idx_job__region_new", "job", "(region_new)")
         """,
-        header="from heimdex_common.migrations.online import (\n"
+        header="from heimdex_db.online import (\n"
         "    add_check, backfill, create_index, ddl, online, set_lock_timeout,\n)\n",
     )
     report = lint(DbContext.build(history.ini), revisions=["onl"])

@@ -18,7 +18,7 @@ from alembic import command
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
-from heimdex_common.migrations.config import alembic_config
+from heimdex_db.config import alembic_config
 from tests.conftest import DatabaseFactory
 from tests.dbutil import execute, scalar, schema_of, version_of
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from sqlalchemy.engine import URL
 
-from heimdex_common.migrations.context import DbContext
-from heimdex_common.migrations.lint.command import lint
+from heimdex_db.context import DbContext
+from heimdex_db.lint.command import lint
 
 from .conftest import REPO, HistoryCopy, clean_env, heimdex, read_only, url_arg
 

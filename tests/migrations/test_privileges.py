@@ -10,7 +10,7 @@ from click.testing import CliRunner, Result
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
-from heimdex_common.cli import main as cli
+from heimdex.cli import main as cli
 
 PASSWORD = "weak-pw"
 

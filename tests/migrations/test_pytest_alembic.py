@@ -14,7 +14,7 @@ from pytest_alembic.tests import (
 )
 from sqlalchemy import Engine, create_engine, pool
 
-from heimdex_common.migrations.config import alembic_config as heimdex_alembic_config
+from heimdex_db.config import alembic_config as heimdex_alembic_config
 from tests.conftest import DatabaseFactory
 
 __all__ = [

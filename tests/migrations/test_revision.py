@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import URL
 
-from heimdex_common.errors import HeimdexError
-from heimdex_common.migrations.context import DbContext
-from heimdex_common.migrations.migrate import downgrade, upgrade
-from heimdex_common.migrations.revision import revision
-from heimdex_common.migrations.status import StatusCode, status
+from heimdex.errors import HeimdexError
+from heimdex_db.context import DbContext
+from heimdex_db.migrate import downgrade, upgrade
+from heimdex_db.revision import revision
+from heimdex_db.status import StatusCode, status
 from tests.dbutil import execute
 
 from .conftest import VERSION_TABLE, HistoryCopy, heimdex, url_arg
@@ -40,7 +40,7 @@ def test_a_plain_revision_is_formatted_and_follows_head(history: HistoryCopy) ->
     assert path == history.versions / "aa11bb22cc33_add_job_region.py"
     text = path.read_text()
     assert f'down_revision = "{head}"' in text
-    assert "from heimdex_common.migrations.online import set_lock_timeout" in text
+    assert "from heimdex_db.online import set_lock_timeout" in text
     assert "def upgrade() -> None:\n    set_lock_timeout()" in text
     check = subprocess.run(
         [sys.executable, "-m", "ruff", "format", "--check", str(path)],

@@ -12,12 +12,12 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
-from heimdex_common.migrations.config import alembic_config
-from heimdex_common.migrations.context import DbContext
-from heimdex_common.migrations.migrate import upgrade
-from heimdex_common.migrations.status import status
-from heimdex_common.migrations.supabase.artifacts import ArtifactsStale, compile_artifacts, sql
-from heimdex_common.migrations.verify.schema import render_diff, snapshot
+from heimdex_db.config import alembic_config
+from heimdex_db.context import DbContext
+from heimdex_db.migrate import upgrade
+from heimdex_db.status import status
+from heimdex_db.supabase.artifacts import ArtifactsStale, compile_artifacts, sql
+from heimdex_db.verify.schema import render_diff, snapshot
 from tests.dbutil import scalar
 
 from .conftest import COMMON, REPO, HistoryCopy, clean_env, heimdex, revisions_of, url_arg

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy.engine import URL
 
-from heimdex_common.migrations.context import DbContext
-from heimdex_common.migrations.status import StatusCode, status
+from heimdex_db.context import DbContext
+from heimdex_db.status import StatusCode, status
 from tests.dbutil import execute
 
 from .conftest import VERSION_TABLE, HistoryCopy, heimdex, revisions_of, url_arg

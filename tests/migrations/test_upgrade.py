@@ -15,10 +15,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
-from heimdex_common.errors import HeimdexError
-from heimdex_common.migrations.context import DbContext, Tuning
-from heimdex_common.migrations.locking import MIGRATION_LOCK, WAITING_APPLICATION_NAME
-from heimdex_common.migrations.migrate import RevisionFailed, downgrade, upgrade
+from heimdex.errors import HeimdexError
+from heimdex_db.context import DbContext, Tuning
+from heimdex_db.locking import MIGRATION_LOCK, WAITING_APPLICATION_NAME
+from heimdex_db.migrate import RevisionFailed, downgrade, upgrade
 from tests.conftest import DatabaseFactory
 from tests.dbutil import execute, scalar, version_of
 
@@ -329,7 +329,7 @@ def test_lock_timeout_is_retried_once_the_long_transaction_ends(
     holding.wait(10)
     releaser.start()
     try:
-        with caplog.at_level(logging.WARNING, logger="heimdex_common"):
+        with caplog.at_level(logging.WARNING, logger="heimdex"):
             result = upgrade(
                 DbContext.build(
                     database_url=db_url,

@@ -9,10 +9,10 @@ from alembic import command
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
-from heimdex_common.migrations.config import alembic_config
-from heimdex_common.migrations.context import DbContext
-from heimdex_common.migrations.supabase.artifacts import sql
-from heimdex_common.migrations.verify.command import VerifyFailed, verify
+from heimdex_db.config import alembic_config
+from heimdex_db.context import DbContext
+from heimdex_db.supabase.artifacts import sql
+from heimdex_db.verify.command import VerifyFailed, verify
 
 from .conftest import HistoryCopy, clean_env, heimdex, revisions_of, url_arg
 

@@ -6,8 +6,8 @@ import uuid
 
 from sqlalchemy import Engine
 
-from heimdex_common.ledger import repository, service
-from heimdex_common.ledger.registry import load_registry
+from heimdex.ledger import repository, service
+from heimdex.ledger.registry import load_registry
 
 POLICY = service.RetryPolicy(base_seconds=60.0, max_seconds=60.0)
 TIMEOUT = ("UPSTREAM_TIMEOUT", "no answer from 10.0.0.{n} after 30s (job {id})")

@@ -10,9 +10,9 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
+from heimdex.ledger import repository
 from heimdex_api.auth import ADMIN_ROLE, READONLY_ROLE, decode_token, issue_token
 from heimdex_api.cli import dev_token
-from heimdex_common.ledger import repository
 from tests.ops import seed
 from tests.stack import SECRET, auth
 

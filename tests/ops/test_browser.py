@@ -16,7 +16,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from sqlalchemy import Engine
 
 from heimdex_api.auth import ADMIN_ROLE, READONLY_ROLE, issue_token
-from heimdex_common.localpg import free_port
+from heimdex_db.localpg import free_port
 from tests.ops import seed
 from tests.stack import SECRET, Processes, wait_for
 

@@ -11,9 +11,9 @@ from click.testing import CliRunner, Result
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
-from heimdex_common.cli import main
-from heimdex_common.ledger import repository
-from heimdex_common.models import JobStatus
+from heimdex.cli import main
+from heimdex.ledger import repository
+from heimdex.models import JobStatus
 from tests.ops import seed
 
 

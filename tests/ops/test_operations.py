@@ -10,18 +10,18 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import Engine, text
 
-from heimdex_common.ledger import operations as ops
-from heimdex_common.ledger import repository
-from heimdex_common.ledger.errors import (
+from heimdex.ledger import operations as ops
+from heimdex.ledger import repository
+from heimdex.ledger.errors import (
     IllegalTransition,
     JobAlreadyFinished,
     LedgerError,
     NotEligible,
 )
-from heimdex_common.ledger.fingerprint import error_fingerprint
-from heimdex_common.ledger.repository import JobFilter
-from heimdex_common.ledger.states import OPERATOR_TRANSITIONS, ensure_operator_transition
-from heimdex_common.models import JobStatus
+from heimdex.ledger.fingerprint import error_fingerprint
+from heimdex.ledger.repository import JobFilter
+from heimdex.ledger.states import OPERATOR_TRANSITIONS, ensure_operator_transition
+from heimdex.models import JobStatus
 from tests.ops import seed
 
 ME = ops.Operator("alice", "upstream fixed")

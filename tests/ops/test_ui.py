@@ -10,9 +10,9 @@ from urllib.parse import urlencode
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
+from heimdex.ledger import repository
+from heimdex.models import JobStatus
 from heimdex_api.auth import ADMIN_ROLE, READONLY_ROLE, issue_token
-from heimdex_common.ledger import repository
-from heimdex_common.models import JobStatus
 from tests.ops import seed
 from tests.stack import SECRET
 

@@ -21,10 +21,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 
+from heimdex.settings import Settings
 from heimdex_api.app import create_app
-from heimdex_common.localpg import LocalPostgres, free_port
-from heimdex_common.migrations.config import alembic_config
-from heimdex_common.settings import Settings
+from heimdex_db.config import alembic_config
+from heimdex_db.localpg import LocalPostgres, free_port
 from tests.stack import FAST, Processes, auth, wait_for
 
 POLL = 0.2
@@ -391,7 +391,7 @@ def test_worker_refuses_to_start_with_a_type_it_cannot_run(
     module = tmp_path / "declared_only.py"
     module.write_text(
         "from pydantic import BaseModel\n"
-        "from heimdex_common.ledger.registry import JobTypes\n"
+        "from heimdex.ledger.registry import JobTypes\n"
         "class P(BaseModel):\n    x: int\n"
         "jobs = JobTypes()\n"
         "jobs.declare('transcode', params=P)\n"

@@ -20,8 +20,8 @@ from alembic import command
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 
-from heimdex_common.migrations.config import alembic_config
-from heimdex_common.migrations.supabase.artifacts import compile_artifacts
+from heimdex_db.config import alembic_config
+from heimdex_db.supabase.artifacts import compile_artifacts
 from tests.conftest import WORKER
 
 COMMON = Path(__file__).resolve().parents[2] / "packages" / "common"

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from heimdex_common.migrations.config import alembic_config, script_directory
-from heimdex_common.migrations.lint.findings import Finding
-from heimdex_common.migrations.lint.rls import RLS_BASELINE_REVISION, RULE, check_rls
+from heimdex_db.config import alembic_config, script_directory
+from heimdex_db.lint.findings import Finding
+from heimdex_db.lint.rls import RLS_BASELINE_REVISION, RULE, check_rls
 from tests.security.conftest import COMMON, offline_sql
 
 NEW_REVISION = """\

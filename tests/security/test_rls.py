@@ -12,9 +12,9 @@ from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
-from heimdex_common.ledger import repository, service
-from heimdex_common.ledger.registry import load_registry
-from heimdex_common.migrations.verify.schema import render_diff, snapshot
+from heimdex.ledger import repository, service
+from heimdex.ledger.registry import load_registry
+from heimdex_db.verify.schema import render_diff, snapshot
 from tests.security.conftest import Ledger
 
 INSUFFICIENT_PRIVILEGE = "42501"

@@ -10,8 +10,8 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
-from heimdex_common.localpg import LocalPostgres, create_database
-from heimdex_common.migrations.config import alembic_config, script_directory
+from heimdex_db.config import alembic_config, script_directory
+from heimdex_db.localpg import LocalPostgres, create_database
 from tests.dbutil import execute, scalar
 from tests.security.conftest import apply_sql_file, offline_sql
 

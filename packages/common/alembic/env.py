@@ -9,15 +9,15 @@ from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, pool
 from sqlalchemy.exc import OperationalError
 
-from heimdex_common.db import connection_error, make_engine
-from heimdex_common.errors import HeimdexError
-from heimdex_common.logs import configure_logging
-from heimdex_common.migrations.autogen import rewriter as enum_change_around_default
-from heimdex_common.migrations.config import VERSION_TABLE_OPTIONS, VERSION_TABLE_PRELUDE
-from heimdex_common.models import Base
-from heimdex_common.settings import load_settings, log_options_or_defaults, normalize_url
+from heimdex.db import connection_error, make_engine
+from heimdex.errors import HeimdexError
+from heimdex.logs import configure_logging
+from heimdex.models import Base
+from heimdex.settings import load_settings, log_options_or_defaults, normalize_url
+from heimdex_db.autogen import rewriter as enum_change_around_default
+from heimdex_db.config import VERSION_TABLE_OPTIONS, VERSION_TABLE_PRELUDE
 
-# Enum create/drop and VARCHAR -> enum with USING in autogenerate (the migrations extra; an
+# Enum create/drop and VARCHAR -> enum with USING in autogenerate (the tooling extra; an
 # image without it never autogenerates).
 with contextlib.suppress(ImportError):
     import alembic_postgresql_enum  # noqa: F401

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 ${imports if imports else ""}
-from heimdex_common.migrations.online import set_lock_timeout
+from heimdex_db.online import set_lock_timeout
 
 revision = ${repr(up_revision)}
 down_revision = ${repr(down_revision)}

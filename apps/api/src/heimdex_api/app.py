@@ -12,16 +12,16 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from heimdex.db import make_engine
+from heimdex.ledger.registry import load_registry
+from heimdex.logs import configure_logging
+from heimdex.settings import Settings, load_settings
 from heimdex_api import ops, problems, ui
 from heimdex_api.auth import PRINCIPAL_KEY, AuthenticationFailed, bearer, decode_token
 from heimdex_api.metrics import ApiMetrics
 from heimdex_api.routes import router
 from heimdex_api.state import AppState
-from heimdex_common.db import make_engine
-from heimdex_common.ledger.registry import load_registry
-from heimdex_common.logs import configure_logging
-from heimdex_common.migrations.head import head_revision
-from heimdex_common.settings import Settings, load_settings
+from heimdex_db.head import head_revision
 
 BODY_MAX_BYTES = 256 * 1024
 

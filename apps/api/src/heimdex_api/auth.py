@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import jwt
 
-from heimdex_common.errors import HeimdexError
+from heimdex.errors import HeimdexError
 
 ALGORITHM = "HS256"
 SUB_MAX = 255

@@ -8,11 +8,11 @@ import click
 import uvicorn
 from fastapi import FastAPI
 
+from heimdex.errors import HeimdexError
+from heimdex.logs import configure_logging
+from heimdex.settings import Environment, load_settings
 from heimdex_api.app import create_app
 from heimdex_api.auth import ADMIN_ROLE, READONLY_ROLE, issue_token
-from heimdex_common.errors import HeimdexError
-from heimdex_common.logs import configure_logging
-from heimdex_common.settings import Environment, load_settings
 
 
 @click.command(

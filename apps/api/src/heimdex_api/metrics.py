@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Histogram
 from sqlalchemy import Engine
 
-from heimdex_common.metrics import LedgerMetrics
+from heimdex.metrics import LedgerMetrics
 
 
 class ApiMetrics(LedgerMetrics):

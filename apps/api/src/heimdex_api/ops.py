@@ -1,6 +1,6 @@
 """The operator API under /ops: every org's jobs, for tokens with an operator role. Reads need
 `heimdex_operator_readonly` or `heimdex_admin`; changes need `heimdex_admin`. Thin: the work is
-`heimdex_common.ledger.operations`, the same functions as `heimdex jobs`."""
+`heimdex.ledger.operations`, the same functions as `heimdex jobs`."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from heimdex.ledger import operations as ops
+from heimdex.ledger import repository
+from heimdex.ledger.fingerprint import error_fingerprint
+from heimdex.ledger.repository import JobFilter
+from heimdex.models import JobStatus
 from heimdex_api.auth import Principal, require_operator
 from heimdex_api.problems import problem_responses
 from heimdex_api.routes import Caller, State, _autocommit, _decode_cursor, _encode_cursor
 from heimdex_api.schemas import NO_NUL, EventOut, JobOut, JobPage
-from heimdex_common.ledger import operations as ops
-from heimdex_common.ledger import repository
-from heimdex_common.ledger.fingerprint import error_fingerprint
-from heimdex_common.ledger.repository import JobFilter
-from heimdex_common.models import JobStatus
 
 router = APIRouter(
     prefix="/ops", tags=["operators"], responses=problem_responses(400, 401, 403, 413, 422, 503)

@@ -15,9 +15,8 @@ from sqlalchemy.exc import InterfaceError as SAInterfaceError
 from sqlalchemy.exc import OperationalError as SAOperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from heimdex_api.auth import AuthenticationFailed, Forbidden
-from heimdex_common.errors import DatabaseUnavailable, HeimdexError
-from heimdex_common.ledger.errors import (
+from heimdex.errors import DatabaseUnavailable, HeimdexError
+from heimdex.ledger.errors import (
     IdempotencyConflict,
     IllegalTransition,
     InvalidBatchItem,
@@ -27,6 +26,7 @@ from heimdex_common.ledger.errors import (
     NotEligible,
     UnknownJobType,
 )
+from heimdex_api.auth import AuthenticationFailed, Forbidden
 
 logger = logging.getLogger(__name__)
 

@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import Connection, text
 
+from heimdex.ledger import repository, service
+from heimdex.models import JobStatus
 from heimdex_api.auth import PRINCIPAL_KEY, Principal, bearer, decode_token
 from heimdex_api.problems import BadRequest, problem, problem_responses
 from heimdex_api.schemas import (
@@ -30,9 +32,7 @@ from heimdex_api.schemas import (
     job_fields,
 )
 from heimdex_api.state import AppState
-from heimdex_common.ledger import repository, service
-from heimdex_common.migrations.head import schema_problem
-from heimdex_common.models import JobStatus
+from heimdex_db.head import schema_problem
 
 # Every route may answer these; routes add their own (404, 409) with `responses=`.
 router = APIRouter(responses=problem_responses(400, 401, 413, 422, 503))

@@ -9,9 +9,9 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
-from heimdex_common.ledger.repository import JobRecord, JobRow
-from heimdex_common.ledger.service import JobSpec
-from heimdex_common.models import BackoffPolicy, JobStatus
+from heimdex.ledger.repository import JobRecord, JobRow
+from heimdex.ledger.service import JobSpec
+from heimdex.models import BackoffPolicy, JobStatus
 
 PARAMS_MAX_BYTES = 64 * 1024
 BATCH_MAX = 1000

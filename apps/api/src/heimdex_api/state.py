@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
+from heimdex.ledger.registry import Registry
+from heimdex.settings import Settings
 from heimdex_api.metrics import ApiMetrics
-from heimdex_common.ledger.registry import Registry
-from heimdex_common.settings import Settings
 
 
 @dataclass

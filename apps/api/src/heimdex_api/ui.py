@@ -27,6 +27,13 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import Connection
 from starlette.concurrency import run_in_threadpool
 
+from heimdex.errors import HeimdexError
+from heimdex.ledger import operations as ops
+from heimdex.ledger import repository
+from heimdex.ledger.errors import JobNotFound
+from heimdex.ledger.fingerprint import error_fingerprint
+from heimdex.ledger.repository import JobFilter, JobRow
+from heimdex.models import JobStatus
 from heimdex_api.auth import (
     ADMIN_ROLE,
     ALGORITHM,
@@ -36,13 +43,6 @@ from heimdex_api.auth import (
     decode_token,
 )
 from heimdex_api.routes import State, _autocommit, _decode_cursor, _encode_cursor
-from heimdex_common.errors import HeimdexError
-from heimdex_common.ledger import operations as ops
-from heimdex_common.ledger import repository
-from heimdex_common.ledger.errors import JobNotFound
-from heimdex_common.ledger.fingerprint import error_fingerprint
-from heimdex_common.ledger.repository import JobFilter, JobRow
-from heimdex_common.models import JobStatus
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 

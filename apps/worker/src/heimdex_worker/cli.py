@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from heimdex_common.logs import configure_logging
-from heimdex_common.settings import load_settings
+from heimdex.logs import configure_logging
+from heimdex.settings import load_settings
 from heimdex_worker.main import run_worker, stop_on_signals
 
 

@@ -11,11 +11,11 @@ import threading
 
 from prometheus_client import start_http_server
 
-from heimdex_common.db import make_engine
-from heimdex_common.errors import HeimdexError
-from heimdex_common.ledger.registry import load_registry
-from heimdex_common.metrics import LedgerMetrics
-from heimdex_common.settings import Settings
+from heimdex.db import make_engine
+from heimdex.errors import HeimdexError
+from heimdex.ledger.registry import load_registry
+from heimdex.metrics import LedgerMetrics
+from heimdex.settings import Settings
 from heimdex_worker.runtime import Worker, WorkerMetrics
 
 logger = logging.getLogger(__name__)

@@ -40,13 +40,13 @@ from prometheus_client import Histogram
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from heimdex_common.ledger import repository, retention, service
-from heimdex_common.ledger.errors import CancelRequested, InvalidParams, LeaseLost
-from heimdex_common.ledger.registry import JobError, Registry
-from heimdex_common.ledger.repository import ClaimedJob, Outcome
-from heimdex_common.metrics import LedgerMetrics, RetentionMetrics
-from heimdex_common.models import JobStatus
-from heimdex_common.settings import Settings
+from heimdex.ledger import repository, retention, service
+from heimdex.ledger.errors import CancelRequested, InvalidParams, LeaseLost
+from heimdex.ledger.registry import JobError, Registry
+from heimdex.ledger.repository import ClaimedJob, Outcome
+from heimdex.metrics import LedgerMetrics, RetentionMetrics
+from heimdex.models import JobStatus
+from heimdex.settings import Settings
 
 logger = logging.getLogger(__name__)
 

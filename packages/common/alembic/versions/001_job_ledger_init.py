@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import context, op
 from sqlalchemy.dialects import postgresql
 
-from heimdex_common.migrations.online import set_lock_timeout
+from heimdex_db.online import set_lock_timeout
 
 revision = "001_job_ledger_init"
 down_revision = None

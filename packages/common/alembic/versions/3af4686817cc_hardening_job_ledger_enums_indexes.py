@@ -10,7 +10,7 @@ Upgrades every database the 001 schema admits, keeping what it changes:
   the original values, so nothing is lost;
 - a status value nobody can map stops the upgrade before anything changes.
 
-Online (heimdex_common.migrations.online): no writer waits on more than a catalog change.
+Online (heimdex_db.online): no writer waits on more than a catalog change.
 `status`, `last_error_code` and `last_error_message` change type, which would rewrite `job`
 under ACCESS EXCLUSIVE; instead each gets a new column of the new type (`*_new`), a trigger
 fills it for rows written meanwhile, a batched backfill (committed batch by batch, resumable)
@@ -31,7 +31,7 @@ from __future__ import annotations
 from alembic import context, op
 from sqlalchemy import text
 
-from heimdex_common.migrations.online import (
+from heimdex_db.online import (
     backfill,
     create_index,
     ddl,

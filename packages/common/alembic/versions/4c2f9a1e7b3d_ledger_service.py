@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from alembic import op
 
-from heimdex_common.migrations.online import set_lock_timeout
+from heimdex_db.online import set_lock_timeout
 
 revision = "4c2f9a1e7b3d"
 down_revision = "3af4686817cc"

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 from alembic import op
 
-from heimdex_common.migrations.online import set_lock_timeout
+from heimdex_db.online import set_lock_timeout
 
 revision = "7e5b3c8d1f20"
 down_revision = "4c2f9a1e7b3d"

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from alembic import op
 
-from heimdex_common.migrations.online import set_lock_timeout
+from heimdex_db.online import set_lock_timeout
 
 revision = "b8e2d4f6a1c3"
 down_revision = "7e5b3c8d1f20"

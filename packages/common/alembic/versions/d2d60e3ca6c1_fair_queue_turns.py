@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from alembic import op
 
-from heimdex_common.migrations.online import (
+from heimdex_db.online import (
     create_index,
     ddl,
     drop_index,

@@ -18,7 +18,7 @@ No row changes.
 
 from __future__ import annotations
 
-from heimdex_common.migrations.online import create_index, drop_index, online, set_lock_timeout
+from heimdex_db.online import create_index, drop_index, online, set_lock_timeout
 
 revision = "d5f1a9c3e7b2"
 down_revision = "b8e2d4f6a1c3"

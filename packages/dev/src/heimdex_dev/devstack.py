@@ -22,17 +22,17 @@ from pathlib import Path
 import click
 from alembic import command
 
+from heimdex.errors import HeimdexError
+from heimdex.logs import JsonFormatter, configure_logging, make_formatter, render_json_line
+from heimdex.settings import Environment, Settings, load_settings
 from heimdex_api.auth import issue_token
-from heimdex_common.errors import HeimdexError
-from heimdex_common.localpg import LocalPostgres, ensure_database, free_port
-from heimdex_common.logs import JsonFormatter, configure_logging, make_formatter, render_json_line
-from heimdex_common.migrations.config import REPO_ROOT, alembic_config
-from heimdex_common.settings import Environment, Settings, load_settings
+from heimdex_db.config import REPO_ROOT, alembic_config
+from heimdex_db.localpg import LocalPostgres, ensure_database, free_port
 
 logger = logging.getLogger(__name__)
 
 DATABASE = "heimdex"
-CLI = ("-c", "from heimdex_common.cli import main; main()")
+CLI = ("-m", "heimdex")
 # The dev process's own log file, beside one per child process.
 SELF = "dev"
 # Pages of the API a person may open, shown in the ready block when the API serves them.

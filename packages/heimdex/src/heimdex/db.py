@@ -1,0 +1,119 @@
+"""Engine and session factories. Entrypoints build them; nothing connects at import."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import quote
+
+from psycopg.errors import InsufficientPrivilege
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from heimdex.errors import DatabaseUnavailable
+from heimdex.settings import describe_url, normalize_url
+
+
+def make_engine(url: URL | str, **kwargs: object) -> Engine:
+    """An engine for `url` (pinned to psycopg 3). Connects lazily.
+
+    No pre-ping: it costs a round trip on every checkout of the hot paths. A connection broken
+    by a restart fails its next statement instead, SQLAlchemy drops the pool's connections from
+    before the failure, and the callers (API error mapping, worker loops) retry on a new one.
+
+    Every connection runs with JIT off (`session_settings`).
+    """
+    engine = create_engine(normalize_url(url), **kwargs)
+    event.listen(engine, "connect", session_settings)
+    return engine
+
+
+# PostgreSQL compiles a statement whose estimated cost passes `jit_above_cost` (100,000 by
+# default) to machine code, on every execution: a prepared statement keeps its plan, not the
+# compiled code. The claim's estimate grows with the queue (about 0.8 per queued job), so a
+# queue past ~130k jobs made every claim spend 25-30 ms compiling a statement that runs in
+# 1-2 ms (150k queued: 49 ms a claim, 27 ms of it JIT). Heimdex's statements are all short:
+# none is the long analytic query JIT pays off for.
+SESSION_SETTINGS = ("SET jit = off",)
+
+
+def session_settings(dbapi_connection: Any, _record: object) -> None:
+    """Applied once to each new connection, before the pool hands it out. Through a
+    transaction-mode pooler a session setting reaches only the server connection it ran on;
+    the worker needs a session connection anyway (docs/architecture.md)."""
+    with dbapi_connection.cursor() as cursor:
+        for statement in SESSION_SETTINGS:
+            cursor.execute(statement)
+    dbapi_connection.commit()
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def redact(message: str, password: str | None) -> str:
+    """`message` without the password, its URL-encoded form or any piece of it longer than
+    two characters (the pieces between `/`, `@`, `:` and `%` a misparsed URL could show)."""
+    if not password:
+        return message
+    pieces = {password, quote(password, safe=""), quote(password)}
+    pieces.update(p for p in re.split(r"[/@:%]", password) if len(p) > 2)
+    for piece in sorted(pieces, key=len, reverse=True):
+        message = message.replace(piece, "***")
+    return message
+
+
+def connection_error(url: URL, exc: BaseException) -> DatabaseUnavailable:
+    """The one formatter for a failed connection: host, port, database and the driver's first
+    line of reason; never the URL, the user's password or any part of it."""
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    first = reason[0] if reason else type(exc).__name__
+    where = describe_url(url)
+    password = None if url.password is None else str(url.password)
+    return DatabaseUnavailable(
+        redact(f"cannot connect to PostgreSQL at {where}: {first}", password)
+    )
+
+
+def missing_privilege(exc: BaseException, role: str | None) -> str | None:
+    """One line naming the role, the object and the grant it lacks, if `exc` (or what it
+    wraps) is PostgreSQL's insufficient_privilege; None otherwise."""
+    seen: BaseException | None = exc
+    while seen is not None and not isinstance(seen, InsufficientPrivilege):
+        seen = getattr(seen, "orig", None) or seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    primary = seen.diag.message_primary or str(seen).splitlines()[0]
+    who = role or "the connecting role"
+    match = re.search(r"permission denied for (schema|table|sequence|database) (\S+)", primary)
+    if match is None:
+        return f"role {who}: {primary}; run migrations as the schema owner"
+    kind, name = match.groups()
+    grant = {
+        "schema": f"GRANT USAGE, CREATE ON SCHEMA {name} TO {who}",
+        "database": f"GRANT CONNECT, CREATE ON DATABASE {name} TO {who}",
+    }.get(kind, f"GRANT ALL ON {kind.upper()} {name} TO {who} (or run as its owner)")
+    return f"role {who}: {primary}; missing grant: {grant}"
+
+
+def check_connection(engine: Engine) -> None:
+    """Raise `DatabaseUnavailable` with a readable reason unless `SELECT 1` succeeds."""
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except OperationalError as exc:
+        raise connection_error(engine.url, exc) from None
+
+
+@contextmanager
+def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session whose transaction commits on success and rolls back on error.
+
+    The caller owns this: repositories inside only add, flush and query.
+    """
+    with factory() as session, session.begin():
+        yield session

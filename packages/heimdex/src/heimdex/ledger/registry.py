@@ -1,0 +1,199 @@
+"""Job types: what an application registers so the ledger accepts and runs its jobs.
+
+A type is a name, a pydantic model for its params and (in the process that runs it) a handler.
+Applications declare types in a `JobTypes` collection and publish it in the `heimdex.jobs`
+entry-point group (or name it in `HEIMDEX_JOB_MODULES`); `load_registry` merges them at startup.
+Nothing registers itself at import: a collection is plain data until an entrypoint loads it.
+
+    jobs = JobTypes()
+
+    class TranscodeParams(BaseModel):
+        asset_id: str
+
+    @jobs.register("transcode", params=TranscodeParams)
+    def transcode(ctx: JobContext, params: TranscodeParams) -> dict[str, Any]:
+        ctx.stage("probing", progress=10)
+        ...
+        return {"renditions": 3}
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ValidationError
+
+from heimdex.errors import HeimdexError
+from heimdex.ledger.errors import InvalidParams, UnknownJobType
+
+ENTRY_POINT_GROUP = "heimdex.jobs"
+
+
+class JobContext(Protocol):
+    """What a handler sees of its attempt."""
+
+    @property
+    def attempt(self) -> int:
+        """Failed attempts before this one (0 on the first run)."""
+
+    def stage(self, name: str, progress: int) -> None:
+        """Record a stage boundary; raises to stop the attempt (cancel, shutdown, lost lease)."""
+
+
+class JobError(Exception):
+    """A handler's failure with a stable error code. Retried unless `retryable` is False."""
+
+    retryable = True
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class PermanentJobError(JobError):
+    """A failure that another attempt cannot fix: the job ends `failed`."""
+
+    retryable = False
+
+
+Handler = Callable[[JobContext, Any], Mapping[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class JobType:
+    name: str
+    params: type[BaseModel]
+    handler: Handler | None = None
+    source: str = ""
+
+    def validate(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The params with defaults filled in, as stored; `InvalidParams` names each problem."""
+        return self.parse(params).model_dump(mode="json")
+
+    def parse(self, params: Mapping[str, Any]) -> BaseModel:
+        try:
+            return self.params.model_validate(params)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise InvalidParams(self.name, problems) from None
+
+
+class JobTypes:
+    """A collection of job types an application publishes (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._types: dict[str, JobType] = {}
+        self._handlers: dict[str, Handler] = {}
+
+    def register(self, name: str, *, params: type[BaseModel]) -> Callable[[Handler], Handler]:
+        """Decorator: declare `name` with its params model and the decorated handler."""
+
+        def register(handler: Handler) -> Handler:
+            self._add(JobType(name, params, handler))
+            return handler
+
+        return register
+
+    def declare(self, name: str, *, params: type[BaseModel]) -> None:
+        """Declare a type without a handler: the API accepts it, a worker must supply one."""
+        self._add(JobType(name, params))
+
+    def handler(self, name: str) -> Callable[[Handler], Handler]:
+        """Decorator: the handler of a type declared elsewhere (by `declare`)."""
+
+        def register(handler: Handler) -> Handler:
+            self._handlers[name] = handler
+            return handler
+
+        return register
+
+    def _add(self, job_type: JobType) -> None:
+        if job_type.name in self._types:
+            raise HeimdexError(f"job type {job_type.name!r} is declared twice")
+        if not 1 <= len(job_type.name) <= 100:
+            raise HeimdexError(f"job type name {job_type.name!r} must be 1 to 100 characters")
+        self._types[job_type.name] = job_type
+
+    def types(self) -> list[JobType]:
+        return list(self._types.values())
+
+    def handlers(self) -> dict[str, Handler]:
+        return dict(self._handlers)
+
+
+class Registry:
+    """Every job type this process knows, merged from the collections an entrypoint loaded."""
+
+    def __init__(self, collections: Iterable[tuple[str, JobTypes]]) -> None:
+        types: dict[str, JobType] = {}
+        handlers: dict[str, tuple[str, Handler]] = {}
+        for source, collection in collections:
+            for job_type in collection.types():
+                if job_type.name in types:
+                    raise HeimdexError(
+                        f"job type {job_type.name!r} is declared by both "
+                        f"{types[job_type.name].source} and {source}"
+                    )
+                types[job_type.name] = JobType(
+                    job_type.name, job_type.params, job_type.handler, source
+                )
+            for name, handler in collection.handlers().items():
+                handlers[name] = (source, handler)
+        for name, (source, handler) in handlers.items():
+            if name not in types:
+                raise HeimdexError(f"{source} has a handler for undeclared job type {name!r}")
+            current = types[name]
+            if current.handler is not None:
+                raise HeimdexError(
+                    f"job type {name!r} has two handlers ({current.source}, {source})"
+                )
+            types[name] = JobType(name, current.params, handler, current.source)
+        self._types = types
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._types
+
+    def names(self) -> list[str]:
+        return sorted(self._types)
+
+    def get(self, name: str) -> JobType:
+        job_type = self._types.get(name)
+        if job_type is None:
+            raise UnknownJobType(name, self.names())
+        return job_type
+
+    def validate(self, name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        return self.get(name).validate(params)
+
+    def without_handler(self) -> list[str]:
+        return sorted(name for name, t in self._types.items() if t.handler is None)
+
+
+def _load_object(spec: str) -> JobTypes:
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise HeimdexError(f"job module {spec!r} must be written module:attribute")
+    try:
+        found = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise HeimdexError(f"cannot load job types from {spec!r}: {exc}") from None
+    if not isinstance(found, JobTypes):
+        raise HeimdexError(f"{spec!r} is a {type(found).__name__}, not a JobTypes collection")
+    return found
+
+
+def load_registry(extra_modules: Iterable[str] = ()) -> Registry:
+    """The `heimdex.jobs` entry points plus `extra_modules` (`module:attribute` each)."""
+    collections: list[tuple[str, JobTypes]] = []
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name):
+        collections.append((f"entry point {ep.name!r} ({ep.value})", _load_object(ep.value)))
+    for spec in extra_modules:
+        collections.append((spec, _load_object(spec)))
+    return Registry(collections)

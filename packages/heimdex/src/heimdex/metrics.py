@@ -1,0 +1,151 @@
+"""Prometheus metrics every Heimdex process exposes, built by its entrypoint (never at import).
+
+`heimdex_job_transitions_total` counts the transitions this process made, from what the ledger
+returned; `heimdex_queue_*` read the queue from PostgreSQL (unfinished rows only, cached for a
+few seconds), so every API replica and worker reports the same truth an operator alerts on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine
+
+from heimdex.ledger.repository import QueueStats, queue_stats
+from heimdex.ledger.retention import PruneResult
+from heimdex.models import JobStatus
+
+logger = logging.getLogger(__name__)
+
+QUEUE_STATS_TTL_SECONDS = 5.0
+
+
+class QueueCollector(Collector):
+    """Queue depth, due jobs, running jobs and the oldest due job's age, per type."""
+
+    def __init__(
+        self, read: Callable[[], list[QueueStats]], ttl: float = QUEUE_STATS_TTL_SECONDS
+    ) -> None:
+        self._read = read
+        self._ttl = ttl
+        self._lock = threading.Lock()
+        self._cached: tuple[float, list[QueueStats]] | None = None
+
+    def _stats(self) -> list[QueueStats] | None:
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is not None and now - self._cached[0] < self._ttl:
+                return self._cached[1]
+            try:
+                stats = self._read()
+            except Exception:
+                logger.warning("queue metrics unavailable", extra={"action": "metrics.db_error"})
+                return None
+            self._cached = (now, stats)
+            return stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats = self._stats()
+        if stats is None:
+            return
+        families = {
+            "queued": GaugeMetricFamily(
+                "heimdex_queue_jobs", "Queued jobs (due or scheduled later)", labels=["type"]
+            ),
+            "due": GaugeMetricFamily(
+                "heimdex_queue_due_jobs", "Queued jobs whose due time has come", labels=["type"]
+            ),
+            "running": GaugeMetricFamily(
+                "heimdex_running_jobs", "Jobs running now", labels=["type"]
+            ),
+            "oldest": GaugeMetricFamily(
+                "heimdex_queue_oldest_due_seconds",
+                "How long the oldest due job has waited (0 when none is due)",
+                labels=["type"],
+            ),
+        }
+        for s in stats:
+            families["queued"].add_metric([s.type], s.queued)
+            families["due"].add_metric([s.type], s.due)
+            families["running"].add_metric([s.type], s.running)
+            families["oldest"].add_metric([s.type], s.oldest_due_seconds)
+        yield from families.values()
+
+
+class LedgerMetrics:
+    """The registry of one process: its transition counter and the queue gauges."""
+
+    def __init__(self, engine: Engine | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.transitions = Counter(
+            "heimdex_job_transitions_total",
+            "Job status transitions made by this process",
+            ["type", "from_status", "to_status"],
+            registry=self.registry,
+        )
+        self._children: dict[tuple[str, JobStatus | None, JobStatus], Counter] = {}
+        if engine is not None:
+
+            def read() -> list[QueueStats]:
+                with engine.connect() as conn:
+                    return queue_stats(conn)
+
+            self.registry.register(QueueCollector(read))
+
+    def count(self, type: str, before: JobStatus | None, after: JobStatus, n: int = 1) -> None:
+        key = (type, before, after)
+        child = self._children.get(key)
+        if child is None:  # `labels()` costs a lock and a tuple build per call: resolve once
+            child = self.transitions.labels(type, before.value if before else "", after.value)
+            self._children[key] = child
+        child.inc(n)
+
+
+class RetentionMetrics:
+    """What the retention passes of this process deleted; registered on `registry`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.jobs = Counter(
+            "heimdex_retention_deleted_jobs_total",
+            "Finished jobs deleted by retention, by status",
+            ["status"],
+            registry=registry,
+        )
+        self.events = Counter(
+            "heimdex_retention_deleted_events_total",
+            "Job events deleted by retention with their jobs",
+            registry=registry,
+        )
+        self.batch_seconds = Histogram(
+            "heimdex_retention_batch_duration_seconds",
+            "Wall time of one retention batch (one transaction)",
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.passes = Counter(
+            "heimdex_retention_passes_total",
+            "Retention passes, by outcome (done, partial: more left, skipped: another pruner)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.last_pass = Gauge(
+            "heimdex_retention_last_pass_timestamp_seconds",
+            "When this process last finished a retention pass",
+            registry=registry,
+        )
+
+    def batch(self, status: JobStatus, jobs: int, events: int, seconds: float) -> None:
+        self.jobs.labels(status.value).inc(jobs)
+        self.events.inc(events)
+        self.batch_seconds.observe(seconds)
+
+    def finished(self, result: PruneResult) -> None:
+        outcome = "skipped" if result.skipped else "done" if result.complete else "partial"
+        self.passes.labels(outcome).inc()
+        self.last_pass.set_to_current_time()
