@@ -1,3 +1,3 @@
-"""Heimdex core shared package."""
+"""Heimdex core runtime library: settings, database, models, the job ledger, logs, metrics, CLI."""
 
 __version__ = "0.1.0"

@@ -27,8 +27,8 @@ def _table(result: retention.PruneResult, verb: str) -> str:
 Examples:
   heimdex jobs prune --dry-run           # what the configured ages would delete now
   heimdex jobs prune --dry-run --older-than 7d
-  heimdex jobs prune                     # delete it, 500 jobs per transaction
-  heimdex jobs prune --pause-factor 1    # idle as long as busy: twice as long, gentler
+  heimdex jobs prune                     # delete it, 100 jobs per transaction, paced
+  heimdex jobs prune --pause-factor 0    # batches back to back: faster, less room for others
   heimdex jobs prune --older-than 90d --archive /var/lib/heimdex/pruned.jsonl
 """
 )
