@@ -84,3 +84,47 @@ def test_a_batch_that_leaves_its_rows_pending_stops_the_upgrade(
     with pytest.raises(HeimdexError, match="still pending"):
         upgrade(DbContext.build(history.ini, database_url=db_url))
     assert version_of(db_url) == head
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("HEIMDEX_BACKFILL_BATCH", "0", "HEIMDEX_BACKFILL_BATCH must be a positive integer"),
+        ("HEIMDEX_LOCK_RETRY_DEADLINE", "soon", "HEIMDEX_LOCK_RETRY_DEADLINE must be a number"),
+        ("HEIMDEX_MAINTENANCE_WORK_MEM", "lots", "HEIMDEX_MAINTENANCE_WORK_MEM must look like"),
+        ("HEIMDEX_LOCK_TIMEOUT", "5 seconds", "HEIMDEX_LOCK_TIMEOUT must look like"),
+    ],
+)
+def test_a_malformed_tuning_variable_is_one_line_and_changes_nothing(
+    history: HistoryCopy,
+    db_url: URL,
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    value: str,
+    message: str,
+) -> None:
+    monkeypatch.setenv(variable, value)
+    head = history.head
+    history.add_revision(
+        "bf0000000003",
+        head,
+        """
+        set_lock_timeout()
+        with online():
+            ddl("ALTER TABLE job ADD COLUMN IF NOT EXISTS region_new varchar(16)")
+            backfill("job", pending="region_new IS NULL", set="region_new = 'x'")
+        """,
+        header=HEADER,
+    )
+    with pytest.raises(HeimdexError, match=message) as raised:
+        upgrade(DbContext.build(history.ini, database_url=db_url))
+    assert "\n" not in str(raised.value)
+    assert version_of(db_url) == head
+    assert (
+        scalar(
+            db_url,
+            "SELECT count(*) FROM information_schema.columns"
+            " WHERE table_name = 'job' AND column_name = 'region_new'",
+        )
+        == 0
+    )

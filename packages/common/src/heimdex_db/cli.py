@@ -26,8 +26,8 @@ from heimdex_db.context import (
     Tuning,
 )
 from heimdex_db.lint.findings import RLS_BASELINE_REVISION
-from heimdex_db.online import DEFAULT_LOCK_TIMEOUT, LOCK_TIMEOUT_ENV
 from heimdex_db.revision import require_extra
+from heimdex_db.settings import DEFAULT_LOCK_TIMEOUT, LOCK_TIMEOUT_ENV
 from heimdex_db.supabase import artifacts as artifacts_cmd
 from heimdex_db.verify import command as verify_cmd
 

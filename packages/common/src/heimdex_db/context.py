@@ -8,7 +8,6 @@ tests and `verify` build their own.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,12 +19,11 @@ from heimdex.errors import HeimdexError
 from heimdex.settings import normalize_url
 from heimdex_db.config import alembic_config
 from heimdex_db.history import scripts_of
-from heimdex_db.online import DEFAULT_LOCK_TIMEOUT
+from heimdex_db.settings import DEFAULT_LOCK_TIMEOUT, DURATION
 
 DEFAULT_RETRIES = 3
 DEFAULT_RETRY_DELAY = 1.0
 DEFAULT_LOCK_WAIT = 600.0
-_DURATION = re.compile(r"^\d+(ms|s|min)?$")
 
 
 @dataclass(frozen=True)
@@ -44,7 +42,7 @@ class Tuning:
 
     def __post_init__(self) -> None:
         # Checked here because it is interpolated into SET lock_timeout.
-        if not _DURATION.match(self.lock_timeout):
+        if not DURATION.match(self.lock_timeout):
             raise HeimdexError(
                 f"--lock-timeout must look like 5s, 500ms or 1min, not {self.lock_timeout!r}"
             )

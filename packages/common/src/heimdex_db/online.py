@@ -38,9 +38,7 @@ crash redoes only what is missing.
 from __future__ import annotations
 
 import logging
-import os
 import random
-import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,19 +49,19 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
 from heimdex.errors import HeimdexError
+from heimdex_db.settings import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_LOCK_TIMEOUT,
+    DURATION,
+    MigrationSettings,
+)
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LOCK_TIMEOUT = "5s"
-DEFAULT_BATCH_SIZE = 5000
-DEFAULT_RETRY_DEADLINE = 300.0
-DEFAULT_MAINTENANCE_WORK_MEM = "256MB"
-LOCK_TIMEOUT_ENV = "HEIMDEX_LOCK_TIMEOUT"
-BATCH_SIZE_ENV = "HEIMDEX_BACKFILL_BATCH"
-RETRY_DEADLINE_ENV = "HEIMDEX_LOCK_RETRY_DEADLINE"
-MAINTENANCE_WORK_MEM_ENV = "HEIMDEX_MAINTENANCE_WORK_MEM"
-# Keys in Alembic's Config.attributes: `heimdex db upgrade` sets the first and reads the second.
+# Keys in Alembic's Config.attributes: `heimdex db upgrade` sets the first and reads the second;
+# the settings are read from the environment once per run.
 LOCK_TIMEOUT_ATTRIBUTE = "heimdex.lock_timeout"
+SETTINGS_ATTRIBUTE = "heimdex.migration_settings"
 STRONG_LOCKS_ATTRIBUTE = "heimdex.strong_locks"
 ONLINE_ATTRIBUTE = "heimdex.online"  # set once a revision entered online()
 LOCK_NOT_AVAILABLE = "55P03"
@@ -74,8 +72,6 @@ MAX_BATCH_AGAIN = 3
 # taking the rows whose line pointer number is i modulo ROOM_SWEEPS (i = 1, 2, ...), the last
 # the rest (see _sweeps).
 ROOM_SWEEPS = 3
-_DURATION = re.compile(r"^\d+(ms|s|min)?$")
-_MEMORY = re.compile(r"^\d+(kB|MB|GB)$")
 
 
 def _attributes() -> dict[str, Any]:
@@ -87,6 +83,15 @@ def _offline() -> bool:
     return bool(op.get_context().as_sql)
 
 
+def settings() -> MigrationSettings:
+    """This run's settings: read from the environment once and kept in Alembic's attributes."""
+    attributes = _attributes()
+    found = attributes.get(SETTINGS_ATTRIBUTE)
+    if not isinstance(found, MigrationSettings):
+        found = attributes[SETTINGS_ATTRIBUTE] = MigrationSettings.from_env()
+    return found
+
+
 def lock_timeout() -> str:
     """The lock_timeout every revision and `heimdex db upgrade` use: one value.
 
@@ -95,39 +100,26 @@ def lock_timeout() -> str:
     so the compiled files do not depend on the environment.
     """
     configured = _attributes().get(LOCK_TIMEOUT_ATTRIBUTE)
-    value = configured or (None if _offline() else os.environ.get(LOCK_TIMEOUT_ENV))
-    value = str(value or DEFAULT_LOCK_TIMEOUT)
-    if not _DURATION.match(value):
+    value = str(
+        configured or (None if _offline() else settings().lock_timeout) or DEFAULT_LOCK_TIMEOUT
+    )
+    if not DURATION.match(value):
         raise HeimdexError(f"lock_timeout must look like 5s, 500ms or 1min, not {value!r}")
     return value
 
 
 def batch_size() -> int:
-    raw = os.environ.get(BATCH_SIZE_ENV, str(DEFAULT_BATCH_SIZE))
-    if not raw.isdigit() or int(raw) < 1:
-        raise HeimdexError(f"{BATCH_SIZE_ENV} must be a positive integer, not {raw!r}")
-    return int(raw)
+    return settings().backfill_batch
 
 
 def retry_deadline() -> float:
-    raw = os.environ.get(RETRY_DEADLINE_ENV, str(DEFAULT_RETRY_DEADLINE))
-    try:
-        return float(raw)
-    except ValueError:
-        raise HeimdexError(
-            f"{RETRY_DEADLINE_ENV} must be a number of seconds, not {raw!r}"
-        ) from None
+    return settings().lock_retry_deadline
 
 
 def maintenance_work_mem() -> str:
     """The sort memory of a concurrent index build (its session only): a build that sorts in
     memory instead of in temporary files takes about 15% less time on 1M rows."""
-    value = os.environ.get(MAINTENANCE_WORK_MEM_ENV, DEFAULT_MAINTENANCE_WORK_MEM)
-    if not _MEMORY.match(value):
-        raise HeimdexError(
-            f"{MAINTENANCE_WORK_MEM_ENV} must look like 256MB, 65536kB or 1GB, not {value!r}"
-        )
-    return value
+    return settings().maintenance_work_mem
 
 
 def set_lock_timeout() -> None:
