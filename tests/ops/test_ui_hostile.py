@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
 from heimdex_api.auth import ADMIN_ROLE, READONLY_ROLE, issue_token
+from heimdex_api.ui import templates
 from tests.ops import seed
 from tests.ops.seed import HOSTILE, IMG
 from tests.stack import SECRET
@@ -125,3 +126,21 @@ def test_a_token_whose_sub_is_not_unicode_is_refused(client: TestClient) -> None
     assert_inert(signin.text)
     api = client.get(f"/jobs/{uuid.uuid4()}", headers={"Authorization": f"Bearer {token}"})
     assert api.status_code == 401 and "sub claim" in api.json()["detail"]
+
+
+def test_every_template_escapes_and_runs_under_the_policy() -> None:
+    env = templates().env
+    names = env.list_templates()
+    assert "base.html" in names and any(n.startswith("partials/") for n in names)
+    assert env.autoescape is True
+    forbidden = {
+        "data marked safe": r"\|\s*safe\b|autoescape\s+false|Markup",
+        "an inline script": r"<script(?![^>]*\ssrc=)",
+        "an inline handler": r"<[^>]*\son[a-z]+\s*=",
+        "an inline style": r"<[^>]*\sstyle\s*=|<style",
+    }
+    for name in names:
+        source = env.loader.get_source(env, name)[0]  # type: ignore[union-attr]
+        for what, pattern in forbidden.items():
+            assert not re.search(pattern, source), f"{name} has {what}"
+        env.get_template(name)  # it compiles
