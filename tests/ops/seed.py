@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import uuid
 
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import Engine
 
 from heimdex.ledger import repository, service
-from heimdex.ledger.registry import load_registry
+from heimdex.ledger.registry import JobTypes, Registry, load_registry
 
 POLICY = service.RetryPolicy(base_seconds=60.0, max_seconds=60.0)
 TIMEOUT = ("UPSTREAM_TIMEOUT", "no answer from 10.0.0.{n} after 30s (job {id})")
@@ -54,3 +55,50 @@ def failed(
         )
     assert len(mine) == n
     return sorted(ids)
+
+
+# Markup an attacker could place in job data; each must reach the page as text.
+SCRIPT = "<script>alert(1)</script>"
+IMG = "\"'><img src=x onerror=alert(1)>"
+HOSTILE = SCRIPT + IMG
+
+
+class _Note(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    note: str
+
+
+def hostile_registry() -> Registry:
+    types = JobTypes()
+    types.declare(HOSTILE, params=_Note)
+    return Registry([("tests", types)])
+
+
+def hostile(engine: Engine, org: uuid.UUID) -> dict[str, uuid.UUID]:
+    """Jobs whose every free-text field carries markup, submitted and run through the ledger's
+    own functions: a dead letter (failed at a stage), a running job, a queued one."""
+    registry = hostile_registry()
+    specs = [
+        service.JobSpec(
+            type=HOSTILE, params={"note": HOSTILE}, idempotency_key=f"{HOSTILE}{i}", max_attempts=1
+        )
+        for i in range(3)
+    ]
+    with engine.begin() as conn:
+        ids = [
+            s.job.id
+            for s in service.submit_jobs(conn, registry, org_id=org, specs=specs, requested_by=IMG)
+        ]
+    with engine.begin() as conn:
+        claimed = repository.claim(conn, worker_id=HOSTILE, limit=10_000, lease_seconds=600).jobs
+        mine = {j.id: j for j in claimed if j.id in ids[:2]}
+        repository.write_outcomes(conn, [service.released(j) for j in claimed if j.id not in mine])
+        for j in mine.values():
+            repository.record_stage(conn, j.id, j.lease_token, stage=IMG, progress=40)
+        dead = mine[ids[0]]
+        service.fail_attempts(
+            conn,
+            [service.Failure(dead.id, dead.lease_token, HOSTILE, HOSTILE, True)],
+            policy=POLICY,
+        )
+    return {"dead": ids[0], "running": ids[1], "queued": ids[2]}

@@ -1,6 +1,7 @@
 """The dashboard in a real headless browser (Debian's chromium driven by Playwright) against a
 real API server and, once the group is retried, a real worker. Screenshots go to the test's
-tmp dir (printed); HEIMDEX_DOCS_SCREENSHOT=1 also refreshes docs/img/dashboard.png."""
+tmp dir (printed); HEIMDEX_DOCS_SCREENSHOT=1 also refreshes docs/img/dashboard.png. Every
+page is watched for dialogs and Content-Security-Policy violations."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ import shutil
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, expect, sync_playwright
 from sqlalchemy import Engine
 
 from heimdex_api.auth import ADMIN_ROLE, READONLY_ROLE, issue_token
 from heimdex_db.localpg import free_port
 from tests.ops import seed
+from tests.ops.seed import HOSTILE
+from tests.ops.test_ui_hostile import hostile_pages
 from tests.stack import SECRET, Processes, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
@@ -56,6 +60,27 @@ def api_url(processes: Processes) -> str:
     return url
 
 
+@dataclass
+class Watch:
+    """What a page did that no page of ours should: open a dialog, break its CSP."""
+
+    dialogs: list[str] = field(default_factory=list)
+    csp: list[str] = field(default_factory=list)
+
+    def on(self, page: Page) -> Page:
+        def dialog(d: Dialog) -> None:
+            self.dialogs.append(d.message)
+            d.dismiss()
+
+        def console(m: ConsoleMessage) -> None:
+            if "Content Security Policy" in m.text:
+                self.csp.append(m.text)
+
+        page.on("dialog", dialog)
+        page.on("console", console)
+        return page
+
+
 def _token(role: str, sub: str) -> str:
     return issue_token(SECRET, org_id=uuid.uuid4(), sub=sub, role=role)
 
@@ -78,7 +103,8 @@ def test_an_operator_retries_a_dead_letter_group_and_a_worker_runs_it(
     seed.failed(engine, other, 1, code="BAD_INPUT", message="row 1 is empty")
     seed.queued(engine, other, 2)
 
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    watch = Watch()
+    page = watch.on(browser.new_page(viewport={"width": 1280, "height": 900}))
     # Refused without the role: the sign-in page says why and nothing else is shown.
     _sign_in(page, api_url, _token("authenticated", "tenant-user"))
     expect(page.locator(".error")).to_contain_text("no operator role")
@@ -147,10 +173,32 @@ def test_an_operator_retries_a_dead_letter_group_and_a_worker_runs_it(
         shutil.copyfile(shots / "dashboard.png", DOCS_SCREENSHOT)
 
     # Read-only: everything visible, nothing to press.
-    viewer = browser.new_page()
+    viewer = watch.on(browser.new_page())
     _sign_in(viewer, api_url, _token(READONLY_ROLE, "op-bob"))
     expect(viewer.locator(".who")).to_contain_text("read-only")
     viewer.goto(f"{api_url}/ui/failures")
     expect(viewer.locator("#groups tbody tr")).to_have_count(1)
     expect(viewer.locator("text=Retry this group")).to_have_count(0)
     viewer.screenshot(path=shots / "08-readonly.png", full_page=True)
+    assert watch == Watch(), "the pages broke their Content-Security-Policy"
+
+
+def test_hostile_job_data_stays_inert_in_the_browser(
+    browser: Browser, api_url: str, engine: Engine
+) -> None:
+    org = uuid.uuid4()
+    ids = seed.hostile(engine, org)
+    watch = Watch()
+    page = watch.on(browser.new_page())
+    _sign_in(page, api_url, issue_token(SECRET, org_id=org, sub=HOSTILE, role=ADMIN_ROLE))
+    expect(page.locator(".who")).to_contain_text(HOSTILE)
+    page.goto(f"{api_url}/ui/jobs/{ids['queued']}")
+    page.fill("input[name=reason]", HOSTILE)
+    page.click("button[value=cancel]")
+    expect(page.locator("#events")).to_contain_text(f"by {HOSTILE} “{HOSTILE}”")
+    for path in hostile_pages(ids, org):
+        page.goto(f"{api_url}{path}")
+        expect(page.locator("h1")).to_be_visible()
+        assert watch == Watch(), f"{path} ran markup from job data"
+        # The markup is on the page as text, not as elements.
+        assert page.locator("main img, main script, [onerror]").count() == 0, path

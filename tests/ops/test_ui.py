@@ -3,8 +3,10 @@ checks, pages and forms. The browser test (test_browser.py) drives it for real."
 
 from __future__ import annotations
 
+import html
 import re
 import uuid
+from collections.abc import Mapping
 from urllib.parse import urlencode
 
 from fastapi.testclient import TestClient
@@ -120,4 +122,67 @@ def test_admin_cancels_a_selection(client: TestClient, engine: Engine) -> None:
         states = [repository.get_job(conn, j).status for j in (a, b, c)]
     assert states == [JobStatus.CANCELED, JobStatus.CANCELED, JobStatus.QUEUED]
     bad = client.get("/ui/bulk", params=[("action", "cancel"), ("id", "nope")])
-    assert bad.status_code == 400 and "&#x27;nope&#x27; is not a job id" in bad.text
+    assert bad.status_code == 400 and "'nope' is not a job id" in html.unescape(bad.text)
+
+
+def test_signing_out_needs_the_form_token(client: TestClient) -> None:
+    csrf = _sign_in(client, READONLY_ROLE)
+    for forged in ({}, {"csrf": ""}, {"csrf": "0" * 32}, {"csrf": "é" * 32}):
+        refused = client.post("/ui/signout", data=forged, follow_redirects=False)
+        assert refused.status_code == 403 and "set-cookie" not in refused.headers
+        assert client.get("/ui", follow_redirects=False).status_code == 200
+    done = client.post("/ui/signout", data={"csrf": csrf}, follow_redirects=False)
+    assert done.status_code == 303 and done.headers["location"] == "/ui/signin"
+    assert client.get("/ui", follow_redirects=False).status_code == 303
+
+
+CSP = {
+    "default-src": "'self'",
+    "script-src": "'self'",
+    "style-src": "'self'",
+    "img-src": "'self'",
+    "connect-src": "'self'",
+    "form-action": "'self'",
+    "frame-ancestors": "'none'",
+    "base-uri": "'none'",
+    "object-src": "'none'",
+}
+
+
+def _assert_guarded(headers: Mapping[str, str], where: object) -> None:
+    policy = dict(d.strip().split(" ", 1) for d in headers["content-security-policy"].split(";"))
+    assert policy == CSP, where
+    assert headers["x-frame-options"] == "DENY", where
+    assert headers["x-content-type-options"] == "nosniff", where
+    assert headers["referrer-policy"] == "same-origin", where
+
+
+def test_every_dashboard_response_carries_the_browser_guards(
+    client: TestClient, engine: Engine
+) -> None:
+    (job_id,) = seed.failed(engine, uuid.uuid4())
+    anonymous = [
+        client.get("/ui", follow_redirects=False),
+        client.get("/ui/signin"),
+        client.post("/ui/signin", data={"token": "nonsense"}),
+        client.get("/ui/static/ui.js"),
+        client.get("/ui/static/ui.css"),
+        client.get("/ui/static/nothing.js"),
+        client.get("/ui/no-such-page"),
+    ]
+    csrf = _sign_in(client, ADMIN_ROLE)
+    signed_in = [
+        client.get(path)
+        for path in ("/ui", "/ui/jobs", "/ui/failures", f"/ui/jobs/{job_id}", "/ui/bulk")
+    ] + [
+        client.get("/ui/bulk", params={"action": "retry", "type": "noop"}),
+        client.post(
+            f"/ui/jobs/{job_id}/retry", data={"csrf": csrf, "reason": "x"}, follow_redirects=False
+        ),
+        client.post("/ui/bulk", data={"csrf": "stale"}),
+        client.post("/ui/signout", data={"csrf": csrf}, follow_redirects=False),
+    ]
+    for resp in anonymous + signed_in:
+        _assert_guarded(resp.headers, resp.url)
+    # The API's own routes are not pages and keep their headers.
+    assert "content-security-policy" not in client.get("/healthz").headers

@@ -52,6 +52,7 @@ def create_app(settings: Settings) -> FastAPI:
     ui.install(app)
 
     app.add_middleware(GuardAndCount)
+    app.add_middleware(ui.BrowserGuards)
     return app
 
 

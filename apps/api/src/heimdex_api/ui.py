@@ -1,10 +1,14 @@
-"""The operator dashboard at /ui: server-rendered pages over `ledger.operations`, a small script
-that refreshes the live parts by polling, every asset shipped in this package.
+"""The operator dashboard at /ui: pages rendered from `templates/` (Jinja2, every value
+escaped) over `ledger.operations`, a small script that refreshes the live parts by polling,
+every asset shipped in this package. This module holds the routes, the data each page shows,
+and the session and form checks.
 
 Sign-in takes a bearer token with an operator role once and answers with a signed, HttpOnly,
 SameSite=Strict session cookie (a JWT under a key derived from `HEIMDEX_JWT_SECRET`, at most
-8 hours); forms that change jobs also carry a token derived from that cookie. Nothing but the
-sign-in page and the static files is served without a session.
+8 hours); every form that acts (on jobs, or signing out) also carries a token derived from
+that cookie. Nothing but the sign-in page and the static files is served without a session, and
+every response under /ui carries `GUARDS` (a Content-Security-Policy admitting only this
+package's own script and stylesheet, no framing).
 """
 
 from __future__ import annotations
@@ -15,24 +19,27 @@ import json
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from html import escape
 from importlib import resources
 from typing import Annotated, Any
 from urllib.parse import parse_qs, urlencode
 
+import jinja2
 import jwt
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
 from sqlalchemy import Connection
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from heimdex.errors import HeimdexError
 from heimdex.ledger import operations as ops
 from heimdex.ledger import repository
 from heimdex.ledger.errors import JobNotFound
 from heimdex.ledger.fingerprint import error_fingerprint
-from heimdex.ledger.repository import JobFilter, JobRow
+from heimdex.ledger.repository import JobFilter
 from heimdex.models import JobStatus
 from heimdex_api.auth import (
     ADMIN_ROLE,
@@ -129,9 +136,15 @@ async def session(request: Request, state: State) -> Session:
 Operator = Annotated[Session, Depends(session)]
 
 
-def _admin(s: Session, form: Mapping[str, str]) -> None:
-    if not hmac.compare_digest(form.get("csrf", ""), s.csrf):
+def _same_dashboard(s: Session, form: Mapping[str, str]) -> None:
+    """Refuse a form that does not carry the session's token: another site can make the
+    browser send the cookie, but cannot read the token off our pages."""
+    if not hmac.compare_digest(form.get("csrf", "").encode(), s.csrf.encode()):
         raise UiForbidden("the form is stale or not from this dashboard; reload the page")
+
+
+def _admin(s: Session, form: Mapping[str, str]) -> None:
+    _same_dashboard(s, form)
     if not s.can_act:
         raise UiForbidden(
             f"changing jobs needs the {ADMIN_ROLE} role (you have {s.principal.role})"
@@ -148,10 +161,6 @@ async def _form(request: Request) -> dict[str, str]:
 
 
 # --- rendering ------------------------------------------------------------------------------
-
-
-def _e(value: object) -> str:
-    return escape("" if value is None else str(value))
 
 
 def _when(value: datetime | None) -> str:
@@ -173,76 +182,91 @@ def _url(path: str, **params: object) -> str:
     return path + ("?" + urlencode(clean) if clean else "")
 
 
-def _badge(status: str) -> str:
-    return f'<span class="badge s-{_e(status)}">{_e(status)}</span>'
+def _pretty_json(value: object) -> str:
+    return json.dumps(value, indent=2)
 
 
-def _org(org_id: uuid.UUID | str) -> str:
-    return f'<a class="mono" href="/ui/orgs/{_e(org_id)}">{_e(str(org_id)[:8])}</a>'
-
-
-def _job_link(job_id: uuid.UUID | str) -> str:
-    return f'<a class="mono" href="/ui/jobs/{_e(job_id)}">{_e(str(job_id)[:8])}</a>'
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], empty: str) -> str:
-    if not rows:
-        return f'<p class="empty">{_e(empty)}</p>'
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _page(title: str, body: str, s: Session | None, *, status: int = 200) -> HTMLResponse:
-    nav = ""
-    if s is not None:
-        role = "admin" if s.can_act else "read-only"
-        nav = f"""<nav>
-  <a href="/ui">Overview</a><a href="/ui/jobs">Jobs</a><a href="/ui/failures">Failures</a>
-  <span class="who">{_e(s.principal.sub)} <small>({role})</small></span>
-  <form method="post" action="/ui/signout" class="inline">
-    <input type="hidden" name="csrf" value="{s.csrf}"><button>Sign out</button></form>
-</nav>"""
-    html = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_e(title)} · Heimdex</title>
-<link rel="stylesheet" href="/ui/static/ui.css">
-<script src="/ui/static/ui.js" defer></script>
-</head><body data-poll="{POLL_MS if s else 0}">
-<header><a class="brand" href="/ui">Heimdex</a>{nav}</header>
-<main><h1>{_e(title)}</h1>
-{body}
-</main></body></html>"""
-    return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
-
-
-def _notice(request: Request) -> str:
-    text = request.query_params.get("notice")
-    return f'<p class="notice" role="status">{_e(text)}</p>' if text else ""
-
-
-def _bars(
-    minutes: Sequence[repository.Minute], kind: str, *, width: int = 720, height: int = 90
-) -> str:
-    """One bar per minute of `kind` ("succeeded" or "failed"), oldest left."""
-    values = [getattr(m, kind) for m in reversed(minutes)]
-    top = max([*values, 1])
-    step = width / max(1, len(values))
-    bars = []
-    for i, value in enumerate(values):
-        h = value / top * (height - 14)
-        ago = len(values) - 1 - i
-        bars.append(
-            f'<rect x="{i * step:.1f}" y="{height - h:.1f}" width="{step * 0.8:.1f}" '
-            f'height="{h:.1f}"><title>{ago} min ago: {value} {kind}</title></rect>'
-        )
-    return (
-        f'<svg class="chart {"ok" if kind == "succeeded" else "bad"}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{kind} per minute">'
-        f'<text x="0" y="10" class="axis">{kind} per minute, max {top}</text>'
-        f"{''.join(bars)}</svg>"
+def templates() -> Jinja2Templates:
+    """The dashboard's templates. Every one is escaped: data reaches a page only as text."""
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("heimdex_api", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        auto_reload=False,  # they ship in the package: no stat per render
     )
+    env.filters.update(when=_when, ago=_ago, short=lambda v: str(v)[:8], pretty_json=_pretty_json)
+    env.globals.update(
+        url=_url, poll_ms=POLL_MS, admin_role=ADMIN_ROLE, readonly_role=READONLY_ROLE
+    )
+    return Jinja2Templates(env=env)
+
+
+def _page(
+    request: Request,
+    name: str,
+    title: str,
+    s: Session | None,
+    *,
+    status: int = 200,
+    notice: bool = False,
+    **context: object,
+) -> HTMLResponse:
+    """`name` rendered in the layout; with `notice`, the outcome of the last action (from the
+    query string) above the content."""
+    ui_templates: Jinja2Templates = request.app.state.ui_templates
+    return ui_templates.TemplateResponse(
+        request,
+        name,
+        {
+            "title": title,
+            "s": s,
+            "notice": request.query_params.get("notice") if notice else None,
+            **context,
+        },
+        status_code=status,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def _message(
+    request: Request, title: str, message: str, s: Session | None, status: int
+) -> HTMLResponse:
+    return _page(request, "message.html", title, s, status=status, message=message)
+
+
+@dataclass(frozen=True)
+class Bar:
+    x: float
+    y: float
+    width: float
+    height: float
+    ago: int
+    value: int
+
+
+@dataclass(frozen=True)
+class Chart:
+    """One bar per minute of `kind` ("succeeded" or "failed"), oldest left."""
+
+    kind: str
+    top: int
+    bars: list[Bar]
+    width: int = 720
+    height: int = 90
+
+
+def _chart(minutes: Sequence[repository.Minute], kind: str) -> Chart:
+    values: list[int] = [getattr(m, kind) for m in reversed(minutes)]
+    chart = Chart(kind, max([*values, 1]), [])
+    step = chart.width / max(1, len(values))
+    for i, value in enumerate(values):
+        h = value / chart.top * (chart.height - 14)
+        chart.bars.append(
+            Bar(i * step, chart.height - h, step * 0.8, h, len(values) - 1 - i, value)
+        )
+    return chart
 
 
 # --- filters --------------------------------------------------------------------------------
@@ -300,143 +324,40 @@ def _filter_of(
     )
 
 
-def _filter_form(clean: Mapping[str, str]) -> str:
-    options = "".join(
-        f'<option value="{s.value}"{" selected" if clean.get("status") == s.value else ""}>'
-        f"{s.value}</option>"
-        for s in JobStatus
-    )
-
-    def box(name: str, label: str, size: int = 12) -> str:
-        return (
-            f'<label>{label} <input name="{name}" value="{_e(clean.get(name, ""))}" '
-            f'size="{size}"></label>'
-        )
-
-    return f"""<form class="filters" method="get" action="/ui/jobs">
-<label>State <select name="status"><option value="">any</option>{options}</select></label>
-{box("type", "Type")}{box("org", "Org", 36)}{box("error_code", "Error code")}
-{box("fingerprint", "Fingerprint")}
-<button type="submit">Filter</button> <a href="/ui/jobs">Clear</a></form>"""
-
-
-def _jobs_table(jobs: Sequence[JobRow], *, select: bool = False) -> str:
-    def box(job_id: uuid.UUID) -> list[str]:
-        return (
-            [f'<input type="checkbox" name="id" value="{job_id}" form="selection" '
-             f'aria-label="select {job_id}">']
-            if select
-            else []
-        )  # fmt: skip
-
-    return _table(
-        [*([""] if select else []), "Job", "State", "Type", "Org", "Attempt", "Created", "Error"],
-        [
-            [
-                *box(j.id), _job_link(j.id), _badge(j.status.value), _e(j.type), _org(j.org_id),
-                f"{j.attempt}/{j.max_attempts}", f'<span title="{_when(j.created_at)}">'
-                f"{_ago(j.created_at)}</span>", _e(j.last_error_code),
-            ]
-            for j in jobs
-        ],
-        "No jobs match.",
-    )  # fmt: skip
-
-
 # --- pages ----------------------------------------------------------------------------------
 
-
-def _counts_cards(by_status: Mapping[str, int], org: uuid.UUID | None) -> str:
-    cards = "".join(
-        f'<a class="card s-{s}" href="{_url("/ui/jobs", status=s, org=org)}">'
-        f'<span class="n">{by_status.get(s, 0)}</span><span>{s}</span></a>'
-        for s in (x.value for x in JobStatus)
-    )
-    return f'<div class="cards" data-live id="counts">{cards}</div>'
+STATES = tuple(x.value for x in JobStatus)
 
 
-def _failures_table(groups: Sequence[repository.FailureGroup], s: Session) -> str:
-    rows = []
-    for g in groups:
-        retry = (
-            f'<a class="button" href="{_url("/ui/bulk", action="retry", status="dead_letter", fingerprint=g.fingerprint)}">'  # noqa: E501
-            "Retry this group</a>"
-            if s.can_act
-            else ""
-        )
-        show = _url("/ui/jobs", status="dead_letter", fingerprint=g.fingerprint)
-        rows.append(
-            [
-                f'<a href="{show}">{g.jobs}</a>', _e(g.error_code),
-                f'<span class="mono">{_e(g.fingerprint)}</span>', str(g.orgs),
-                _e(", ".join(g.types)),
-                _ago(g.last_failed_at), f'<span class="msg">{_e(g.sample_message)}</span>', retry,
-            ]
-        )  # fmt: skip
-    return _table(
-        ["Jobs", "Code", "Fingerprint", "Orgs", "Types", "Last", "Sample message", ""],
-        rows,
-        "No dead letters.",
-    )
-
-
-def _overview_body(conn: Connection, s: Session, org: uuid.UUID | None) -> str:
+def _overview(conn: Connection, org: uuid.UUID | None) -> dict[str, Any]:
     st = ops.stats(conn, org_id=org, minutes=60)
-    groups = ops.failures(conn, org_id=org, limit=10)
-    succeeded = sum(m.succeeded for m in st.throughput)
-    failed = sum(m.failed for m in st.throughput)
-    oldest = (
-        f"{_job_link(st.oldest_due.id)} ({_e(st.oldest_due.type)}), due "
-        f"{st.oldest_due_seconds:.0f}s ago"
-        if st.oldest_due
-        else "none: nothing waits"
-    )
-    parts = [
-        _counts_cards(st.by_status, org),
-        f"""<section data-live id="throughput"><h2>Last hour</h2>
-<p>{succeeded} succeeded, {failed} failed attempts; oldest due job: {oldest}</p>
-<h3>Throughput: attempts succeeded per minute (oldest left)</h3>{_bars(st.throughput, "succeeded")}
-<h3>Failures: attempts failed per minute</h3>{_bars(st.throughput, "failed")}
-</section>""",
-        f'<section data-live id="failures"><h2>Failures by fingerprint</h2>'
-        f"{_failures_table(groups, s)}</section>",
-    ]
-    states = [x.value for x in JobStatus]
-    if org is None:
-        rows = [
-            [_org(o), *[str(c.get(x, 0)) for x in states]]
-            for o, c in sorted(st.by_org.items(), key=lambda kv: -kv[1].get("queued", 0))[:50]
-        ]
-        parts.append(
-            '<section data-live id="orgs"><h2>Orgs</h2>'
-            + _table(["Org", *states], rows, "No jobs.")
-            + "</section>"
-        )
-    rows = [[_e(t), *[str(c.get(x, 0)) for x in states]] for t, c in sorted(st.by_type.items())]
-    parts.append(
-        f'<section data-live id="types"><h2>Types</h2>{_table(["Type", *states], rows, "No jobs.")}'
-        "</section>"
-    )
-    return "\n".join(parts)
+    by_org = sorted(st.by_org.items(), key=lambda kv: -kv[1].get("queued", 0))[:50]
+    return {
+        "org": org,
+        "st": st,
+        "states": STATES,
+        "groups": ops.failures(conn, org_id=org, limit=10),
+        "succeeded": sum(m.succeeded for m in st.throughput),
+        "failed": sum(m.failed for m in st.throughput),
+        "charts": [_chart(st.throughput, "succeeded"), _chart(st.throughput, "failed")],
+        "by_org": by_org if org is None else [],
+        "by_type": sorted(st.by_type.items()),
+    }
 
 
 @router.get("")
 def overview(request: Request, state: State, s: Operator) -> HTMLResponse:
     with _autocommit(state) as conn:
-        body = _overview_body(conn, s, None)
-    return _page("Overview", _notice(request) + body, s)
+        context = _overview(conn, None)
+    return _page(request, "overview.html", "Overview", s, notice=True, **context)
 
 
 @router.get("/orgs/{org_id}")
 def org_page(org_id: uuid.UUID, request: Request, state: State, s: Operator) -> HTMLResponse:
     with _autocommit(state) as conn:
-        body = _overview_body(conn, s, org_id)
+        context = _overview(conn, org_id)
         recent = repository.list_jobs_ops(conn, JobFilter(org_id=org_id), limit=20)
-    link = f'<p><a href="{_url("/ui/jobs", org=org_id)}">All jobs of this org</a></p>'
-    recent_html = (
-        f'<section data-live id="recent"><h2>Recent jobs</h2>{_jobs_table(recent)}</section>'
-    )
-    return _page(f"Org {org_id}", _notice(request) + link + body + recent_html, s)
+    return _page(request, "org.html", f"Org {org_id}", s, notice=True, recent=recent, **context)
 
 
 @router.get("/jobs")
@@ -452,77 +373,28 @@ def jobs(request: Request, state: State, s: Operator) -> HTMLResponse:
     with _autocommit(state) as conn:
         rows = repository.list_jobs_ops(conn, f, limit=PAGE_SIZE + 1, before=before)
     page = rows[:PAGE_SIZE]
-    pager = [f'<a href="{_url("/ui/jobs", **clean)}">First page</a>'] if before else []
+    next_url = None
     if len(rows) > PAGE_SIZE:
         next_cursor = _encode_cursor(page[-1].created_at, page[-1].id)
-        pager.append(
-            f'<a rel="next" href="{_url("/ui/jobs", **clean, cursor=next_cursor)}">Next page →</a>'
-        )
-    bulk = ""
-    if s.can_act and clean:
-        bulk = '<p class="bulk">For every job matching this filter: ' + " ".join(
-            f'<a class="button" href="{_url("/ui/bulk", action=a.value, **clean)}">'
-            f"{a.value.capitalize()}…</a>"
-            for a in ops.Action
-        ) + "</p>"  # fmt: skip
-    selection = ""
-    if s.can_act and page:
-        selection = (
-            '<form id="selection" method="get" action="/ui/bulk" class="act">With the selected '
-            "jobs: " + " ".join(
-                f'<button type="submit" name="action" value="{a.value}">'
-                f"{a.value.capitalize()}…</button>"
-                for a in ops.Action
-            ) + "</form>"
-        )  # fmt: skip
-    errors = "".join(f'<p class="error">{_e(p)}</p>' for p in problems)
-    body = (
-        _notice(request) + errors + _filter_form(clean) + bulk
-        + f'<section data-live id="jobs">{_jobs_table(page, select=s.can_act)}</section>'
-        + selection + f'<p class="pager">{" ".join(pager)}</p>'
-    )  # fmt: skip
-    return _page("Jobs", body, s)
-
-
-def _event_row(e: Any) -> str:
-    d: dict[str, Any] = e.detail_json or {}
-    extra = []
-    if d.get("actor"):
-        extra.append(f"by <b>{_e(d['actor'])}</b>")
-    if d.get("reason"):
-        extra.append(f"“{_e(d['reason'])}”")
-    if d.get("error"):
-        err = d["error"]
-        extra.append(
-            f'<span class="error-inline">{_e(err.get("code"))}: {_e(err.get("message"))}</span>'
-        )
-    if d.get("stage"):
-        extra.append(f"stage {_e(d['stage'])}")
-    if d.get("worker"):
-        extra.append(f"worker {_e(d['worker'])}")
-    prev = _badge(e.prev_status) if e.prev_status else "·"
-    return (
-        f'<li><time title="{_e(e.ts.isoformat())}">{_when(e.ts)}</time> {prev} → '
-        f"{_badge(e.next_status)} <b>{_e(d.get('action', ''))}</b> {' '.join(extra)}</li>"
+        next_url = _url("/ui/jobs", **clean, cursor=next_cursor)
+    actions = [a.value for a in ops.Action]
+    return _page(
+        request,
+        "jobs.html",
+        "Jobs",
+        s,
+        notice=True,
+        jobs=page,
+        clean=clean,
+        problems=problems,
+        states=STATES,
+        first_url=_url("/ui/jobs", **clean) if before else None,
+        next_url=next_url,
+        bulk=[(a, _url("/ui/bulk", action=a, **clean)) for a in actions]
+        if s.can_act and clean
+        else [],
+        selection=actions if s.can_act and page else [],
     )
-
-
-def _actions(job: JobRow, s: Session) -> str:
-    if not s.can_act:
-        return '<p class="muted">Read-only: actions need the heimdex_admin role.</p>'
-    forms = []
-    for action in ops.Action:
-        if job.status not in ops.TARGETS[action]:
-            continue
-        required = " required" if action is ops.Action.RETRY else ""
-        forms.append(
-            f"""<form method="post" action="/ui/jobs/{job.id}/{action.value}" class="act">
-<input type="hidden" name="csrf" value="{s.csrf}">
-<input name="reason" placeholder="reason{" (required)" if required else ""}" size="30"{required}>
-<button type="submit" name="do" value="{action.value}">{action.value.capitalize()}</button>
-</form>"""
-        )
-    return "".join(forms) or '<p class="muted">No action applies to this state.</p>'
 
 
 @router.get("/jobs/{job_id}")
@@ -532,39 +404,23 @@ def job_page(job_id: uuid.UUID, request: Request, state: State, s: Operator) -> 
             job = repository.get_job(conn, job_id)
             events = repository.list_events(conn, job_id)
     except JobNotFound:
-        return _page("Job not found", f"<p>No job {_e(job_id)}.</p>", s, status=404)
+        return _message(request, "Job not found", f"No job {job_id}.", s, 404)
     fingerprint = (
         error_fingerprint(job.last_error_code, job.last_error_message)
         if job.last_error_code or job.last_error_message
         else None
     )
-    error = (
-        f"""<section class="errorbox"><h2>Last error</h2>
-<p><b>{_e(job.last_error_code)}</b> {_e(job.last_error_message)}</p>
-<p>Fingerprint <a class="mono" href="{_url("/ui/jobs", fingerprint=fingerprint)}">{fingerprint}</a></p>
-</section>"""  # noqa: E501
-        if fingerprint
-        else ""
+    return _page(
+        request,
+        "job.html",
+        f"Job {str(job.id)[:8]}",
+        s,
+        notice=True,
+        job=job,
+        events=events,
+        fingerprint=fingerprint,
+        actions=[a.value for a in ops.Action if job.status in ops.TARGETS[a]],
     )
-    fields = [
-        ("State", _badge(job.status.value) + (" (cancel requested)" * job.cancel_requested)),
-        ("Type", _e(job.type)), ("Org", _org(job.org_id)),
-        ("Attempt", f"{job.attempt} of {job.max_attempts} ({job.backoff_policy.value} backoff)"),
-        ("Priority", str(job.priority)), ("Due", _when(job.run_at)),
-        ("Stage", f"{_e(job.stage or '')} {job.progress}%"),
-        ("Requested by", _e(job.requested_by)), ("Idempotency key", _e(job.idempotency_key)),
-        ("Created", _when(job.created_at)), ("Started", _when(job.started_at)),
-        ("Finished", _when(job.finished_at)), ("Worker", _e(job.leased_by)),
-    ]  # fmt: skip
-    dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in fields)
-    timeline = "".join(_event_row(e) for e in events)
-    body = f"""{_notice(request)}<p class="mono">{_e(job.id)}</p>
-<div data-live id="job"><dl class="fields">{dl}</dl>{error}</div>
-<section><h2>Actions</h2>{_actions(job, s)}</section>
-<section><h2>Params</h2><pre>{_e(json.dumps(job.params, indent=2))}</pre>
-<h2>Result</h2><pre>{_e(json.dumps(job.result, indent=2))}</pre></section>
-<section data-live id="events"><h2>Events</h2><ol class="timeline">{timeline}</ol></section>"""
-    return _page(f"Job {str(job.id)[:8]}", body, s)
 
 
 @router.post("/jobs/{job_id}/{action}")
@@ -590,18 +446,12 @@ async def job_action(
 
 @router.get("/failures")
 def failures(request: Request, state: State, s: Operator) -> HTMLResponse:
-    status = request.query_params.get("status", "dead_letter")
-    statuses = [JobStatus.FAILED] if status == "failed" else [JobStatus.DEAD_LETTER]
+    showing = "failed" if request.query_params.get("status") == "failed" else "dead_letter"
     with _autocommit(state) as conn:
-        groups = ops.failures(conn, statuses=statuses, limit=200)
-    switch = (
-        '<p>Showing <b>dead letters</b> · <a href="/ui/failures?status=failed">failed '
-        "(not retryable)</a></p>"
-        if statuses == [JobStatus.DEAD_LETTER]
-        else '<p><a href="/ui/failures">Dead letters</a> · showing <b>failed</b></p>'
+        groups = ops.failures(conn, statuses=[JobStatus(showing)], limit=200)
+    return _page(
+        request, "failures.html", "Failures", s, notice=True, groups=groups, showing=showing
     )
-    body = f'{_notice(request)}{switch}<section data-live id="groups">{_failures_table(groups, s)}</section>'  # noqa: E501
-    return _page("Failures", body, s)
 
 
 @router.get("/bulk")
@@ -609,40 +459,30 @@ def bulk_preview(request: Request, state: State, s: Operator) -> HTMLResponse:
     try:
         action = ops.Action(request.query_params.get("action", ""))
     except ValueError:
-        return _page("Bulk action", '<p class="error">Unknown action.</p>', s, status=400)
+        return _message(request, "Bulk action", "Unknown action.", s, 400)
     if not s.can_act:
         raise UiForbidden(f"bulk actions need the {ADMIN_ROLE} role (you have {s.principal.role})")
     f, clean, problems, selected = _filter_of(
         dict(request.query_params), request.query_params.getlist("id")
     )
     if problems:
-        return _page(
-            "Bulk action", f'<p class="error">{_e("; ".join(problems))}</p>', s, status=400
-        )
+        return _message(request, "Bulk action", "; ".join(problems), s, 400)
     try:
         with _autocommit(state) as conn:
             count = ops.preview(conn, action, f)
     except HeimdexError as exc:
-        return _page("Bulk action", f'<p class="error">{_e(exc)}</p>', s, status=400)
-    described = ", ".join(
-        [f"{k} = {_e(v)}" for k, v in clean.items()]
-        + ([f"the job is one of the {len(selected)} selected"] if selected else [])
+        return _message(request, "Bulk action", str(exc), s, 400)
+    return _page(
+        request,
+        "bulk.html",
+        f"{action.value.capitalize()} jobs",
+        s,
+        action=action.value,
+        past=PAST[action.value],
+        count=count,
+        clean=clean,
+        selected=selected,
     )
-    hidden = "".join(
-        f'<input type="hidden" name="{k}" value="{_e(v)}">'
-        for k, v in [*clean.items(), *(("id", i) for i in selected)]
-    )
-    required = " required" if action is ops.Action.RETRY else ""
-    body = f"""<p>Jobs where {described}.</p>
-<p class="preview" data-live id="preview"><b id="count">{count}</b> job{"" if count == 1 else "s"}
- will be {PAST[action.value]} (counted now; jobs that change meanwhile are checked again).</p>
-<form method="post" action="/ui/bulk" class="act">
-<input type="hidden" name="csrf" value="{s.csrf}"><input type="hidden" name="action" value="{action.value}">
-{hidden}
-<label>Reason <input name="reason" size="40"{required}></label>
-<button type="submit">{action.value.capitalize()} {count} job{"" if count == 1 else "s"}</button>
-<a href="{_url("/ui/jobs", **clean)}">Cancel</a></form>"""  # noqa: E501
-    return _page(f"{action.value.capitalize()} jobs", body, s)
 
 
 @router.post("/bulk")
@@ -670,17 +510,12 @@ async def bulk_run(request: Request, state: State, s: Operator) -> Response:
 # --- sign-in --------------------------------------------------------------------------------
 
 
-def _signin_page(message: str = "", status: int = 200, next_url: str = "/ui") -> HTMLResponse:
-    error = f'<p class="error" role="alert">{_e(message)}</p>' if message else ""
-    body = f"""{error}<form method="post" action="/ui/signin" class="signin">
-<input type="hidden" name="next" value="{_e(next_url)}">
-<label for="token">Bearer token with the <code>{ADMIN_ROLE}</code> or
-<code>{READONLY_ROLE}</code> role</label>
-<textarea id="token" name="token" rows="5" cols="70" required autocomplete="off"></textarea>
-<button type="submit">Sign in</button></form>
-<p class="muted">Locally: <code>heimdex dev-token --org "$(cat .heimdex/dev-org)" --role
-{ADMIN_ROLE}</code>. The token is checked once; the browser then holds an 8-hour session.</p>"""
-    return _page("Sign in", body, None, status=status)
+def _signin_page(
+    request: Request, message: str = "", status: int = 200, next_url: str = "/ui"
+) -> HTMLResponse:
+    return _page(
+        request, "signin.html", "Sign in", None, status=status, message=message, next_url=next_url
+    )
 
 
 def _safe_next(value: str | None) -> str:
@@ -691,7 +526,7 @@ def _safe_next(value: str | None) -> str:
 
 @router.get("/signin")
 def signin_form(request: Request) -> HTMLResponse:
-    return _signin_page(next_url=_safe_next(request.query_params.get("next")))
+    return _signin_page(request, next_url=_safe_next(request.query_params.get("next")))
 
 
 @router.post("/signin")
@@ -703,9 +538,10 @@ async def signin(request: Request, state: State) -> Response:
     try:
         principal = decode_token(token, secret)
     except AuthenticationFailed as exc:
-        return _signin_page(str(exc), 401, next_url)
+        return _signin_page(request, str(exc), 401, next_url)
     if not principal.is_operator:
         return _signin_page(
+            request,
             f"this token has no operator role (role: {principal.role or 'none'}); the dashboard "
             f"needs {ADMIN_ROLE} or {READONLY_ROLE}",
             403,
@@ -722,7 +558,8 @@ async def signin(request: Request, state: State) -> Response:
 
 
 @router.post("/signout")
-def signout() -> Response:
+async def signout(request: Request, s: Operator) -> Response:
+    _same_dashboard(s, await _form(request))
     response = RedirectResponse("/ui/signin", status_code=303)
     response.delete_cookie(COOKIE, path="/ui")
     return response
@@ -744,11 +581,49 @@ async def _to_signin(request: Request, exc: Exception) -> Response:
 
 
 async def _forbidden(request: Request, exc: Exception) -> Response:
-    body = f'<p class="error" role="alert">{_e(exc)}</p><p><a href="/ui">Back</a></p>'
-    return _page("Forbidden", body, None, status=403)
+    return _message(request, "Forbidden", str(exc), None, 403)
+
+
+# Pages that run only their own script and stylesheet, talk only to their own origin and are
+# never framed: markup that slipped into a page could neither run nor send anything away.
+GUARDS = (
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        b"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; "
+        b"object-src 'none'",
+    ),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+)
+
+
+class BrowserGuards:
+    """Plain ASGI: adds `GUARDS` to every response under /ui, whoever answers it (a page, a
+    redirect, a static file, a refusal before the route)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path == "/ui" or path.startswith("/ui/")):
+            await self.app(scope, receive, send)
+            return
+
+        async def guarded_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *GUARDS]
+            await send(message)
+
+        await self.app(scope, receive, guarded_send)
 
 
 def install(app: FastAPI) -> None:
+    """The dashboard's routes and error pages; `BrowserGuards` is added by the app factory,
+    outside every other middleware."""
+    app.state.ui_templates = templates()
     app.include_router(router)
     app.add_exception_handler(SignInRequired, _to_signin)
     app.add_exception_handler(UiForbidden, _forbidden)
