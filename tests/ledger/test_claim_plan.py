@@ -15,6 +15,8 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
 from heimdex.ledger import repository
+from heimdex.ledger.repository.rows import driver_rows
+from heimdex.ledger.repository.worker import claim_sql
 
 CLAIM_INDEX = "idx_job__claim_order"
 ORG_TURN_INDEX = "idx_job__org_turn"
@@ -57,9 +59,9 @@ SELECT (CAST(:orgs AS uuid[]))[2 + g % 19], 'noop', 1, now() - make_interval(sec
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE job"))
     with engine.begin() as conn:
-        ((plan,),) = repository._driver_rows(
+        ((plan,),) = driver_rows(
             conn,
-            f"EXPLAIN (FORMAT JSON) {repository._claim_sql(10)}",
+            f"EXPLAIN (FORMAT JSON) {claim_sql(10)}",
             {"worker": "plan", "lease": 30},
         )
         conn.rollback()
@@ -104,7 +106,7 @@ SELECT (CAST(:orgs AS uuid[]))[1 + g % 10], 'noop',
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE job"))
     numbered = {"worker": "$1", "lease": "$2"}
-    sql = re.sub(r"%\((\w+)\)s", lambda m: numbered[m.group(1)], repository._claim_sql(10))
+    sql = re.sub(r"%\((\w+)\)s", lambda m: numbered[m.group(1)], claim_sql(10))
     with engine.begin() as conn:
         driver = conn.connection.driver_connection
         assert driver is not None
@@ -122,7 +124,7 @@ SELECT (CAST(:orgs AS uuid[]))[1 + g % 10], 'noop',
 
 def _claim_plan(conn: Any) -> dict[str, Any]:
     cursor = conn.execute(
-        f"EXPLAIN (ANALYZE, FORMAT JSON) {repository._claim_sql(10)}",
+        f"EXPLAIN (ANALYZE, FORMAT JSON) {claim_sql(10)}",
         {"worker": "plan", "lease": 30},
     )
     plan: dict[str, Any] = cursor.fetchone()[0][0]

@@ -16,7 +16,8 @@ from heimdex.errors import HeimdexError
 from heimdex.ledger.registry import load_registry
 from heimdex.metrics import LedgerMetrics
 from heimdex.settings import Settings
-from heimdex_worker.runtime import Worker, WorkerMetrics
+from heimdex_worker.metrics import WorkerMetrics
+from heimdex_worker.runtime import Worker
 
 logger = logging.getLogger(__name__)
 

@@ -96,7 +96,7 @@ class Job(Base):
         # The queue (partial indexes: they hold queued jobs only, so they stay small on a large
         # ledger). The claim reads placed jobs in claim order; a submit finds the org's last
         # turn at a priority; the claim places the jobs that came due unplaced (see
-        # repository.py, THE CLAIM).
+        # repository/worker.py, THE CLAIM).
         Index(
             "idx_job__claim_order",
             text("priority DESC"),
@@ -236,7 +236,7 @@ class Job(Base):
 
 
 # The fair queue's clock: about the highest turn claimed so far. Claims advance it; a job is
-# never placed at a turn before it (repository.py, THE CLAIM).
+# never placed at a turn before it (repository/worker.py, THE CLAIM).
 TURN_CLOCK = Sequence("job_turn_clock", start=0, minvalue=0, metadata=Base.metadata)
 
 

@@ -1,0 +1,61 @@
+"""The jobs a worker process holds: claimed, their outcome not written yet."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from heimdex.ledger import service
+from heimdex.ledger.repository import ClaimedJob, Outcome
+
+
+@dataclass
+class Held:
+    """A job this process claimed and has not written the outcome of yet."""
+
+    job: ClaimedJob
+    claimed_at: float = field(default_factory=time.monotonic)
+    # Set by the keeper when a heartbeat finds the lease gone (a plain flag: an Event per job
+    # costs a lock and a condition, and nothing waits on it).
+    lost: bool = False
+    stage: str | None = None
+
+    @property
+    def token(self) -> uuid.UUID:
+        token: uuid.UUID = self.job.lease_token
+        return token
+
+
+Done = tuple[Held, "Outcome | service.Failure | None", str]
+"""An ended attempt: the job, its outcome (None: the lease was lost) and how it ended."""
+
+
+class HeldJobs:
+    """What the runners hold, shared with the outcome writer (which forgets what it wrote) and
+    the keeper (which renews their leases)."""
+
+    def __init__(self) -> None:
+        self._held: dict[uuid.UUID, Held] = {}
+        self._lock = threading.Lock()
+
+    def hold(self, jobs: Iterable[ClaimedJob]) -> list[Held]:
+        with self._lock:
+            fresh = [Held(job) for job in jobs]
+            for h in fresh:
+                self._held[h.job.id] = h
+        return fresh
+
+    def forget(self, job_id: uuid.UUID) -> None:
+        with self._lock:
+            self._held.pop(job_id, None)
+
+    def all(self) -> list[Held]:
+        with self._lock:
+            return list(self._held.values())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._held)

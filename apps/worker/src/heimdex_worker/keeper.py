@@ -1,0 +1,133 @@
+"""The keeper thread: renews every lease the process holds in one statement, writes outcomes a
+runner left parked while it went on to a next job, runs the reaper, and every
+`retention_interval_seconds` a slice of the retention pass."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+
+from heimdex.ledger import repository, retention, service
+from heimdex.settings import Settings
+from heimdex_worker.db import ThreadConnections
+from heimdex_worker.held import HeldJobs
+from heimdex_worker.metrics import WorkerMetrics
+from heimdex_worker.outcomes import OutcomeWriter
+
+logger = logging.getLogger(__name__)
+
+
+class Keeper:
+    """Heartbeat, parked outcomes, reaper and retention, until `finish` is set."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        connections: ThreadConnections,
+        held: HeldJobs,
+        writer: OutcomeWriter,
+        *,
+        policy: service.RetryPolicy,
+        metrics: WorkerMetrics,
+        archive: retention.Archive | None,
+        finish: threading.Event,
+        wake: threading.Event,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.connections = connections
+        self.held = held
+        self.writer = writer
+        self.policy = policy
+        self.metrics = metrics
+        self.archive = archive
+        self.finish = finish
+        self.wake = wake
+
+    def run(self) -> None:
+        next_reap = 0.0
+        next_prune = 0.0
+        while not self.finish.wait(self.settings.heartbeat_seconds / 2):
+            now = time.monotonic()
+            held = self.held.all()
+            due = [h for h in held if now - h.claimed_at >= self.settings.heartbeat_seconds / 2]
+            if due:
+                try:
+                    with self.connections.autocommit() as conn:
+                        kept = repository.renew_leases(
+                            conn, [h.token for h in due], lease_seconds=self.settings.lease_seconds
+                        )
+                except DBAPIError as exc:
+                    logger.warning(
+                        "heartbeat failed",
+                        extra={"action": "worker.heartbeat_failed", "error": type(exc).__name__},
+                    )
+                else:
+                    for h in due:
+                        if h.token not in kept:
+                            h.lost = True
+            parked = self.writer.unpark_all()  # outcomes of runners now busy with a next job
+            if parked or self.writer.waiting:
+                self.writer.flush(parked, keeper=True)
+            if now >= next_reap:
+                next_reap = now + self.settings.reaper_interval_seconds
+                self.reap()
+            if now >= next_prune:
+                done = self.prune()
+                # Old jobs left: the next tick goes on; else the next pass is an interval away.
+                next_prune = time.monotonic() + (
+                    self.settings.retention_interval_seconds if done else 0.0
+                )
+
+    def prune(self) -> bool:
+        """A slice of the retention pass; True when nothing old is left (or another worker
+        prunes), False when the next tick should go on."""
+        try:
+            result = retention.prune(
+                self.engine,
+                self.settings.retention_policy,
+                batch_size=self.settings.retention_batch,
+                archive=self.archive,
+                observer=self.metrics.retention,
+                budget_seconds=self.settings.heartbeat_seconds / 4,
+                pause_factor=self.settings.retention_pause_factor,
+                stop=self.finish.is_set,
+            )
+        except Exception as exc:
+            logger.warning(
+                "retention pass failed",
+                extra={"action": "retention.failed", "error": f"{type(exc).__name__}: {exc}"},
+            )
+            return True
+        return result.complete
+
+    def reap(self) -> None:
+        try:
+            with self.engine.begin() as conn:
+                reaped = service.reap_expired_leases(
+                    conn, policy=self.policy, stale_after_seconds=self.settings.lease_seconds
+                )
+        except DBAPIError as exc:
+            logger.warning(
+                "reaper pass failed",
+                extra={"action": "reaper.failed", "error": type(exc).__name__},
+            )
+            return
+        for outcome in reaped:
+            logger.warning(
+                "lease expired",
+                extra={
+                    "action": "reaper.requeued",
+                    "job_id": str(outcome.job_id),
+                    "next_status": outcome.status.value,
+                    "attempt": outcome.attempt,
+                },
+            )
+        self.metrics.reaped.inc(len(reaped))
+        if reaped:
+            self.wake.set()

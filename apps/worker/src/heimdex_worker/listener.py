@@ -1,0 +1,40 @@
+"""The listener thread: a LISTEN connection whose notifications wake idle runners (optional:
+behind a transaction pooler, polling alone keeps the worker going)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import psycopg
+from sqlalchemy import Engine
+
+from heimdex.ledger import repository
+from heimdex_worker.db import MAX_RETRY_WAIT_SECONDS
+
+logger = logging.getLogger(__name__)
+
+
+def listen(engine: Engine, *, finish: threading.Event, wake: threading.Event) -> None:
+    """Set `wake` on every notification (and once on each connect) until `finish` is set;
+    reconnect with backoff when the connection drops."""
+    url = engine.url.set(drivername="postgresql")
+    conninfo = url.render_as_string(hide_password=False)
+    wait = 0.1
+    while not finish.is_set():
+        try:
+            with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
+                conn.execute(f"LISTEN {repository.NOTIFY_CHANNEL}")
+                # Anything sent while we were not listening: look once.
+                wake.set()
+                wait = 0.1
+                while not finish.is_set():
+                    for _ in conn.notifies(timeout=0.5, stop_after=1):
+                        wake.set()
+        except psycopg.Error as exc:
+            logger.info(
+                "listener disconnected; polling until it reconnects",
+                extra={"action": "worker.listen_lost", "error": type(exc).__name__},
+            )
+            finish.wait(wait)
+            wait = min(wait * 2, MAX_RETRY_WAIT_SECONDS)
