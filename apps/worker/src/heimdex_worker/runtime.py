@@ -9,15 +9,14 @@ Threads of one process, each with one job; this module wires them:
   `batch` jobs while jobs are short and one at a time otherwise, when a job's outcome is also
   written as soon as it ends. Writes are retried through an outage: an outcome is never dropped
   while its lease may still be held (`outcomes.py`, one writer at a time);
-- the keeper (`keeper.py`) renews every lease this process holds in one statement, writes outcomes a runner
-  left waiting while it went on to a next job (one statement, one try: a heartbeat never
-  waits on an outage or on other runners' outcomes),
-  runs the reaper, and every
+- the keeper (`keeper.py`) renews every lease this process holds in one statement, writes
+  outcomes a runner left waiting while it went on to a next job (one statement, one try: a
+  heartbeat never waits on an outage or on other runners' outcomes), runs the reaper, and every
   `retention_interval_seconds` a slice of the retention pass (one worker of the deployment at a
   time, by advisory lock; a slice stops after a quarter of the heartbeat period, so leases are
   always renewed in time, and the next tick goes on while old jobs are left);
-- the listener (`listener.py`) holds a LISTEN connection and turns notifications into wake-ups (optional: behind
-  a transaction pooler, polling alone keeps the worker going).
+- the listener (`listener.py`) holds a LISTEN connection and turns notifications into wake-ups
+  (optional: behind a transaction pooler, polling alone keeps the worker going).
 """
 
 from __future__ import annotations
