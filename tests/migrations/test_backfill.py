@@ -87,7 +87,7 @@ def test_a_batch_that_leaves_its_rows_pending_stops_the_upgrade(
 
 
 @pytest.mark.parametrize(
-    ("variable", "value", "message"),
+    "case",
     [
         ("HEIMDEX_BACKFILL_BATCH", "0", "HEIMDEX_BACKFILL_BATCH must be a positive integer"),
         ("HEIMDEX_LOCK_RETRY_DEADLINE", "soon", "HEIMDEX_LOCK_RETRY_DEADLINE must be a number"),
@@ -99,10 +99,9 @@ def test_a_malformed_tuning_variable_is_one_line_and_changes_nothing(
     history: HistoryCopy,
     db_url: URL,
     monkeypatch: pytest.MonkeyPatch,
-    variable: str,
-    value: str,
-    message: str,
+    case: tuple[str, str, str],
 ) -> None:
+    variable, value, message = case
     monkeypatch.setenv(variable, value)
     head = history.head
     history.add_revision(
