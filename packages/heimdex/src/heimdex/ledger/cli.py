@@ -8,37 +8,24 @@ import getpass
 import json
 import os
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import click
-from sqlalchemy import Engine
 
-from heimdex.db import make_engine
 from heimdex.ledger import operations as ops
 from heimdex.ledger import repository
+from heimdex.ledger.cli_database import URL_HELP, JobsGroup, command_engine, note_url
 from heimdex.ledger.fingerprint import error_fingerprint
 from heimdex.ledger.repository import JobFilter
 from heimdex.ledger.retention_cli import prune
 from heimdex.models import JobStatus
-from heimdex.settings import load_settings, normalize_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 STATES = [s.value for s in JobStatus]
 DATES = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M"]
-
-
-@contextmanager
-def _engine(ctx: click.Context) -> Iterator[Engine]:
-    url = ctx.find_root().meta.get("heimdex.jobs.database_url")
-    engine = make_engine(normalize_url(url) if url else load_settings().sqlalchemy_url)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 def _uuid(_ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -132,6 +119,7 @@ def _echo_json(value: Any) -> None:
 
 
 @click.group(
+    cls=JobsGroup,
     epilog="""\b
 Examples:
   heimdex jobs stats                          # counts by state, type, org; throughput
@@ -140,14 +128,9 @@ Examples:
   heimdex jobs retry --fingerprint 3fa2c1d09b7e --dry-run
   heimdex jobs retry --fingerprint 3fa2c1d09b7e --reason "upstream fixed" --yes
   heimdex jobs prune --dry-run                # what retention would delete now
-"""
+""",
 )
-@click.option(
-    "--database-url",
-    metavar="URL",
-    default=None,
-    help="Database URL (default: DATABASE_URL or PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE).",
-)
+@click.option("--database-url", metavar="URL", default=None, help=URL_HELP)
 @click.pass_context
 def jobs(ctx: click.Context, database_url: str | None) -> None:
     """Find, retry, cancel and requeue jobs of every org (operators only).
@@ -156,7 +139,7 @@ def jobs(ctx: click.Context, database_url: str | None) -> None:
     reason. Bulk changes (several ids, or a filter) show the count and ask first unless --yes,
     and run in batches of --batch-size jobs, each its own short transaction.
     """
-    ctx.find_root().meta["heimdex.jobs.database_url"] = database_url
+    note_url(ctx, database_url)
 
 
 jobs.add_command(prune)
@@ -175,7 +158,7 @@ def list_(ctx: click.Context, /, limit: int, as_json: bool, **filters: Any) -> N
       heimdex jobs list --state dead_letter --type transcode
       heimdex jobs list --org 2f0c5e0e-8a3a-4f7e-9a39-4b4a0f0c1d2e --json
     """
-    with _engine(ctx) as engine, engine.connect() as conn:
+    with command_engine(ctx) as engine, engine.connect() as conn:
         rows = repository.list_jobs_ops(conn, _filter(None, **filters), limit=limit)
     if as_json:
         _echo_json([job_dict(r) for r in rows])
@@ -212,7 +195,7 @@ def show(ctx: click.Context, job_id: uuid.UUID, as_json: bool) -> None:
     Example:
       heimdex jobs show 0b9c1a52-5d1e-4f0a-9c57-1f8d7c2b6a10
     """
-    with _engine(ctx) as engine, engine.connect() as conn:
+    with command_engine(ctx) as engine, engine.connect() as conn:
         job = repository.get_job(conn, job_id)
         events = repository.list_events(conn, job_id)
     data = job_dict(job)
@@ -256,7 +239,7 @@ def _action_command(action: ops.Action, summary: str, example: str) -> click.Com
     ) -> None:
         f = _filter(job_ids, **filters)
         operator = ops.Operator(actor or os.environ.get("USER") or getpass.getuser(), reason)
-        with _engine(ctx) as engine:
+        with command_engine(ctx) as engine:
             if len(job_ids) == 1 and f == JobFilter(ids=job_ids):
                 if dry_run:
                     with engine.connect() as conn:
@@ -348,7 +331,7 @@ def stats(ctx: click.Context, org: uuid.UUID | None, minutes: int, as_json: bool
       heimdex jobs stats
       heimdex jobs stats --org 2f0c5e0e-8a3a-4f7e-9a39-4b4a0f0c1d2e --minutes 60 --json
     """
-    with _engine(ctx) as engine, engine.connect() as conn:
+    with command_engine(ctx) as engine, engine.connect() as conn:
         s = ops.stats(conn, org_id=org, minutes=minutes)
     succeeded = sum(m.succeeded for m in s.throughput)
     failed = sum(m.failed for m in s.throughput)
@@ -419,7 +402,7 @@ def failures(
       heimdex jobs failures --state failed --org 2f0c5e0e-8a3a-4f7e-9a39-4b4a0f0c1d2e --json
     """
     statuses = [JobStatus(s) for s in states] or [JobStatus.DEAD_LETTER]
-    with _engine(ctx) as engine, engine.connect() as conn:
+    with command_engine(ctx) as engine, engine.connect() as conn:
         groups = ops.failures(conn, statuses=statuses, org_id=org, type=type_, limit=limit)
     if as_json:
         _echo_json([vars(g) for g in groups])
