@@ -79,6 +79,22 @@ def test_retry_one_job_needs_a_reason_and_records_the_actor(run, engine: Engine)
     assert again.exit_code == 1 and "queued; retry applies to dead_letter" in again.output
 
 
+def test_a_dry_run_needs_no_reason_and_the_retry_itself_does(run, engine: Engine) -> None:  # type: ignore[no-untyped-def]
+    org = uuid.uuid4()
+    (job_id,) = seed.failed(engine, org)
+    (fp,) = [g["fingerprint"] for g in json.loads(run("failures", "--json").output)]
+    for args in (("--fingerprint", fp), (str(job_id),)):
+        dry = run("retry", *args, "--dry-run")
+        assert (dry.exit_code, dry.output) == (0, "1 job would be retried\n")
+        refused = run("retry", *args, "--yes")
+        assert refused.exit_code == 2
+        assert "Missing option '--reason'" in refused.stderr
+        assert "--dry-run" in refused.stderr
+    assert run("cancel", "--org", str(org), "--dry-run").output == "0 jobs would be canceled\n"
+    assert run("requeue", "--org", str(org), "--dry-run").output == "0 jobs would be requeued\n"
+    assert _status(engine, job_id) == JobStatus.DEAD_LETTER
+
+
 def test_bulk_retry_by_filter_dry_run_confirmation_and_yes(run, engine: Engine) -> None:  # type: ignore[no-untyped-def]
     org = uuid.uuid4()
     timeouts = seed.failed(engine, org, 5)

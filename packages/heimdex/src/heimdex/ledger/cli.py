@@ -237,6 +237,12 @@ def _action_command(action: ops.Action, summary: str, example: str) -> click.Com
         batch_size: int,
         **filters: Any,
     ) -> None:
+        if action is ops.Action.RETRY and not dry_run and not (reason or "").strip():
+            raise click.UsageError(
+                "Missing option '--reason': a retry writes why to every job's events "
+                "(--dry-run needs none)",
+                ctx,
+            )
         f = _filter(job_ids, **filters)
         operator = ops.Operator(actor or os.environ.get("USER") or getpass.getuser(), reason)
         with command_engine(ctx) as engine:
@@ -253,7 +259,7 @@ def _action_command(action: ops.Action, summary: str, example: str) -> click.Com
             with engine.connect() as conn:
                 n = ops.preview(conn, action, f)
             if dry_run:
-                click.echo(f"{n} jobs would be {past}")
+                click.echo(f"{n} job{'' if n == 1 else 's'} would be {past}")
                 return
             if n == 0:
                 click.echo(f"no job to {action.value}")
@@ -272,10 +278,10 @@ def _action_command(action: ops.Action, summary: str, example: str) -> click.Com
     {example}"""
     options = [
         click.argument("job_ids", nargs=-1, callback=_uuid),
-        *(
-            [click.option("--reason", required=True, help="Why (written to every event).")]
-            if action is ops.Action.RETRY
-            else [click.option("--reason", help="Why (written to every event).")]
+        click.option(
+            "--reason",
+            help="Why (written to every event)."
+            + (" Required, except with --dry-run." if action is ops.Action.RETRY else ""),
         ),
         click.option("--actor", help="Who acts (default: $USER)."),
         click.option("--dry-run", is_flag=True, help="Print how many jobs it would change."),
