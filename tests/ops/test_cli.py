@@ -37,10 +37,10 @@ def test_list_filters_and_json(run, engine: Engine) -> None:  # type: ignore[no-
     org = uuid.uuid4()
     dead = seed.failed(engine, org, 2)
     seed.queued(engine, uuid.uuid4(), 1)
-    table = run("list", "--state", "dead_letter")
+    table = run("list", "--status", "dead_letter")
     assert table.exit_code == 0
     lines = table.output.splitlines()
-    assert lines[0].split() == ["ID", "STATE", "TYPE", "ORG", "ATTEMPT", "CREATED", "ERROR"]
+    assert lines[0].split() == ["ID", "STATUS", "TYPE", "ORG", "ATTEMPT", "CREATED", "ERROR"]
     assert sorted(line.split()[0] for line in lines[1:]) == sorted(map(str, dead))
     assert all("UPSTREAM_TIMEOUT" in line for line in lines[1:])
     as_json = json.loads(run("list", "--org", str(org), "--json").output)
@@ -144,4 +144,24 @@ def test_stats_and_failures(run, engine: Engine) -> None:  # type: ignore[no-unt
     table = run("failures").output.splitlines()
     assert table[0].split()[:3] == ["JOBS", "CODE", "FINGERPRINT"]
     assert table[1].split()[:2] == ["3", "UPSTREAM_TIMEOUT"]
+    assert run("failures", "--status", "failed").output == "no failures\n"
+
+
+def test_status_is_the_one_word_and_state_a_hidden_alias(run, engine: Engine) -> None:  # type: ignore[no-untyped-def]
+    org = uuid.uuid4()
+    dead = seed.failed(engine, org, 2)
+    seed.queued(engine, org, 1)
+    listed = {
+        flag: {j["id"] for j in json.loads(run("list", flag, "dead_letter", "--json").output)}
+        for flag in ("--status", "--state")
+    }
+    assert listed["--status"] == listed["--state"] == set(map(str, dead))
     assert run("failures", "--state", "failed").output == "no failures\n"
+    dry = run("retry", "--state", "dead_letter", "--org", str(org), "--dry-run")
+    assert dry.output == "2 jobs would be retried\n"
+    for command in ("list", "failures", "retry", "cancel", "requeue"):
+        shown = run(command, "--help").output
+        assert "--status" in shown and "--state" not in shown, shown
+    assert "--state" not in run("--help").output
+    bad = run("list", "--status", "done")
+    assert bad.exit_code == 2 and "'done' is not one of" in bad.output

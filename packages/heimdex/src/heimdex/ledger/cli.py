@@ -24,7 +24,7 @@ from heimdex.models import JobStatus
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-STATES = [s.value for s in JobStatus]
+STATUSES = [s.value for s in JobStatus]
 DATES = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M"]
 
 
@@ -48,10 +48,26 @@ def _utc(value: datetime | None) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+class _Aliased(click.Option):
+    """Every spelling works; `--help` shows the first (`--status`, the API's and the
+    column's word), not the older ones (`--state`)."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        spellings, self.opts = self.opts, self.opts[:1]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = spellings
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        return f"'{self.opts[0]}'"
+
+
 def _filter_options(f: F) -> F:
     options = [
-        click.option("--state", "states", multiple=True, type=click.Choice(STATES),
-                     help="Only jobs in this state (repeat for several)."),
+        click.option("--status", "--state", "statuses", cls=_Aliased, multiple=True,
+                     type=click.Choice(STATUSES),
+                     help="Only jobs with this status (repeat for several)."),
         click.option("--type", "type_", metavar="TYPE", help="Only jobs of this type."),
         click.option("--org", callback=_uuid, metavar="UUID", help="Only this org's jobs."),
         click.option("--error-code", metavar="CODE", help="Only jobs whose last error has it."),
@@ -70,7 +86,7 @@ def _filter_options(f: F) -> F:
 def _filter(
     ids: Sequence[uuid.UUID] | None,
     *,
-    states: Sequence[str],
+    statuses: Sequence[str],
     type_: str | None,
     org: uuid.UUID | None,
     error_code: str | None,
@@ -80,7 +96,7 @@ def _filter(
 ) -> JobFilter:
     return JobFilter(
         ids=tuple(ids) if ids else None,
-        statuses=tuple(JobStatus(s) for s in states),
+        statuses=tuple(JobStatus(s) for s in statuses),
         type=type_,
         org_id=org,
         error_code=error_code,
@@ -122,9 +138,9 @@ def _echo_json(value: Any) -> None:
     cls=JobsGroup,
     epilog="""\b
 Examples:
-  heimdex jobs stats                          # counts by state, type, org; throughput
+  heimdex jobs stats                          # counts by status, type, org; throughput
   heimdex jobs failures                       # dead letters grouped by error fingerprint
-  heimdex jobs list --state dead_letter --org 2f0c5e0e-8a3a-4f7e-9a39-4b4a0f0c1d2e
+  heimdex jobs list --status dead_letter --org 2f0c5e0e-8a3a-4f7e-9a39-4b4a0f0c1d2e
   heimdex jobs retry --fingerprint 3fa2c1d09b7e --dry-run
   heimdex jobs retry --fingerprint 3fa2c1d09b7e --reason "upstream fixed" --yes
   heimdex jobs prune --dry-run                # what retention would delete now
@@ -155,7 +171,7 @@ def list_(ctx: click.Context, /, limit: int, as_json: bool, **filters: Any) -> N
 
     \b
     Examples:
-      heimdex jobs list --state dead_letter --type transcode
+      heimdex jobs list --status dead_letter --type transcode
       heimdex jobs list --org 2f0c5e0e-8a3a-4f7e-9a39-4b4a0f0c1d2e --json
     """
     with command_engine(ctx) as engine, engine.connect() as conn:
@@ -165,7 +181,7 @@ def list_(ctx: click.Context, /, limit: int, as_json: bool, **filters: Any) -> N
         return
     click.echo(
         _table(
-            ["ID", "STATE", "TYPE", "ORG", "ATTEMPT", "CREATED", "ERROR"],
+            ["ID", "STATUS", "TYPE", "ORG", "ATTEMPT", "CREATED", "ERROR"],
             [
                 (
                     r.id,
@@ -301,7 +317,7 @@ jobs.add_command(
         ops.Action.RETRY,
         "Retry dead-lettered, failed or canceled jobs: queued now, attempts back to 0.",
         """  heimdex jobs retry 0b9c1a52-5d1e-4f0a-9c57-1f8d7c2b6a10 --reason "fixed the bucket ACL"
-      heimdex jobs retry --state dead_letter --error-code UPSTREAM_TIMEOUT --dry-run
+      heimdex jobs retry --status dead_letter --error-code UPSTREAM_TIMEOUT --dry-run
       heimdex jobs retry --fingerprint 3fa2c1d09b7e --reason "upstream back" --yes""",
     )
 )
@@ -318,7 +334,7 @@ jobs.add_command(
         ops.Action.REQUEUE,
         "Make queued jobs that wait (backoff, schedule) due now.",
         """  heimdex jobs requeue 0b9c1a52-5d1e-4f0a-9c57-1f8d7c2b6a10
-      heimdex jobs requeue --state queued --type transcode --yes""",
+      heimdex jobs requeue --status queued --type transcode --yes""",
     )
 )
 
@@ -330,7 +346,7 @@ jobs.add_command(
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def stats(ctx: click.Context, org: uuid.UUID | None, minutes: int, as_json: bool) -> None:
-    """Counts by state, type and org; the oldest due job; throughput of the last minutes.
+    """Counts by status, type and org; the oldest due job; throughput of the last minutes.
 
     \b
     Examples:
@@ -356,13 +372,16 @@ def stats(ctx: click.Context, org: uuid.UUID | None, minutes: int, as_json: bool
             }
         )
         return
-    click.echo(_table(["STATE", "JOBS"], list(s.by_status.items())))
+    click.echo(_table(["STATUS", "JOBS"], list(s.by_status.items())))
     for title, groups in (("TYPE", s.by_type), ("ORG", s.by_org)):
         click.echo("")
         click.echo(
             _table(
-                [title, *STATES],
-                [(k, *(v.get(st, 0) for st in STATES)) for k, v in sorted(groups.items(), key=str)],
+                [title, *STATUSES],
+                [
+                    (k, *(v.get(st, 0) for st in STATUSES))
+                    for k, v in sorted(groups.items(), key=str)
+                ],
             )
         )
     click.echo("")
@@ -380,7 +399,8 @@ def stats(ctx: click.Context, org: uuid.UUID | None, minutes: int, as_json: bool
 
 
 @jobs.command()
-@click.option("--state", "states", multiple=True, type=click.Choice(["dead_letter", "failed"]),
+@click.option("--status", "--state", "statuses", cls=_Aliased, multiple=True,
+              type=click.Choice(["dead_letter", "failed"]),
               help="Which failures (default: dead_letter).")  # fmt: skip
 @click.option("--org", callback=_uuid, metavar="UUID", help="Only this org.")
 @click.option("--type", "type_", metavar="TYPE", help="Only this job type.")
@@ -391,7 +411,7 @@ def failures(
     ctx: click.Context,
     /,
     *,
-    states: tuple[str, ...],
+    statuses: tuple[str, ...],
     org: uuid.UUID | None,
     type_: str | None,
     limit: int,
@@ -405,11 +425,11 @@ def failures(
     \b
     Examples:
       heimdex jobs failures
-      heimdex jobs failures --state failed --org 2f0c5e0e-8a3a-4f7e-9a39-4b4a0f0c1d2e --json
+      heimdex jobs failures --status failed --org 2f0c5e0e-8a3a-4f7e-9a39-4b4a0f0c1d2e --json
     """
-    statuses = [JobStatus(s) for s in states] or [JobStatus.DEAD_LETTER]
+    wanted = [JobStatus(s) for s in statuses] or [JobStatus.DEAD_LETTER]
     with command_engine(ctx) as engine, engine.connect() as conn:
-        groups = ops.failures(conn, statuses=statuses, org_id=org, type=type_, limit=limit)
+        groups = ops.failures(conn, statuses=wanted, org_id=org, type=type_, limit=limit)
     if as_json:
         _echo_json([vars(g) for g in groups])
         return
