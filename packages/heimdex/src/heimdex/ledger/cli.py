@@ -141,9 +141,11 @@ Examples:
   heimdex jobs stats                          # counts by status, type, org; throughput
   heimdex jobs failures                       # dead letters grouped by error fingerprint
   heimdex jobs list --status dead_letter --org 2f0c5e0e-8a3a-4f7e-9a39-4b4a0f0c1d2e
-  heimdex jobs retry --fingerprint 3fa2c1d09b7e --dry-run
+  heimdex jobs retry --fingerprint 3fa2c1d09b7e --dry-run    # how many; needs no reason
   heimdex jobs retry --fingerprint 3fa2c1d09b7e --reason "upstream fixed" --yes
   heimdex jobs prune --dry-run                # what retention would delete now
+
+Against the stack of `heimdex dev`: `. .heimdex/dev.env` first (it exports DATABASE_URL).
 """,
 )
 @click.option("--database-url", metavar="URL", default=None, help=URL_HELP)
