@@ -85,8 +85,24 @@ def test_dev_brings_up_the_stack_runs_a_job_and_stops_on_ctrl_c(state_dir: Path)
                 break
             time.sleep(0.1)
         assert dev_env.is_file(), proc.communicate(timeout=10) if proc.poll() is not None else ""
-        values = dict(line.split("=", 1) for line in dev_env.read_text().splitlines())
+        # As a person uses it: `. .heimdex/dev.env`, then a command that reads the environment.
+        sourced = subprocess.run(
+            ["bash", "-c", '. "$1" && env -0', "bash", str(dev_env)],
+            env={"PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            check=True,
+        )
+        values = dict(item.split("=", 1) for item in sourced.stdout.decode().split("\0") if item)
         url, token = values["HEIMDEX_URL"], values["HEIMDEX_TOKEN"]
+        assert values["DATABASE_URL"].startswith("postgresql+psycopg://")
+        # The README's next step in that shell: the operator's console finds the database.
+        stats = subprocess.run(
+            ["bash", "-c", '. "$1" && exec "$2" -m heimdex jobs stats', "bash", str(dev_env),
+             sys.executable],
+            env=_env(), capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert stats.returncode == 0, stats.stderr
+        assert stats.stdout.startswith("STATUS"), stats.stdout
         assert url == f"http://127.0.0.1:{port}"
 
         job = _request(f"{url}/jobs", token, {"type": "noop", "params": {}})

@@ -22,7 +22,7 @@ def test_a_raw_password_with_url_characters_is_never_echoed(password: str) -> No
     with pytest.raises(DatabaseUnavailable) as caught:
         check_connection(engine)
     message = str(caught.value)
-    assert message.startswith(f"cannot connect to PostgreSQL at 127.0.0.1:{port}/ledger: ")
+    assert message.startswith(f"cannot connect to PostgreSQL at 127.0.0.1:{port}/ledger as bob: ")
     assert "\n" not in message
     for piece in [password, *re.split(r"[/@:%]", password)]:
         if len(piece) > 2:

@@ -128,3 +128,23 @@ def test_dev_token_issues_an_operator_role(settings: object) -> None:
     assert (principal.org_id, principal.role, principal.is_admin) == (org, ADMIN_ROLE, True)
     plain = CliRunner().invoke(dev_token, ["--org", str(org)]).output.strip()
     assert not decode_token(plain, SECRET).is_operator
+
+
+def test_bulk_filters_by_status_as_the_list_does_and_a_dry_run_needs_no_reason(
+    client: TestClient, engine: Engine
+) -> None:
+    org = uuid.uuid4()
+    dead = seed.failed(engine, org, 2)
+    seed.queued(engine, org, 1)
+    for key in ("status", "states"):  # `states`: the older spelling, still read
+        body = {"filter": {key: ["dead_letter"], "org_id": str(org)}, "dry_run": True}
+        preview = client.post("/ops/bulk/retry", json=body, headers=ADMIN)
+        assert preview.status_code == 200, preview.json()
+        assert preview.json()["jobs"] == 2
+    body = {"filter": {"status": ["dead_letter"], "org_id": str(org)}}
+    refused = client.post("/ops/bulk/retry", json=body, headers=ADMIN)
+    assert refused.status_code == 400 and "needs a reason" in refused.json()["detail"]
+    with engine.connect() as conn:
+        assert {repository.get_job(conn, j).status.value for j in dead} == {"dead_letter"}
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["Filter"]
+    assert "status" in schema["properties"] and "states" not in schema["properties"]

@@ -37,10 +37,10 @@ def test_list_filters_and_json(run, engine: Engine) -> None:  # type: ignore[no-
     org = uuid.uuid4()
     dead = seed.failed(engine, org, 2)
     seed.queued(engine, uuid.uuid4(), 1)
-    table = run("list", "--state", "dead_letter")
+    table = run("list", "--status", "dead_letter")
     assert table.exit_code == 0
     lines = table.output.splitlines()
-    assert lines[0].split() == ["ID", "STATE", "TYPE", "ORG", "ATTEMPT", "CREATED", "ERROR"]
+    assert lines[0].split() == ["ID", "STATUS", "TYPE", "ORG", "ATTEMPT", "CREATED", "ERROR"]
     assert sorted(line.split()[0] for line in lines[1:]) == sorted(map(str, dead))
     assert all("UPSTREAM_TIMEOUT" in line for line in lines[1:])
     as_json = json.loads(run("list", "--org", str(org), "--json").output)
@@ -77,6 +77,22 @@ def test_retry_one_job_needs_a_reason_and_records_the_actor(run, engine: Engine)
     assert detail["actor"] == "carol" and detail["reason"] == "bucket fixed"
     again = run("retry", str(job_id), "--reason", "again", "--actor", "dave")
     assert again.exit_code == 1 and "queued; retry applies to dead_letter" in again.output
+
+
+def test_a_dry_run_needs_no_reason_and_the_retry_itself_does(run, engine: Engine) -> None:  # type: ignore[no-untyped-def]
+    org = uuid.uuid4()
+    (job_id,) = seed.failed(engine, org)
+    (fp,) = [g["fingerprint"] for g in json.loads(run("failures", "--json").output)]
+    for args in (("--fingerprint", fp), (str(job_id),)):
+        dry = run("retry", *args, "--dry-run")
+        assert (dry.exit_code, dry.output) == (0, "1 job would be retried\n")
+        refused = run("retry", *args, "--yes")
+        assert refused.exit_code == 2
+        assert "Missing option '--reason'" in refused.stderr
+        assert "--dry-run" in refused.stderr
+    assert run("cancel", "--org", str(org), "--dry-run").output == "0 jobs would be canceled\n"
+    assert run("requeue", "--org", str(org), "--dry-run").output == "0 jobs would be requeued\n"
+    assert _status(engine, job_id) == JobStatus.DEAD_LETTER
 
 
 def test_bulk_retry_by_filter_dry_run_confirmation_and_yes(run, engine: Engine) -> None:  # type: ignore[no-untyped-def]
@@ -128,4 +144,24 @@ def test_stats_and_failures(run, engine: Engine) -> None:  # type: ignore[no-unt
     table = run("failures").output.splitlines()
     assert table[0].split()[:3] == ["JOBS", "CODE", "FINGERPRINT"]
     assert table[1].split()[:2] == ["3", "UPSTREAM_TIMEOUT"]
+    assert run("failures", "--status", "failed").output == "no failures\n"
+
+
+def test_status_is_the_one_word_and_state_a_hidden_alias(run, engine: Engine) -> None:  # type: ignore[no-untyped-def]
+    org = uuid.uuid4()
+    dead = seed.failed(engine, org, 2)
+    seed.queued(engine, org, 1)
+    listed = {
+        flag: {j["id"] for j in json.loads(run("list", flag, "dead_letter", "--json").output)}
+        for flag in ("--status", "--state")
+    }
+    assert listed["--status"] == listed["--state"] == set(map(str, dead))
     assert run("failures", "--state", "failed").output == "no failures\n"
+    dry = run("retry", "--state", "dead_letter", "--org", str(org), "--dry-run")
+    assert dry.output == "2 jobs would be retried\n"
+    for command in ("list", "failures", "retry", "cancel", "requeue"):
+        shown = run(command, "--help").output
+        assert "--status" in shown and "--state" not in shown, shown
+    assert "--state" not in run("--help").output
+    bad = run("list", "--status", "done")
+    assert bad.exit_code == 2 and "'done' is not one of" in bad.output

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, AwareDatetime, BaseModel, ConfigDict, Field
 
 from heimdex.ledger import operations as ops
 from heimdex.ledger import repository
@@ -44,7 +44,10 @@ class Filter(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     ids: list[uuid.UUID] | None = Field(default=None, max_length=10_000)
-    states: list[JobStatus] = Field(default_factory=list)
+    # `status`, as `GET /ops/jobs` and the job call it; `states` is still read.
+    status: list[JobStatus] = Field(
+        default_factory=list, validation_alias=AliasChoices("status", "states")
+    )
     type: str | None = Field(default=None, max_length=100, pattern=NO_NUL)
     org_id: uuid.UUID | None = None
     error_code: str | None = Field(default=None, max_length=64, pattern=NO_NUL)
@@ -55,7 +58,7 @@ class Filter(BaseModel):
     def job_filter(self) -> JobFilter:
         return JobFilter(
             ids=tuple(self.ids) if self.ids is not None else None,
-            statuses=tuple(self.states),
+            statuses=tuple(self.status),
             type=self.type,
             org_id=self.org_id,
             error_code=self.error_code,

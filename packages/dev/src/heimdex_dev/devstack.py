@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,19 @@ def dev_org(state_dir: Path) -> uuid.UUID:
     org = uuid.uuid4()
     path.write_text(f"{org}\n")
     return org
+
+
+def write_env_file(path: Path, values: Mapping[str, str]) -> None:
+    """`export NAME='value'` lines, so `. path` in a shell hands them to the commands it runs
+    next. Readable by the owner only (a token, a database URL); written whole, then renamed,
+    so whoever waits for the file (scripts/up) never reads half of it."""
+    text = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in values.items())
+    partial = path.with_name(f".{path.name}.partial")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    partial.replace(path)
 
 
 def ensure_port_free(port: int) -> None:
@@ -215,8 +229,9 @@ class DevStack:
         token = issue_token(
             self.settings.jwt_secret.get_secret_value(), org_id=dev_org(self.state_dir)
         )
-        (self.state_dir / "dev.env").write_text(
-            f"HEIMDEX_URL={api_url}\nHEIMDEX_TOKEN={token}\nDATABASE_URL={env['DATABASE_URL']}\n"
+        write_env_file(
+            self.state_dir / "dev.env",
+            {"HEIMDEX_URL": api_url, "HEIMDEX_TOKEN": token, "DATABASE_URL": env["DATABASE_URL"]},
         )
         return api_url, token
 

@@ -8,13 +8,14 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote
 
-from psycopg.errors import InsufficientPrivilege
+import psycopg
+from psycopg.errors import InsufficientPrivilege, UndefinedTable
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from heimdex.errors import DatabaseUnavailable
+from heimdex.errors import DatabaseUnavailable, HeimdexError
 from heimdex.settings import describe_url, normalize_url
 
 
@@ -67,12 +68,18 @@ def redact(message: str, password: str | None) -> str:
     return message
 
 
+# psycopg opens a failed connection's reason with where it tried, which the message says already.
+_CONNECT_PREAMBLE = re.compile(
+    r"^(connection failed: )?(connection to server (at|on) .*? failed: )?(FATAL: +)?"
+)
+
+
 def connection_error(url: URL, exc: BaseException) -> DatabaseUnavailable:
-    """The one formatter for a failed connection: host, port, database and the driver's first
-    line of reason; never the URL, the user's password or any part of it."""
+    """The one formatter for a failed connection: host, port, database, role and the driver's
+    first line of reason; never the URL, the user's password or any part of it."""
     reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    first = reason[0] if reason else type(exc).__name__
-    where = describe_url(url)
+    first = _CONNECT_PREAMBLE.sub("", reason[0]) if reason else type(exc).__name__
+    where = describe_url(url) + (f" as {url.username}" if url.username else "")
     password = None if url.password is None else str(url.password)
     return DatabaseUnavailable(
         redact(f"cannot connect to PostgreSQL at {where}: {first}", password)
@@ -98,6 +105,30 @@ def missing_privilege(exc: BaseException, role: str | None) -> str | None:
         "database": f"GRANT CONNECT, CREATE ON DATABASE {name} TO {who}",
     }.get(kind, f"GRANT ALL ON {kind.upper()} {name} TO {who} (or run as its owner)")
     return f"role {who}: {primary}; missing grant: {grant}"
+
+
+def database_error(exc: BaseException, url: URL) -> HeimdexError | None:
+    """One line for a database a command cannot use: unreachable, refusing the login, missing,
+    without the schema, or refusing a privilege; None for anything else (a defect, which keeps
+    its traceback). `url` is the database the command used; its password is never shown."""
+    if not isinstance(exc, DBAPIError):
+        return None
+    orig = exc.orig
+    # psycopg raises the base class, without a SQLSTATE, when the connection cannot be opened.
+    if type(orig) is psycopg.OperationalError:
+        return connection_error(url, exc)
+    where = f"PostgreSQL at {describe_url(url)}"
+    password = None if url.password is None else str(url.password)
+    if (line := missing_privilege(exc, url.username)) is not None:
+        return HeimdexError(redact(f"{where}: {line}", password))
+    first = str(orig).strip().splitlines()[0] if orig is not None and str(orig).strip() else ""
+    if isinstance(orig, UndefinedTable):
+        return HeimdexError(
+            f"{where} has no Heimdex schema ({first}): run `heimdex db upgrade` against it"
+        )
+    if isinstance(orig, psycopg.OperationalError):  # shut down, timed out, canceled meanwhile
+        return DatabaseUnavailable(redact(f"{where}: {first or type(orig).__name__}", password))
+    return None
 
 
 def check_connection(engine: Engine) -> None:

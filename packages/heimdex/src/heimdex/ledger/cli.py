@@ -8,37 +8,24 @@ import getpass
 import json
 import os
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import click
-from sqlalchemy import Engine
 
-from heimdex.db import make_engine
 from heimdex.ledger import operations as ops
 from heimdex.ledger import repository
+from heimdex.ledger.cli_database import URL_HELP, JobsGroup, command_engine, note_url
 from heimdex.ledger.fingerprint import error_fingerprint
 from heimdex.ledger.repository import JobFilter
 from heimdex.ledger.retention_cli import prune
 from heimdex.models import JobStatus
-from heimdex.settings import load_settings, normalize_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-STATES = [s.value for s in JobStatus]
+STATUSES = [s.value for s in JobStatus]
 DATES = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M"]
-
-
-@contextmanager
-def _engine(ctx: click.Context) -> Iterator[Engine]:
-    url = ctx.find_root().meta.get("heimdex.jobs.database_url")
-    engine = make_engine(normalize_url(url) if url else load_settings().sqlalchemy_url)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 def _uuid(_ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -61,10 +48,26 @@ def _utc(value: datetime | None) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+class _Aliased(click.Option):
+    """Every spelling works; `--help` shows the first (`--status`, the API's and the
+    column's word), not the older ones (`--state`)."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        spellings, self.opts = self.opts, self.opts[:1]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = spellings
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        return f"'{self.opts[0]}'"
+
+
 def _filter_options(f: F) -> F:
     options = [
-        click.option("--state", "states", multiple=True, type=click.Choice(STATES),
-                     help="Only jobs in this state (repeat for several)."),
+        click.option("--status", "--state", "statuses", cls=_Aliased, multiple=True,
+                     type=click.Choice(STATUSES),
+                     help="Only jobs with this status (repeat for several)."),
         click.option("--type", "type_", metavar="TYPE", help="Only jobs of this type."),
         click.option("--org", callback=_uuid, metavar="UUID", help="Only this org's jobs."),
         click.option("--error-code", metavar="CODE", help="Only jobs whose last error has it."),
@@ -83,7 +86,7 @@ def _filter_options(f: F) -> F:
 def _filter(
     ids: Sequence[uuid.UUID] | None,
     *,
-    states: Sequence[str],
+    statuses: Sequence[str],
     type_: str | None,
     org: uuid.UUID | None,
     error_code: str | None,
@@ -93,7 +96,7 @@ def _filter(
 ) -> JobFilter:
     return JobFilter(
         ids=tuple(ids) if ids else None,
-        statuses=tuple(JobStatus(s) for s in states),
+        statuses=tuple(JobStatus(s) for s in statuses),
         type=type_,
         org_id=org,
         error_code=error_code,
@@ -132,22 +135,20 @@ def _echo_json(value: Any) -> None:
 
 
 @click.group(
+    cls=JobsGroup,
     epilog="""\b
 Examples:
-  heimdex jobs stats                          # counts by state, type, org; throughput
+  heimdex jobs stats                          # counts by status, type, org; throughput
   heimdex jobs failures                       # dead letters grouped by error fingerprint
-  heimdex jobs list --state dead_letter --org 2f0c5e0e-8a3a-4f7e-9a39-4b4a0f0c1d2e
-  heimdex jobs retry --fingerprint 3fa2c1d09b7e --dry-run
+  heimdex jobs list --status dead_letter --org 2f0c5e0e-8a3a-4f7e-9a39-4b4a0f0c1d2e
+  heimdex jobs retry --fingerprint 3fa2c1d09b7e --dry-run    # how many; needs no reason
   heimdex jobs retry --fingerprint 3fa2c1d09b7e --reason "upstream fixed" --yes
   heimdex jobs prune --dry-run                # what retention would delete now
-"""
+
+Against the stack of `heimdex dev`: `. .heimdex/dev.env` first (it exports DATABASE_URL).
+""",
 )
-@click.option(
-    "--database-url",
-    metavar="URL",
-    default=None,
-    help="Database URL (default: DATABASE_URL or PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE).",
-)
+@click.option("--database-url", metavar="URL", default=None, help=URL_HELP)
 @click.pass_context
 def jobs(ctx: click.Context, database_url: str | None) -> None:
     """Find, retry, cancel and requeue jobs of every org (operators only).
@@ -156,7 +157,7 @@ def jobs(ctx: click.Context, database_url: str | None) -> None:
     reason. Bulk changes (several ids, or a filter) show the count and ask first unless --yes,
     and run in batches of --batch-size jobs, each its own short transaction.
     """
-    ctx.find_root().meta["heimdex.jobs.database_url"] = database_url
+    note_url(ctx, database_url)
 
 
 jobs.add_command(prune)
@@ -172,17 +173,17 @@ def list_(ctx: click.Context, /, limit: int, as_json: bool, **filters: Any) -> N
 
     \b
     Examples:
-      heimdex jobs list --state dead_letter --type transcode
+      heimdex jobs list --status dead_letter --type transcode
       heimdex jobs list --org 2f0c5e0e-8a3a-4f7e-9a39-4b4a0f0c1d2e --json
     """
-    with _engine(ctx) as engine, engine.connect() as conn:
+    with command_engine(ctx) as engine, engine.connect() as conn:
         rows = repository.list_jobs_ops(conn, _filter(None, **filters), limit=limit)
     if as_json:
         _echo_json([job_dict(r) for r in rows])
         return
     click.echo(
         _table(
-            ["ID", "STATE", "TYPE", "ORG", "ATTEMPT", "CREATED", "ERROR"],
+            ["ID", "STATUS", "TYPE", "ORG", "ATTEMPT", "CREATED", "ERROR"],
             [
                 (
                     r.id,
@@ -212,7 +213,7 @@ def show(ctx: click.Context, job_id: uuid.UUID, as_json: bool) -> None:
     Example:
       heimdex jobs show 0b9c1a52-5d1e-4f0a-9c57-1f8d7c2b6a10
     """
-    with _engine(ctx) as engine, engine.connect() as conn:
+    with command_engine(ctx) as engine, engine.connect() as conn:
         job = repository.get_job(conn, job_id)
         events = repository.list_events(conn, job_id)
     data = job_dict(job)
@@ -254,9 +255,15 @@ def _action_command(action: ops.Action, summary: str, example: str) -> click.Com
         batch_size: int,
         **filters: Any,
     ) -> None:
+        if action is ops.Action.RETRY and not dry_run and not (reason or "").strip():
+            raise click.UsageError(
+                "Missing option '--reason': a retry writes why to every job's events "
+                "(--dry-run needs none)",
+                ctx,
+            )
         f = _filter(job_ids, **filters)
         operator = ops.Operator(actor or os.environ.get("USER") or getpass.getuser(), reason)
-        with _engine(ctx) as engine:
+        with command_engine(ctx) as engine:
             if len(job_ids) == 1 and f == JobFilter(ids=job_ids):
                 if dry_run:
                     with engine.connect() as conn:
@@ -270,7 +277,7 @@ def _action_command(action: ops.Action, summary: str, example: str) -> click.Com
             with engine.connect() as conn:
                 n = ops.preview(conn, action, f)
             if dry_run:
-                click.echo(f"{n} jobs would be {past}")
+                click.echo(f"{n} job{'' if n == 1 else 's'} would be {past}")
                 return
             if n == 0:
                 click.echo(f"no job to {action.value}")
@@ -289,10 +296,10 @@ def _action_command(action: ops.Action, summary: str, example: str) -> click.Com
     {example}"""
     options = [
         click.argument("job_ids", nargs=-1, callback=_uuid),
-        *(
-            [click.option("--reason", required=True, help="Why (written to every event).")]
-            if action is ops.Action.RETRY
-            else [click.option("--reason", help="Why (written to every event).")]
+        click.option(
+            "--reason",
+            help="Why (written to every event)."
+            + (" Required, except with --dry-run." if action is ops.Action.RETRY else ""),
         ),
         click.option("--actor", help="Who acts (default: $USER)."),
         click.option("--dry-run", is_flag=True, help="Print how many jobs it would change."),
@@ -312,7 +319,7 @@ jobs.add_command(
         ops.Action.RETRY,
         "Retry dead-lettered, failed or canceled jobs: queued now, attempts back to 0.",
         """  heimdex jobs retry 0b9c1a52-5d1e-4f0a-9c57-1f8d7c2b6a10 --reason "fixed the bucket ACL"
-      heimdex jobs retry --state dead_letter --error-code UPSTREAM_TIMEOUT --dry-run
+      heimdex jobs retry --status dead_letter --error-code UPSTREAM_TIMEOUT --dry-run
       heimdex jobs retry --fingerprint 3fa2c1d09b7e --reason "upstream back" --yes""",
     )
 )
@@ -329,7 +336,7 @@ jobs.add_command(
         ops.Action.REQUEUE,
         "Make queued jobs that wait (backoff, schedule) due now.",
         """  heimdex jobs requeue 0b9c1a52-5d1e-4f0a-9c57-1f8d7c2b6a10
-      heimdex jobs requeue --state queued --type transcode --yes""",
+      heimdex jobs requeue --status queued --type transcode --yes""",
     )
 )
 
@@ -341,14 +348,14 @@ jobs.add_command(
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def stats(ctx: click.Context, org: uuid.UUID | None, minutes: int, as_json: bool) -> None:
-    """Counts by state, type and org; the oldest due job; throughput of the last minutes.
+    """Counts by status, type and org; the oldest due job; throughput of the last minutes.
 
     \b
     Examples:
       heimdex jobs stats
       heimdex jobs stats --org 2f0c5e0e-8a3a-4f7e-9a39-4b4a0f0c1d2e --minutes 60 --json
     """
-    with _engine(ctx) as engine, engine.connect() as conn:
+    with command_engine(ctx) as engine, engine.connect() as conn:
         s = ops.stats(conn, org_id=org, minutes=minutes)
     succeeded = sum(m.succeeded for m in s.throughput)
     failed = sum(m.failed for m in s.throughput)
@@ -367,13 +374,16 @@ def stats(ctx: click.Context, org: uuid.UUID | None, minutes: int, as_json: bool
             }
         )
         return
-    click.echo(_table(["STATE", "JOBS"], list(s.by_status.items())))
+    click.echo(_table(["STATUS", "JOBS"], list(s.by_status.items())))
     for title, groups in (("TYPE", s.by_type), ("ORG", s.by_org)):
         click.echo("")
         click.echo(
             _table(
-                [title, *STATES],
-                [(k, *(v.get(st, 0) for st in STATES)) for k, v in sorted(groups.items(), key=str)],
+                [title, *STATUSES],
+                [
+                    (k, *(v.get(st, 0) for st in STATUSES))
+                    for k, v in sorted(groups.items(), key=str)
+                ],
             )
         )
     click.echo("")
@@ -391,7 +401,8 @@ def stats(ctx: click.Context, org: uuid.UUID | None, minutes: int, as_json: bool
 
 
 @jobs.command()
-@click.option("--state", "states", multiple=True, type=click.Choice(["dead_letter", "failed"]),
+@click.option("--status", "--state", "statuses", cls=_Aliased, multiple=True,
+              type=click.Choice(["dead_letter", "failed"]),
               help="Which failures (default: dead_letter).")  # fmt: skip
 @click.option("--org", callback=_uuid, metavar="UUID", help="Only this org.")
 @click.option("--type", "type_", metavar="TYPE", help="Only this job type.")
@@ -402,7 +413,7 @@ def failures(
     ctx: click.Context,
     /,
     *,
-    states: tuple[str, ...],
+    statuses: tuple[str, ...],
     org: uuid.UUID | None,
     type_: str | None,
     limit: int,
@@ -416,11 +427,11 @@ def failures(
     \b
     Examples:
       heimdex jobs failures
-      heimdex jobs failures --state failed --org 2f0c5e0e-8a3a-4f7e-9a39-4b4a0f0c1d2e --json
+      heimdex jobs failures --status failed --org 2f0c5e0e-8a3a-4f7e-9a39-4b4a0f0c1d2e --json
     """
-    statuses = [JobStatus(s) for s in states] or [JobStatus.DEAD_LETTER]
-    with _engine(ctx) as engine, engine.connect() as conn:
-        groups = ops.failures(conn, statuses=statuses, org_id=org, type=type_, limit=limit)
+    wanted = [JobStatus(s) for s in statuses] or [JobStatus.DEAD_LETTER]
+    with command_engine(ctx) as engine, engine.connect() as conn:
+        groups = ops.failures(conn, statuses=wanted, org_id=org, type=type_, limit=limit)
     if as_json:
         _echo_json([vars(g) for g in groups])
         return

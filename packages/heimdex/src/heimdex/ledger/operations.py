@@ -170,13 +170,13 @@ def bulk(
     job that starts matching behind the walk is left for the next run. `on_batch` hears the
     number of jobs of each committed batch. A dry run counts and changes nothing.
     """
-    operator = operator.checked(action)
     f = checked_filter(action, f)
     if not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise LedgerError(f"the batch size must be 1 to {MAX_BATCH_SIZE}")
-    if dry_run:
+    if dry_run:  # changes nothing, so it needs no reason
         with engine.connect() as conn:
             return BulkResult(action, True, repository.count_eligible(conn, action.value, f))
+    operator = operator.checked(action)
     detail = {**operator.detail(), "bulk": True}
     after: uuid.UUID | None = None
     ids: list[uuid.UUID] = []

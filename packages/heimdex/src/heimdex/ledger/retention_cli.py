@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from heimdex.db import make_engine
 from heimdex.errors import HeimdexError
 from heimdex.ledger import retention
+from heimdex.ledger.cli_database import URL_HELP, command_engine, note_url
 from heimdex.logs import configure_logging
 from heimdex.settings import Ages, RetentionPolicy, load_settings, parse_age
 
@@ -58,11 +58,7 @@ Examples:
     help="After each batch, sleep this many times as long as it took (default: "
     "HEIMDEX_RETENTION_PAUSE_FACTOR, 1: busy at most half the time; 0: back to back).",
 )
-@click.option(
-    "--database-url",
-    metavar="URL",
-    help="Database URL (default: DATABASE_URL or PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE).",
-)
+@click.option("--database-url", metavar="URL", help=URL_HELP)
 def prune(  # click passes the options by name
     *,
     dry_run: bool,
@@ -80,17 +76,15 @@ def prune(  # click passes the options by name
     queued jobs are never deleted.
     """
     # `heimdex jobs --database-url URL prune` as well as `heimdex jobs prune --database-url URL`
-    database_url = database_url or click.get_current_context().find_root().meta.get(
-        "heimdex.jobs.database_url"
-    )
+    ctx = click.get_current_context()
+    note_url(ctx, database_url)
     settings = load_settings()
     configure_logging("prune", **settings.log_options)
     policy = settings.retention_policy
     if older_than is not None:
         age = parse_age(older_than)
         policy = RetentionPolicy(Ages(age, age), policy.orgs)
-    engine = make_engine(database_url or settings.sqlalchemy_url)
-    try:
+    with command_engine(ctx) as engine:
         if dry_run:
             with engine.connect() as conn:
                 result = retention.dry_run(conn, policy)
@@ -122,5 +116,3 @@ def prune(  # click passes the options by name
             f" paused {result.paused_seconds:.1f}s"
             + ("" if result.complete else "; some rows were locked: run again to finish")
         )
-    finally:
-        engine.dispose()
