@@ -33,7 +33,7 @@ from heimdex_db.verify import command as verify_cmd
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-CONFIG_HELP = "Alembic config (default: the repository's packages/common/alembic.ini)."
+CONFIG_HELP = "Alembic config (default: packages/common/alembic.ini in a checkout, else the installed package's)."
 URL_HELP = "Database URL (default: DATABASE_URL or PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE)."
 
 
