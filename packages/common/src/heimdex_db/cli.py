@@ -33,7 +33,10 @@ from heimdex_db.verify import command as verify_cmd
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-CONFIG_HELP = "Alembic config (default: packages/common/alembic.ini in a checkout, else the installed package's)."
+CONFIG_HELP = (
+    "Alembic config (default: packages/common/alembic.ini in a checkout, else the installed"
+    " package's own)."
+)
 URL_HELP = "Database URL (default: DATABASE_URL or PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE)."
 
 
