@@ -24,6 +24,7 @@ from heimdex.ledger.errors import (
     JobAlreadyFinished,
     JobNotFound,
     NotEligible,
+    TimeoutAboveType,
     UnknownJobType,
 )
 from heimdex_api.auth import AuthenticationFailed, Forbidden
@@ -45,6 +46,7 @@ ERROR_STATUS: tuple[tuple[type[HeimdexError], int, str], ...] = (
     (InvalidBatchItem, 422, "invalid-batch"),
     (UnknownJobType, 422, "unknown-job-type"),
     (InvalidParams, 422, "invalid-params"),
+    (TimeoutAboveType, 422, "timeout-above-type"),
     (DatabaseUnavailable, 503, "database-unavailable"),
     (HeimdexError, 400, "bad-request"),
 )

@@ -31,6 +31,12 @@ class JobCreate(BaseModel):
     run_at: AwareDatetime | None = Field(
         default=None, description="Not claimed before this time (RFC 3339 with an offset)"
     )
+    timeout_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=2**31 - 1,
+        description="Execution timeout of each attempt; may lower the job type's, never raise it",
+    )
 
     @field_validator("params")
     @classmethod
@@ -51,6 +57,7 @@ class JobCreate(BaseModel):
             backoff_policy=self.backoff_policy,
             idempotency_key=idempotency_key,
             run_at=self.run_at,
+            timeout_seconds=self.timeout_seconds,
         )
 
 
@@ -81,6 +88,7 @@ class JobOut(BaseModel):
     backoff_policy: BackoffPolicy
     priority: int
     run_at: datetime
+    timeout_seconds: int | None
     params: dict[str, Any]
     stage: str | None
     progress: int
@@ -120,6 +128,7 @@ def job_fields(job: JobRow | JobRecord) -> dict[str, Any]:
         "backoff_policy": job.backoff_policy,
         "priority": job.priority,
         "run_at": job.run_at,
+        "timeout_seconds": job.timeout_seconds,
         "params": job.params,
         "stage": job.stage,
         "progress": job.progress,

@@ -33,7 +33,10 @@ def worker(concurrency: int | None, batch: int | None) -> None:
 
     Wakes on NOTIFY and polls every HEIMDEX_POLL_INTERVAL_SECONDS; renews its leases and reaps
     expired ones. On SIGTERM, jobs not started and jobs at a stage boundary go back to the queue.
+    Exits 3 when every slot's handler is stuck past its execution timeout.
     """
     settings = load_settings()
     configure_logging("worker", **settings.log_options)
-    run_worker(settings, stop_on_signals(), concurrency=concurrency, batch=batch)
+    code = run_worker(settings, stop_on_signals(), concurrency=concurrency, batch=batch)
+    if code:
+        raise SystemExit(code)

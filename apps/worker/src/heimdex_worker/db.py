@@ -42,6 +42,14 @@ class ThreadConnections:
             raise
 
 
+    def close(self) -> None:
+        """Close this thread's connection (a thread ending gives it back to the pool)."""
+        conn: Connection | None = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None and not conn.closed:
+            conn.close()
+
+
 def retrying(
     what: str, fn: Callable[[], Any], *, give_up: Callable[[], bool] = lambda: False
 ) -> Any:

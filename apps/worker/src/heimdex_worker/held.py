@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from heimdex.ledger import service
 from heimdex.ledger.repository import ClaimedJob, Outcome
@@ -22,6 +24,28 @@ class Held:
     # costs a lock and a condition, and nothing waits on it).
     lost: bool = False
     stage: str | None = None
+    # The attempt's deadline (monotonic), if its type or submission has a timeout; set by the
+    # deadline watch once passed, read by the handler's context at each stage and check.
+    deadline: float | None = None
+    timed_out: bool = False
+    killed: bool = False
+    children: list[subprocess.Popen[Any]] = field(default_factory=list)
+    # Who ended the attempt first: its runner (the handler returned) or the deadline watch (the
+    # handler did not stop within the grace period: stuck). Whoever comes second does nothing.
+    _ended: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def end(self, by: str) -> bool:
+        """Claim the attempt's end for `by` ("runner" or "watch"); False if the other won."""
+        with self._lock:
+            if self._ended is not None:
+                return False
+            self._ended = by
+            return True
+
+    @property
+    def ended(self) -> bool:
+        return self._ended is not None
 
     @property
     def token(self) -> uuid.UUID:

@@ -36,9 +36,10 @@ def run_worker(
     *,
     concurrency: int | None = None,
     batch: int | None = None,
-) -> None:
+) -> int:
     """Claim and run jobs until `stop`; then release what has not started, let running jobs
-    reach a stage boundary (released) or finish, up to the shutdown grace."""
+    reach a stage boundary (released) or finish, up to the shutdown grace. Returns the exit
+    code: non-zero when the worker stopped because every slot's handler was stuck."""
     registry = load_registry(settings.job_module_specs)
     missing = registry.without_handler()
     if missing:
@@ -50,8 +51,10 @@ def run_worker(
     batch = batch or settings.claim_batch
     # Connections: one per runner (its claims, outcomes and stages), one more per runner while
     # it writes failed attempts (their own transaction), and the keeper's (heartbeat, reaper,
-    # retention).
-    engine = make_engine(settings.sqlalchemy_url, pool_size=2 * concurrency + 4, max_overflow=4)
+    # retention); beyond the pool, one per fresh runner that took a stuck handler's slot.
+    engine = make_engine(
+        settings.sqlalchemy_url, pool_size=2 * concurrency + 4, max_overflow=4 + concurrency
+    )
     metrics = WorkerMetrics(LedgerMetrics(engine))
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, registry=metrics.ledger.registry)
@@ -74,6 +77,7 @@ def run_worker(
             "listen": settings.listen,
         },
     )
-    worker.run(stop)
+    code = worker.run(stop)
     engine.dispose()
-    logger.info("worker stopped", extra={"action": "worker.stopped"})
+    logger.info("worker stopped", extra={"action": "worker.stopped", "exit_code": code})
+    return code

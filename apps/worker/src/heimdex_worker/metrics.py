@@ -1,11 +1,11 @@
-"""The worker's own metrics: attempts, claims, reaped leases (beside the ledger's and the
-retention's, from `heimdex.metrics`)."""
+"""The worker's own metrics: attempts, claims, reaped leases, stuck handlers (beside the
+ledger's and the retention's, from `heimdex.metrics`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from heimdex.metrics import LedgerMetrics, RetentionMetrics
 
@@ -32,6 +32,18 @@ class WorkerMetrics:
         self.claims = Counter(
             "heimdex_claims_total",
             "Claim statements run by this worker",
+            registry=self.ledger.registry,
+        )
+        self.stuck = Gauge(
+            "heimdex_worker_stuck_jobs",
+            "Handlers that did not stop within the grace period after their deadline and still "
+            "hold a thread of this worker (their jobs were released and retried)",
+            registry=self.ledger.registry,
+        )
+        self.stuck_total = Counter(
+            "heimdex_worker_stuck_attempts_total",
+            "Attempts declared stuck by this worker, by job type",
+            ["type"],
             registry=self.ledger.registry,
         )
 

@@ -22,24 +22,28 @@ Threads of one process, each with one job; this module wires them:
 from __future__ import annotations
 
 import collections
+import json
 import logging
+import signal
+import subprocess
 import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from heimdex.ledger import repository, retention, service
 from heimdex.ledger.errors import CancelRequested, InvalidParams, LeaseLost
-from heimdex.ledger.registry import JobError, Registry
+from heimdex.ledger.registry import JobError, JobTimeout, PermanentJobError, Registry
 from heimdex.ledger.repository import ClaimedJob
-from heimdex.models import JobStatus
+from heimdex.models import STAGE_MAX, JobStatus
 from heimdex.settings import Settings
 from heimdex_worker.db import MAX_RETRY_WAIT_SECONDS, ThreadConnections, retrying
+from heimdex_worker.deadlines import DeadlineWatch, signal_group
 from heimdex_worker.held import Done, Held, HeldJobs
 from heimdex_worker.keeper import Keeper
 from heimdex_worker.listener import listen
@@ -55,36 +59,113 @@ class ShuttingDown(Exception):
     """Raised at a stage boundary when the worker is stopping: the attempt is released."""
 
 
-@dataclass
+CHECKPOINT_MAX_BYTES = 64 * 1024
+EXIT_ALL_STUCK = 3
+
+
 class _Context:
-    worker: Worker
-    held: Held
+    """The `JobContext` of one attempt."""
+
+    def __init__(self, worker: Worker, held: Held) -> None:
+        self.worker = worker
+        self.held = held
+        saved = held.job.checkpoint
+        self._resumed = saved is not None
+        self._state: dict[str, Any] = dict((saved or {}).get("state") or {})
+        self._checkpoint_stage: str | None = (saved or {}).get("stage")
 
     @property
     def attempt(self) -> int:
         attempt: int = self.held.job.attempt
         return attempt
 
-    def stage(self, name: str, progress: int) -> None:
+    @property
+    def resumed(self) -> bool:
+        return self._resumed
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return self._state
+
+    @property
+    def checkpoint_stage(self) -> str | None:
+        return self._checkpoint_stage
+
+    def check(self) -> None:
         if self.held.lost:
             raise LeaseLost(self.held.job.id)
+        if self.held.timed_out:
+            raise JobTimeout(self._timeout_message())
         if self.worker.stopping.is_set():
             raise ShuttingDown
 
+    def stage(self, name: str, progress: int) -> None:
+        self.check()
+        self._record(name, progress, None)
+
+    def checkpoint(self, name: str, progress: int, state: Mapping[str, Any]) -> None:
+        try:
+            size = len(json.dumps(state, separators=(",", ":")).encode())
+        except (TypeError, ValueError) as exc:
+            raise PermanentJobError("CHECKPOINT_INVALID", f"a checkpoint is JSON: {exc}") from None
+        if size > CHECKPOINT_MAX_BYTES:
+            raise PermanentJobError(
+                "CHECKPOINT_TOO_LARGE",
+                f"a checkpoint's state is {size} bytes of JSON; the limit is "
+                f"{CHECKPOINT_MAX_BYTES} (keep large data elsewhere and save its key)",
+            )
+        if self.held.lost:
+            raise LeaseLost(self.held.job.id)
+        # The stage's work is done: saved even when the attempt must stop (timeout, shutdown),
+        # so the next attempt does not do it again.
+        self._record(name, progress, state)
+        self._state = dict(state)
+        self._checkpoint_stage = name[:STAGE_MAX]
+        self.check()
+
+    def _record(self, name: str, progress: int, state: Mapping[str, Any] | None) -> None:
         def record() -> bool | None:
             with self.worker.connections.autocommit() as conn:
                 return repository.record_stage(
-                    conn, self.held.job.id, self.held.token, stage=name, progress=progress
-                )
+                    conn, self.held.job.id, self.held.token, stage=name, progress=progress,
+                    checkpoint=state,
+                )  # fmt: skip
 
         # Through an outage the handler waits here; if the lease expired meanwhile, the write
         # finds it gone and the attempt stops (LeaseLost) instead of counting a failure.
-        state = retrying("recording a stage", record, give_up=self.worker.stopping.is_set)
-        if state is None:
+        recorded = retrying("recording a stage", record, give_up=self.worker.stopping.is_set)
+        if recorded is None:
             raise LeaseLost(self.held.job.id)
-        if state:
+        if recorded:
             raise CancelRequested(self.held.job.id)
         self.held.stage = name
+
+    def popen(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        if kwargs.pop("start_new_session", True) is not True:
+            raise ValueError("a child of the context runs in a session of its own")
+        self.check()
+        proc: subprocess.Popen[Any] = subprocess.Popen(args, start_new_session=True, **kwargs)
+        self.held.children.append(proc)
+        if self.held.timed_out:  # the deadline passed while it started
+            signal_group(proc, signal.SIGTERM)
+        return proc
+
+    def run_process(
+        self, args: Sequence[str], *, check: bool = True, **kwargs: Any
+    ) -> subprocess.CompletedProcess[Any]:
+        stdin = kwargs.pop("input", None)
+        with self.popen(args, **kwargs) as proc:
+            stdout, stderr = proc.communicate(stdin)
+        if self.held.timed_out:
+            raise JobTimeout(f"{self._timeout_message()}; {args[0]} was stopped")
+        if self.held.lost:
+            raise LeaseLost(self.held.job.id)
+        if check and proc.returncode:
+            raise subprocess.CalledProcessError(proc.returncode, list(args), stdout, stderr)
+        return subprocess.CompletedProcess(list(args), proc.returncode, stdout, stderr)
+
+    def _timeout_message(self) -> str:
+        return f"the attempt passed its execution timeout of {self.worker.timeout_of(self.held)} s"
 
 
 class Worker:
@@ -150,14 +231,39 @@ class Worker:
             finish=self._finish,
             wake=self.wake,
         )
+        self.deadlines = DeadlineWatch(
+            self.held,
+            grace_seconds=settings.timeout_grace_seconds,
+            on_stuck=self._stuck,
+            finish=self._finish,
+        )
+        # Handlers that did not stop at their deadline and still hold a thread: each one's slot
+        # went to a fresh runner. When they are as many as the slots, the process exits
+        # non-zero (EXIT_ALL_STUCK) for its supervisor to restart it.
+        self._stuck_threads = 0
+        self._stuck_lock = threading.Lock()
+        self._all_stuck = threading.Event()
+        self._runners = 0
+
+    def timeout_of(self, held: Held) -> int | None:
+        """The execution timeout of `held`'s attempt, seconds (None: unbounded)."""
+        return self.registry.get(held.job.type).timeout_for(held.job.timeout_seconds)
 
     # Runner threads: each claims, runs and writes outcomes itself.
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event) -> int:
+        """Run until `stop`; the process's exit code: 0, or EXIT_ALL_STUCK when every slot's
+        handler was stuck past its deadline (the stop then is the worker's own)."""
         self._start_threads()
         while not stop.wait(1.0):
-            pass
+            if self._all_stuck.is_set():
+                logger.error(
+                    "every slot's handler is stuck past its deadline; stopping",
+                    extra={"action": "worker.all_stuck", "stuck": self._stuck_threads},
+                )
+                break
         self._shutdown()
+        return EXIT_ALL_STUCK if self._all_stuck.is_set() else 0
 
     def _observe(self, seconds: float) -> None:
         """Keep a moving mean of the handlers' run times (not claim to outcome: that grows
@@ -181,7 +287,10 @@ class Worker:
         while True:
             held, own = own or self._pop(), None
             if held is not None:
-                self._run(held, pending)
+                if not self._run(held, pending):
+                    # Its handler was stuck, and a fresh runner took this slot meanwhile.
+                    self.writer.flush(self.writer.unpark(pending))
+                    return
                 continue
             if pending:
                 self.writer.flush(self.writer.unpark(pending))
@@ -216,20 +325,32 @@ class Worker:
                 self.wake.wait(self.settings.poll_interval_seconds)
                 self.wake.clear()
 
-    def _run(self, held: Held, pending: list[Done]) -> None:
+    def _run(self, held: Held, pending: list[Done]) -> bool:
         """One attempt; its outcome is parked in the runner's `pending`. Short jobs: written
         together once the runner finds nothing ready (`_runner`), or taken by the keeper at its
         next tick, so none waits for a long job this runner happens to start next. Long jobs:
         written at once, so none waits for the next job to end. (Handing each outcome to the
         shared outbox at once instead let the writer drain it in pieces, a statement per one or
         two outcomes, and so did writing as soon as the deque was empty rather than after one
-        more look: PostgreSQL's CPU per job went up by a third at batch 10.)"""
+        more look: PostgreSQL's CPU per job went up by a third at batch 10.) False when the
+        attempt was declared stuck meanwhile: its late outcome is void (the lease went with the
+        TIMEOUT already written) and this runner's slot is taken."""
         started = time.monotonic()
         done = self._attempt(held)
+        if not held.end("runner"):
+            with self._stuck_lock:
+                self._stuck_threads -= 1
+                self.metrics.stuck.set(self._stuck_threads)
+            logger.warning(
+                "a stuck handler returned; its outcome is void",
+                extra={"action": "worker.stuck_returned", "job_id": str(held.job.id)},
+            )
+            return False
         self._observe(time.monotonic() - started)
         self.writer.park(pending, done)
         if self._ready and not self._short_jobs:
             self.writer.flush(self.writer.unpark(pending))
+        return True
 
     def _take(self, jobs: list[ClaimedJob]) -> Held:
         """Hold what was claimed; the first job is the claimer's own (so its next write
@@ -259,23 +380,79 @@ class Worker:
             job_type = self.registry.get(job.type)
             assert job_type.handler is not None  # the worker refuses to start otherwise
             params = job_type.parse(job.params)
-            result = job_type.handler(_Context(self, held), params)
+            context = _Context(self, held)
+            if job.checkpoint is not None:
+                self._resume(held)
+            timeout = job_type.timeout_for(job.timeout_seconds)
+            if timeout is not None:
+                self.deadlines.watch(held, timeout)
+            result = job_type.handler(context, params)
         except CancelRequested:
             return held, service.canceled(job, stage=held.stage), "canceled"
         except ShuttingDown:
             return held, service.released(job), "released"
         except LeaseLost:
             return held, None, "lease_lost"
-        except InvalidParams as exc:
-            return held, self._failure(job, "INVALID_PARAMS", str(exc), retryable=False), "failed"
-        except JobError as exc:
-            return held, self._failure(job, exc.code, str(exc), retryable=exc.retryable), "failed"
-        except Exception as exc:  # a handler's bug: recorded with its traceback, then retried
-            message = "".join(traceback.format_exception(exc)).strip()
-            return held, self._failure(job, type(exc).__name__, message, retryable=True), "failed"
+        except Exception as exc:
+            if held.timed_out:  # whatever the handler raised once told to stop
+                message = f"the attempt passed its execution timeout of {self.timeout_of(held)} s"
+                return held, self._failure(job, "TIMEOUT", message, retryable=True), "timeout"
+            if isinstance(exc, InvalidParams):
+                failure = self._failure(job, "INVALID_PARAMS", str(exc), retryable=False)
+            elif isinstance(exc, JobError):
+                failure = self._failure(job, exc.code, str(exc), retryable=exc.retryable)
+            else:  # a handler's bug: recorded with its traceback, then retried
+                message = "".join(traceback.format_exception(exc)).strip()
+                failure = self._failure(job, type(exc).__name__, message, retryable=True)
+            return held, failure, "failed"
         if held.lost:
             return held, None, "lease_lost"
         return held, service.succeeded(job, result), "succeeded"
+
+    def _resume(self, held: Held) -> None:
+        """The event of an attempt that starts from its job's checkpoint: what it skips."""
+        saved = held.job.checkpoint or {}
+        detail = {
+            "action": "resumed",
+            "attempt": held.job.attempt,
+            "skipped_through": saved.get("stage"),
+            "progress": saved.get("progress"),
+        }
+
+        def record() -> bool:
+            with self.connections.autocommit() as conn:
+                return repository.record_resumed(conn, held.job.id, held.token, detail)
+
+        if not retrying("recording a resume", record, give_up=self.stopping.is_set):
+            raise LeaseLost(held.job.id)
+
+    def _stuck(self, held: Held) -> None:
+        """The handler did not stop within the grace period after its deadline: end the attempt
+        (TIMEOUT, retried by the job's policy; its lease goes with it, so whatever the handler
+        does later is void) and give its slot to a fresh runner."""
+        held.lost = True  # its next stage or check raises
+        job = held.job
+        with self._stuck_lock:
+            self._stuck_threads += 1
+            stuck = self._stuck_threads
+            self.metrics.stuck.set(stuck)
+        self.metrics.stuck_total.labels(job.type).inc()
+        logger.error(
+            "handler stuck past its deadline; attempt ended, slot given back",
+            extra={"action": "worker.stuck", "job_id": str(job.id), "type": job.type},
+        )
+        message = (
+            f"the attempt passed its execution timeout of {self.timeout_of(held)} s and the "
+            f"handler did not stop within {self.settings.timeout_grace_seconds:g} s (stuck)"
+        )
+        failure = service.Failure(
+            job.id, job.lease_token, "TIMEOUT", message, True, detail={"stuck": True}
+        )
+        self.writer.flush([(held, failure, "stuck")], keeper=True)
+        if stuck >= self.concurrency:
+            self._all_stuck.set()
+        elif not self.stopping.is_set():
+            self._start_runner()
 
     @staticmethod
     def _failure(job: ClaimedJob, code: str, message: str, *, retryable: bool) -> service.Failure:
@@ -287,16 +464,31 @@ class Worker:
     # Start and stop.
 
     def _start_threads(self) -> None:
+        for _ in range(self.concurrency):
+            self._start_runner()
         targets: list[tuple[str, Callable[[], None]]] = [
-            (f"runner-{i}", self._runner) for i in range(self.concurrency)
+            ("keeper", self.keeper.run),
+            ("deadlines", self.deadlines.run),
         ]
-        targets.append(("keeper", self.keeper.run))
         if self.settings.listen:
             targets.append(("listener", self._listen))
         for name, target in targets:
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            self._start(name, target)
+
+    def _start_runner(self) -> None:
+        self._start(f"runner-{self._runners}", self._runner)
+        self._runners += 1
+
+    def _start(self, name: str, target: Callable[[], None]) -> None:
+        def run() -> None:
+            try:
+                target()
+            finally:
+                self.connections.close()
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def _shutdown(self) -> None:
         """Stop claiming; release what has not started and what reaches a stage boundary, wait

@@ -233,6 +233,14 @@ class Job(Base):
         BigInteger,
         comment="Claim order within a priority (fair queuing across orgs); NULL until placed",
     )
+    timeout_seconds: Mapped[int | None] = mapped_column(
+        Integer,
+        comment="Execution timeout of each attempt in seconds, lower than its job type timeout",
+    )
+    checkpoint: Mapped[dict[str, Any] | None] = mapped_column(
+        JSONB(),
+        comment="Stage, progress and state saved by the handler; the next attempt resumes",
+    )
 
 
 # The fair queue's clock: about the highest turn claimed so far. Claims advance it; a job is

@@ -172,6 +172,11 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         default=30.0, ge=0, validation_alias="HEIMDEX_SHUTDOWN_GRACE_SECONDS"
     )
+    # After an attempt's execution timeout: how long its handler and child processes get to
+    # stop before the children are killed and the handler is declared stuck.
+    timeout_grace_seconds: float = Field(
+        default=30.0, ge=0, validation_alias="HEIMDEX_TIMEOUT_GRACE_SECONDS"
+    )
     worker_metrics_port: int = Field(
         default=0, ge=0, validation_alias="HEIMDEX_WORKER_METRICS_PORT"
     )

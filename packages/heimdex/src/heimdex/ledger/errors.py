@@ -59,6 +59,17 @@ class InvalidParams(LedgerError):
         self.type = type
 
 
+class TimeoutAboveType(LedgerError):
+    """A submission asked for a longer timeout than its job type allows."""
+
+    def __init__(self, type: str, asked: int, allowed: int) -> None:
+        super().__init__(
+            f"timeout_seconds {asked} is above the {allowed} s timeout of job type {type!r}; "
+            "a submission may only lower it"
+        )
+        self.type = type
+
+
 class LeaseLost(LedgerError):
     """The attempt no longer holds the job: the reaper requeued it or another claim won."""
 

@@ -91,7 +91,14 @@ def _check(action: Action, job: JobRow) -> None:
     raise NotEligible(job.id, action.value, job.status, applies_to(action))
 
 
-def operate(conn: Connection, action: Action, job_id: uuid.UUID, operator: Operator) -> JobRow:
+def operate(
+    conn: Connection,
+    action: Action,
+    job_id: uuid.UUID,
+    operator: Operator,
+    *,
+    from_scratch: bool = False,
+) -> JobRow:
     """`action` on one job of any org, in the caller's transaction; the job as it is after.
 
     Refused with `NotEligible`, `IllegalTransition` (a succeeded job is never retried) or
@@ -103,14 +110,22 @@ def operate(conn: Connection, action: Action, job_id: uuid.UUID, operator: Opera
     job = repository.get_job(conn, job_id, lock=True)
     _check(action, job)
     repository.operate_batch(
-        conn, action.value, JobFilter(ids=(job_id,)), detail=operator.detail(), after=None, limit=1
-    )
+        conn, action.value, JobFilter(ids=(job_id,)), detail=_detail(operator, from_scratch),
+        after=None, limit=1, from_scratch=from_scratch,
+    )  # fmt: skip
     return repository.get_job(conn, job_id)
 
 
-def retry(conn: Connection, job_id: uuid.UUID, operator: Operator) -> JobRow:
-    """A dead-lettered, failed or canceled job back to `queued`, due now, `attempt` 0."""
-    return operate(conn, Action.RETRY, job_id, operator)
+def retry(
+    conn: Connection, job_id: uuid.UUID, operator: Operator, *, from_scratch: bool = False
+) -> JobRow:
+    """A dead-lettered, failed or canceled job back to `queued`, due now, `attempt` 0. Its
+    next attempt resumes from the job's checkpoint, or starts afresh with `from_scratch`."""
+    return operate(conn, Action.RETRY, job_id, operator, from_scratch=from_scratch)
+
+
+def _detail(operator: Operator, from_scratch: bool) -> dict[str, Any]:
+    return {**operator.detail(), "from_scratch": True} if from_scratch else operator.detail()
 
 
 def cancel(conn: Connection, job_id: uuid.UUID, operator: Operator) -> JobRow:
@@ -163,12 +178,14 @@ def bulk(
     dry_run: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_batch: Callable[[int], None] | None = None,
+    from_scratch: bool = False,
 ) -> BulkResult:
     """`action` on every job matching `f`, one transaction per batch of `batch_size` jobs.
 
     Jobs are taken in id order; a job that matches but changed state meanwhile is skipped, a
     job that starts matching behind the walk is left for the next run. `on_batch` hears the
-    number of jobs of each committed batch. A dry run counts and changes nothing.
+    number of jobs of each committed batch. A dry run counts and changes nothing. A retry
+    `from_scratch` drops each job's checkpoint.
     """
     f = checked_filter(action, f)
     if not 1 <= batch_size <= MAX_BATCH_SIZE:
@@ -177,15 +194,16 @@ def bulk(
         with engine.connect() as conn:
             return BulkResult(action, True, repository.count_eligible(conn, action.value, f))
     operator = operator.checked(action)
-    detail = {**operator.detail(), "bulk": True}
+    detail = {**_detail(operator, from_scratch), "bulk": True}
     after: uuid.UUID | None = None
     ids: list[uuid.UUID] = []
     batches = 0
     while True:
         with engine.begin() as conn:
             rows = repository.operate_batch(
-                conn, action.value, f, detail=detail, after=after, limit=batch_size
-            )
+                conn, action.value, f, detail=detail, after=after, limit=batch_size,
+                from_scratch=from_scratch,
+            )  # fmt: skip
         if rows:
             batches += 1
             ids.extend(r.id for r in rows)

@@ -15,20 +15,27 @@ Nothing registers itself at import: a collection is plain data until an entrypoi
         ctx.stage("probing", progress=10)
         ...
         return {"renditions": 3}
+
+A type may bound each attempt (`register(..., timeout="2h")`); a submission may lower it. The
+handler's context (`JobContext`) stops it at the deadline, runs child processes it can stop, and
+saves checkpoints the next attempt resumes from: docs/job-types.md.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable, Mapping
+import re
+import subprocess
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from importlib.metadata import entry_points
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
 from heimdex.errors import HeimdexError
-from heimdex.ledger.errors import InvalidParams, UnknownJobType
+from heimdex.ledger.errors import InvalidParams, TimeoutAboveType, UnknownJobType
 
 ENTRY_POINT_GROUP = "heimdex.jobs"
 
@@ -40,8 +47,39 @@ class JobContext(Protocol):
     def attempt(self) -> int:
         """Failed attempts before this one (0 on the first run)."""
 
+    @property
+    def resumed(self) -> bool:
+        """Whether an earlier attempt saved a checkpoint this attempt starts from."""
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The state of the last checkpoint (empty when not resumed)."""
+
+    @property
+    def checkpoint_stage(self) -> str | None:
+        """The stage of the last checkpoint (None when not resumed)."""
+
     def stage(self, name: str, progress: int) -> None:
-        """Record a stage boundary; raises to stop the attempt (cancel, shutdown, lost lease)."""
+        """Record a stage boundary; raises to stop the attempt (cancel, shutdown, lost lease,
+        timeout)."""
+
+    def checkpoint(self, name: str, progress: int, state: Mapping[str, Any]) -> None:
+        """`stage` that also saves `state` (small JSON) with the job, in the same statement;
+        the next attempt starts with it (`resumed`, `state`)."""
+
+    def check(self) -> None:
+        """Raise if the attempt must stop now (timeout, shutdown, lost lease); no database
+        round trip, so a loop may call it often."""
+
+    def popen(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """`subprocess.Popen` in a session of its own, terminated (then killed after the grace
+        period) with its process group at the attempt's deadline."""
+
+    def run_process(
+        self, args: Sequence[str], *, check: bool = True, **kwargs: Any
+    ) -> subprocess.CompletedProcess[Any]:
+        """Run a child process to its end through `popen`; raises `JobTimeout` when the deadline
+        stopped it, `subprocess.CalledProcessError` when it failed and `check`."""
 
 
 class JobError(Exception):
@@ -60,7 +98,39 @@ class PermanentJobError(JobError):
     retryable = False
 
 
+class JobTimeout(JobError):
+    """The attempt passed its execution timeout; retried by the job's policy."""
+
+    def __init__(self, message: str = "the attempt passed its execution timeout") -> None:
+        super().__init__("TIMEOUT", message)
+
+
 Handler = Callable[[JobContext, Any], Mapping[str, Any] | None]
+Timeout = str | int | float | timedelta | None
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)?\s*$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def timeout_seconds(name: str, value: Timeout) -> int | None:
+    """A job type's timeout in whole seconds: `"2h"`, `"30m"`, `"90s"`, `"1d"`, a number of
+    seconds or a timedelta; None for no timeout."""
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value).lower())
+        if match is None:
+            raise HeimdexError(
+                f"job type {name!r}: a timeout looks like 2h, 30m, 90s or a number of seconds, "
+                f"not {value!r}"
+            )
+        seconds = int(match.group(1)) * _SECONDS[match.group(2) or "s"]
+    if seconds < 1:
+        raise HeimdexError(f"job type {name!r}: the timeout must be at least 1 second")
+    return int(seconds)
 
 
 @dataclass(frozen=True)
@@ -69,6 +139,20 @@ class JobType:
     params: type[BaseModel]
     handler: Handler | None = None
     source: str = ""
+    timeout_seconds: int | None = None
+
+    def timeout_for(self, job_timeout: int | None) -> int | None:
+        """The timeout of an attempt: the submission's when it set one, else the type's."""
+        return job_timeout if job_timeout is not None else self.timeout_seconds
+
+    def check_timeout(self, asked: int | None) -> None:
+        """A submission's timeout may lower the type's, never raise it."""
+        if (
+            asked is not None
+            and self.timeout_seconds is not None
+            and (asked > self.timeout_seconds)
+        ):
+            raise TimeoutAboveType(self.name, asked, self.timeout_seconds)
 
     def validate(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The params with defaults filled in, as stored; `InvalidParams` names each problem."""
@@ -92,18 +176,22 @@ class JobTypes:
         self._types: dict[str, JobType] = {}
         self._handlers: dict[str, Handler] = {}
 
-    def register(self, name: str, *, params: type[BaseModel]) -> Callable[[Handler], Handler]:
-        """Decorator: declare `name` with its params model and the decorated handler."""
+    def register(
+        self, name: str, *, params: type[BaseModel], timeout: Timeout = None
+    ) -> Callable[[Handler], Handler]:
+        """Decorator: declare `name` with its params model, its execution timeout (per
+        attempt; none by default) and the decorated handler."""
+        seconds = timeout_seconds(name, timeout)
 
         def register(handler: Handler) -> Handler:
-            self._add(JobType(name, params, handler))
+            self._add(JobType(name, params, handler, timeout_seconds=seconds))
             return handler
 
         return register
 
-    def declare(self, name: str, *, params: type[BaseModel]) -> None:
+    def declare(self, name: str, *, params: type[BaseModel], timeout: Timeout = None) -> None:
         """Declare a type without a handler: the API accepts it, a worker must supply one."""
-        self._add(JobType(name, params))
+        self._add(JobType(name, params, timeout_seconds=timeout_seconds(name, timeout)))
 
     def handler(self, name: str) -> Callable[[Handler], Handler]:
         """Decorator: the handler of a type declared elsewhere (by `declare`)."""
@@ -142,8 +230,9 @@ class Registry:
                         f"{types[job_type.name].source} and {source}"
                     )
                 types[job_type.name] = JobType(
-                    job_type.name, job_type.params, job_type.handler, source
-                )
+                    job_type.name, job_type.params, job_type.handler, source,
+                    job_type.timeout_seconds,
+                )  # fmt: skip
             for name, handler in collection.handlers().items():
                 handlers[name] = (source, handler)
         for name, (source, handler) in handlers.items():
@@ -154,7 +243,9 @@ class Registry:
                 raise HeimdexError(
                     f"job type {name!r} has two handlers ({current.source}, {source})"
                 )
-            types[name] = JobType(name, current.params, handler, current.source)
+            types[name] = JobType(
+                name, current.params, handler, current.source, current.timeout_seconds
+            )
         self._types = types
 
     def __contains__(self, name: object) -> bool:

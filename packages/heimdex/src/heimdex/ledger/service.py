@@ -23,6 +23,7 @@ from heimdex.ledger.errors import (
     InvalidParams,
     JobAlreadyFinished,
     LedgerError,
+    TimeoutAboveType,
     UnknownJobType,
 )
 from heimdex.ledger.fingerprint import request_fingerprint
@@ -51,6 +52,8 @@ class JobSpec:
     backoff_policy: BackoffPolicy = BackoffPolicy.EXP
     idempotency_key: str | None = None
     run_at: datetime | None = None
+    timeout_seconds: int | None = None
+    """Lowers the job type's execution timeout for this job's attempts."""
 
 
 @dataclass(frozen=True)
@@ -62,21 +65,24 @@ class Submitted:
 def _new_job(
     registry: Registry, org_id: uuid.UUID, spec: JobSpec, requested_by: str | None
 ) -> NewJob:
-    clean = registry.validate(spec.type, spec.params)
+    job_type = registry.get(spec.type)
+    clean = job_type.validate(spec.params)
+    job_type.check_timeout(spec.timeout_seconds)
     # The fingerprint only serves to compare a replayed key's body; a job without a key has
     # none (a tenth of a bulk submit's CPU was spent hashing bodies nothing would compare).
     fingerprint = None
     if spec.idempotency_key is not None:
-        fingerprint = request_fingerprint(
-            {
-                "type": spec.type,
-                "params": clean,
-                "priority": spec.priority,
-                "max_attempts": spec.max_attempts,
-                "backoff_policy": spec.backoff_policy.value,
-                "run_at": spec.run_at.isoformat() if spec.run_at else None,
-            }
-        )
+        body: dict[str, Any] = {
+            "type": spec.type,
+            "params": clean,
+            "priority": spec.priority,
+            "max_attempts": spec.max_attempts,
+            "backoff_policy": spec.backoff_policy.value,
+            "run_at": spec.run_at.isoformat() if spec.run_at else None,
+        }
+        if spec.timeout_seconds is not None:  # absent: the fingerprints stored before it hold
+            body["timeout_seconds"] = spec.timeout_seconds
+        fingerprint = request_fingerprint(body)
     return NewJob(
         org_id=org_id,
         type=spec.type,
@@ -88,6 +94,7 @@ def _new_job(
         idempotency_key=spec.idempotency_key,
         requested_by=requested_by,
         run_at=spec.run_at,
+        timeout_seconds=spec.timeout_seconds,
     )
 
 
@@ -98,7 +105,7 @@ def _validated(
     for index, spec in enumerate(specs):
         try:
             new.append(_new_job(registry, org_id, spec, requested_by))
-        except (UnknownJobType, InvalidParams) as exc:
+        except (UnknownJobType, InvalidParams, TimeoutAboveType) as exc:
             if len(specs) == 1:
                 raise
             raise InvalidBatchItem(index, exc) from None
@@ -225,6 +232,7 @@ def after_failure(
     retryable: bool,
     policy: RetryPolicy,
     action: str = "attempt_failed",
+    extra: Mapping[str, Any] | None = None,
 ) -> Outcome:
     """The one retry rule: count the attempt, then cancel, fail, dead-letter or retry later.
 
@@ -235,6 +243,7 @@ def after_failure(
         "action": action,
         "attempt": attempt,
         "error": {"code": error_code, "message": error_message},
+        **(extra or {}),
     }
     delay = 0.0
     if job.cancel_requested:
@@ -263,6 +272,8 @@ class Failure:
     error_code: str
     error_message: str
     retryable: bool
+    detail: Mapping[str, Any] | None = None
+    """Added to the event (e.g. `stuck`: the handler did not stop at its deadline)."""
 
 
 def fail_attempts(
@@ -281,6 +292,7 @@ def fail_attempts(
             error_message=by_id[row.id].error_message,
             retryable=by_id[row.id].retryable,
             policy=policy,
+            extra=by_id[row.id].detail,
         )
         for row in rows
     ]

@@ -186,13 +186,21 @@ _ELIGIBLE = {
     "requeue": "(j.status = 'queued' AND j.run_at > now())",
 }
 
-_OPERATOR_UPDATE = {
-    "retry": """
+
+def _retry_update(*, from_scratch: bool) -> str:
+    # A retry resumes from the job's checkpoint; from scratch, the checkpoint goes.
+    fresh = " checkpoint = NULL," if from_scratch else ""
+    return f"""
     UPDATE job AS j
        SET status = 'queued', attempt = 0, run_at = now(), finished_at = NULL, turn = NULL,
-           cancel_requested = false, stage = NULL, progress = 0, updated_at = now()
+           cancel_requested = false, stage = NULL, progress = 0,{fresh} updated_at = now()
       FROM picked WHERE j.id = picked.id
-    RETURNING j.id, picked.prev, 'queued' AS next, picked.attempt""",
+    RETURNING j.id, picked.prev, 'queued' AS next, picked.attempt"""
+
+
+_OPERATOR_UPDATE = {
+    "retry": _retry_update(from_scratch=False),
+    "retry_from_scratch": _retry_update(from_scratch=True),
     "cancel": """
     UPDATE job AS j
        SET status = CASE WHEN picked.prev = 'queued' THEN 'canceled' ELSE 'running' END
@@ -208,6 +216,11 @@ _OPERATOR_UPDATE = {
       FROM picked WHERE j.id = picked.id
     RETURNING j.id, picked.prev, 'queued' AS next, picked.attempt""",
 }
+
+
+def _update_of(action: str, from_scratch: bool) -> str:
+    return "retry_from_scratch" if action == "retry" and from_scratch else action
+
 
 _ACTION_EVENT = {"retry": "retried", "cancel": "canceled", "requeue": "requeued"}
 
@@ -227,13 +240,15 @@ def operate_batch(
     detail: Mapping[str, Any],
     after: uuid.UUID | None,
     limit: int,
+    from_scratch: bool = False,
 ) -> list[Row[Any]]:
     """Apply `action` ("retry", "cancel", "requeue") to the next `limit` eligible jobs after id
     `after`, with one event each (`detail` plus the action's own keys); one statement.
 
     Rows are locked in id order (FOR UPDATE: a job that changed meanwhile is checked again and
     skipped if no longer eligible). Returns (id, prev, next, attempt) per job changed, by id.
-    A running job's cancel is a request (`cancel_requested`, event running -> running).
+    A running job's cancel is a request (`cancel_requested`, event running -> running). A
+    retry keeps the job's checkpoint (the next attempt resumes) unless `from_scratch`.
     """
     clauses, params = _where(f)
     if after is not None:
@@ -247,7 +262,7 @@ WITH picked AS (
      ORDER BY j.id
      LIMIT :limit
        FOR UPDATE
-), upd AS ({_OPERATOR_UPDATE[action]}
+), upd AS ({_OPERATOR_UPDATE[_update_of(action, from_scratch)]}
 ), ev AS (
     INSERT INTO job_event (job_id, ts, prev_status, next_status, detail_json)
     SELECT id, clock_timestamp(), prev, next,

@@ -58,6 +58,8 @@ class JobRecord(NamedTuple):
     lease_expires_at: datetime | None
     heartbeat_at: datetime | None
     turn: int | None
+    timeout_seconds: int | None
+    checkpoint: dict[str, Any] | None
 
 
 def record(values: Sequence[Any]) -> JobRecord:

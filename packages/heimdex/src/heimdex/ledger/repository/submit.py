@@ -37,6 +37,7 @@ class NewJob:
     idempotency_key: str | None = None
     requested_by: str | None = None
     run_at: datetime | None = None
+    timeout_seconds: int | None = None
 
 
 _SUBMITTED = '{"action": "submitted"}'
@@ -53,10 +54,11 @@ WITH new AS (
     SELECT * FROM {source}{start}
 ), ins AS (
     INSERT INTO job AS j (org_id, type, params, request_fingerprint, priority, max_attempts,
-                          backoff_policy, idempotency_key, requested_by, run_at, turn)
+                          backoff_policy, idempotency_key, requested_by, run_at, timeout_seconds,
+                          turn)
     SELECT n.org_id, n.type, n.params, n.fingerprint, n.priority, n.max_attempts,
            n.policy::job_backoff_policy, n.key, n.requested_by, coalesce(n.run_at, now()),
-           {turn}
+           n.timeout_seconds, {turn}
       FROM new AS n{join}
     ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING {JOB_COLUMNS}
@@ -71,12 +73,13 @@ SELECT ins.* FROM ins
 
 
 _COLUMNS = """(org_id uuid, type text, params jsonb, fingerprint text, priority int,
-          max_attempts int, policy text, key text, requested_by text, run_at timestamptz)"""
+          max_attempts int, policy text, key text, requested_by text, run_at timestamptz,
+          timeout_seconds int)"""
 _INSERT = _insert_sql(
     source=f"""ROWS FROM (jsonb_to_recordset(CAST(%(jobs)s AS jsonb))
       AS {_COLUMNS})
       WITH ORDINALITY AS n(org_id, type, params, fingerprint, priority, max_attempts, policy,
-                           key, requested_by, run_at, ord)""",
+                           key, requested_by, run_at, timeout_seconds, ord)""",
     start="""
 ), start AS MATERIALIZED (
     SELECT g.org_id, g.priority,
@@ -126,6 +129,7 @@ def insert_jobs(conn: Connection, jobs: Sequence[NewJob]) -> list[JobRecord]:
             "key": j.idempotency_key,
             "requested_by": j.requested_by,
             "run_at": j.run_at.isoformat() if j.run_at else None,
+            "timeout_seconds": j.timeout_seconds,
         }
         for j in jobs
     ]

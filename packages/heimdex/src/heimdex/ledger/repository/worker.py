@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, TextClause, text
 
 from heimdex.ledger.repository.rows import (
     JOB_COLUMNS,
@@ -19,6 +19,7 @@ from heimdex.ledger.repository.rows import (
     driver_rows,
     json_array,
     notify,
+    to_json,
     typed,
 )
 from heimdex.models import (
@@ -74,6 +75,9 @@ class ClaimedJob(NamedTuple):
     leased_by: str
     stage: str | None
     cancel_requested: bool
+    # NULL for a job that uses neither (two more columns of the row the claim updates).
+    timeout_seconds: int | None
+    checkpoint: dict[str, Any] | None
 
 
 CLAIMED_COLUMNS = ClaimedJob._fields
@@ -319,20 +323,23 @@ RETURNING lease_token"""),
     return {r.lease_token for r in rows}
 
 
-_STAGE = text("""
+def _stage_sql(*, checkpoint: bool) -> TextClause:
+    saved = ", checkpoint = CAST(:checkpoint AS jsonb)" if checkpoint else ""
+    action = "checkpoint" if checkpoint else "progress"
+    return text(f"""
 WITH cur AS (
     SELECT id, cancel_requested FROM job
      WHERE id = :id AND lease_token = :token AND status = 'running'
        FOR UPDATE
 ), upd AS (
-    UPDATE job AS j SET stage = :stage, progress = :progress, updated_at = now()
+    UPDATE job AS j SET stage = :stage, progress = :progress, updated_at = now(){saved}
       FROM cur
      WHERE j.id = cur.id AND NOT cur.cancel_requested
     RETURNING j.id
 ), ev AS (
     INSERT INTO job_event (job_id, ts, prev_status, next_status, detail_json)
     SELECT id, clock_timestamp(), 'running', 'running',
-           jsonb_build_object('action', 'progress', 'stage', CAST(:stage AS text),
+           jsonb_build_object('action', '{action}', 'stage', CAST(:stage AS text),
                               'progress', CAST(:progress AS int))
       FROM upd
 )
@@ -340,21 +347,55 @@ SELECT cancel_requested FROM cur
 """)
 
 
+_STAGE = _stage_sql(checkpoint=False)
+_CHECKPOINT = _stage_sql(checkpoint=True)
+
+
 def record_stage(
-    conn: Connection, job_id: uuid.UUID, token: uuid.UUID, *, stage: str, progress: int
+    conn: Connection,
+    job_id: uuid.UUID,
+    token: uuid.UUID,
+    *,
+    stage: str,
+    progress: int,
+    checkpoint: Mapping[str, Any] | None = None,
 ) -> bool | None:
-    """Record a stage boundary of a held attempt, with its event; one statement.
+    """Record a stage boundary of a held attempt, with its event; one statement. With
+    `checkpoint` (the handler's saved state, see `checkpoint_of`), the same statement saves it
+    with the job.
 
     Returns False when recorded, True when a cancel was requested instead (nothing recorded),
     None when the attempt no longer holds the lease.
     """
-    value = conn.execute(
-        _STAGE,
-        {
-            "id": job_id,
-            "token": token,
-            "stage": stage[:STAGE_MAX],
-            "progress": max(0, min(100, progress)),
-        },
-    ).scalar_one_or_none()
+    stage = stage[:STAGE_MAX]
+    progress = max(0, min(100, progress))
+    params: dict[str, Any] = {"id": job_id, "token": token, "stage": stage, "progress": progress}
+    statement = _STAGE
+    if checkpoint is not None:
+        statement = _CHECKPOINT
+        params["checkpoint"] = to_json(checkpoint_of(stage, progress, checkpoint))
+    value = conn.execute(statement, params).scalar_one_or_none()
     return None if value is None else bool(value)
+
+
+def checkpoint_of(stage: str, progress: int, state: Mapping[str, Any]) -> dict[str, Any]:
+    """What `job.checkpoint` holds: the stage it was saved at, its progress, the state."""
+    return {"stage": stage, "progress": progress, "state": dict(state)}
+
+
+_RESUMED = text("""
+INSERT INTO job_event (job_id, ts, prev_status, next_status, detail_json)
+SELECT id, clock_timestamp(), 'running', 'running', CAST(:detail AS jsonb)
+  FROM job
+ WHERE id = :id AND lease_token = :token AND status = 'running'
+RETURNING job_id
+""")
+
+
+def record_resumed(
+    conn: Connection, job_id: uuid.UUID, token: uuid.UUID, detail: Mapping[str, Any]
+) -> bool:
+    """The event of an attempt that resumes from a checkpoint (what it skips); False when the
+    attempt no longer holds the lease."""
+    row = conn.execute(_RESUMED, {"id": job_id, "token": token, "detail": to_json(detail)}).first()
+    return row is not None
