@@ -17,18 +17,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 from sqlalchemy import Engine, text
+from sqlalchemy.engine import URL
 
+from heimdex.cli import main
 from heimdex.ledger import builtin, operations, service
+from heimdex.ledger.errors import LedgerError
 from heimdex.ledger.registry import JobContext, JobTypes, Registry
 from heimdex.metrics import LedgerMetrics
 from heimdex.settings import Settings
 from heimdex_api.app import create_app
+from heimdex_api.auth import ADMIN_ROLE, issue_token
 from heimdex_worker.metrics import WorkerMetrics
 from heimdex_worker.runtime import EXIT_ALL_STUCK, Worker
-from tests.stack import Processes, auth, wait_for
+from tests.stack import SECRET, Processes, auth, wait_for
 
 TYPES = "tests.worker.long_jobs_types:jobs"
 REPO = Path(__file__).resolve().parents[2]
@@ -132,7 +137,7 @@ def _group_alive(pgid: int) -> bool:
 
 
 def test_a_handler_sleeping_past_its_timeout_ends_timeout_its_slot_runs_on_and_its_return_is_void(
-    run_worker: Any, engine: Engine, org_id: uuid.UUID
+    run_worker: Any, engine: Engine, org_id: uuid.UUID, client: TestClient
 ) -> None:
     types = JobTypes()
     entered, release, returned = threading.Event(), threading.Event(), threading.Event()
@@ -174,6 +179,10 @@ def test_a_handler_sleeping_past_its_timeout_ends_timeout_its_slot_runs_on_and_i
     assert [(e["error"]["code"], e.get("stuck")) for e in failed] == [("TIMEOUT", True)]
     assert running.metric("heimdex_worker_stuck_jobs") == 1
     assert running.metric("heimdex_worker_stuck_attempts_total", type="sleeper") == 1
+    token = issue_token(SECRET, org_id=org_id, sub="op", role=ADMIN_ROLE)
+    assert client.post("/ui/signin", data={"token": token}).status_code == 200
+    page = client.get(f"/ui/jobs/{stuck_id}")
+    assert page.status_code == 200 and "the handler did not stop" in page.text
 
     # Its late return changes nothing.
     events_before = _events(engine, stuck_id)
@@ -373,28 +382,81 @@ def test_a_job_interrupted_in_stage_3_resumes_without_running_stages_1_and_2_aga
     assert not [e for e in _events(engine, whole_id) if e.get("action") == "resumed"]
 
 
-def test_an_operator_retry_resumes_unless_from_scratch(engine: Engine, org_id: uuid.UUID) -> None:
-    saved = {"stage": "stage2", "progress": 50, "state": {"done": 2}}
+def _dead_with_checkpoint(engine: Engine, org_id: uuid.UUID, saved: dict[str, Any]) -> uuid.UUID:
     with engine.begin() as conn:
-        ids = [
-            conn.execute(
-                text(
-                    "INSERT INTO job (org_id, type, status, finished_at, checkpoint)"
-                    " VALUES (:org, 'resumable', 'dead_letter', now(), CAST(:cp AS jsonb))"
-                    " RETURNING id"
-                ),
-                {"org": org_id, "cp": json.dumps(saved)},
-            ).scalar_one()
-            for _ in range(2)
-        ]
+        job_id: uuid.UUID = conn.execute(
+            text(
+                "INSERT INTO job (org_id, type, status, finished_at, checkpoint)"
+                " VALUES (:org, 'resumable', 'dead_letter', now(), CAST(:cp AS jsonb))"
+                " RETURNING id"
+            ),
+            {"org": org_id, "cp": json.dumps(saved)},
+        ).scalar_one()
+    return job_id
+
+
+SAVED = {"stage": "stage2", "progress": 50, "state": {"done": 2}}
+
+
+def _checkpoint(engine: Engine, job_id: uuid.UUID) -> Any:
+    return _row(engine, str(job_id)).checkpoint
+
+
+def test_an_operator_retry_resumes_unless_from_scratch(engine: Engine, org_id: uuid.UUID) -> None:
+    kept, fresh = (_dead_with_checkpoint(engine, org_id, SAVED) for _ in range(2))
     operator = operations.Operator("ops", "upstream fixed")
     with engine.begin() as conn:
-        kept = operations.retry(conn, ids[0], operator)
-        fresh = operations.retry(conn, ids[1], operator, from_scratch=True)
-    assert (kept.status, kept.checkpoint) == ("queued", saved)
-    assert (fresh.status, fresh.checkpoint) == ("queued", None)
-    retried = _events(engine, str(ids[1]))[-1]
+        operations.retry(conn, kept, operator)
+        operations.retry(conn, fresh, operator, from_scratch=True)
+    assert (_row(engine, str(kept)).status, _checkpoint(engine, kept)) == ("queued", SAVED)
+    assert (_row(engine, str(fresh)).status, _checkpoint(engine, fresh)) == ("queued", None)
+    retried = _events(engine, str(fresh))[-1]
     assert (retried["action"], retried["from_scratch"]) == ("retried", True)
+    with engine.begin() as conn, pytest.raises(LedgerError, match="applies to a retry"):
+        operations.operate(conn, operations.Action.REQUEUE, kept, operator, from_scratch=True)
+
+
+def test_heimdex_jobs_retry_from_scratch_and_the_ops_api(
+    db_url: URL,
+    engine: Engine,
+    org_id: uuid.UUID,
+    client: TestClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", db_url.render_as_string(hide_password=False))
+    by_cli, by_bulk_cli, by_api, by_bulk_api = (
+        _dead_with_checkpoint(engine, org_id, SAVED) for _ in range(4)
+    )
+    runner = CliRunner()
+    one = runner.invoke(
+        main, ["jobs", "retry", str(by_cli), "--reason", "bad output", "--from-scratch"]
+    )
+    assert one.exit_code == 0, one.output
+    many = runner.invoke(  # without --from-scratch: both keep their checkpoints
+        main, ["jobs", "retry", str(by_bulk_cli), str(by_api), "--reason", "r", "--yes"]
+    )
+    assert many.exit_code == 0, many.output
+    assert _checkpoint(engine, by_cli) is None
+    assert _checkpoint(engine, by_bulk_cli) == _checkpoint(engine, by_api) == SAVED
+    token = issue_token(SECRET, org_id=org_id, sub="op", role=ADMIN_ROLE)
+    admin = {"Authorization": f"Bearer {token}"}
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE job SET status = 'dead_letter', finished_at = now() WHERE id = ANY(:ids)"),
+            {"ids": [by_api, by_bulk_cli]},
+        )
+    resp = client.post(
+        f"/ops/jobs/{by_api}/retry", json={"reason": "r", "from_scratch": True}, headers=admin
+    )
+    assert resp.status_code == 200, resp.text
+    bulk = client.post(
+        "/ops/bulk/retry",
+        json={"filter": {"ids": [str(by_bulk_api)]}, "reason": "r", "from_scratch": True},
+        headers=admin,
+    )
+    assert bulk.status_code == 200, bulk.text
+    assert _checkpoint(engine, by_api) is None and _checkpoint(engine, by_bulk_api) is None
+    assert _checkpoint(engine, by_bulk_cli) == SAVED
 
 
 def test_a_checkpoint_too_large_fails_the_job_and_saves_nothing(

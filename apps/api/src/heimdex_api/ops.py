@@ -75,6 +75,11 @@ class Act(BaseModel):
         default=None, max_length=ops.REASON_MAX, pattern=NO_NUL,
         description="Why; required for retry. Written to the job's event with your `sub`.",
     )  # fmt: skip
+    from_scratch: bool = Field(
+        default=False,
+        description="Retry only: drop the job's checkpoint, so the next attempt starts afresh "
+        "instead of resuming.",
+    )
 
 
 class BulkAct(Act):
@@ -180,11 +185,15 @@ def read_job(job_id: uuid.UUID, state: State, _: Reader) -> JobDetail:
     "/jobs/{job_id}/{action}", response_model=JobOut, responses=problem_responses(404, 409)
 )
 def act(job_id: uuid.UUID, action: ops.Action, body: Act, state: State, caller: Admin) -> JobOut:
-    """`retry` (dead_letter, failed or canceled: queued now, attempts from 0; a reason is
-    required), `cancel` (queued: now; running: at its next stage) or `requeue` (queued: due
-    now). 409 when the job's state does not allow it."""
+    """`retry` (dead_letter, failed or canceled: queued now, attempts from 0, resuming from the
+    job's checkpoint unless `from_scratch`; a reason is required), `cancel` (queued: now;
+    running: at its next stage) or `requeue` (queued: due now). 409 when the job's state does
+    not allow it."""
     with state.engine.begin() as conn:
-        job = ops.operate(conn, action, job_id, ops.Operator(caller.sub, body.reason))
+        job = ops.operate(
+            conn, action, job_id, ops.Operator(caller.sub, body.reason),
+            from_scratch=body.from_scratch,
+        )  # fmt: skip
     return JobOut.of(job)
 
 
@@ -194,7 +203,7 @@ def bulk(action: ops.Action, body: BulkAct, state: State, caller: Admin) -> Bulk
     `batch_size` jobs, each its own transaction. `dry_run` answers the count only."""
     result = ops.bulk(
         state.engine, action, body.filter.job_filter(), ops.Operator(caller.sub, body.reason),
-        dry_run=body.dry_run, batch_size=body.batch_size,
+        dry_run=body.dry_run, batch_size=body.batch_size, from_scratch=body.from_scratch,
     )  # fmt: skip
     return BulkOut(action=action, dry_run=result.dry_run, jobs=result.jobs, batches=result.batches)
 

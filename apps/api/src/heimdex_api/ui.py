@@ -420,6 +420,7 @@ def job_page(job_id: uuid.UUID, request: Request, state: State, s: Operator) -> 
         events=events,
         fingerprint=fingerprint,
         actions=[a.value for a in ops.Action if job.status in ops.TARGETS[a]],
+        stuck=sum(1 for e in events if (e.detail_json or {}).get("stuck")),
     )
 
 
@@ -433,8 +434,9 @@ async def job_action(
     def run() -> str:
         with state.engine.begin() as conn:
             job = ops.operate(
-                conn, action, job_id, ops.Operator(s.principal.sub, form.get("reason"))
-            )
+                conn, action, job_id, ops.Operator(s.principal.sub, form.get("reason")),
+                from_scratch=action is ops.Action.RETRY and form.get("from_scratch") == "1",
+            )  # fmt: skip
         return f"{PAST[action.value]}: now {job.status.value}"
 
     try:

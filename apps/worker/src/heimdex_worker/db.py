@@ -41,7 +41,6 @@ class ThreadConnections:
             conn.close()
             raise
 
-
     def close(self) -> None:
         """Close this thread's connection (a thread ending gives it back to the pool)."""
         conn: Connection | None = getattr(self._local, "conn", None)

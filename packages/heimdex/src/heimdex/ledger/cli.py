@@ -253,6 +253,7 @@ def _action_command(action: ops.Action, summary: str, example: str) -> click.Com
         dry_run: bool,
         yes: bool,
         batch_size: int,
+        from_scratch: bool = False,
         **filters: Any,
     ) -> None:
         if action is ops.Action.RETRY and not dry_run and not (reason or "").strip():
@@ -271,7 +272,7 @@ def _action_command(action: ops.Action, summary: str, example: str) -> click.Com
                     click.echo(f"{n} job{'' if n == 1 else 's'} would be {past}")
                     return
                 with engine.begin() as conn:
-                    job = ops.operate(conn, action, job_ids[0], operator)
+                    job = ops.operate(conn, action, job_ids[0], operator, from_scratch=from_scratch)
                 click.echo(f"{job.id}: {job.status.value}")
                 return
             with engine.connect() as conn:
@@ -284,7 +285,9 @@ def _action_command(action: ops.Action, summary: str, example: str) -> click.Com
                 return
             if not yes:
                 click.confirm(f"{action.value.capitalize()} {n} jobs?", abort=True, err=True)
-            result = ops.bulk(engine, action, f, operator, batch_size=batch_size)
+            result = ops.bulk(
+                engine, action, f, operator, batch_size=batch_size, from_scratch=from_scratch
+            )
         click.echo(f"{past} {result.jobs} jobs in {result.batches} batches")
 
     command.__doc__ = f"""{summary}
@@ -308,6 +311,15 @@ def _action_command(action: ops.Action, summary: str, example: str) -> click.Com
                      default=ops.DEFAULT_BATCH_SIZE, show_default=True,
                      help="Jobs per transaction of a bulk change."),
     ]  # fmt: skip
+    if action is ops.Action.RETRY:
+        options.append(
+            click.option(
+                "--from-scratch",
+                is_flag=True,
+                help="Drop each job's checkpoint: the next attempt starts afresh instead of "
+                "resuming where the last one saved.",
+            )
+        )
     decorated: Callable[..., Any] = _filter_options(command)
     for option in reversed(options):
         decorated = option(decorated)
@@ -317,8 +329,10 @@ def _action_command(action: ops.Action, summary: str, example: str) -> click.Com
 jobs.add_command(
     _action_command(
         ops.Action.RETRY,
-        "Retry dead-lettered, failed or canceled jobs: queued now, attempts back to 0.",
+        "Retry dead-lettered, failed or canceled jobs: queued now, attempts back to 0, resuming\n"
+        "    from each job's checkpoint (--from-scratch: start afresh).",
         """  heimdex jobs retry 0b9c1a52-5d1e-4f0a-9c57-1f8d7c2b6a10 --reason "fixed the bucket ACL"
+      heimdex jobs retry 0b9c1a52-5d1e-4f0a-9c57-1f8d7c2b6a10 --reason "bad output" --from-scratch
       heimdex jobs retry --status dead_letter --error-code UPSTREAM_TIMEOUT --dry-run
       heimdex jobs retry --fingerprint 3fa2c1d09b7e --reason "upstream back" --yes""",
     )

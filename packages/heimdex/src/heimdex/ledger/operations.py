@@ -107,6 +107,7 @@ def operate(
     nothing and writes no event.
     """
     operator = operator.checked(action)
+    _check_from_scratch(action, from_scratch)
     job = repository.get_job(conn, job_id, lock=True)
     _check(action, job)
     repository.operate_batch(
@@ -122,6 +123,11 @@ def retry(
     """A dead-lettered, failed or canceled job back to `queued`, due now, `attempt` 0. Its
     next attempt resumes from the job's checkpoint, or starts afresh with `from_scratch`."""
     return operate(conn, Action.RETRY, job_id, operator, from_scratch=from_scratch)
+
+
+def _check_from_scratch(action: Action, from_scratch: bool) -> None:
+    if from_scratch and action is not Action.RETRY:
+        raise LedgerError(f"from scratch applies to a retry, not a {action.value}")
 
 
 def _detail(operator: Operator, from_scratch: bool) -> dict[str, Any]:
@@ -188,6 +194,7 @@ def bulk(
     `from_scratch` drops each job's checkpoint.
     """
     f = checked_filter(action, f)
+    _check_from_scratch(action, from_scratch)
     if not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise LedgerError(f"the batch size must be 1 to {MAX_BATCH_SIZE}")
     if dry_run:  # changes nothing, so it needs no reason
