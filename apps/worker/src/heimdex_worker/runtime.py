@@ -26,7 +26,6 @@ import logging
 import threading
 import time
 import traceback
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,7 +36,6 @@ from heimdex.ledger import repository, retention, service
 from heimdex.ledger.errors import CancelRequested, InvalidParams, LeaseLost
 from heimdex.ledger.registry import JobError, Registry
 from heimdex.ledger.repository import ClaimedJob
-from heimdex.models import JobStatus
 from heimdex.settings import Settings
 from heimdex_worker.db import MAX_RETRY_WAIT_SECONDS, ThreadConnections, retrying
 from heimdex_worker.held import Done, Held, HeldJobs
@@ -236,15 +234,13 @@ class Worker:
         carries an outcome), the rest go to the shared deque for whichever runner is free."""
         fresh = self.held.hold(jobs)
         self._ready.extend(fresh[1:])
-        for type_, n in Counter(job.type for job in jobs).items():
-            self.metrics.ledger.count(type_, JobStatus.QUEUED, JobStatus.RUNNING, n)
         if len(jobs) > 1:
             self.wake.set()  # idle runners help with the batch
         return fresh[0]
 
     def _claim(self, limit: int) -> repository.Claim:
         with self.connections.autocommit() as conn:
-            claim = repository.claim(
+            claim = service.claim(
                 conn, worker_id=self.worker_id, limit=limit,
                 lease_seconds=self.settings.lease_seconds,
             )  # fmt: skip

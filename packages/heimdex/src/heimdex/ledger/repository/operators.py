@@ -192,7 +192,7 @@ _OPERATOR_UPDATE = {
        SET status = 'queued', attempt = 0, run_at = now(), finished_at = NULL, turn = NULL,
            cancel_requested = false, stage = NULL, progress = 0, updated_at = now()
       FROM picked WHERE j.id = picked.id
-    RETURNING j.id, picked.prev, 'queued' AS next, picked.attempt""",
+    RETURNING j.id, j.type, picked.prev, 'queued' AS next, picked.attempt""",
     "cancel": """
     UPDATE job AS j
        SET status = CASE WHEN picked.prev = 'queued' THEN 'canceled' ELSE 'running' END
@@ -200,13 +200,13 @@ _OPERATOR_UPDATE = {
            finished_at = CASE WHEN picked.prev = 'queued' THEN now() END,
            cancel_requested = picked.prev = 'running', updated_at = now()
       FROM picked WHERE j.id = picked.id
-    RETURNING j.id, picked.prev,
+    RETURNING j.id, j.type, picked.prev,
               CASE WHEN picked.prev = 'queued' THEN 'canceled' ELSE 'running' END AS next,
               picked.attempt""",
     "requeue": """
     UPDATE job AS j SET run_at = now(), turn = NULL, updated_at = now()
       FROM picked WHERE j.id = picked.id
-    RETURNING j.id, picked.prev, 'queued' AS next, picked.attempt""",
+    RETURNING j.id, j.type, picked.prev, 'queued' AS next, picked.attempt""",
 }
 
 _ACTION_EVENT = {"retry": "retried", "cancel": "canceled", "requeue": "requeued"}
@@ -232,7 +232,8 @@ def operate_batch(
     `after`, with one event each (`detail` plus the action's own keys); one statement.
 
     Rows are locked in id order (FOR UPDATE: a job that changed meanwhile is checked again and
-    skipped if no longer eligible). Returns (id, prev, next, attempt) per job changed, by id.
+    skipped if no longer eligible). Returns (id, type, prev, next, attempt) per job changed, by
+    id.
     A running job's cancel is a request (`cancel_requested`, event running -> running).
     """
     clauses, params = _where(f)
@@ -257,7 +258,7 @@ WITH picked AS (
                'attempts_before', attempt)
       FROM upd
 )
-SELECT id, prev, next, attempt FROM upd ORDER BY id"""
+SELECT id, type, prev, next, attempt FROM upd ORDER BY id"""
     params.update(limit=limit, detail=to_json(detail), event=_ACTION_EVENT[action])
     rows = list(conn.execute(text(sql), params).all())
     if action != "cancel" and rows:

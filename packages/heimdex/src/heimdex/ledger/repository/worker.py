@@ -226,23 +226,24 @@ WITH t AS (
       FROM t
      WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = t.id
        AND j.status::text = 'running' AND j.lease_token IS NOT DISTINCT FROM t.token
-    RETURNING j.id, t.status, t.delay, t.detail
+    RETURNING j.id, j.type, t.status, t.delay, t.detail
 ), ev AS (
     INSERT INTO job_event (job_id, ts, prev_status, next_status, detail_json)
     SELECT id, clock_timestamp(), 'running', status, detail FROM upd
 )
-SELECT id, status, delay FROM upd
+SELECT id, type, status, delay FROM upd
 """
 
 
-def write_outcomes(conn: Connection, outcomes: Sequence[Outcome]) -> set[uuid.UUID]:
+def write_outcomes(conn: Connection, outcomes: Sequence[Outcome]) -> dict[uuid.UUID, str]:
     """End running attempts still holding their lease, with their events; one statement.
 
-    Returns the ids written; an outcome missing from it lost its lease (the reaper or a cancel
-    got there first) and changed nothing. Requeued jobs due now wake idle workers.
+    Returns the ids written, with each job's type; an outcome missing from it lost its lease
+    (the reaper or a cancel got there first) and changed nothing. Requeued jobs due now wake
+    idle workers.
     """
     if not outcomes:
-        return set()
+        return {}
     payload = [
         {
             "id": str(o.job_id),
@@ -260,9 +261,9 @@ def write_outcomes(conn: Connection, outcomes: Sequence[Outcome]) -> set[uuid.UU
     rows = driver_rows(
         conn, _OUTCOMES, {"outcomes": json_array(payload), "ids": [o.job_id for o in outcomes]}
     )
-    if any(status == JobStatus.QUEUED.value and delay <= 0 for _, status, delay in rows):
+    if any(status == JobStatus.QUEUED.value and delay <= 0 for _, _, status, delay in rows):
         notify(conn)
-    return {job_id for job_id, _, _ in rows}
+    return {job_id: type_ for job_id, type_, _, _ in rows}
 
 
 def lock_held(conn: Connection, held: Sequence[tuple[uuid.UUID, uuid.UUID]]) -> list[JobRow]:
