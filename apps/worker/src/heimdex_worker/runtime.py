@@ -249,8 +249,15 @@ class Worker:
 
     def _attempt(self, held: Held) -> Done:  # noqa: PLR0911 - one return per way an attempt ends
         job = held.job
+        start_first = self.held.take(held)
         if self.stopping.is_set():
             return held, service.released(job), "released"
+        if start_first:
+            try:
+                if not self._record_start(held):
+                    return held, None, "lease_lost"
+            except DBAPIError:  # stopping through an outage: it never started
+                return held, service.released(job), "released"
         try:
             job_type = self.registry.get(job.type)
             assert job_type.handler is not None  # the worker refuses to start otherwise
@@ -272,6 +279,19 @@ class Worker:
         if held.lost:
             return held, None, "lease_lost"
         return held, service.succeeded(job, result), "succeeded"
+
+    def _record_start(self, held: Held) -> bool:
+        """Record that a job the keeper recorded as waiting unstarted starts now, before its
+        handler runs, so that a worker lost from here on charges the attempt (see
+        docs/architecture.md, what counts as an attempt); False when the lease is gone.
+        Retried through an outage until the worker stops."""
+
+        def record() -> bool:
+            with self.connections.autocommit() as conn:
+                return repository.record_start(conn, held.job.id, held.token)
+
+        started: bool = retrying("recording a start", record, give_up=self.stopping.is_set)
+        return started
 
     @staticmethod
     def _failure(job: ClaimedJob, code: str, message: str, *, retryable: bool) -> service.Failure:

@@ -246,6 +246,24 @@ def released(job: JobRow | ClaimedJob) -> Outcome:
     return Outcome(job.id, job.lease_token, JobStatus.QUEUED, job.attempt, {"action": "released"})
 
 
+def returned_unstarted(job: JobRow) -> Outcome:
+    """The lease expired on a job its worker claimed but never started (prefetched, then the
+    worker was lost): not an attempt. Back to the queue, due now, `attempt` as it was; a cancel
+    requested meanwhile wins."""
+    detail = {"worker": job.leased_by}
+    if job.cancel_requested:
+        ensure_transition(job.id, job.status, JobStatus.CANCELED)
+        return Outcome(
+            job.id, job.lease_token, JobStatus.CANCELED, job.attempt,
+            {"action": "canceled", "unstarted": True, **detail},
+        )  # fmt: skip
+    ensure_transition(job.id, job.status, JobStatus.QUEUED)
+    return Outcome(
+        job.id, job.lease_token, JobStatus.QUEUED, job.attempt,
+        {"action": "returned_unstarted", **detail},
+    )  # fmt: skip
+
+
 def after_failure(
     job: JobRow | ClaimedJob,
     *,
@@ -320,13 +338,18 @@ def fail_attempts(
 def reap_expired_leases(
     conn: Connection, *, policy: RetryPolicy, stale_after_seconds: float, limit: int = 100
 ) -> list[Outcome]:
-    """Apply the retry rule to running jobs whose lease expired (their worker is gone).
+    """End the attempts of running jobs whose lease expired (their worker is gone).
 
-    Code `LEASE_EXPIRED`, attempt counted: requeued with backoff or dead-lettered. The late
-    worker's own outcome then finds the lease gone and changes nothing.
+    An attempt that began (its handler started: `started_at` set) is counted: the retry rule
+    with code `LEASE_EXPIRED`, requeued with backoff or dead-lettered. A job its worker only
+    prefetched (`started_at` NULL, see the worker) is `returned_unstarted`, its attempt budget
+    intact. The late worker's own outcome then finds the lease gone and changes nothing.
     """
     outcomes = []
     for row in repository.lock_expired(conn, stale_after_seconds=stale_after_seconds, limit=limit):
+        if row.started_at is None:
+            outcomes.append(returned_unstarted(row))
+            continue
         holder = row.leased_by or "an unknown worker"
         outcomes.append(
             after_failure(

@@ -303,6 +303,39 @@ SELECT {JOB_COLUMNS}
     )
 
 
+# A claimed job counts as started (the claim sets `started_at`) until its worker records it as
+# waiting unstarted; the reaper charges an expired lease only when `started_at` is set.
+_PREFETCHED = text("""
+UPDATE job AS j SET started_at = NULL
+  FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS uuid[])) AS h(id, token)
+ WHERE j.id = ANY(CAST(:ids AS uuid[])) AND j.id = h.id AND j.lease_token = h.token
+   AND j.status::text = 'running'
+RETURNING j.id""")
+_START = text("""
+UPDATE job SET started_at = now()
+ WHERE id = :id AND lease_token = :token AND status::text = 'running'
+RETURNING id""")
+
+
+def record_prefetched(
+    conn: Connection, held: Sequence[tuple[uuid.UUID, uuid.UUID]]
+) -> set[uuid.UUID]:
+    """Record held jobs (id, lease token) as claimed but not started: if their worker is lost,
+    the reaper returns them to the queue uncharged. One statement; the ids recorded."""
+    if not held:
+        return set()
+    rows = conn.execute(
+        _PREFETCHED, {"ids": [i for i, _ in held], "tokens": [t for _, t in held]}
+    ).all()
+    return {r.id for r in rows}
+
+
+def record_start(conn: Connection, job_id: uuid.UUID, token: uuid.UUID) -> bool:
+    """Record that a held job's handler starts now (after `record_prefetched`); False when the
+    lease is no longer held."""
+    return conn.execute(_START, {"id": job_id, "token": token}).one_or_none() is not None
+
+
 def renew_leases(
     conn: Connection, tokens: Sequence[uuid.UUID], *, lease_seconds: float
 ) -> set[uuid.UUID]:
