@@ -51,7 +51,8 @@ class HeldJobs:
         """Hold what one claim took; the first job is its claimer's, taken at once."""
         with self._lock:
             fresh = [Held(job) for job in jobs]
-            fresh[0].taken = True
+            if fresh:
+                fresh[0].taken = True
             for h in fresh:
                 self._held[h.job.id] = h
         return fresh
