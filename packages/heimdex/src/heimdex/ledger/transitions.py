@@ -13,9 +13,11 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import suppress
 from typing import NamedTuple
 
 from sqlalchemy import Connection, Engine, event
+from sqlalchemy.exc import SQLAlchemyError
 
 from heimdex.models import JobStatus
 
@@ -51,7 +53,10 @@ def observe(engine: Engine, hook: Hook) -> None:
             _deliver(hook, pending)
 
     def rolled_back(conn: Connection) -> None:
-        conn.info.pop(_PENDING, None)
+        # A connection the server dropped is invalidated before the rollback: it has no info
+        # left to clear, and what it held pending is void with it.
+        with suppress(SQLAlchemyError):
+            conn.info.pop(_PENDING, None)
 
     event.listen(engine, "engine_connect", connected)
     event.listen(engine, "commit", committed)
