@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -250,22 +251,33 @@ def upgrade(
 
 @db.command(
     epilog="""\b
-Exit codes: 0 done, 1 error. Serialised with upgrade by the same lock.
+Data loss: before any revision runs, the tables and columns the downgrade drops
+(read from its offline SQL) are counted on the database; if any holds rows
+(non-null values for a column), each is listed on its own line and nothing is
+changed, unless --allow-data-loss. The check needs the tooling extra
+(pip install 'heimdex-db[tooling]'); --allow-data-loss does not.
+Exit codes: 0 done, 1 error or refused. Serialised with upgrade by the same lock.
 
 \b
 Examples:
   heimdex db downgrade -1           # revert the last revision
-  heimdex db downgrade base
+  heimdex db downgrade base --allow-data-loss
 """,
     context_settings={"ignore_unknown_options": True},
 )
 @click.argument("revision")
+@click.option(
+    "--allow-data-loss",
+    is_flag=True,
+    help="Drop tables and columns that hold data (they are listed in the log).",
+)
 @_config_option
 @_url_option()
 @_lock_options
 def downgrade(
     *,
     revision: str,
+    allow_data_loss: bool,
     config: Path | None,
     database_url: str | None,
     lock_timeout: str,
@@ -274,9 +286,20 @@ def downgrade(
 ) -> None:
     """Revert revisions down to REVISION (an id or prefix, base, or -N)."""
     tuning = Tuning(lock_timeout=lock_timeout, retries=retries, lock_wait=lock_wait)
+    if allow_data_loss and not _has("pglast"):
+        ctx = _context(config, database_url, needs_database=True, tuning=tuning)
+        _report_migration(migrate_cmd.downgrade(ctx, revision))
+        return
+    require_extra("pglast", "heimdex db downgrade (its data-loss check)")
+    # Imported here: the SQL parser is in the tooling extra, which `heimdex db upgrade` needs not.
+    from heimdex_db import dataloss  # noqa: PLC0415
+
     ctx = _context(config, database_url, needs_database=True, tuning=tuning)
-    result = migrate_cmd.downgrade(ctx, revision)
-    _report_migration(result)
+    _report_migration(dataloss.downgrade(ctx, revision, allow_data_loss=allow_data_loss))
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 @db.command(

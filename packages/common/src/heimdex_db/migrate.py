@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from alembic import command
@@ -261,7 +262,14 @@ def _run_step(ctx: DbContext, step: Step, *, position: str = "") -> None:
         return
 
 
-def _migrate(ctx: DbContext, direction: str, target: str) -> MigrateResult:
+# Called under the migration lock, on the lock's connection, with the revisions a downgrade
+# is about to revert (newest first), before any of them runs: it may refuse by raising.
+DowngradeGuard = Callable[[Connection, list[Script]], None]
+
+
+def _migrate(
+    ctx: DbContext, direction: str, target: str, guard: DowngradeGuard | None = None
+) -> MigrateResult:
     cfg, url = ctx.config, ctx.url
     scripts = ctx.scripts()
     history = ordered_revisions(scripts)
@@ -286,6 +294,12 @@ def _migrate(ctx: DbContext, direction: str, target: str) -> MigrateResult:
             steps = [Step(s, "upgrade") for s in history[here + 1 : goal + 1]]
         else:
             steps = [Step(s, "downgrade") for s in reversed(history[goal + 1 : here + 1])]
+        if guard is not None and steps:
+            try:
+                guard(lock_conn, [step.script for step in steps])
+            finally:
+                if lock_conn.in_transaction():
+                    lock_conn.rollback()
         if not steps:
             logger.info("nothing to do: the database is at %s", before or "base")
         applied = []
@@ -306,6 +320,10 @@ def upgrade(ctx: DbContext, target: str = "head") -> MigrateResult:
     return _migrate(ctx, "upgrade", target)
 
 
-def downgrade(ctx: DbContext, target: str) -> MigrateResult:
-    """Revert revisions down to `target` (a revision, `base` or `-N`), like `upgrade`."""
-    return _migrate(ctx, "downgrade", target)
+def downgrade(ctx: DbContext, target: str, *, guard: DowngradeGuard | None = None) -> MigrateResult:
+    """Revert revisions down to `target` (a revision, `base` or `-N`), like `upgrade`.
+
+    `guard` sees the revisions to revert before the first one runs and may refuse by raising
+    (`heimdex_db.dataloss.downgrade` refuses one that would delete data).
+    """
+    return _migrate(ctx, "downgrade", target, guard)
