@@ -30,7 +30,6 @@ from heimdex_db.lint.findings import RLS_BASELINE_REVISION
 from heimdex_db.revision import require_extra
 from heimdex_db.settings import DEFAULT_LOCK_TIMEOUT, LOCK_TIMEOUT_ENV
 from heimdex_db.supabase import artifacts as artifacts_cmd
-from heimdex_db.verify import command as verify_cmd
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -416,6 +415,10 @@ def verify(
     skip_artifacts: bool,
 ) -> None:
     """Verify the whole history in a throwaway database, as the playbook asks a human to."""
+    require_extra("pglast", "heimdex db verify")
+    # Imported here: verify reads downgrades with the SQL parser of the tooling extra.
+    from heimdex_db.verify import command as verify_cmd  # noqa: PLC0415
+
     report = verify_cmd.verify(
         _context(config),
         server_url=database_url,
