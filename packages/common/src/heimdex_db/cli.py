@@ -354,7 +354,10 @@ def revision(
 Files: supabase/migrations/NNNN_<slug>.sql, one per revision in history order
 (plus one per statement that cannot run in a transaction). Each is exactly what
 `python -m alembic upgrade <prev>:<rev> --sql` prints. Needs no database.
-Exit codes: 0 current/written, 1 error or (with --check) missing/stale files.
+A file the Supabase CLI (>= 2.115.0) could not apply, where a statement that must run
+outside a transaction (CREATE/DROP INDEX CONCURRENTLY, VACUUM, ...) shares the file
+with others, is named on a line of its own by --check and never written.
+Exit codes: 0 current/written, 1 error or (with --check) missing/stale/unappliable files.
 
 \b
 Examples:
