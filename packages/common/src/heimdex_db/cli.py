@@ -471,3 +471,37 @@ def lint(*, config: Path | None, revisions: tuple[str, ...]) -> None:
     )
     if report.findings:
         sys.exit(1)
+
+
+@db.command(
+    epilog="""\b
+The history from base to REV becomes one baseline revision with REV's id, built by
+replaying it in a scratch database and dumping it with pg_dump (schema, grants, RLS
+policies, functions, triggers, the rows the history inserts): <rev>_baseline_<rev>.py
+and its .upgrade.sql/.downgrade.sql. The squashed revisions move to
+<script_location>/squashed/REV/ (the old chain, with its own alembic.ini).
+A database at REV or later upgrades unchanged; a fresh one runs the baseline; one
+between base and REV is told to run `heimdex db upgrade REV -c <old chain ini>` first.
+The baseline is applied to a second scratch database and must dump identically,
+or nothing is written. Exit codes: 0 written, 1 error (nothing changed).
+
+\b
+Examples:
+  heimdex db squash --to 7e5b3c8d1f20
+  heimdex db squash --to 7e5b --database-url postgresql://postgres@localhost/postgres
+"""
+)
+@click.option("--to", "to", required=True, metavar="REV", help="Last revision to squash.")
+@_config_option
+@_url_option(
+    "A server to replay on: scratch databases are created on it and dropped "
+    "(default: a throwaway cluster from the local PostgreSQL binaries)."
+)
+def squash(*, to: str, config: Path | None, database_url: str | None) -> None:
+    """Replace the revisions up to REV by one baseline revision dumped from a replay."""
+    # Imported here: squash replays on local PostgreSQL binaries (tooling, not deployment).
+    from heimdex_db import squash as squash_cmd  # noqa: PLC0415
+
+    result = squash_cmd.squash(_context(config), to, server_url=database_url)
+    click.echo(f"{result.baseline}: baseline of {len(result.squashed)} revisions")
+    click.echo(f"old chain: {result.old_chain}")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from alembic import command
 from alembic.script import Script, ScriptDirectory
@@ -71,6 +73,15 @@ def _index(history: list[Script], revision: str | None) -> int:
     for i, script in enumerate(history):
         if script.revision == revision:
             return i
+    for script in history:
+        if revision in getattr(script.module, "squashes", ()):
+            old_chain = Path(script.path).parent / script.module.old_chain
+            raise HeimdexError(
+                f"the database is at {revision}, one of the revisions the baseline "
+                f"{script.revision} replaced (`heimdex db squash`): bring it to "
+                f"{script.revision} with the old chain first, then upgrade as usual: "
+                f"heimdex db upgrade {script.revision} -c {os.path.normpath(old_chain)}"
+            )
     raise HeimdexError(
         f"the database is at {revision}, which this history does not contain "
         "(a revision from another branch or a newer checkout?)"

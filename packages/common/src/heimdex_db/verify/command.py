@@ -120,7 +120,10 @@ def stairway(ctx: DbContext, history: list[Script]) -> list[str]:
     """
     url = ctx.url
     passed = []
-    _seed(url, None)
+    # A baseline (`heimdex db squash`) serves fresh databases only: the rows of a database
+    # from before the history (upstream's tables) are for the old chain's first revision.
+    if not (history and getattr(history[0].module, "squashes", ())):
+        _seed(url, None)
     for number, script in enumerate(history, 1):
         rev = script.revision
         started = time.monotonic()
