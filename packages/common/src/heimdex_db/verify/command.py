@@ -122,7 +122,8 @@ def stairway(ctx: DbContext, history: list[Script]) -> list[str]:
     passed = []
     # A baseline (`heimdex db squash`) serves fresh databases only: the rows of a database
     # from before the history (upstream's tables) are for the old chain's first revision.
-    if not (history and getattr(history[0].module, "squashes", ())):
+    squashes: tuple[str, ...] = getattr(history[0].module, "squashes", ()) if history else ()
+    if not squashes:
         _seed(url, None)
     for number, script in enumerate(history, 1):
         rev = script.revision
