@@ -50,6 +50,9 @@ def test_the_chain_up_to_rev_becomes_one_baseline_with_rev_s_id(squashed: Histor
     old_chain = squashed.root / "alembic" / "squashed" / TO / "alembic.ini"
     assert revisions_of(old_chain) == original[: original.index(TO) + 1]
     assert not list(squashed.versions.glob("001_*"))
+    # The roles the RLS revision creates are created by the baseline too (pg_dump does not).
+    upgrade_sql = next(squashed.versions.glob(f"{TO}_*.upgrade.sql")).read_text()
+    assert "ARRAY['anon', 'authenticated', 'service_role']" in upgrade_sql
 
 
 def test_a_fresh_database_from_the_baseline_equals_the_old_chain_at_head(

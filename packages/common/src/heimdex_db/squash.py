@@ -119,6 +119,11 @@ def _roles(url: URL) -> list[str]:
     return sorted(n for n in names if n not in (me, "public") and not _BUILTIN_ROLES.match(n))
 
 
+def _all_roles(url: URL) -> set[str]:
+    with connect(url) as conn:
+        return set(conn.execute(text("SELECT rolname FROM pg_roles")).scalars())
+
+
 def _roles_sql(roles: list[str]) -> str:
     if not roles:
         return ""
@@ -269,9 +274,12 @@ def squash(ctx: DbContext, to: str, *, server_url: URL | str | None = None) -> S
     tuning = Tuning(lock_timeout=ctx.tuning.lock_timeout, retries=0)
 
     with scratch_database(server_url) as url:
+        existing = _all_roles(url)
         migrate.upgrade(ctx.on(url, tuning=tuning), target.revision)
         replayed = dump(url)
-        roles = _roles(url)
+        # Those the history created, and those its grants and policies name (on a shared
+        # server they may have existed before the replay).
+        roles = sorted(set(_roles(url)) | (_all_roles(url) - existing))
 
     versions = Path(target.path).parent
     script_location = Path(scripts.dir)
