@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from alembic.script import ScriptDirectory
@@ -13,10 +14,14 @@ from heimdex_db.config import alembic_config
 from heimdex_db.context import DbContext
 from heimdex_db.migrate import upgrade
 from heimdex_db.squash import comparable_lines, dump
+from heimdex_db.supabase.artifacts import sql
 from heimdex_db.verify.schema import render_diff
 from tests.dbutil import execute, schema_of, version_of
 
-from .conftest import COMMON, HistoryCopy, heimdex, revisions_of, url_arg
+from .conftest import COMMON, REPO, HistoryCopy, heimdex, revisions_of, url_arg
+from .test_supabase_cli import supabase_cli, supabase_push
+
+__all__ = ["supabase_cli"]  # the fixture, shared with the Supabase CLI tests
 
 # The queue in the ledger: five revisions to squash, two after it that must keep working.
 TO = "b8e2d4f6a1c3"
@@ -36,7 +41,8 @@ def squashed(tmp_path_factory: pytest.TempPathFactory) -> HistoryCopy:
 
 
 def _dumps_equal(a: URL, b: URL) -> None:
-    first, second = dump(a), dump(b)
+    # The Supabase CLI's own bookkeeping is not the ledger's schema.
+    first, second = (dump(url, exclude_schemas=("supabase_migrations",)) for url in (a, b))
     assert comparable_lines(first.schema) == comparable_lines(second.schema)
     assert comparable_lines(first.data) == comparable_lines(second.data)
 
@@ -112,6 +118,22 @@ def test_a_database_inside_the_squashed_chain_is_told_how_to_reach_rev(
     then = heimdex("db", "upgrade", "-c", squashed.ini, "--database-url", url_arg(inside))
     assert then.returncode == 0, then.stdout + then.stderr
     assert schema_of(inside) == schema_of(db_url)
+
+
+def test_the_baseline_s_supabase_file_keeps_the_numbers_of_the_files_after_it(
+    squashed: HistoryCopy, supabase_cli: Path, empty_db_url: URL, db_url: URL, tmp_path: Path
+) -> None:
+    out = tmp_path / "migrations"
+    sql(DbContext.build(squashed.ini), output_dir=out)
+
+    before = sorted(p.name for p in (REPO / "supabase" / "migrations").glob("*.sql"))
+    replaced = [name for name in before if name < "0009"]
+    names = sorted(p.name for p in out.iterdir())
+    assert replaced[-1] == "0008_queue_in_the_ledger_4.sql"
+    assert names == [f"0008_baseline_{TO}.sql", *before[len(replaced) :]]
+    # The real Supabase CLI applies them to the schema the old chain builds.
+    supabase_push(supabase_cli, out, empty_db_url, tmp_path)
+    _dumps_equal(empty_db_url, db_url)
 
 
 def test_verify_passes_on_the_squashed_history(squashed: HistoryCopy, pg_admin_url: URL) -> None:

@@ -33,6 +33,7 @@ from heimdex_db.config import VERSION_TABLE_SCHEMA
 from heimdex_db.context import DbContext, Tuning
 from heimdex_db.history import connect, ordered_revisions, resolve_revision
 from heimdex_db.localpg import find_bindir
+from heimdex_db.supabase.artifacts import compile_artifacts
 from heimdex_db.verify.command import scratch_database
 
 SQUASHED_DIR = "squashed"
@@ -152,11 +153,12 @@ $roles$;
 """
 
 
-def dump(url: URL) -> Dump:
+def dump(url: URL, *, exclude_schemas: tuple[str, ...] = ()) -> Dump:
     """The schema and data of the database at `url`, as a baseline would recreate them."""
-    schema = _pg_dump(url, "--schema-only")
-    clean = _pg_dump(url, "--schema-only", "--clean", "--if-exists")
-    data = _pg_dump(url, "--data-only", "--inserts", "--column-inserts")
+    skip = [f"--exclude-schema={name}" for name in exclude_schemas]
+    schema = _pg_dump(url, "--schema-only", *skip)
+    clean = _pg_dump(url, "--schema-only", "--clean", "--if-exists", *skip)
+    data = _pg_dump(url, "--data-only", "--inserts", "--column-inserts", *skip)
     created = set(schema.splitlines())
     # What --clean adds is the DROP of each object, dependants first; the schema of the version
     # table stays (it holds alembic_version, which env.py creates before any revision runs).
@@ -187,7 +189,9 @@ def _slug(script: Script) -> str:
     return re.sub(r"[^a-z0-9]+", "_", f"baseline {script.revision}".lower()).strip("_")
 
 
-def _revision_source(target: Script, squashed: list[Script], old_chain: str) -> str:
+def _revision_source(
+    target: Script, squashed: list[Script], old_chain: str, supabase_number: int
+) -> str:
     ids = "".join(f"    {s.revision!r},\n" for s in squashed)
     return textwrap.dedent(
         '''\
@@ -209,6 +213,8 @@ def _revision_source(target: Script, squashed: list[Script], old_chain: str) -> 
         branch_labels = None
         depends_on = None
         supabase_slug = {slug!r}
+        # Its file in supabase/migrations has the number of the last file it replaces.
+        supabase_number = {number}
         # The revisions this one replaces, oldest first; the old chain that applies them, for a
         # database stamped with one of them.
         squashes = (
@@ -229,6 +235,7 @@ def _revision_source(target: Script, squashed: list[Script], old_chain: str) -> 
         slug=_slug(target),
         ids=ids,
         old_chain=old_chain,
+        number=supabase_number,
     )
 
 
@@ -248,6 +255,27 @@ def _old_chain_ini(ini: Path, main_ini: Path, script_location: Path) -> str:
     return text_.replace("%(here)s/src", f"%(here)s/{main_here}/src")
 
 
+def _check(ctx: DbContext, revision: str, replayed: Dump, server_url: URL | str | None) -> None:
+    """The baseline, applied to a scratch database, dumps as the replayed history did."""
+    with scratch_database(server_url) as url:
+        migrate.upgrade(ctx.on(url, tuning=Tuning(retries=0)), revision)
+        again = dump(url)
+    for what, a, b in (
+        ("schema", replayed.schema, again.schema),
+        ("data", replayed.data, again.data),
+    ):
+        if comparable_lines(a) != comparable_lines(b):
+            diff = "\n".join(
+                difflib.unified_diff(
+                    comparable_lines(a), comparable_lines(b), "replayed", "baseline", lineterm=""
+                )
+            )
+            raise SquashFailed(
+                f"the baseline does not recreate the {what} at {revision}; nothing was "
+                f"changed:\n{diff}"
+            )
+
+
 def squash(ctx: DbContext, to: str, *, server_url: URL | str | None = None) -> SquashResult:
     """Replace the revisions from base to `to` by one baseline revision with `to`'s id.
 
@@ -265,6 +293,7 @@ def squash(ctx: DbContext, to: str, *, server_url: URL | str | None = None) -> S
     if position == 0:
         raise SquashFailed(f"{target.revision} is the first revision: there is nothing to squash")
     squashed = history[: position + 1]
+    ids = {s.revision for s in squashed}
     earlier = [r for s in squashed for r in getattr(s.module, "squashes", ())]
     if earlier:
         raise SquashFailed(
@@ -281,6 +310,7 @@ def squash(ctx: DbContext, to: str, *, server_url: URL | str | None = None) -> S
         # server they may have existed before the replay).
         roles = sorted(set(_roles(url)) | (_all_roles(url) - existing))
 
+    numbers = [int(a.name[:4]) for a in compile_artifacts(ctx.config) if a.revision in ids]
     versions = Path(target.path).parent
     script_location = Path(scripts.dir)
     old_dir = script_location / SQUASHED_DIR / target.revision
@@ -302,29 +332,9 @@ def squash(ctx: DbContext, to: str, *, server_url: URL | str | None = None) -> S
         upgrade_sql.write_text(_upgrade_sql(replayed, roles))
         downgrade_sql.write_text(_runnable(replayed.drops))
         old_chain = os.path.relpath(old_ini, versions)
-        baseline_py.write_text(_revision_source(target, squashed, old_chain))
+        baseline_py.write_text(_revision_source(target, squashed, old_chain, max(numbers)))
 
-        with scratch_database(server_url) as url:
-            migrate.upgrade(ctx.on(url, tuning=tuning), target.revision)
-            again = dump(url)
-        for what, a, b in (
-            ("schema", replayed.schema, again.schema),
-            ("data", replayed.data, again.data),
-        ):
-            if comparable_lines(a) != comparable_lines(b):
-                diff = "\n".join(
-                    difflib.unified_diff(
-                        comparable_lines(a),
-                        comparable_lines(b),
-                        "replayed",
-                        "baseline",
-                        lineterm="",
-                    )
-                )
-                raise SquashFailed(
-                    f"the baseline does not recreate the {what} at {target.revision}; nothing "
-                    f"was changed:\n{diff}"
-                )
+        _check(ctx, target.revision, replayed, server_url)
     except BaseException:
         for src, dst in reversed(moved):
             shutil.move(dst, src)

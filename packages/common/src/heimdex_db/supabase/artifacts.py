@@ -84,15 +84,19 @@ def split_transactions(chunks: list[Chunk]) -> list[str]:
 
 
 def compile_artifacts(cfg: Config) -> list[Artifact]:
-    """Every artifact of the history, in order, numbered from 0001."""
+    """Every artifact of the history, in order, numbered from 0001 (or a baseline's number)."""
     artifacts: list[Artifact] = []
-    for script in ordered_revisions(scripts_of(cfg)):
+    history = ordered_revisions(scripts_of(cfg))
+    # A baseline (`heimdex db squash`) takes the number of the last file it replaces, so that
+    # the files after it keep theirs: a project that applied them sees the same versions.
+    first = int(getattr(history[0].module, "supabase_number", 1)) if history else 1
+    for script in history:
         compiled = compile_revision(cfg, script)
         parts = split_transactions(compiled.chunks)
         slug = slug_for(script)
         for i, content in enumerate(parts):
             suffix = "" if i == 0 else f"_{i + 1}"
-            name = f"{len(artifacts) + 1:04d}_{slug}{suffix}.sql"
+            name = f"{first + len(artifacts):04d}_{slug}{suffix}.sql"
             artifacts.append(Artifact(name, script.revision, content))
     return artifacts
 
