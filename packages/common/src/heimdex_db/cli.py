@@ -27,6 +27,7 @@ from heimdex_db.context import (
     Tuning,
 )
 from heimdex_db.lint.findings import RLS_BASELINE_REVISION
+from heimdex_db.phases import PHASES, phase_of
 from heimdex_db.revision import require_extra
 from heimdex_db.settings import DEFAULT_LOCK_TIMEOUT, LOCK_TIMEOUT_ENV
 from heimdex_db.supabase import artifacts as artifacts_cmd
@@ -229,12 +230,20 @@ Examples:
 """
 )
 @click.argument("revision", default="head")
+@click.option(
+    "--phase",
+    type=click.Choice(PHASES),
+    default=None,
+    help="Apply only the pending revisions of this phase (`phase = ...` in the revision), up "
+    "to the first of another phase: `--phase expand` before a deploy.",
+)
 @_config_option
 @_url_option()
 @_lock_options
 def upgrade(
     *,
     revision: str,
+    phase: str | None,
     config: Path | None,
     database_url: str | None,
     lock_timeout: str,
@@ -244,8 +253,14 @@ def upgrade(
     """Apply revisions up to REVISION (default: head; also an id prefix or +N)."""
     tuning = Tuning(lock_timeout=lock_timeout, retries=retries, lock_wait=lock_wait)
     ctx = _context(config, database_url, needs_database=True, tuning=tuning)
-    result = migrate_cmd.upgrade(ctx, revision)
+    result = migrate_cmd.upgrade(ctx, revision, phase=phase)
     _report_migration(result)
+    if result.held_back is not None:
+        held = result.held_back
+        click.echo(
+            f"stopped before {held.revision} (phase {phase_of(held) or 'none'}, not {phase}): "
+            "apply it when its phase comes, with `heimdex db upgrade`"
+        )
 
 
 @db.command(
@@ -441,7 +456,9 @@ Rules: squawk (squawk-cli) on each revision's upgrade SQL, plus our own:
   statement in an autocommit block), table-rewrite, validation-under-lock,
   backfill-in-one-statement (the online promise: see docs/migrations.md §6),
   table-without-rls (revisions after {RLS_BASELINE_REVISION}: a table created in
-  public must get ENABLE ROW LEVEL SECURITY in the same revision).
+  public must get ENABLE ROW LEVEL SECURITY in the same revision),
+  contract-in-expand (a revision with phase = "expand" drops, renames, or sets
+  NOT NULL what the old code does not write), phase-unknown.
 Acknowledge one finding with a comment on or just above the offending line:
   # heimdex-lint: ignore[rule-name] why this is safe here
 Exit codes: 0 clean, 1 findings (file:line rule message) or error.

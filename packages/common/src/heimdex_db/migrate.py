@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import takewhile
 from pathlib import Path
 
 from alembic import command
@@ -31,6 +32,7 @@ from heimdex_db.online import (
     ONLINE_ATTRIBUTE,
     STRONG_LOCKS_ATTRIBUTE,
 )
+from heimdex_db.phases import PHASES, phase_of
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ class MigrateResult:
     before: str | None
     after: str | None
     applied: list[str]
+    # With a phase: the first pending revision of another phase, where the upgrade stopped.
+    held_back: Script | None = None
 
 
 def _index(history: list[Script], revision: str | None) -> int:
@@ -279,7 +283,11 @@ DowngradeGuard = Callable[[Connection, list[Script]], None]
 
 
 def _migrate(
-    ctx: DbContext, direction: str, target: str, guard: DowngradeGuard | None = None
+    ctx: DbContext,
+    direction: str,
+    target: str,
+    guard: DowngradeGuard | None = None,
+    phase: str | None = None,
 ) -> MigrateResult:
     cfg, url = ctx.config, ctx.url
     scripts = ctx.scripts()
@@ -305,6 +313,12 @@ def _migrate(
             steps = [Step(s, "upgrade") for s in history[here + 1 : goal + 1]]
         else:
             steps = [Step(s, "downgrade") for s in reversed(history[goal + 1 : here + 1])]
+        held_back = None
+        if phase is not None:
+            allowed = list(takewhile(lambda step: phase_of(step.script) == phase, steps))
+            if len(allowed) < len(steps):
+                held_back = steps[len(allowed)].script
+            steps = allowed
         if guard is not None and steps:
             try:
                 guard(lock_conn, [step.script for step in steps])
@@ -318,17 +332,21 @@ def _migrate(
             _run_step(ctx, step, position=f"[{number}/{len(steps)}] " if len(steps) > 1 else "")
             applied.append(step.script.revision)
         after = _single(current_revisions(cfg, lock_conn))
-    return MigrateResult(before=before, after=after, applied=applied)
+    return MigrateResult(before=before, after=after, applied=applied, held_back=held_back)
 
 
-def upgrade(ctx: DbContext, target: str = "head") -> MigrateResult:
+def upgrade(ctx: DbContext, target: str = "head", *, phase: str | None = None) -> MigrateResult:
     """Apply the revisions up to `target`, each in its own transaction, under the migration lock.
 
     `target` is a revision id or a unique prefix, `head` or `+N`. A revision failing on
     `lock_timeout` is retried `ctx.tuning.retries` times (it was rolled back, so the database is
-    at the previous revision); any other failure stops with `RevisionFailed`.
+    at the previous revision); any other failure stops with `RevisionFailed`. With `phase`
+    (`heimdex_db.phases.PHASES`), only the pending revisions of that phase are applied, up to
+    the first of another phase (or of none): `held_back` in the result.
     """
-    return _migrate(ctx, "upgrade", target)
+    if phase is not None and phase not in PHASES:
+        raise HeimdexError(f"phase must be one of {', '.join(PHASES)}, not {phase!r}")
+    return _migrate(ctx, "upgrade", target, phase=phase)
 
 
 def downgrade(ctx: DbContext, target: str, *, guard: DowngradeGuard | None = None) -> MigrateResult:

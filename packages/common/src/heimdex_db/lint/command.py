@@ -25,6 +25,7 @@ from pathlib import Path
 from heimdex.errors import HeimdexError
 from heimdex_db.context import DbContext
 from heimdex_db.history import ordered_revisions, resolve_revision
+from heimdex_db.lint.expand import expand_findings
 from heimdex_db.lint.findings import RLS_BASELINE_REVISION, Finding
 from heimdex_db.lint.rls import rls_findings
 from heimdex_db.lint.rules import Schema, own_rules
@@ -121,6 +122,7 @@ def lint(ctx: DbContext, revisions: tuple[str, ...] | list[str] | None = None) -
             created.apply(upgrade)
             raw = squawk_findings(compiled, created.tables - before.tables)
             raw += own_rules(script, upgrade, downgrade, before)
+            raw += expand_findings(script, upgrade, before)
             if after_baseline:
                 raw += rls_findings(upgrade, Path(script.path))
             findings, acknowledged = _acknowledge(Path(script.path), raw)
