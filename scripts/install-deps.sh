@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Heimdex needs on a Debian machine and is missing: the PostgreSQL server binaries,
-# make, uv, and chromium (the dashboard's browser test drives it; Playwright never downloads a
-# browser of its own); then syncs the workspace from uv.lock. Safe to run again.
+# make, uv, chromium (the dashboard's browser test drives it; Playwright never downloads a
+# browser of its own) and npm (the Supabase CLI test installs the real CLI with it); then syncs
+# the workspace from uv.lock. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -13,6 +14,7 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/n
   || need+=(postgresql)
 command -v make >/dev/null 2>&1 || need+=(make)
 [ -x /usr/bin/chromium ] || need+=(chromium)
+command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 if ! command -v uv >/dev/null 2>&1 && ! python3 -m pip --version >/dev/null 2>&1; then
   need+=(python3-pip)
 fi

@@ -289,7 +289,7 @@ def test_outcome_needs_the_lease_and_keeps_long_errors_in_the_event(
     _submit(conn, registry, org_id, max_attempts=1)
     (job,) = _claim(conn)
     stale = dataclasses.replace(service.succeeded(job, {}), lease_token=uuid.uuid4())
-    assert repository.write_outcomes(conn, [stale]) == set()
+    assert repository.write_outcomes(conn, [stale]) == {}
     message = "x" * 5000
     failed = service.fail_attempts(
         conn,
@@ -339,7 +339,7 @@ def test_reaper_requeues_expired_leases_and_voids_the_late_outcome(
         with _transaction(conn):
             reaped = service.reap_expired_leases(conn, policy=policy, stale_after_seconds=60)
         assert [(o.job_id, o.status, o.attempt) for o in reaped] == [(job_id, *expected)]
-        assert repository.write_outcomes(conn, [service.succeeded(claimed, {})]) == set()
+        assert repository.write_outcomes(conn, [service.succeeded(claimed, {})]) == {}
     actions = [a for _, _, a in _events(conn, job_id)]
     assert actions == ["submitted", "claimed", "lease_expired", "claimed", "lease_expired"]
     assert repository.get_job(conn, job_id).last_error_code == "LEASE_EXPIRED"

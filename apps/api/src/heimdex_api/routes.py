@@ -90,13 +90,9 @@ def _submit(
     atomic = len(specs) == 1 or all(spec.idempotency_key is None for spec in specs)
     connect = _autocommit(state) if atomic else state.engine.begin()
     with connect as conn:
-        submitted = service.submit_jobs(
+        return service.submit_jobs(
             conn, state.registry, org_id=caller.org_id, specs=specs, requested_by=caller.sub
         )
-    for item in submitted:
-        if item.created:
-            state.metrics.count(item.job.type, None, JobStatus.QUEUED)
-    return submitted
 
 
 @router.post(
@@ -201,9 +197,7 @@ def cancel(job_id: uuid.UUID, response: Response, state: State, caller: Caller) 
     """200 when the job is canceled now; 202 when a running job will stop at its next stage."""
     with state.engine.begin() as conn:
         job = service.cancel_job(conn, org_id=caller.org_id, job_id=job_id, requested_by=caller.sub)
-    if job.status is JobStatus.CANCELED:
-        state.metrics.count(job.type, JobStatus.QUEUED, job.status)
-    else:
+    if job.status is not JobStatus.CANCELED:
         response.status_code = 202
     return JobOut.of(job)
 

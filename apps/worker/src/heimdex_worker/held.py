@@ -24,6 +24,10 @@ class Held:
     # costs a lock and a condition, and nothing waits on it).
     lost: bool = False
     stage: str | None = None
+    # Under HeldJobs' lock: a runner took it to run it; the keeper recorded it as waiting
+    # unstarted (`prefetched`), so its runner records the start first.
+    taken: bool = False
+    prefetched: bool = False
     # The attempt's deadline (monotonic), if its type or submission has a timeout; set by the
     # deadline watch once passed, read by the handler's context at each stage and check.
     deadline: float | None = None
@@ -64,13 +68,52 @@ class HeldJobs:
     def __init__(self) -> None:
         self._held: dict[uuid.UUID, Held] = {}
         self._lock = threading.Lock()
+        # Held by the keeper while its statement recording prefetched jobs is in flight.
+        self.recording = threading.Lock()
 
     def hold(self, jobs: Iterable[ClaimedJob]) -> list[Held]:
+        """Hold what one claim took; the first job is its claimer's, taken at once."""
         with self._lock:
             fresh = [Held(job) for job in jobs]
+            if fresh:
+                fresh[0].taken = True
             for h in fresh:
                 self._held[h.job.id] = h
         return fresh
+
+    def take(self, held: Held) -> bool:
+        """A runner takes `held` to run it now. True when the keeper recorded it as not
+        started: its runner must record the start before the handler runs. Returns only once
+        the keeper's statement about it has ended, so that record comes after it."""
+        with self._lock:
+            held.taken = True
+            prefetched = held.prefetched
+        if prefetched:
+            with self.recording:
+                pass
+        return prefetched
+
+    def mark_prefetched(self, older_than: float) -> list[Held]:
+        """The jobs no runner took, claimed `older_than` seconds ago or more and not marked
+        yet, now marked as prefetched. The caller holds `recording` until it has recorded them
+        (or put them back with `unmark`)."""
+        now = time.monotonic()
+        with self._lock:
+            waiting = [
+                h
+                for h in self._held.values()
+                if not (h.taken or h.prefetched) and now - h.claimed_at >= older_than
+            ]
+            for h in waiting:
+                h.prefetched = True
+        return waiting
+
+    def unmark(self, jobs: Iterable[Held]) -> None:
+        """Recording them failed: those no runner took yet count as started again."""
+        with self._lock:
+            for h in jobs:
+                if not h.taken:
+                    h.prefetched = False
 
     def forget(self, job_id: uuid.UUID) -> None:
         with self._lock:

@@ -1,6 +1,7 @@
 """The keeper thread: renews every lease the process holds in one statement, writes outcomes a
 runner left parked while it went on to a next job, runs the reaper, and every
-`retention_interval_seconds` a slice of the retention pass."""
+`retention_interval_seconds` a slice of the retention pass. Twice a second it records the jobs
+waiting unstarted in the runners' deque (`record_prefetched`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from heimdex_worker.metrics import WorkerMetrics
 from heimdex_worker.outcomes import OutcomeWriter
 
 logger = logging.getLogger(__name__)
+
+# A claimed job no runner took for this long is recorded as not started (record_prefetched).
+PREFETCH_GRACE_SECONDS = 1.0
 
 
 class Keeper:
@@ -52,8 +56,14 @@ class Keeper:
     def run(self) -> None:
         next_reap = 0.0
         next_prune = 0.0
-        while not self.finish.wait(self.settings.heartbeat_seconds / 2):
+        tick = self.settings.heartbeat_seconds / 2
+        next_tick = time.monotonic() + tick
+        while not self.finish.wait(min(PREFETCH_GRACE_SECONDS / 2, tick)):
+            self.record_prefetched()
             now = time.monotonic()
+            if now < next_tick:
+                continue
+            next_tick = now + tick
             held = self.held.all()
             due = [h for h in held if now - h.claimed_at >= self.settings.heartbeat_seconds / 2]
             if due:
@@ -83,6 +93,30 @@ class Keeper:
                 next_prune = time.monotonic() + (
                     self.settings.retention_interval_seconds if done else 0.0
                 )
+
+    def record_prefetched(self) -> None:
+        """Record the jobs waiting in the deque for PREFETCH_GRACE_SECONDS or more as not
+        started, in one statement: if this process is lost now, the reaper returns them to the
+        queue uncharged. A runner that takes one records its start first, never while this
+        statement is in flight (`HeldJobs.take`): the ledger never says "not started" of a job
+        whose handler runs. Short jobs leave the deque long before."""
+        if not self.held.recording.acquire(blocking=False):
+            return
+        try:
+            waiting = self.held.mark_prefetched(PREFETCH_GRACE_SECONDS)
+            if not waiting:
+                return
+            try:
+                with self.connections.autocommit() as conn:
+                    repository.record_prefetched(conn, [(h.job.id, h.token) for h in waiting])
+            except DBAPIError as exc:
+                logger.warning(
+                    "recording prefetched jobs failed",
+                    extra={"action": "worker.prefetch_failed", "error": type(exc).__name__},
+                )
+                self.held.unmark(waiting)  # counted as started meanwhile; next time again
+        finally:
+            self.held.recording.release()
 
     def prune(self) -> bool:
         """A slice of the retention pass; True when nothing old is left (or another worker
@@ -124,6 +158,7 @@ class Keeper:
                 extra={
                     "action": "reaper.requeued",
                     "job_id": str(outcome.job_id),
+                    "event": outcome.detail.get("action"),
                     "next_status": outcome.status.value,
                     "attempt": outcome.attempt,
                 },

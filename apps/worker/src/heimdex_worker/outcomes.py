@@ -1,5 +1,5 @@
 """Writing the outcomes of ended attempts: parked per runner, handed to one writer at a time,
-written in one statement (a transaction when some failed), then counted, logged and
+written in one statement (a transaction when some failed), then timed, logged and
 forgotten."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import uuid
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from heimdex.ledger import repository, service
+from heimdex.ledger import service
 from heimdex.ledger.repository import Outcome
 from heimdex.models import JobStatus
 from heimdex_worker.db import ThreadConnections, retrying
@@ -124,16 +124,17 @@ class OutcomeWriter:
         def write() -> Written:
             if not failures:
                 with self.connections.autocommit() as conn:
-                    return repository.write_outcomes(conn, direct), []
+                    return service.write_outcomes(conn, direct), []
             with self.engine.begin() as conn:
-                written = repository.write_outcomes(conn, direct)
+                written = service.write_outcomes(conn, direct)
                 return written, service.fail_attempts(conn, failures, policy=self.policy)
 
         result: Written = retrying("writing outcomes", write, give_up=lambda: not retry)
         return result
 
     def _settle(self, batch: list[Done], written_and_failed: Written) -> None:
-        """Count, log and forget the attempts whose outcomes were just written."""
+        """Time, log and forget the attempts whose outcomes were just written (the ledger
+        counts their transitions)."""
         written, failed = written_and_failed
         by_id = {o.job_id: o for o in failed}
         now = time.monotonic()
@@ -149,18 +150,16 @@ class OutcomeWriter:
                     extra={"action": "worker.lease_lost", "job_id": str(job.id), "type": job.type},
                 )
                 label = "lease_lost"
-            else:
-                self.metrics.ledger.count(job.type, JobStatus.RUNNING, ended.status)
-                if ended.status is not JobStatus.SUCCEEDED:
-                    logger.info(
-                        label,
-                        extra={
-                            "action": f"job.{label}",
-                            "job_id": str(job.id),
-                            "type": job.type,
-                            "next_status": ended.status.value,
-                            "error_code": ended.error_code,
-                        },
-                    )
+            elif ended.status is not JobStatus.SUCCEEDED:
+                logger.info(
+                    label,
+                    extra={
+                        "action": f"job.{label}",
+                        "job_id": str(job.id),
+                        "type": job.type,
+                        "next_status": ended.status.value,
+                        "error_code": ended.error_code,
+                    },
+                )
             self.metrics.observe_attempt(job.type, label, now - held.claimed_at)
             self.held.forget(job.id)

@@ -29,7 +29,6 @@ import subprocess
 import threading
 import time
 import traceback
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -40,7 +39,7 @@ from heimdex.ledger import repository, retention, service
 from heimdex.ledger.errors import CancelRequested, InvalidParams, LeaseLost
 from heimdex.ledger.registry import JobError, JobTimeout, PermanentJobError, Registry
 from heimdex.ledger.repository import ClaimedJob
-from heimdex.models import STAGE_MAX, JobStatus
+from heimdex.models import STAGE_MAX
 from heimdex.settings import Settings
 from heimdex_worker.db import MAX_RETRY_WAIT_SECONDS, ThreadConnections, retrying
 from heimdex_worker.deadlines import DeadlineWatch, signal_group
@@ -357,15 +356,13 @@ class Worker:
         carries an outcome), the rest go to the shared deque for whichever runner is free."""
         fresh = self.held.hold(jobs)
         self._ready.extend(fresh[1:])
-        for type_, n in Counter(job.type for job in jobs).items():
-            self.metrics.ledger.count(type_, JobStatus.QUEUED, JobStatus.RUNNING, n)
         if len(jobs) > 1:
             self.wake.set()  # idle runners help with the batch
         return fresh[0]
 
     def _claim(self, limit: int) -> repository.Claim:
         with self.connections.autocommit() as conn:
-            claim = repository.claim(
+            claim = service.claim(
                 conn, worker_id=self.worker_id, limit=limit,
                 lease_seconds=self.settings.lease_seconds,
             )  # fmt: skip
@@ -374,8 +371,15 @@ class Worker:
 
     def _attempt(self, held: Held) -> Done:  # noqa: PLR0911 - one return per way an attempt ends
         job = held.job
+        start_first = self.held.take(held)
         if self.stopping.is_set():
             return held, service.released(job), "released"
+        if start_first:
+            try:
+                if not self._record_start(held):
+                    return held, None, "lease_lost"
+            except DBAPIError:  # stopping through an outage: it never started
+                return held, service.released(job), "released"
         try:
             job_type = self.registry.get(job.type)
             assert job_type.handler is not None  # the worker refuses to start otherwise
@@ -394,20 +398,24 @@ class Worker:
         except LeaseLost:
             return held, None, "lease_lost"
         except Exception as exc:
-            if held.timed_out:  # whatever the handler raised once told to stop
-                message = f"the attempt passed its execution timeout of {self.timeout_of(held)} s"
-                return held, self._failure(job, "TIMEOUT", message, retryable=True), "timeout"
-            if isinstance(exc, InvalidParams):
-                failure = self._failure(job, "INVALID_PARAMS", str(exc), retryable=False)
-            elif isinstance(exc, JobError):
-                failure = self._failure(job, exc.code, str(exc), retryable=exc.retryable)
-            else:  # a handler's bug: recorded with its traceback, then retried
-                message = "".join(traceback.format_exception(exc)).strip()
-                failure = self._failure(job, type(exc).__name__, message, retryable=True)
-            return held, failure, "failed"
+            return self._failed(held, exc)
         if held.lost:
             return held, None, "lease_lost"
         return held, service.succeeded(job, result), "succeeded"
+
+    def _failed(self, held: Held, exc: Exception) -> Done:
+        job = held.job
+        if held.timed_out:  # whatever the handler raised once told to stop
+            message = f"the attempt passed its execution timeout of {self.timeout_of(held)} s"
+            return held, self._failure(job, "TIMEOUT", message, retryable=True), "timeout"
+        if isinstance(exc, InvalidParams):
+            failure = self._failure(job, "INVALID_PARAMS", str(exc), retryable=False)
+        elif isinstance(exc, JobError):
+            failure = self._failure(job, exc.code, str(exc), retryable=exc.retryable)
+        else:  # a handler's bug: recorded with its traceback, then retried
+            message = "".join(traceback.format_exception(exc)).strip()
+            failure = self._failure(job, type(exc).__name__, message, retryable=True)
+        return held, failure, "failed"
 
     def _resume(self, held: Held) -> None:
         """The event of an attempt that starts from its job's checkpoint: what it skips."""
@@ -453,6 +461,19 @@ class Worker:
             self._all_stuck.set()
         elif not self.stopping.is_set():
             self._start_runner()
+
+    def _record_start(self, held: Held) -> bool:
+        """Record that a job the keeper recorded as waiting unstarted starts now, before its
+        handler runs, so that a worker lost from here on charges the attempt (see
+        docs/architecture.md, what counts as an attempt); False when the lease is gone.
+        Retried through an outage until the worker stops."""
+
+        def record() -> bool:
+            with self.connections.autocommit() as conn:
+                return repository.record_start(conn, held.job.id, held.token)
+
+        started: bool = retrying("recording a start", record, give_up=self.stopping.is_set)
+        return started
 
     @staticmethod
     def _failure(job: ClaimedJob, code: str, message: str, *, retryable: bool) -> service.Failure:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,10 +27,10 @@ from heimdex_db.context import (
     Tuning,
 )
 from heimdex_db.lint.findings import RLS_BASELINE_REVISION
+from heimdex_db.phases import PHASES, phase_of
 from heimdex_db.revision import require_extra
 from heimdex_db.settings import DEFAULT_LOCK_TIMEOUT, LOCK_TIMEOUT_ENV
 from heimdex_db.supabase import artifacts as artifacts_cmd
-from heimdex_db.verify import command as verify_cmd
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -232,12 +233,20 @@ Examples:
 """
 )
 @click.argument("revision", default="head")
+@click.option(
+    "--phase",
+    type=click.Choice(PHASES),
+    default=None,
+    help="Apply only the pending revisions of this phase (`phase = ...` in the revision), up "
+    "to the first of another phase: `--phase expand` before a deploy.",
+)
 @_config_option
 @_url_option()
 @_lock_options
 def upgrade(
     *,
     revision: str,
+    phase: str | None,
     config: Path | None,
     database_url: str | None,
     lock_timeout: str,
@@ -247,28 +256,45 @@ def upgrade(
     """Apply revisions up to REVISION (default: head; also an id prefix or +N)."""
     tuning = Tuning(lock_timeout=lock_timeout, retries=retries, lock_wait=lock_wait)
     ctx = _context(config, database_url, needs_database=True, tuning=tuning)
-    result = migrate_cmd.upgrade(ctx, revision)
+    result = migrate_cmd.upgrade(ctx, revision, phase=phase)
     _report_migration(result)
+    if result.held_back is not None:
+        held = result.held_back
+        click.echo(
+            f"stopped before {held.revision} (phase {phase_of(held) or 'none'}, not {phase}): "
+            "apply it when its phase comes, with `heimdex db upgrade`"
+        )
 
 
 @db.command(
     epilog="""\b
-Exit codes: 0 done, 1 error. Serialised with upgrade by the same lock.
+Data loss: before any revision runs, the tables and columns the downgrade drops
+(read from its offline SQL) are counted on the database; if any holds rows
+(non-null values for a column), each is listed on its own line and nothing is
+changed, unless --allow-data-loss. The check needs the tooling extra
+(pip install 'heimdex-db[tooling]'); --allow-data-loss does not.
+Exit codes: 0 done, 1 error or refused. Serialised with upgrade by the same lock.
 
 \b
 Examples:
   heimdex db downgrade -1           # revert the last revision
-  heimdex db downgrade base
+  heimdex db downgrade base --allow-data-loss
 """,
     context_settings={"ignore_unknown_options": True},
 )
 @click.argument("revision")
+@click.option(
+    "--allow-data-loss",
+    is_flag=True,
+    help="Drop tables and columns that hold data (they are listed in the log).",
+)
 @_config_option
 @_url_option()
 @_lock_options
 def downgrade(
     *,
     revision: str,
+    allow_data_loss: bool,
     config: Path | None,
     database_url: str | None,
     lock_timeout: str,
@@ -277,9 +303,20 @@ def downgrade(
 ) -> None:
     """Revert revisions down to REVISION (an id or prefix, base, or -N)."""
     tuning = Tuning(lock_timeout=lock_timeout, retries=retries, lock_wait=lock_wait)
+    if allow_data_loss and not _has("pglast"):
+        ctx = _context(config, database_url, needs_database=True, tuning=tuning)
+        _report_migration(migrate_cmd.downgrade(ctx, revision))
+        return
+    require_extra("pglast", "heimdex db downgrade (its data-loss check)")
+    # Imported here: the SQL parser is in the tooling extra, which `heimdex db upgrade` needs not.
+    from heimdex_db import dataloss  # noqa: PLC0415
+
     ctx = _context(config, database_url, needs_database=True, tuning=tuning)
-    result = migrate_cmd.downgrade(ctx, revision)
-    _report_migration(result)
+    _report_migration(dataloss.downgrade(ctx, revision, allow_data_loss=allow_data_loss))
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 @db.command(
@@ -335,7 +372,10 @@ def revision(
 Files: supabase/migrations/NNNN_<slug>.sql, one per revision in history order
 (plus one per statement that cannot run in a transaction). Each is exactly what
 `python -m alembic upgrade <prev>:<rev> --sql` prints. Needs no database.
-Exit codes: 0 current/written, 1 error or (with --check) missing/stale files.
+A file the Supabase CLI (>= 2.115.0) could not apply, where a statement that must run
+outside a transaction (CREATE/DROP INDEX CONCURRENTLY, VACUUM, ...) shares the file
+with others, is named on a line of its own by --check and never written.
+Exit codes: 0 current/written, 1 error or (with --check) missing/stale/unappliable files.
 
 \b
 Examples:
@@ -396,6 +436,10 @@ def verify(
     skip_artifacts: bool,
 ) -> None:
     """Verify the whole history in a throwaway database, as the playbook asks a human to."""
+    require_extra("pglast", "heimdex db verify")
+    # Imported here: verify reads downgrades with the SQL parser of the tooling extra.
+    from heimdex_db.verify import command as verify_cmd  # noqa: PLC0415
+
     report = verify_cmd.verify(
         _context(config),
         server_url=database_url,
@@ -415,7 +459,9 @@ Rules: squawk (squawk-cli) on each revision's upgrade SQL, plus our own:
   statement in an autocommit block), table-rewrite, validation-under-lock,
   backfill-in-one-statement (the online promise: see docs/migrations.md §6),
   table-without-rls (revisions after {RLS_BASELINE_REVISION}: a table created in
-  public must get ENABLE ROW LEVEL SECURITY in the same revision).
+  public must get ENABLE ROW LEVEL SECURITY in the same revision),
+  contract-in-expand (a revision with phase = "expand" drops, renames, or sets
+  NOT NULL what the old code does not write), phase-unknown.
 Acknowledge one finding with a comment on or just above the offending line:
   # heimdex-lint: ignore[rule-name] why this is safe here
 Exit codes: 0 clean, 1 findings (file:line rule message) or error.
@@ -445,3 +491,37 @@ def lint(*, config: Path | None, revisions: tuple[str, ...]) -> None:
     )
     if report.findings:
         sys.exit(1)
+
+
+@db.command(
+    epilog="""\b
+The history from base to REV becomes one baseline revision with REV's id, built by
+replaying it in a scratch database and dumping it with pg_dump (schema, grants, RLS
+policies, functions, triggers, the rows the history inserts): <rev>_baseline_<rev>.py
+and its .upgrade.sql/.downgrade.sql. The squashed revisions move to
+<script_location>/squashed/REV/ (the old chain, with its own alembic.ini).
+A database at REV or later upgrades unchanged; a fresh one runs the baseline; one
+between base and REV is told to run `heimdex db upgrade REV -c <old chain ini>` first.
+The baseline is applied to a second scratch database and must dump identically,
+or nothing is written. Exit codes: 0 written, 1 error (nothing changed).
+
+\b
+Examples:
+  heimdex db squash --to 7e5b3c8d1f20
+  heimdex db squash --to 7e5b --database-url postgresql://postgres@localhost/postgres
+"""
+)
+@click.option("--to", "to", required=True, metavar="REV", help="Last revision to squash.")
+@_config_option
+@_url_option(
+    "A server to replay on: scratch databases are created on it and dropped "
+    "(default: a throwaway cluster from the local PostgreSQL binaries)."
+)
+def squash(*, to: str, config: Path | None, database_url: str | None) -> None:
+    """Replace the revisions up to REV by one baseline revision dumped from a replay."""
+    # Imported here: squash replays on local PostgreSQL binaries (tooling, not deployment).
+    from heimdex_db import squash as squash_cmd  # noqa: PLC0415
+
+    result = squash_cmd.squash(_context(config), to, server_url=database_url)
+    click.echo(f"{result.baseline}: baseline of {len(result.squashed)} revisions")
+    click.echo(f"old chain: {result.old_chain}")

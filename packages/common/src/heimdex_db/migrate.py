@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import takewhile
+from pathlib import Path
 
 from alembic import command
 from alembic.script import Script, ScriptDirectory
@@ -28,6 +32,7 @@ from heimdex_db.online import (
     ONLINE_ATTRIBUTE,
     STRONG_LOCKS_ATTRIBUTE,
 )
+from heimdex_db.phases import PHASES, phase_of
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +66,8 @@ class MigrateResult:
     before: str | None
     after: str | None
     applied: list[str]
+    # With a phase: the first pending revision of another phase, where the upgrade stopped.
+    held_back: Script | None = None
 
 
 def _index(history: list[Script], revision: str | None) -> int:
@@ -70,6 +77,15 @@ def _index(history: list[Script], revision: str | None) -> int:
     for i, script in enumerate(history):
         if script.revision == revision:
             return i
+    for script in history:
+        if revision in getattr(script.module, "squashes", ()):
+            old_chain = Path(script.path).parent / script.module.old_chain
+            raise HeimdexError(
+                f"the database is at {revision}, one of the revisions the baseline "
+                f"{script.revision} replaced (`heimdex db squash`): bring it to "
+                f"{script.revision} with the old chain first, then upgrade as usual: "
+                f"heimdex db upgrade {script.revision} -c {os.path.normpath(old_chain)}"
+            )
     raise HeimdexError(
         f"the database is at {revision}, which this history does not contain "
         "(a revision from another branch or a newer checkout?)"
@@ -261,7 +277,18 @@ def _run_step(ctx: DbContext, step: Step, *, position: str = "") -> None:
         return
 
 
-def _migrate(ctx: DbContext, direction: str, target: str) -> MigrateResult:
+# Called under the migration lock, on the lock's connection, with the revisions a downgrade
+# is about to revert (newest first), before any of them runs: it may refuse by raising.
+DowngradeGuard = Callable[[Connection, list[Script]], None]
+
+
+def _migrate(
+    ctx: DbContext,
+    direction: str,
+    target: str,
+    guard: DowngradeGuard | None = None,
+    phase: str | None = None,
+) -> MigrateResult:
     cfg, url = ctx.config, ctx.url
     scripts = ctx.scripts()
     history = ordered_revisions(scripts)
@@ -286,6 +313,18 @@ def _migrate(ctx: DbContext, direction: str, target: str) -> MigrateResult:
             steps = [Step(s, "upgrade") for s in history[here + 1 : goal + 1]]
         else:
             steps = [Step(s, "downgrade") for s in reversed(history[goal + 1 : here + 1])]
+        held_back = None
+        if phase is not None:
+            allowed = list(takewhile(lambda step: phase_of(step.script) == phase, steps))
+            if len(allowed) < len(steps):
+                held_back = steps[len(allowed)].script
+            steps = allowed
+        if guard is not None and steps:
+            try:
+                guard(lock_conn, [step.script for step in steps])
+            finally:
+                if lock_conn.in_transaction():
+                    lock_conn.rollback()
         if not steps:
             logger.info("nothing to do: the database is at %s", before or "base")
         applied = []
@@ -293,19 +332,27 @@ def _migrate(ctx: DbContext, direction: str, target: str) -> MigrateResult:
             _run_step(ctx, step, position=f"[{number}/{len(steps)}] " if len(steps) > 1 else "")
             applied.append(step.script.revision)
         after = _single(current_revisions(cfg, lock_conn))
-    return MigrateResult(before=before, after=after, applied=applied)
+    return MigrateResult(before=before, after=after, applied=applied, held_back=held_back)
 
 
-def upgrade(ctx: DbContext, target: str = "head") -> MigrateResult:
+def upgrade(ctx: DbContext, target: str = "head", *, phase: str | None = None) -> MigrateResult:
     """Apply the revisions up to `target`, each in its own transaction, under the migration lock.
 
     `target` is a revision id or a unique prefix, `head` or `+N`. A revision failing on
     `lock_timeout` is retried `ctx.tuning.retries` times (it was rolled back, so the database is
-    at the previous revision); any other failure stops with `RevisionFailed`.
+    at the previous revision); any other failure stops with `RevisionFailed`. With `phase`
+    (`heimdex_db.phases.PHASES`), only the pending revisions of that phase are applied, up to
+    the first of another phase (or of none): `held_back` in the result.
     """
-    return _migrate(ctx, "upgrade", target)
+    if phase is not None and phase not in PHASES:
+        raise HeimdexError(f"phase must be one of {', '.join(PHASES)}, not {phase!r}")
+    return _migrate(ctx, "upgrade", target, phase=phase)
 
 
-def downgrade(ctx: DbContext, target: str) -> MigrateResult:
-    """Revert revisions down to `target` (a revision, `base` or `-N`), like `upgrade`."""
-    return _migrate(ctx, "downgrade", target)
+def downgrade(ctx: DbContext, target: str, *, guard: DowngradeGuard | None = None) -> MigrateResult:
+    """Revert revisions down to `target` (a revision, `base` or `-N`), like `upgrade`.
+
+    `guard` sees the revisions to revert before the first one runs and may refuse by raising
+    (`heimdex_db.dataloss.downgrade` refuses one that would delete data).
+    """
+    return _migrate(ctx, "downgrade", target, guard)

@@ -1,8 +1,9 @@
 """Prometheus metrics every Heimdex process exposes, built by its entrypoint (never at import).
 
-`heimdex_job_transitions_total` counts the transitions this process made, from what the ledger
-returned; `heimdex_queue_*` read the queue from PostgreSQL (unfinished rows only, cached for a
-few seconds), so every API replica and worker reports the same truth an operator alerts on.
+`heimdex_job_transitions_total` counts the transitions this process made, as the ledger reports
+them once committed (`ledger.transitions`); `heimdex_queue_*` read the queue from PostgreSQL
+(unfinished rows only, cached for a few seconds), so every API replica and worker reports the
+same truth an operator alerts on.
 """
 
 from __future__ import annotations
@@ -10,15 +11,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 
+from heimdex.ledger import transitions
 from heimdex.ledger.repository import QueueStats, queue_stats
 from heimdex.ledger.retention import PruneResult
+from heimdex.ledger.transitions import Transition
 from heimdex.models import JobStatus
 
 logger = logging.getLogger(__name__)
@@ -79,7 +82,10 @@ class QueueCollector(Collector):
 
 
 class LedgerMetrics:
-    """The registry of one process: its transition counter and the queue gauges."""
+    """The registry of one process: its transition counter and the queue gauges.
+
+    Given the process's engine, it hears every transition the ledger commits through it (one
+    `LedgerMetrics` per engine) and reads the queue gauges with it."""
 
     def __init__(self, engine: Engine | None = None) -> None:
         self.registry = CollectorRegistry()
@@ -89,8 +95,9 @@ class LedgerMetrics:
             ["type", "from_status", "to_status"],
             registry=self.registry,
         )
-        self._children: dict[tuple[str, JobStatus | None, JobStatus], Counter] = {}
+        self._children: dict[Transition, Counter] = {}
         if engine is not None:
+            transitions.observe(engine, self.count)
 
             def read() -> list[QueueStats]:
                 with engine.connect() as conn:
@@ -98,13 +105,19 @@ class LedgerMetrics:
 
             self.registry.register(QueueCollector(read))
 
-    def count(self, type: str, before: JobStatus | None, after: JobStatus, n: int = 1) -> None:
-        key = (type, before, after)
-        child = self._children.get(key)
-        if child is None:  # `labels()` costs a lock and a tuple build per call: resolve once
-            child = self.transitions.labels(type, before.value if before else "", after.value)
-            self._children[key] = child
-        child.inc(n)
+    def count(self, changes: Mapping[Transition, int]) -> None:
+        """Count committed transitions; an empty status label means outside the ledger (a
+        submit comes from "", a job deleted by retention goes to "")."""
+        for key, n in changes.items():
+            child = self._children.get(key)
+            if child is None:  # `labels()` costs a lock and a tuple build per call: resolve once
+                child = self.transitions.labels(key.type, _label(key.before), _label(key.after))
+                self._children[key] = child
+            child.inc(n)
+
+
+def _label(status: JobStatus | None) -> str:
+    return status.value if status is not None else ""
 
 
 class RetentionMetrics:

@@ -25,6 +25,7 @@ from pathlib import Path
 from heimdex.errors import HeimdexError
 from heimdex_db.context import DbContext
 from heimdex_db.history import ordered_revisions, resolve_revision
+from heimdex_db.lint.expand import expand_findings
 from heimdex_db.lint.findings import RLS_BASELINE_REVISION, Finding
 from heimdex_db.lint.rls import rls_findings
 from heimdex_db.lint.rules import Schema, own_rules
@@ -105,7 +106,10 @@ def lint(ctx: DbContext, revisions: tuple[str, ...] | list[str] | None = None) -
     for number, script in enumerate(history, 1):
         compiled = compile_revision(cfg, script)
         upgrade = revision_statements(compiled)
-        if not wanted or script.revision in wanted:
+        # A baseline (`heimdex db squash`) is pg_dump's output for a fresh database: the rules
+        # judge the revisions it replaced, not it.
+        squashes = tuple(getattr(script.module, "squashes", ()))
+        if (not wanted or script.revision in wanted) and not squashes:
             logger.info(
                 "[%d/%d] %s",
                 number,
@@ -118,6 +122,7 @@ def lint(ctx: DbContext, revisions: tuple[str, ...] | list[str] | None = None) -
             created.apply(upgrade)
             raw = squawk_findings(compiled, created.tables - before.tables)
             raw += own_rules(script, upgrade, downgrade, before)
+            raw += expand_findings(script, upgrade, before)
             if after_baseline:
                 raw += rls_findings(upgrade, Path(script.path))
             findings, acknowledged = _acknowledge(Path(script.path), raw)
@@ -125,5 +130,9 @@ def lint(ctx: DbContext, revisions: tuple[str, ...] | list[str] | None = None) -
             report.acknowledged += acknowledged
             report.revisions += 1
         before.apply(upgrade)
-        after_baseline = after_baseline or script.revision == RLS_BASELINE_REVISION
+        after_baseline = (
+            after_baseline
+            or script.revision == RLS_BASELINE_REVISION
+            or RLS_BASELINE_REVISION in squashes
+        )
     return report

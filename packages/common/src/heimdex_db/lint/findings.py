@@ -15,6 +15,8 @@ OWN_RULES = (
     "table-rewrite",
     "validation-under-lock",
     "backfill-in-one-statement",
+    "contract-in-expand",
+    "phase-unknown",
 )
 RLS_RULE = "table-without-rls"
 # Revisions up to this one predate the RLS rule (this one brings RLS to the tables they created).

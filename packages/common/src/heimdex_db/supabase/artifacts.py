@@ -39,6 +39,10 @@ class ArtifactsStale(HeimdexError):
     """`sql --check`: artifacts missing, different from the history, or unexpected."""
 
 
+class ArtifactsUnbatchable(HeimdexError):
+    """A compiled artifact the Supabase CLI cannot apply (see `supabase.batches`)."""
+
+
 @dataclass(frozen=True)
 class Artifact:
     name: str
@@ -80,15 +84,19 @@ def split_transactions(chunks: list[Chunk]) -> list[str]:
 
 
 def compile_artifacts(cfg: Config) -> list[Artifact]:
-    """Every artifact of the history, in order, numbered from 0001."""
+    """Every artifact of the history, in order, numbered from 0001 (or a baseline's number)."""
     artifacts: list[Artifact] = []
-    for script in ordered_revisions(scripts_of(cfg)):
+    history = ordered_revisions(scripts_of(cfg))
+    # A baseline (`heimdex db squash`) takes the number of the last file it replaces, so that
+    # the files after it keep theirs: a project that applied them sees the same versions.
+    first = int(getattr(history[0].module, "supabase_number", 1)) if history else 1
+    for script in history:
         compiled = compile_revision(cfg, script)
         parts = split_transactions(compiled.chunks)
         slug = slug_for(script)
         for i, content in enumerate(parts):
             suffix = "" if i == 0 else f"_{i + 1}"
-            name = f"{len(artifacts) + 1:04d}_{slug}{suffix}.sql"
+            name = f"{first + len(artifacts):04d}_{slug}{suffix}.sql"
             artifacts.append(Artifact(name, script.revision, content))
     return artifacts
 
@@ -107,10 +115,32 @@ def _existing(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in directory.iterdir() if ARTIFACT_NAME.match(p.name)}
 
 
+def unbatchable(artifacts: list[Artifact], directory: Path | None = None) -> list[str]:
+    """Files the Supabase CLI cannot apply, one line each naming it: a statement that must run
+    outside a transaction shares its file with others. The files in `directory` are judged as
+    they are, then every compiled artifact that differs from its file."""
+    # Imported here: the parser is in the tooling extra, which `heimdex db upgrade` needs not.
+    from heimdex_db.supabase.batches import mixed_batch  # noqa: PLC0415
+
+    on_disk = _existing(directory) if directory is not None else {}
+    problems = []
+    for name, data in sorted(on_disk.items()):
+        if (reason := mixed_batch(data.decode(errors="replace"))) is not None:
+            problems.append(f"{directory / name if directory else name}: {reason}")
+    for artifact in artifacts:
+        if on_disk.get(artifact.name) == artifact.content.encode():
+            continue
+        if (reason := mixed_batch(artifact.content)) is not None:
+            problems.append(
+                f"{artifact.name} (compiled from revision {artifact.revision}): {reason}"
+            )
+    return problems
+
+
 def check_artifacts(artifacts: list[Artifact], directory: Path) -> list[str]:
     """One problem per line naming the file; empty when the directory is current."""
     existing = _existing(directory)
-    problems = []
+    problems = unbatchable(artifacts, directory)
     for artifact in artifacts:
         path = directory / artifact.name
         if artifact.name not in existing:
@@ -129,16 +159,23 @@ def sql(ctx: DbContext, *, output_dir: Path | str | None = None, check: bool = F
     """Compile the artifacts into `output_dir` (default: the repository's supabase/migrations).
 
     Needs no database. With `check`, writes nothing and raises `ArtifactsStale` naming every
-    missing, stale or unexpected file.
+    missing, stale or unexpected file, and every file the Supabase CLI cannot apply (a statement
+    that must run outside a transaction beside others). Without it, a compiled artifact the CLI
+    cannot apply raises `ArtifactsUnbatchable` before anything is written.
     """
     directory = Path(output_dir) if output_dir is not None else ARTIFACT_DIR
     artifacts = compile_artifacts(ctx.config)
+    if not check and (problems := unbatchable(artifacts)):
+        raise ArtifactsUnbatchable(
+            "nothing written; the Supabase CLI could not apply:\n"
+            + "\n".join(f"  {problem}" for problem in problems)
+        )
     if check:
         problems = check_artifacts(artifacts, directory)
         if problems:
             raise ArtifactsStale(
-                f"{len(problems)} Supabase artifact(s) out of date (run `heimdex db sql`): "
-                + "; ".join(problems)
+                f"{len(problems)} problem(s) with the Supabase artifacts (run `heimdex db sql`):\n"
+                + "\n".join(f"  {problem}" for problem in problems)
             )
         return SqlResult(directory, [], [a.name for a in artifacts], [])
     try:

@@ -16,9 +16,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, Row
 
-from heimdex.ledger import repository
+from heimdex.ledger import repository, transitions
 from heimdex.ledger.errors import (
     IllegalTransition,
     JobAlreadyFinished,
@@ -27,6 +27,7 @@ from heimdex.ledger.errors import (
 )
 from heimdex.ledger.repository import JobFilter, JobRow
 from heimdex.ledger.states import ensure_operator_transition
+from heimdex.ledger.transitions import Transition
 from heimdex.models import TERMINAL_STATUSES, JobStatus
 
 DEFAULT_BATCH_SIZE = 1000
@@ -91,6 +92,20 @@ def _check(action: Action, job: JobRow) -> None:
     raise NotEligible(job.id, action.value, job.status, applies_to(action))
 
 
+def _report(conn: Connection, rows: Sequence[Row[Any]]) -> None:
+    # A running job's cancel is a request (running -> running): its transition is the
+    # worker's, when the attempt stops. A requeue is queued -> queued: the job waits its turn
+    # again.
+    transitions.record(
+        conn,
+        (
+            Transition(r.type, JobStatus(r.prev), JobStatus(r.next))
+            for r in rows
+            if not (r.prev == r.next == JobStatus.RUNNING.value)
+        ),
+    )
+
+
 def operate(
     conn: Connection,
     action: Action,
@@ -110,10 +125,11 @@ def operate(
     _check_from_scratch(action, from_scratch)
     job = repository.get_job(conn, job_id, lock=True)
     _check(action, job)
-    repository.operate_batch(
+    rows = repository.operate_batch(
         conn, action.value, JobFilter(ids=(job_id,)), detail=_detail(operator, from_scratch),
         after=None, limit=1, from_scratch=from_scratch,
     )  # fmt: skip
+    _report(conn, rows)
     return repository.get_job(conn, job_id)
 
 
@@ -211,6 +227,7 @@ def bulk(
                 conn, action.value, f, detail=detail, after=after, limit=batch_size,
                 from_scratch=from_scratch,
             )  # fmt: skip
+            _report(conn, rows)
         if rows:
             batches += 1
             ids.extend(r.id for r in rows)

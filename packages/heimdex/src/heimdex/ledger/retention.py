@@ -36,6 +36,7 @@ from typing import IO, Any, Protocol
 from sqlalchemy import Connection, Engine, Row, text
 
 from heimdex.errors import HeimdexError
+from heimdex.ledger.transitions import Transition, record
 from heimdex.models import JobStatus
 
 # The ages are configuration: the settings parse them (an unreadable age fails at startup) into
@@ -194,7 +195,7 @@ _EVENTS = text(
 _JOBS = text("SELECT * FROM job WHERE id = ANY(CAST(:ids AS uuid[])) ORDER BY finished_at, id")
 _DELETE_EVENTS = text("DELETE FROM job_event WHERE job_id = ANY(CAST(:ids AS uuid[]))")
 _COUNT_EVENTS = text("SELECT count(*) FROM job_event WHERE job_id = ANY(CAST(:ids AS uuid[]))")
-_DELETE_JOBS = text("DELETE FROM job WHERE id = ANY(CAST(:ids AS uuid[]))")
+_DELETE_JOBS = text("DELETE FROM job WHERE id = ANY(CAST(:ids AS uuid[])) RETURNING type")
 _EPOCH = datetime.fromisoformat("0001-01-01T00:00:00+00:00")
 _NIL = uuid.UUID(int=0)
 
@@ -346,7 +347,9 @@ def _walk(
                         if cascade
                         else conn.execute(_DELETE_EVENTS, {"ids": ids}).rowcount
                     )
-                    jobs_deleted = conn.execute(_DELETE_JOBS, {"ids": ids}).rowcount
+                    deleted = conn.execute(_DELETE_JOBS, {"ids": ids}).scalars().all()
+                    jobs_deleted = len(deleted)
+                    record(conn, (Transition(t, target.status, None) for t in deleted))
             except Exception as exc:
                 if getattr(getattr(exc, "orig", None), "sqlstate", None) != "55P03":
                     raise

@@ -2,7 +2,8 @@
 does to a job. Statements live in `repository`; the state machine in `states`.
 
 Every function takes the caller's connection and never commits: a request, a claim, a batch of
-outcomes or a reaper pass is one unit of work owned by its caller.
+outcomes or a reaper pass is one unit of work owned by its caller. Each reports the status
+changes it made (`transitions.record`), delivered to the process's hook when the caller commits.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from heimdex.ledger import repository
+from heimdex.ledger import repository, transitions
 from heimdex.ledger.backoff import retry_delay
 from heimdex.ledger.errors import (
     IdempotencyConflict,
@@ -30,6 +31,7 @@ from heimdex.ledger.fingerprint import request_fingerprint
 from heimdex.ledger.registry import Registry
 from heimdex.ledger.repository import ClaimedJob, JobRecord, JobRow, NewJob, Outcome
 from heimdex.ledger.states import ensure_transition
+from heimdex.ledger.transitions import Transition
 from heimdex.models import BackoffPolicy, JobStatus
 
 
@@ -167,6 +169,7 @@ def submit_jobs(
             results.append(Submitted(keyed[new_key], first_by_key[new_key] is job))
         else:
             results.append(Submitted(existing[new_key], False))
+    transitions.record(conn, (Transition(row.type, None, JobStatus.QUEUED) for row in inserted))
     return results
 
 
@@ -193,12 +196,38 @@ def cancel_job(
     detail = {"by": requested_by}
     if job.status is JobStatus.QUEUED:
         ensure_transition(job.id, job.status, JobStatus.CANCELED)
-        return repository.cancel_queued(conn, job_id, {"action": "canceled", **detail})
+        canceled = repository.cancel_queued(conn, job_id, {"action": "canceled", **detail})
+        transitions.record(conn, [Transition(job.type, JobStatus.QUEUED, JobStatus.CANCELED)])
+        return canceled
     if job.status is JobStatus.RUNNING:
         if job.cancel_requested:
             return job
         return repository.request_cancel(conn, job_id, {"action": "cancel_requested", **detail})
     raise JobAlreadyFinished(job_id, job.status)
+
+
+def claim(
+    conn: Connection, *, worker_id: str, limit: int, lease_seconds: float
+) -> repository.Claim:
+    """`repository.claim`, reported: up to `limit` due jobs leased to `worker_id`."""
+    claimed = repository.claim(conn, worker_id=worker_id, limit=limit, lease_seconds=lease_seconds)
+    transitions.record(
+        conn, (Transition(job.type, JobStatus.QUEUED, JobStatus.RUNNING) for job in claimed.jobs)
+    )
+    return claimed
+
+
+def write_outcomes(conn: Connection, outcomes: Sequence[Outcome]) -> set[uuid.UUID]:
+    """End running attempts still holding their lease (`repository.write_outcomes`), reported;
+    the ids written (an outcome missing from them lost its lease and changed nothing)."""
+    written = repository.write_outcomes(conn, outcomes)
+    if written:
+        status = {o.job_id: o.status for o in outcomes}
+        transitions.record(
+            conn,
+            (Transition(type_, JobStatus.RUNNING, status[id_]) for id_, type_ in written.items()),
+        )
+    return set(written)
 
 
 def succeeded(job: JobRow | ClaimedJob, result: Mapping[str, Any] | None) -> Outcome:
@@ -222,6 +251,24 @@ def released(job: JobRow | ClaimedJob) -> Outcome:
     """Back to the queue, due now, the attempt not counted (the worker is shutting down)."""
     ensure_transition(job.id, job.status, JobStatus.QUEUED)
     return Outcome(job.id, job.lease_token, JobStatus.QUEUED, job.attempt, {"action": "released"})
+
+
+def returned_unstarted(job: JobRow) -> Outcome:
+    """The lease expired on a job its worker claimed but never started (prefetched, then the
+    worker was lost): not an attempt. Back to the queue, due now, `attempt` as it was; a cancel
+    requested meanwhile wins."""
+    detail = {"worker": job.leased_by}
+    if job.cancel_requested:
+        ensure_transition(job.id, job.status, JobStatus.CANCELED)
+        return Outcome(
+            job.id, job.lease_token, JobStatus.CANCELED, job.attempt,
+            {"action": "canceled", "unstarted": True, **detail},
+        )  # fmt: skip
+    ensure_transition(job.id, job.status, JobStatus.QUEUED)
+    return Outcome(
+        job.id, job.lease_token, JobStatus.QUEUED, job.attempt,
+        {"action": "returned_unstarted", **detail},
+    )  # fmt: skip
 
 
 def after_failure(
@@ -296,20 +343,25 @@ def fail_attempts(
         )
         for row in rows
     ]
-    repository.write_outcomes(conn, outcomes)
+    write_outcomes(conn, outcomes)
     return outcomes
 
 
 def reap_expired_leases(
     conn: Connection, *, policy: RetryPolicy, stale_after_seconds: float, limit: int = 100
 ) -> list[Outcome]:
-    """Apply the retry rule to running jobs whose lease expired (their worker is gone).
+    """End the attempts of running jobs whose lease expired (their worker is gone).
 
-    Code `LEASE_EXPIRED`, attempt counted: requeued with backoff or dead-lettered. The late
-    worker's own outcome then finds the lease gone and changes nothing.
+    An attempt that began (its handler started: `started_at` set) is counted: the retry rule
+    with code `LEASE_EXPIRED`, requeued with backoff or dead-lettered. A job its worker only
+    prefetched (`started_at` NULL, see the worker) is `returned_unstarted`, its attempt budget
+    intact. The late worker's own outcome then finds the lease gone and changes nothing.
     """
     outcomes = []
     for row in repository.lock_expired(conn, stale_after_seconds=stale_after_seconds, limit=limit):
+        if row.started_at is None:
+            outcomes.append(returned_unstarted(row))
+            continue
         holder = row.leased_by or "an unknown worker"
         outcomes.append(
             after_failure(
@@ -322,5 +374,5 @@ def reap_expired_leases(
                 action="lease_expired",
             )
         )
-    repository.write_outcomes(conn, outcomes)
+    write_outcomes(conn, outcomes)
     return outcomes

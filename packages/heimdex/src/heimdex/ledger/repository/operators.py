@@ -195,7 +195,7 @@ def _retry_update(*, from_scratch: bool) -> str:
        SET status = 'queued', attempt = 0, run_at = now(), finished_at = NULL, turn = NULL,
            cancel_requested = false, stage = NULL, progress = 0,{fresh} updated_at = now()
       FROM picked WHERE j.id = picked.id
-    RETURNING j.id, picked.prev, 'queued' AS next, picked.attempt"""
+    RETURNING j.id, j.type, picked.prev, 'queued' AS next, picked.attempt"""
 
 
 _OPERATOR_UPDATE = {
@@ -208,13 +208,13 @@ _OPERATOR_UPDATE = {
            finished_at = CASE WHEN picked.prev = 'queued' THEN now() END,
            cancel_requested = picked.prev = 'running', updated_at = now()
       FROM picked WHERE j.id = picked.id
-    RETURNING j.id, picked.prev,
+    RETURNING j.id, j.type, picked.prev,
               CASE WHEN picked.prev = 'queued' THEN 'canceled' ELSE 'running' END AS next,
               picked.attempt""",
     "requeue": """
     UPDATE job AS j SET run_at = now(), turn = NULL, updated_at = now()
       FROM picked WHERE j.id = picked.id
-    RETURNING j.id, picked.prev, 'queued' AS next, picked.attempt""",
+    RETURNING j.id, j.type, picked.prev, 'queued' AS next, picked.attempt""",
 }
 
 
@@ -246,8 +246,8 @@ def operate_batch(
     `after`, with one event each (`detail` plus the action's own keys); one statement.
 
     Rows are locked in id order (FOR UPDATE: a job that changed meanwhile is checked again and
-    skipped if no longer eligible). Returns (id, prev, next, attempt) per job changed, by id.
-    A running job's cancel is a request (`cancel_requested`, event running -> running). A
+    skipped if no longer eligible). Returns (id, type, prev, next, attempt) per job changed, by
+    id. A running job's cancel is a request (`cancel_requested`, event running -> running). A
     retry keeps the job's checkpoint (the next attempt resumes) unless `from_scratch`.
     """
     clauses, params = _where(f)
@@ -272,7 +272,7 @@ WITH picked AS (
                'attempts_before', attempt)
       FROM upd
 )
-SELECT id, prev, next, attempt FROM upd ORDER BY id"""
+SELECT id, type, prev, next, attempt FROM upd ORDER BY id"""
     params.update(limit=limit, detail=to_json(detail), event=_ACTION_EVENT[action])
     rows = list(conn.execute(text(sql), params).all())
     if action != "cancel" and rows:

@@ -230,23 +230,24 @@ WITH t AS (
       FROM t
      WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = t.id
        AND j.status::text = 'running' AND j.lease_token IS NOT DISTINCT FROM t.token
-    RETURNING j.id, t.status, t.delay, t.detail
+    RETURNING j.id, j.type, t.status, t.delay, t.detail
 ), ev AS (
     INSERT INTO job_event (job_id, ts, prev_status, next_status, detail_json)
     SELECT id, clock_timestamp(), 'running', status, detail FROM upd
 )
-SELECT id, status, delay FROM upd
+SELECT id, type, status, delay FROM upd
 """
 
 
-def write_outcomes(conn: Connection, outcomes: Sequence[Outcome]) -> set[uuid.UUID]:
+def write_outcomes(conn: Connection, outcomes: Sequence[Outcome]) -> dict[uuid.UUID, str]:
     """End running attempts still holding their lease, with their events; one statement.
 
-    Returns the ids written; an outcome missing from it lost its lease (the reaper or a cancel
-    got there first) and changed nothing. Requeued jobs due now wake idle workers.
+    Returns the ids written, with each job's type; an outcome missing from it lost its lease
+    (the reaper or a cancel got there first) and changed nothing. Requeued jobs due now wake
+    idle workers.
     """
     if not outcomes:
-        return set()
+        return {}
     payload = [
         {
             "id": str(o.job_id),
@@ -264,9 +265,9 @@ def write_outcomes(conn: Connection, outcomes: Sequence[Outcome]) -> set[uuid.UU
     rows = driver_rows(
         conn, _OUTCOMES, {"outcomes": json_array(payload), "ids": [o.job_id for o in outcomes]}
     )
-    if any(status == JobStatus.QUEUED.value and delay <= 0 for _, status, delay in rows):
+    if any(status == JobStatus.QUEUED.value and delay <= 0 for _, _, status, delay in rows):
         notify(conn)
-    return {job_id for job_id, _, _ in rows}
+    return {job_id: type_ for job_id, type_, _, _ in rows}
 
 
 def lock_held(conn: Connection, held: Sequence[tuple[uuid.UUID, uuid.UUID]]) -> list[JobRow]:
@@ -304,6 +305,39 @@ SELECT {JOB_COLUMNS}
             {"stale": stale_after_seconds, "limit": limit},
         ).all()
     )
+
+
+# A claimed job counts as started (the claim sets `started_at`) until its worker records it as
+# waiting unstarted; the reaper charges an expired lease only when `started_at` is set.
+_PREFETCHED = text("""
+UPDATE job AS j SET started_at = NULL
+  FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS uuid[])) AS h(id, token)
+ WHERE j.id = ANY(CAST(:ids AS uuid[])) AND j.id = h.id AND j.lease_token = h.token
+   AND j.status::text = 'running'
+RETURNING j.id""")
+_START = text("""
+UPDATE job SET started_at = now()
+ WHERE id = :id AND lease_token = :token AND status::text = 'running'
+RETURNING id""")
+
+
+def record_prefetched(
+    conn: Connection, held: Sequence[tuple[uuid.UUID, uuid.UUID]]
+) -> set[uuid.UUID]:
+    """Record held jobs (id, lease token) as claimed but not started: if their worker is lost,
+    the reaper returns them to the queue uncharged. One statement; the ids recorded."""
+    if not held:
+        return set()
+    rows = conn.execute(
+        _PREFETCHED, {"ids": [i for i, _ in held], "tokens": [t for _, t in held]}
+    ).all()
+    return {r.id for r in rows}
+
+
+def record_start(conn: Connection, job_id: uuid.UUID, token: uuid.UUID) -> bool:
+    """Record that a held job's handler starts now (after `record_prefetched`); False when the
+    lease is no longer held."""
+    return conn.execute(_START, {"id": job_id, "token": token}).one_or_none() is not None
 
 
 def renew_leases(
