@@ -30,19 +30,7 @@ def _token(**claims: object) -> dict[str, str]:
     return {"Authorization": f"Bearer {jwt.encode(claims, SECRET, algorithm='HS256')}"}
 
 
-@pytest.mark.parametrize(
-    "query", ["type=a%00b", "cursor=%00", "status=queued&type=%00", "limit=1%00"]
-)
-def test_a_nul_byte_in_the_query_is_a_400(
-    client: TestClient, org_id: uuid.UUID, query: str
-) -> None:
-    resp = client.get(f"/jobs?{query}", headers=auth(org_id))
-    assert resp.status_code == 400, resp.text
-    assert resp.headers["content-type"] == PROBLEM
-    assert "NUL" in resp.json()["detail"]
-
-
-@pytest.mark.parametrize("sub", ["a\x00b", "x" * 256, "", 42])
+@pytest.mark.parametrize("sub", ["a\x00b", "a\ud800b", "x" * 256, "", 42])
 def test_a_bad_sub_claim_is_a_401(client: TestClient, org_id: uuid.UUID, sub: object) -> None:
     resp = client.get("/jobs", headers=_token(sub=sub, org_id=str(org_id)))
     assert resp.status_code == 401, resp.text
