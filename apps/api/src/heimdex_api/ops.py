@@ -22,7 +22,9 @@ from heimdex_api.routes import Caller, State, _autocommit, _decode_cursor, _enco
 from heimdex_api.schemas import EventOut, JobOut, JobPage, Timestamp
 
 router = APIRouter(
-    prefix="/ops", tags=["operators"], responses=problem_responses(400, 401, 403, 408, 413, 422, 503)
+    prefix="/ops",
+    tags=["operators"],
+    responses=problem_responses(400, 401, 403, 408, 413, 422, 503),
 )
 
 
