@@ -68,12 +68,12 @@ PROBLEM_SCHEMA: dict[str, Any] = {
 }
 WHEN = {
     400: "Bad request (a cursor this API did not issue, a bad header, a body that is not JSON)",
-    408: "The request body did not arrive within the body timeout",
     401: "Missing, invalid or expired bearer token",
     403: "The token's role does not allow this (operator endpoints)",
     404: "No such job in the caller's organisation",
     409: "Conflict (idempotency key reused with another body, the job has finished, or its"
     " state does not allow the operator action)",
+    408: "The request body did not arrive within the body timeout",
     413: "Request body over 256 KiB",
     422: "The request does not validate: a field out of its range, a timestamp outside the"
     " accepted window, text PostgreSQL cannot store (a NUL character, a lone surrogate)",
