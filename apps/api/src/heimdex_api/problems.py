@@ -15,7 +15,7 @@ from sqlalchemy.exc import InterfaceError as SAInterfaceError
 from sqlalchemy.exc import OperationalError as SAOperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from heimdex.errors import DatabaseUnavailable, HeimdexError
+from heimdex.errors import DatabaseUnavailable, HeimdexError, flatten_validation_errors
 from heimdex.ledger.errors import (
     IdempotencyConflict,
     IllegalTransition,
@@ -67,14 +67,16 @@ PROBLEM_SCHEMA: dict[str, Any] = {
     "additionalProperties": True,
 }
 WHEN = {
-    400: "Bad request (bad cursor or header, a NUL byte in the query string)",
+    400: "Bad request (a cursor this API did not issue, a bad header, a body that is not JSON)",
     401: "Missing, invalid or expired bearer token",
     403: "The token's role does not allow this (operator endpoints)",
     404: "No such job in the caller's organisation",
     409: "Conflict (idempotency key reused with another body, the job has finished, or its"
     " state does not allow the operator action)",
+    408: "The request body did not arrive within the body timeout",
     413: "Request body over 256 KiB",
-    422: "The request does not validate",
+    422: "The request does not validate: a field out of its range, a timestamp outside the"
+    " accepted window, text PostgreSQL cannot store (a NUL character, a lone surrogate)",
     503: "PostgreSQL unreachable or restarting (database-unavailable); retry later",
 }
 
@@ -137,17 +139,16 @@ async def _heimdex_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = [
-        {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type")}
-        for err in exc.errors()
-    ]
-    detail = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors
-    )  # fmt: skip
+    detail, errors = flatten_validation_errors(exc.errors())
     return problem(422, "validation-error", detail, request, errors=errors)
 
 
-HTTP_SLUGS = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large"}
+HTTP_SLUGS = {
+    404: "not-found",
+    405: "method-not-allowed",
+    408: "body-timeout",
+    413: "body-too-large",
+}
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 import psycopg
+from psycopg.abc import AdaptContext, Buffer
+from psycopg.adapt import Loader
 from psycopg.errors import InsufficientPrivilege, UndefinedTable
+from psycopg.pq import Format
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -26,11 +31,66 @@ def make_engine(url: URL | str, **kwargs: object) -> Engine:
     by a restart fails its next statement instead, SQLAlchemy drops the pool's connections from
     before the failure, and the callers (API error mapping, worker loops) retry on a new one.
 
-    Every connection runs with JIT off (`session_settings`).
+    Every connection runs with JIT off (`session_settings`) and reads any timestamp, even one
+    Python cannot hold (`clamp_timestamps`).
     """
     engine = create_engine(normalize_url(url), **kwargs)
     event.listen(engine, "connect", session_settings)
+    event.listen(engine, "connect", clamp_timestamps)
     return engine
+
+
+# PostgreSQL holds timestamps from 4713 BC to 294276 AD and +/-infinity; Python's datetime holds
+# years 1 to 9999. The API refuses anything outside its own window, but a row written by other
+# means (SQL, a restore) would otherwise fail every statement that reads it: a list of a
+# thousand jobs, because of one. Such a value reads as the nearest instant Python holds.
+LATEST = datetime.max.replace(tzinfo=UTC)
+EARLIEST = datetime.min.replace(tzinfo=UTC)
+
+
+def clamp_timestamps(dbapi_connection: Any, _record: object) -> None:
+    """Registers, on this connection only, timestamptz loaders that read a value past year
+    9999 (or `infinity`) as `LATEST` and one before year 1 (or `-infinity`) as `EARLIEST`."""
+    adapters = dbapi_connection.adapters
+    oid = adapters.types["timestamptz"].oid
+    for fmt in (Format.TEXT, Format.BINARY):
+        base = adapters.get_loader(oid, fmt)
+        if base is not None:
+            adapters.register_loader(oid, _clamping(base))
+
+
+@functools.cache
+def _clamping(base: type[Loader]) -> type[Loader]:
+    class Clamping(Loader):
+        format = base.format
+
+        def __init__(self, oid: int, context: AdaptContext | None = None) -> None:
+            super().__init__(oid, context)
+            self._base = base(oid, context)
+
+        def load(self, data: Buffer) -> datetime:
+            try:
+                value: datetime = self._base.load(data)
+            except psycopg.DataError:
+                clamped = _out_of_range(bytes(data), self.format)
+                if clamped is None:
+                    raise
+                return clamped
+            return value
+
+    Clamping.__name__ = Clamping.__qualname__ = f"Clamping{base.__name__}"
+    return Clamping
+
+
+def _out_of_range(data: bytes, fmt: Format) -> datetime | None:
+    if fmt is Format.BINARY:  # microseconds since 2000-01-01, +/-infinity at the int64 ends
+        return EARLIEST if int.from_bytes(data, "big", signed=True) < 0 else LATEST
+    if data == b"-infinity" or data.endswith(b" BC"):
+        return EARLIEST
+    year = data.partition(b"-")[0]
+    if data == b"infinity" or (year.isdigit() and len(year) > 4):
+        return LATEST
+    return None
 
 
 # PostgreSQL compiles a statement whose estimated cost passes `jit_above_cost` (100,000 by

@@ -23,7 +23,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 
-from heimdex.errors import HeimdexError
+from heimdex.errors import HeimdexError, flatten_validation_errors
 from heimdex.logs import LogFormat
 from heimdex.models import JobStatus
 
@@ -147,6 +147,11 @@ class Settings(BaseSettings):
     # The job runtime. Seconds throughout; tests shrink them to run in well under a second.
     api_host: str = Field(default="127.0.0.1", validation_alias="HEIMDEX_API_HOST")
     api_port: int = Field(default=8000, validation_alias="HEIMDEX_API_PORT")
+    # How long the API waits for a request's whole body: a client that stops sending mid-body
+    # is answered 408 and disconnected, rather than holding a connection and a task.
+    body_timeout_seconds: float = Field(
+        default=5.0, gt=0, validation_alias="HEIMDEX_BODY_TIMEOUT_SECONDS"
+    )
     worker_concurrency: int = Field(
         default=4, ge=1, le=256, validation_alias="HEIMDEX_WORKER_CONCURRENCY"
     )
@@ -301,8 +306,5 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
-            for err in exc.errors()
-        )
+        problems, _ = flatten_validation_errors(exc.errors(), root="settings")
         raise HeimdexError(f"invalid settings: {problems}") from None
