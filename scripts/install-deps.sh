@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what Heimdex needs on a Debian machine and is missing: the PostgreSQL server binaries,
-# make, uv, and chromium (the dashboard's browser test drives it; Playwright never downloads a
+# pgbouncer (the pooler tests run Heimdex through it), make, uv, and chromium (the dashboard's browser test drives it; Playwright never downloads a
 # browser of its own); then syncs the workspace from uv.lock. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,7 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 need=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 \
   || need+=(postgresql)
+[ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null 2>&1 || need+=(pgbouncer)
 command -v make >/dev/null 2>&1 || need+=(make)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 if ! command -v uv >/dev/null 2>&1 && ! python3 -m pip --version >/dev/null 2>&1; then
