@@ -11,7 +11,6 @@ from urllib.parse import quote
 import psycopg
 from psycopg.errors import InsufficientPrivilege, UndefinedTable
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
