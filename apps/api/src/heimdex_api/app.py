@@ -34,7 +34,9 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = load_registry(settings.job_module_specs)
-        engine = make_engine(settings.sqlalchemy_url, pool_size=10, max_overflow=30)
+        engine = make_engine(
+            settings.sqlalchemy_url, pool_mode=settings.pool_mode, pool_size=10, max_overflow=30
+        )
         app.state.heimdex = AppState(
             settings=settings,
             engine=engine,

@@ -11,11 +11,19 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import InterfaceError as SAInterfaceError
-from sqlalchemy.exc import OperationalError as SAOperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from heimdex.errors import DatabaseUnavailable, HeimdexError, flatten_validation_errors
+from heimdex.db import database_problem
+from heimdex.errors import (
+    DatabaseDiskFull,
+    DatabaseOutOfResources,
+    DatabasePoolerError,
+    DatabaseProblem,
+    DatabaseTooManyConnections,
+    DatabaseUnavailable,
+    HeimdexError,
+    flatten_validation_errors,
+)
 from heimdex.ledger.errors import (
     IdempotencyConflict,
     IllegalTransition,
@@ -45,6 +53,12 @@ ERROR_STATUS: tuple[tuple[type[HeimdexError], int, str], ...] = (
     (InvalidBatchItem, 422, "invalid-batch"),
     (UnknownJobType, 422, "unknown-job-type"),
     (InvalidParams, 422, "invalid-params"),
+    # The database's own troubles: 503 and Retry-After, since each passes (or is fixed)
+    # without the request changing; the type tells the operator where to look.
+    (DatabaseDiskFull, 503, "database-disk-full"),
+    (DatabaseOutOfResources, 503, "database-out-of-resources"),
+    (DatabaseTooManyConnections, 503, "database-too-many-connections"),
+    (DatabasePoolerError, 503, "database-pooler-error"),
     (DatabaseUnavailable, 503, "database-unavailable"),
     (HeimdexError, 400, "bad-request"),
 )
@@ -77,7 +91,11 @@ WHEN = {
     413: "Request body over 256 KiB",
     422: "The request does not validate: a field out of its range, a timestamp outside the"
     " accepted window, text PostgreSQL cannot store (a NUL character, a lone surrogate)",
-    503: "PostgreSQL unreachable or restarting (database-unavailable); retry later",
+    503: "The database cannot do the work now; retry later. The type names the cause:"
+    " database-unavailable (PostgreSQL unreachable or restarting), database-disk-full,"
+    " database-out-of-resources (memory, limits), database-too-many-connections (no connection"
+    " slot in PostgreSQL or the pooler), database-pooler-error (the pooler failed the"
+    " statement)",
 }
 
 
@@ -133,6 +151,8 @@ def status_of(exc: HeimdexError) -> tuple[int, str]:
 
 async def _heimdex_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HeimdexError)
+    if isinstance(exc, DatabaseProblem):
+        return _database_problem(request, exc)
     status, slug = status_of(exc)
     return problem(status, slug, str(exc), request)
 
@@ -179,32 +199,24 @@ def _allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
-def is_disconnect(exc: BaseException) -> bool:
-    """A failure of the connection to PostgreSQL, not of the statement: retry later."""
-    if isinstance(exc, SAOperationalError | SAInterfaceError):
-        return True
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
-
-
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
-    if not is_disconnect(exc):
+    found = database_problem(exc)
+    if found is None:
         return await _unexpected(request, exc)
-    # One line, no traceback: an outage is expected operation, and the driver's message can
-    # name the host; never the URL or the password (connection_error drops them).
+    return _database_problem(request, found)
+
+
+def _database_problem(request: Request, exc: DatabaseProblem) -> JSONResponse:
+    status, slug = status_of(exc)
+    # One line, no traceback: an outage is expected operation. The server's reason goes to
+    # the log only (it can name hosts and files); never the URL or the password.
     logger.warning(
-        "database unavailable: %s",
-        type(exc).__name__,
-        extra={"action": "api.database_unavailable", "path": request.url.path},
-    )
-    return problem(
-        503,
-        "database-unavailable",
-        "PostgreSQL is unreachable or restarting; retry later",
-        request,
-        headers={"Retry-After": "1"},
-    )
+        "database problem: %s",
+        slug,
+        extra={"action": "api." + slug.replace("-", "_"), "path": request.url.path,
+               "reason": exc.reason},
+    )  # fmt: skip
+    return problem(status, slug, str(exc), request, headers={"Retry-After": "1"})
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -10,6 +10,7 @@ import socket
 import threading
 
 from prometheus_client import start_http_server
+from sqlalchemy import Engine
 
 from heimdex.db import make_engine
 from heimdex.errors import HeimdexError
@@ -28,6 +29,18 @@ def stop_on_signals() -> threading.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     return stop
+
+
+def _session_engine(settings: Settings, engine: Engine) -> Engine | None:
+    """The engine of what needs a session (LISTEN, retention's lock): `engine` unless it is a
+    transaction pooler's; then one on `HEIMDEX_SESSION_DATABASE_URL` (one connection: retention
+    holds one per pass, the listener connects on its own), or None without it."""
+    url = settings.session_url
+    if url is None:
+        return None
+    if url == settings.sqlalchemy_url:
+        return engine
+    return make_engine(url, pool_mode=settings.pool_mode_of(url), pool_size=1, max_overflow=1)
 
 
 def run_worker(
@@ -51,7 +64,13 @@ def run_worker(
     # Connections: one per runner (its claims, outcomes and stages), one more per runner while
     # it writes failed attempts (their own transaction), and the keeper's (heartbeat, reaper,
     # retention).
-    engine = make_engine(settings.sqlalchemy_url, pool_size=2 * concurrency + 4, max_overflow=4)
+    engine = make_engine(
+        settings.sqlalchemy_url,
+        pool_mode=settings.pool_mode,
+        pool_size=2 * concurrency + 4,
+        max_overflow=4,
+    )
+    session_engine = _session_engine(settings, engine)
     metrics = WorkerMetrics(LedgerMetrics(engine))
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, registry=metrics.ledger.registry)
@@ -63,6 +82,7 @@ def run_worker(
         concurrency=concurrency,
         batch=batch,
         metrics=metrics,
+        session_engine=session_engine,
     )
     logger.info(
         "worker started",
@@ -71,9 +91,12 @@ def run_worker(
             "concurrency": concurrency,
             "batch": batch,
             "types": registry.names(),
-            "listen": settings.listen,
+            "listen": settings.listen and session_engine is not None,
+            "pool_mode": settings.pool_mode.value,
         },
     )
     worker.run(stop)
     engine.dispose()
+    if session_engine not in (None, engine):
+        session_engine.dispose()
     logger.info("worker stopped", extra={"action": "worker.stopped"})

@@ -15,8 +15,9 @@ Threads of one process, each with one job; this module wires them:
   `retention_interval_seconds` a slice of the retention pass (one worker of the deployment at a
   time, by advisory lock; a slice stops after a quarter of the heartbeat period, so leases are
   always renewed in time, and the next tick goes on while old jobs are left);
-- the listener (`listener.py`) holds a LISTEN connection and turns notifications into wake-ups
-  (optional: behind a transaction pooler, polling alone keeps the worker going).
+- the listener (`listener.py`) holds a LISTEN connection and turns notifications into wake-ups.
+LISTEN and retention's lock need a session: behind a transaction pooler they use
+`HEIMDEX_SESSION_DATABASE_URL`, and without it the worker polls and does not prune.
 """
 
 from __future__ import annotations
@@ -37,7 +38,12 @@ from heimdex.ledger.errors import CancelRequested, InvalidParams, LeaseLost
 from heimdex.ledger.registry import JobError, Registry
 from heimdex.ledger.repository import ClaimedJob
 from heimdex.settings import Settings
-from heimdex_worker.db import MAX_RETRY_WAIT_SECONDS, ThreadConnections, retrying
+from heimdex_worker.db import (
+    MAX_RETRY_WAIT_SECONDS,
+    ThreadConnections,
+    failure_fields,
+    retrying,
+)
 from heimdex_worker.held import Done, Held, HeldJobs
 from heimdex_worker.keeper import Keeper
 from heimdex_worker.listener import listen
@@ -98,9 +104,14 @@ class Worker:
         concurrency: int,
         batch: int,
         metrics: WorkerMetrics,
+        session_engine: Engine | None,
     ) -> None:
+        """`session_engine` reaches a session (LISTEN, retention's advisory lock): `engine`
+        itself unless it is a transaction pooler's; None behind one without
+        `HEIMDEX_SESSION_DATABASE_URL` (the worker then polls and does not prune)."""
         self.settings = settings
         self.engine = engine
+        self.session_engine = session_engine
         self.registry = registry
         self.worker_id = worker_id
         self.concurrency = concurrency
@@ -147,6 +158,7 @@ class Worker:
             archive=self.archive,
             finish=self._finish,
             wake=self.wake,
+            retention_engine=session_engine,
         )
 
     # Runner threads: each claims, runs and writes outcomes itself.
@@ -201,7 +213,7 @@ class Worker:
                     failing_since = time.monotonic()
                     logger.warning(
                         "claim failed; retrying",
-                        extra={"action": "worker.claim_failed", "error": type(error).__name__},
+                        extra={"action": "worker.claim_failed", **failure_fields(error)},
                     )
                 self.stopping.wait(min(self.settings.poll_interval_seconds, MAX_RETRY_WAIT_SECONDS))
                 continue
@@ -298,7 +310,8 @@ class Worker:
         return service.Failure(job.id, job.lease_token, code, message, retryable)
 
     def _listen(self) -> None:
-        listen(self.engine, finish=self._finish, wake=self.wake)
+        assert self.session_engine is not None
+        listen(self.session_engine.url, finish=self._finish, wake=self.wake)
 
     # Start and stop.
 
@@ -307,7 +320,14 @@ class Worker:
             (f"runner-{i}", self._runner) for i in range(self.concurrency)
         ]
         targets.append(("keeper", self.keeper.run))
-        if self.settings.listen:
+        if self.settings.listen and self.session_engine is None:
+            logger.warning(
+                "behind a transaction pooler without HEIMDEX_SESSION_DATABASE_URL: no LISTEN,"
+                " polling every %ss",
+                self.settings.poll_interval_seconds,
+                extra={"action": "worker.polling"},
+            )
+        elif self.settings.listen:
             targets.append(("listener", self._listen))
         for name, target in targets:
             thread = threading.Thread(target=target, name=name, daemon=True)
