@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Heimdex needs on a Debian machine and is missing: the PostgreSQL server binaries,
-# make, uv, chromium (the dashboard's browser test drives it; Playwright never downloads a
-# browser of its own) and npm (the Supabase CLI test installs the real CLI with it); then syncs
-# the workspace from uv.lock. Safe to run again.
+# pgbouncer (the pooler tests run Heimdex through it), make, uv, chromium (the dashboard's browser
+# test drives it; Playwright never downloads a browser of its own) and npm (the Supabase CLI test
+# installs the real CLI with it); then syncs the workspace from uv.lock. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -12,6 +12,7 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 need=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 \
   || need+=(postgresql)
+[ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null 2>&1 || need+=(pgbouncer)
 command -v make >/dev/null 2>&1 || need+=(make)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import jwt
 
 from heimdex.errors import HeimdexError
+from heimdex.storable import text_problem
 
 ALGORITHM = "HS256"
 SUB_MAX = 255
@@ -76,14 +77,6 @@ def decode_token(token: str, secret: str) -> Principal:
     return principal
 
 
-def _utf8(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 @functools.lru_cache(maxsize=4096)
 def _verified(token: str, secret: str) -> tuple[Principal, float | None]:
     try:
@@ -98,9 +91,8 @@ def _verified(token: str, secret: str) -> tuple[Principal, float | None]:
     except jwt.InvalidTokenError as exc:
         raise AuthenticationFailed(f"the bearer token is invalid: {exc}") from None
     sub = claims["sub"]
-    # `sub` is stored as text (requested_by) and shown on pages: PostgreSQL text holds no NUL
-    # byte, and neither it nor a UTF-8 page holds a lone surrogate (JSON can spell one).
-    if not isinstance(sub, str) or not 1 <= len(sub) <= SUB_MAX or "\x00" in sub or not _utf8(sub):
+    # `sub` is stored as text (requested_by) and shown on pages.
+    if not isinstance(sub, str) or not 1 <= len(sub) <= SUB_MAX or text_problem(sub):
         raise AuthenticationFailed(
             f"the bearer token's sub claim must be a string of 1 to {SUB_MAX} characters"
             " without NUL bytes or lone surrogates"

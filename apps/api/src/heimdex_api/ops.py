@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import AliasChoices, AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from heimdex.ledger import operations as ops
 from heimdex.ledger import repository
@@ -19,10 +19,12 @@ from heimdex.models import JobStatus
 from heimdex_api.auth import Principal, require_operator
 from heimdex_api.problems import problem_responses
 from heimdex_api.routes import Caller, State, _autocommit, _decode_cursor, _encode_cursor
-from heimdex_api.schemas import NO_NUL, EventOut, JobOut, JobPage
+from heimdex_api.schemas import EventOut, JobOut, JobPage, Timestamp
 
 router = APIRouter(
-    prefix="/ops", tags=["operators"], responses=problem_responses(400, 401, 403, 413, 422, 503)
+    prefix="/ops",
+    tags=["operators"],
+    responses=problem_responses(400, 401, 403, 408, 413, 422, 503),
 )
 
 
@@ -48,12 +50,12 @@ class Filter(BaseModel):
     status: list[JobStatus] = Field(
         default_factory=list, validation_alias=AliasChoices("status", "states")
     )
-    type: str | None = Field(default=None, max_length=100, pattern=NO_NUL)
+    type: str | None = Field(default=None, max_length=100)
     org_id: uuid.UUID | None = None
-    error_code: str | None = Field(default=None, max_length=64, pattern=NO_NUL)
-    fingerprint: str | None = Field(default=None, max_length=64, pattern=NO_NUL)
-    created_after: AwareDatetime | None = None
-    created_before: AwareDatetime | None = None
+    error_code: str | None = Field(default=None, max_length=64)
+    fingerprint: str | None = Field(default=None, max_length=64)
+    created_after: Timestamp | None = None
+    created_before: Timestamp | None = None
 
     def job_filter(self) -> JobFilter:
         return JobFilter(
@@ -72,7 +74,7 @@ class Act(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: str | None = Field(
-        default=None, max_length=ops.REASON_MAX, pattern=NO_NUL,
+        default=None, max_length=ops.REASON_MAX,
         description="Why; required for retry. Written to the job's event with your `sub`.",
     )  # fmt: skip
     from_scratch: bool = Field(
@@ -156,8 +158,8 @@ def list_jobs(
     org_id: uuid.UUID | None = None,
     error_code: Annotated[str | None, Query(max_length=64)] = None,
     fingerprint: Annotated[str | None, Query(max_length=64)] = None,
-    created_after: AwareDatetime | None = None,
-    created_before: AwareDatetime | None = None,
+    created_after: Timestamp | None = None,
+    created_before: Timestamp | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> JobPage:

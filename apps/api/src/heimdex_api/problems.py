@@ -11,11 +11,19 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import InterfaceError as SAInterfaceError
-from sqlalchemy.exc import OperationalError as SAOperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from heimdex.errors import DatabaseUnavailable, HeimdexError
+from heimdex.db import database_problem
+from heimdex.errors import (
+    DatabaseDiskFull,
+    DatabaseOutOfResources,
+    DatabasePoolerError,
+    DatabaseProblem,
+    DatabaseTooManyConnections,
+    DatabaseUnavailable,
+    HeimdexError,
+    flatten_validation_errors,
+)
 from heimdex.ledger.errors import (
     IdempotencyConflict,
     IllegalTransition,
@@ -47,6 +55,12 @@ ERROR_STATUS: tuple[tuple[type[HeimdexError], int, str], ...] = (
     (UnknownJobType, 422, "unknown-job-type"),
     (InvalidParams, 422, "invalid-params"),
     (TimeoutAboveType, 422, "timeout-above-type"),
+    # The database's own troubles: 503 and Retry-After, since each passes (or is fixed)
+    # without the request changing; the type tells the operator where to look.
+    (DatabaseDiskFull, 503, "database-disk-full"),
+    (DatabaseOutOfResources, 503, "database-out-of-resources"),
+    (DatabaseTooManyConnections, 503, "database-too-many-connections"),
+    (DatabasePoolerError, 503, "database-pooler-error"),
     (DatabaseUnavailable, 503, "database-unavailable"),
     (HeimdexError, 400, "bad-request"),
 )
@@ -69,15 +83,21 @@ PROBLEM_SCHEMA: dict[str, Any] = {
     "additionalProperties": True,
 }
 WHEN = {
-    400: "Bad request (bad cursor or header, a NUL byte in the query string)",
+    400: "Bad request (a cursor this API did not issue, a bad header, a body that is not JSON)",
     401: "Missing, invalid or expired bearer token",
     403: "The token's role does not allow this (operator endpoints)",
     404: "No such job in the caller's organisation",
     409: "Conflict (idempotency key reused with another body, the job has finished, or its"
     " state does not allow the operator action)",
+    408: "The request body did not arrive within the body timeout",
     413: "Request body over 256 KiB",
-    422: "The request does not validate",
-    503: "PostgreSQL unreachable or restarting (database-unavailable); retry later",
+    422: "The request does not validate: a field out of its range, a timestamp outside the"
+    " accepted window, text PostgreSQL cannot store (a NUL character, a lone surrogate)",
+    503: "The database cannot do the work now; retry later. The type names the cause:"
+    " database-unavailable (PostgreSQL unreachable or restarting), database-disk-full,"
+    " database-out-of-resources (memory, limits), database-too-many-connections (no connection"
+    " slot in PostgreSQL or the pooler), database-pooler-error (the pooler failed the"
+    " statement)",
 }
 
 
@@ -133,23 +153,24 @@ def status_of(exc: HeimdexError) -> tuple[int, str]:
 
 async def _heimdex_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HeimdexError)
+    if isinstance(exc, DatabaseProblem):
+        return _database_problem(request, exc)
     status, slug = status_of(exc)
     return problem(status, slug, str(exc), request)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = [
-        {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type")}
-        for err in exc.errors()
-    ]
-    detail = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors
-    )  # fmt: skip
+    detail, errors = flatten_validation_errors(exc.errors())
     return problem(422, "validation-error", detail, request, errors=errors)
 
 
-HTTP_SLUGS = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large"}
+HTTP_SLUGS = {
+    404: "not-found",
+    405: "method-not-allowed",
+    408: "body-timeout",
+    413: "body-too-large",
+}
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -180,32 +201,24 @@ def _allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
-def is_disconnect(exc: BaseException) -> bool:
-    """A failure of the connection to PostgreSQL, not of the statement: retry later."""
-    if isinstance(exc, SAOperationalError | SAInterfaceError):
-        return True
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
-
-
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
-    if not is_disconnect(exc):
+    found = database_problem(exc)
+    if found is None:
         return await _unexpected(request, exc)
-    # One line, no traceback: an outage is expected operation, and the driver's message can
-    # name the host; never the URL or the password (connection_error drops them).
+    return _database_problem(request, found)
+
+
+def _database_problem(request: Request, exc: DatabaseProblem) -> JSONResponse:
+    status, slug = status_of(exc)
+    # One line, no traceback: an outage is expected operation. The server's reason goes to
+    # the log only (it can name hosts and files); never the URL or the password.
     logger.warning(
-        "database unavailable: %s",
-        type(exc).__name__,
-        extra={"action": "api.database_unavailable", "path": request.url.path},
-    )
-    return problem(
-        503,
-        "database-unavailable",
-        "PostgreSQL is unreachable or restarting; retry later",
-        request,
-        headers={"Retry-After": "1"},
-    )
+        "database problem: %s",
+        slug,
+        extra={"action": "api." + slug.replace("-", "_"), "path": request.url.path,
+               "reason": exc.reason},
+    )  # fmt: skip
+    return problem(status, slug, str(exc), request, headers={"Retry-After": "1"})
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -35,7 +35,7 @@ from heimdex_api.state import AppState
 from heimdex_db.head import schema_problem
 
 # Every route may answer these; routes add their own (404, 409) with `responses=`.
-router = APIRouter(responses=problem_responses(400, 401, 413, 422, 503))
+router = APIRouter(responses=problem_responses(400, 401, 408, 413, 422, 503))
 JOB_ERRORS = problem_responses(404)
 
 

@@ -13,9 +13,22 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
+from heimdex.db import database_problem
+
 logger = logging.getLogger(__name__)
 
 MAX_RETRY_WAIT_SECONDS = 2.0
+
+
+def failure_fields(exc: BaseException) -> dict[str, str]:
+    """Log fields of a failed statement: the driver's error, and its cause as the API names it
+    (`heimdex.db.database_problem`: unreachable, disk full, out of connections, the pooler...)."""
+    found = database_problem(exc)
+    fields = {"error": type(exc).__name__}
+    if found is not None:
+        fields["cause"] = type(found).__name__
+        fields["reason"] = found.reason
+    return fields
 
 
 class ThreadConnections:
@@ -62,7 +75,7 @@ def retrying(
             if not failing:
                 logger.warning(
                     f"{what} failed; retrying",
-                    extra={"action": "worker.db_retry", "what": what, "error": type(exc).__name__},
+                    extra={"action": "worker.db_retry", "what": what, **failure_fields(exc)},
                 )
                 failing = True
             if give_up():

@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError
 
 from heimdex.ledger import repository, retention, service
 from heimdex.settings import Settings
-from heimdex_worker.db import ThreadConnections
+from heimdex_worker.db import ThreadConnections, failure_fields
 from heimdex_worker.held import HeldJobs
 from heimdex_worker.metrics import WorkerMetrics
 from heimdex_worker.outcomes import OutcomeWriter
@@ -41,9 +41,13 @@ class Keeper:
         archive: retention.Archive | None,
         finish: threading.Event,
         wake: threading.Event,
+        retention_engine: Engine | None,
     ) -> None:
         self.settings = settings
         self.engine = engine
+        # Retention holds a session advisory lock: None behind a transaction pooler without a
+        # session URL, and then the keeper does not prune.
+        self.retention_engine = retention_engine
         self.connections = connections
         self.held = held
         self.writer = writer
@@ -56,6 +60,13 @@ class Keeper:
     def run(self) -> None:
         next_reap = 0.0
         next_prune = 0.0
+        if self.retention_engine is None and self.settings.retention_policy.deletes_anything:
+            logger.warning(
+                "behind a transaction pooler without HEIMDEX_SESSION_DATABASE_URL: retention"
+                " needs a session for its lock and does not run in this worker; run"
+                " `heimdex jobs prune --database-url` over a session connection",
+                extra={"action": "retention.no_session"},
+            )
         tick = self.settings.heartbeat_seconds / 2
         next_tick = time.monotonic() + tick
         while not self.finish.wait(min(PREFETCH_GRACE_SECONDS / 2, tick)):
@@ -75,7 +86,7 @@ class Keeper:
                 except DBAPIError as exc:
                     logger.warning(
                         "heartbeat failed",
-                        extra={"action": "worker.heartbeat_failed", "error": type(exc).__name__},
+                        extra={"action": "worker.heartbeat_failed", **failure_fields(exc)},
                     )
                 else:
                     for h in due:
@@ -87,8 +98,8 @@ class Keeper:
             if now >= next_reap:
                 next_reap = now + self.settings.reaper_interval_seconds
                 self.reap()
-            if now >= next_prune:
-                done = self.prune()
+            if now >= next_prune and self.retention_engine is not None:
+                done = self.prune(self.retention_engine)
                 # Old jobs left: the next tick goes on; else the next pass is an interval away.
                 next_prune = time.monotonic() + (
                     self.settings.retention_interval_seconds if done else 0.0
@@ -112,18 +123,18 @@ class Keeper:
             except DBAPIError as exc:
                 logger.warning(
                     "recording prefetched jobs failed",
-                    extra={"action": "worker.prefetch_failed", "error": type(exc).__name__},
+                    extra={"action": "worker.prefetch_failed", **failure_fields(exc)},
                 )
                 self.held.unmark(waiting)  # counted as started meanwhile; next time again
         finally:
             self.held.recording.release()
 
-    def prune(self) -> bool:
+    def prune(self, engine: Engine) -> bool:
         """A slice of the retention pass; True when nothing old is left (or another worker
         prunes), False when the next tick should go on."""
         try:
             result = retention.prune(
-                self.engine,
+                engine,
                 self.settings.retention_policy,
                 batch_size=self.settings.retention_batch,
                 archive=self.archive,
@@ -149,7 +160,7 @@ class Keeper:
         except DBAPIError as exc:
             logger.warning(
                 "reaper pass failed",
-                extra={"action": "reaper.failed", "error": type(exc).__name__},
+                extra={"action": "reaper.failed", **failure_fields(exc)},
             )
             return
         for outcome in reaped:

@@ -1,5 +1,6 @@
-"""The listener thread: a LISTEN connection whose notifications wake idle runners (optional:
-behind a transaction pooler, polling alone keeps the worker going)."""
+"""The listener thread: a LISTEN connection whose notifications wake idle runners. It needs a
+session: behind a transaction pooler it connects to `HEIMDEX_SESSION_DATABASE_URL`, and without
+one the worker polls (`runtime.Worker`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import threading
 
 import psycopg
-from sqlalchemy import Engine
+from sqlalchemy.engine import URL
 
 from heimdex.ledger import repository
 from heimdex_worker.db import MAX_RETRY_WAIT_SECONDS
@@ -15,11 +16,12 @@ from heimdex_worker.db import MAX_RETRY_WAIT_SECONDS
 logger = logging.getLogger(__name__)
 
 
-def listen(engine: Engine, *, finish: threading.Event, wake: threading.Event) -> None:
+def listen(url: URL, *, finish: threading.Event, wake: threading.Event) -> None:
     """Set `wake` on every notification (and once on each connect) until `finish` is set;
-    reconnect with backoff when the connection drops."""
-    url = engine.url.set(drivername="postgresql")
-    conninfo = url.render_as_string(hide_password=False)
+    reconnect with backoff when the connection drops. `url` must reach a session (direct, or a
+    session pooler): through a transaction pooler LISTEN lands on a server connection the
+    pooler hands to other clients, and nothing is ever delivered."""
+    conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
     wait = 0.1
     while not finish.is_set():
         try:

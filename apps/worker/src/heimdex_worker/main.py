@@ -10,6 +10,7 @@ import socket
 import threading
 
 from prometheus_client import start_http_server
+from sqlalchemy import Engine
 
 from heimdex.db import make_engine
 from heimdex.errors import HeimdexError
@@ -28,6 +29,18 @@ def stop_on_signals() -> threading.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     return stop
+
+
+def _session_engine(settings: Settings, engine: Engine) -> Engine | None:
+    """The engine of what needs a session (LISTEN, retention's lock): `engine` unless it is a
+    transaction pooler's; then one on `HEIMDEX_SESSION_DATABASE_URL` (one connection: retention
+    holds one per pass, the listener connects on its own), or None without it."""
+    url = settings.session_url
+    if url is None:
+        return None
+    if url == settings.sqlalchemy_url:
+        return engine
+    return make_engine(url, pool_mode=settings.pool_mode_of(url), pool_size=1, max_overflow=1)
 
 
 def run_worker(
@@ -53,8 +66,12 @@ def run_worker(
     # it writes failed attempts (their own transaction), and the keeper's (heartbeat, reaper,
     # retention); beyond the pool, one per fresh runner that took a stuck handler's slot.
     engine = make_engine(
-        settings.sqlalchemy_url, pool_size=2 * concurrency + 4, max_overflow=4 + concurrency
+        settings.sqlalchemy_url,
+        pool_mode=settings.pool_mode,
+        pool_size=2 * concurrency + 4,
+        max_overflow=4 + concurrency,
     )
+    session_engine = _session_engine(settings, engine)
     metrics = WorkerMetrics(LedgerMetrics(engine))
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, registry=metrics.ledger.registry)
@@ -66,6 +83,7 @@ def run_worker(
         concurrency=concurrency,
         batch=batch,
         metrics=metrics,
+        session_engine=session_engine,
     )
     logger.info(
         "worker started",
@@ -74,10 +92,13 @@ def run_worker(
             "concurrency": concurrency,
             "batch": batch,
             "types": registry.names(),
-            "listen": settings.listen,
+            "listen": settings.listen and session_engine is not None,
+            "pool_mode": settings.pool_mode.value,
         },
     )
     code = worker.run(stop)
     engine.dispose()
+    if session_engine not in (None, engine):
+        session_engine.dispose()
     logger.info("worker stopped", extra={"action": "worker.stopped", "exit_code": code})
     return code

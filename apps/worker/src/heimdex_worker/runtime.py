@@ -15,8 +15,9 @@ Threads of one process, each with one job; this module wires them:
   `retention_interval_seconds` a slice of the retention pass (one worker of the deployment at a
   time, by advisory lock; a slice stops after a quarter of the heartbeat period, so leases are
   always renewed in time, and the next tick goes on while old jobs are left);
-- the listener (`listener.py`) holds a LISTEN connection and turns notifications into wake-ups
-  (optional: behind a transaction pooler, polling alone keeps the worker going).
+- the listener (`listener.py`) holds a LISTEN connection and turns notifications into wake-ups.
+LISTEN and retention's lock need a session: behind a transaction pooler they use
+`HEIMDEX_SESSION_DATABASE_URL`, and without it the worker polls and does not prune.
 """
 
 from __future__ import annotations
@@ -41,7 +42,12 @@ from heimdex.ledger.registry import JobError, JobTimeout, PermanentJobError, Reg
 from heimdex.ledger.repository import ClaimedJob
 from heimdex.models import STAGE_MAX
 from heimdex.settings import Settings
-from heimdex_worker.db import MAX_RETRY_WAIT_SECONDS, ThreadConnections, retrying
+from heimdex_worker.db import (
+    MAX_RETRY_WAIT_SECONDS,
+    ThreadConnections,
+    failure_fields,
+    retrying,
+)
 from heimdex_worker.deadlines import DeadlineWatch, signal_group
 from heimdex_worker.held import Done, Held, HeldJobs
 from heimdex_worker.keeper import Keeper
@@ -180,9 +186,14 @@ class Worker:
         concurrency: int,
         batch: int,
         metrics: WorkerMetrics,
+        session_engine: Engine | None,
     ) -> None:
+        """`session_engine` reaches a session (LISTEN, retention's advisory lock): `engine`
+        itself unless it is a transaction pooler's; None behind one without
+        `HEIMDEX_SESSION_DATABASE_URL` (the worker then polls and does not prune)."""
         self.settings = settings
         self.engine = engine
+        self.session_engine = session_engine
         self.registry = registry
         self.worker_id = worker_id
         self.concurrency = concurrency
@@ -229,6 +240,7 @@ class Worker:
             archive=self.archive,
             finish=self._finish,
             wake=self.wake,
+            retention_engine=session_engine,
         )
         self.deadlines = DeadlineWatch(
             self.held,
@@ -311,7 +323,7 @@ class Worker:
                     failing_since = time.monotonic()
                     logger.warning(
                         "claim failed; retrying",
-                        extra={"action": "worker.claim_failed", "error": type(error).__name__},
+                        extra={"action": "worker.claim_failed", **failure_fields(error)},
                     )
                 self.stopping.wait(min(self.settings.poll_interval_seconds, MAX_RETRY_WAIT_SECONDS))
                 continue
@@ -480,7 +492,8 @@ class Worker:
         return service.Failure(job.id, job.lease_token, code, message, retryable)
 
     def _listen(self) -> None:
-        listen(self.engine, finish=self._finish, wake=self.wake)
+        assert self.session_engine is not None
+        listen(self.session_engine.url, finish=self._finish, wake=self.wake)
 
     # Start and stop.
 
@@ -491,7 +504,14 @@ class Worker:
             ("keeper", self.keeper.run),
             ("deadlines", self.deadlines.run),
         ]
-        if self.settings.listen:
+        if self.settings.listen and self.session_engine is None:
+            logger.warning(
+                "behind a transaction pooler without HEIMDEX_SESSION_DATABASE_URL: no LISTEN,"
+                " polling every %ss",
+                self.settings.poll_interval_seconds,
+                extra={"action": "worker.polling"},
+            )
+        elif self.settings.listen:
             targets.append(("listener", self._listen))
         for name, target in targets:
             self._start(name, target)

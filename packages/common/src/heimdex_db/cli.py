@@ -12,11 +12,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from sqlalchemy.engine import URL
 
 from heimdex.db import missing_privilege
 from heimdex.errors import HeimdexError
 from heimdex.logs import configure_logging
-from heimdex.settings import load_settings, log_options_or_defaults, normalize_url
+from heimdex.settings import (
+    PoolMode,
+    describe_url,
+    detect_pool_mode,
+    load_settings,
+    log_options_or_defaults,
+    normalize_url,
+)
 from heimdex_db import migrate as migrate_cmd
 from heimdex_db import revision as revision_cmd
 from heimdex_db import status as status_cmd
@@ -110,14 +118,34 @@ def _context(
     """The one `DbContext` of this invocation; the database defaults to the settings' URL."""
     url = None
     if needs_database:
-        url = (
-            normalize_url(database_url)
-            if database_url is not None
-            else load_settings().sqlalchemy_url
-        )
+        url = _session_url(database_url)
     ctx = DbContext.build(config, database_url=url, tuning=tuning)
     click.get_current_context().find_root().meta[CONTEXT_KEY] = ctx
     return ctx
+
+
+def _session_url(database_url: str | None) -> URL:
+    """The URL `heimdex db` connects to: `--database-url`, else the settings' URL, or their
+    `HEIMDEX_SESSION_DATABASE_URL` when `DATABASE_URL` is a transaction pooler's. A transaction
+    pooler's URL is refused: the migration lock is a session advisory lock, and a revision's
+    `SET` would reach a server connection the next statement may not run on."""
+    if database_url is not None:
+        url = normalize_url(database_url)
+        try:  # a migration needs no other setting: settings that do not load do not stop it
+            mode = load_settings().pool_mode_of(url)
+        except HeimdexError:
+            mode = detect_pool_mode(url)
+    else:
+        settings = load_settings()
+        url = settings.session_url or settings.sqlalchemy_url
+        mode = settings.pool_mode_of(url)
+    if mode is PoolMode.TRANSACTION:
+        raise HeimdexError(
+            f"{describe_url(url)} is a transaction pooler; heimdex db needs a session (its "
+            "migration lock is a session advisory lock): pass --database-url with a direct or "
+            "session-mode URL (Supabase: port 5432), or set HEIMDEX_SESSION_DATABASE_URL"
+        )
+    return url
 
 
 class DbGroup(click.Group):

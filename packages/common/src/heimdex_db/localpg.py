@@ -87,7 +87,7 @@ def ensure_database(admin_url: URL, name: str) -> URL:
     return admin_url.set(database=name)
 
 
-def _unprivileged_user() -> str | None:
+def unprivileged_user() -> str | None:
     """The OS user to run PostgreSQL as, or None when we are not root."""
     if os.geteuid() != 0:
         return None
@@ -143,7 +143,7 @@ class LocalPostgres:
         return self.url(name)
 
     def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        user = _unprivileged_user()
+        user = unprivileged_user()
         cmd = [str(self.bindir / args[0]), *args[1:]]
         if user is not None:
             cmd = ["runuser", "-u", user, "--", *cmd]
@@ -154,7 +154,7 @@ class LocalPostgres:
         return proc
 
     def _chown(self, path: Path) -> None:
-        user = _unprivileged_user()
+        user = unprivileged_user()
         if user is not None:
             entry = pwd.getpwnam(user)
             os.chown(path, entry.pw_uid, entry.pw_gid)

@@ -2,35 +2,111 @@
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 import psycopg
+from psycopg.abc import AdaptContext, Buffer
+from psycopg.adapt import Loader
 from psycopg.errors import InsufficientPrivilege, UndefinedTable
+from psycopg.pq import Format
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from heimdex.errors import DatabaseUnavailable, HeimdexError
-from heimdex.settings import describe_url, normalize_url
+from heimdex.errors import (
+    DatabaseDiskFull,
+    DatabaseOutOfResources,
+    DatabasePoolerError,
+    DatabaseProblem,
+    DatabaseTooManyConnections,
+    DatabaseUnavailable,
+    HeimdexError,
+)
+from heimdex.settings import PoolMode, describe_url, normalize_url
 
 
-def make_engine(url: URL | str, **kwargs: object) -> Engine:
+def make_engine(url: URL | str, *, pool_mode: PoolMode = PoolMode.DIRECT, **kwargs: Any) -> Engine:
     """An engine for `url` (pinned to psycopg 3). Connects lazily.
 
     No pre-ping: it costs a round trip on every checkout of the hot paths. A connection broken
     by a restart fails its next statement instead, SQLAlchemy drops the pool's connections from
     before the failure, and the callers (API error mapping, worker loops) retry on a new one.
 
-    Every connection runs with JIT off (`session_settings`).
+    Direct and session connections run with JIT off (`session_settings`) and prepare the hot
+    statements on the server (unprepared, a one-job submit and a claim took about twice as long:
+    bench/pooler_prepare.py). Behind a transaction pooler (`pool_mode`) a connection's next
+    transaction may run on another server connection, which has neither: nothing is prepared
+    (psycopg's `prepare_threshold=None` also overrides an explicit `prepare=True`) and no
+    session setting is made (the claim carries its own, `LOCAL_SETTINGS`); every connection
+    reads any timestamp, even one Python cannot hold (`clamp_timestamps`).
     """
+    if pool_mode is PoolMode.TRANSACTION:
+        kwargs["connect_args"] = {**kwargs.get("connect_args", {}), "prepare_threshold": None}
     engine = create_engine(normalize_url(url), **kwargs)
-    event.listen(engine, "connect", session_settings)
+    if pool_mode is not PoolMode.TRANSACTION:
+        event.listen(engine, "connect", session_settings)
+    event.listen(engine, "connect", clamp_timestamps)
     return engine
+
+
+# PostgreSQL holds timestamps from 4713 BC to 294276 AD and +/-infinity; Python's datetime holds
+# years 1 to 9999. The API refuses anything outside its own window, but a row written by other
+# means (SQL, a restore) would otherwise fail every statement that reads it: a list of a
+# thousand jobs, because of one. Such a value reads as the nearest instant Python holds.
+LATEST = datetime.max.replace(tzinfo=UTC)
+EARLIEST = datetime.min.replace(tzinfo=UTC)
+
+
+def clamp_timestamps(dbapi_connection: Any, _record: object) -> None:
+    """Registers, on this connection only, timestamptz loaders that read a value past year
+    9999 (or `infinity`) as `LATEST` and one before year 1 (or `-infinity`) as `EARLIEST`."""
+    adapters = dbapi_connection.adapters
+    oid = adapters.types["timestamptz"].oid
+    for fmt in (Format.TEXT, Format.BINARY):
+        base = adapters.get_loader(oid, fmt)
+        if base is not None:
+            adapters.register_loader(oid, _clamping(base))
+
+
+@functools.cache
+def _clamping(base: type[Loader]) -> type[Loader]:
+    class Clamping(Loader):
+        format = base.format
+
+        def __init__(self, oid: int, context: AdaptContext | None = None) -> None:
+            super().__init__(oid, context)
+            self._base = base(oid, context)
+
+        def load(self, data: Buffer) -> datetime:
+            try:
+                value: datetime = self._base.load(data)
+            except psycopg.DataError:
+                clamped = _out_of_range(bytes(data), self.format)
+                if clamped is None:
+                    raise
+                return clamped
+            return value
+
+    Clamping.__name__ = Clamping.__qualname__ = f"Clamping{base.__name__}"
+    return Clamping
+
+
+def _out_of_range(data: bytes, fmt: Format) -> datetime | None:
+    if fmt is Format.BINARY:  # microseconds since 2000-01-01, +/-infinity at the int64 ends
+        return EARLIEST if int.from_bytes(data, "big", signed=True) < 0 else LATEST
+    if data == b"-infinity" or data.endswith(b" BC"):
+        return EARLIEST
+    year = data.partition(b"-")[0]
+    if data == b"infinity" or (year.isdigit() and len(year) > 4):
+        return LATEST
+    return None
 
 
 # PostgreSQL compiles a statement whose estimated cost passes `jit_above_cost` (100,000 by
@@ -40,16 +116,36 @@ def make_engine(url: URL | str, **kwargs: object) -> Engine:
 # 1-2 ms (150k queued: 49 ms a claim, 27 ms of it JIT). Heimdex's statements are all short:
 # none is the long analytic query JIT pays off for.
 SESSION_SETTINGS = ("SET jit = off",)
+# The same, for one transaction: through a transaction pooler a session setting reaches only
+# the server connection it ran on, and the next transaction may run on another.
+LOCAL_SETTINGS = ("SET LOCAL jit = off",)
 
 
 def session_settings(dbapi_connection: Any, _record: object) -> None:
-    """Applied once to each new connection, before the pool hands it out. Through a
-    transaction-mode pooler a session setting reaches only the server connection it ran on;
-    the worker needs a session connection anyway (docs/architecture.md)."""
+    """Applied once to each new direct or session-pooled connection, before the pool hands it
+    out."""
     with dbapi_connection.cursor() as cursor:
         for statement in SESSION_SETTINGS:
             cursor.execute(statement)
     dbapi_connection.commit()
+
+
+def rows_with_local_settings(
+    driver: psycopg.Connection[Any], sql: str, params: Mapping[str, Any]
+) -> list[Any]:
+    """The rows of `sql` run after `LOCAL_SETTINGS`, on an autocommit connection that prepares
+    nothing (a transaction pooler's): one simple-protocol message, so one implicit transaction
+    (SET LOCAL holds for the statement and ends with it) and one round trip, where BEGIN, SET,
+    the statement and COMMIT would be four. The parameters are bound client-side, which costs
+    nothing a server that prepares nothing would not do anyway."""
+    with psycopg.ClientCursor(driver) as cursor:
+        cursor.execute("; ".join((*LOCAL_SETTINGS, sql)), params)
+        rows: list[Any] = []
+        while True:
+            if cursor.description is not None:
+                rows = cursor.fetchall()
+            if not cursor.nextset():
+                return rows
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -74,15 +170,85 @@ _CONNECT_PREAMBLE = re.compile(
 )
 
 
-def connection_error(url: URL, exc: BaseException) -> DatabaseUnavailable:
+def connection_error(url: URL, exc: BaseException) -> DatabaseProblem:
     """The one formatter for a failed connection: host, port, database, role and the driver's
-    first line of reason; never the URL, the user's password or any part of it."""
+    first line of reason; never the URL, the user's password or any part of it. Its type names
+    the cause (`database_problem`): out of connection slots, the pooler, or unreachable."""
     reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     first = _CONNECT_PREAMBLE.sub("", reason[0]) if reason else type(exc).__name__
     where = describe_url(url) + (f" as {url.username}" if url.username else "")
     password = None if url.password is None else str(url.password)
-    return DatabaseUnavailable(
-        redact(f"cannot connect to PostgreSQL at {where}: {first}", password)
+    kind = type(database_problem(exc) or DatabaseUnavailable(""))
+    message = redact(f"cannot connect to PostgreSQL at {where}: {first}", password)
+    return kind(message, message)
+
+
+def _first_line(exc: BaseException) -> str:
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return reason[0] if reason else type(exc).__name__
+
+
+# What an operator reads for each cause (the API's problem detail: the server's own message,
+# which can name files and hosts, goes to the log only).
+_PROBLEMS: dict[type[DatabaseProblem], str] = {
+    DatabaseDiskFull: "PostgreSQL's disk is full; nothing was written. Free space or grow the"
+    " volume (or the tablespace), then retry",
+    DatabaseOutOfResources: "PostgreSQL is out of memory or at a configured limit; retry later,"
+    " and check the server's memory and limits",
+    DatabaseTooManyConnections: "no database connection slot is free (PostgreSQL's"
+    " max_connections or the pooler's max_client_conn); retry later, and raise the limit or"
+    " lower the API's and workers' pool sizes",
+    DatabasePoolerError: "the connection pooler in front of PostgreSQL failed the statement;"
+    " behind a transaction pooler set HEIMDEX_DB_POOL_MODE=transaction, and check the pooler's"
+    " log",
+    DatabaseUnavailable: "PostgreSQL is unreachable or restarting; retry later",
+}
+# Connection-time refusals carry no SQLSTATE through libpq: their text is all there is.
+_NO_SLOT_TEXT = (
+    "too many clients already",  # PostgreSQL, 53300
+    "remaining connection slots are reserved",  # PostgreSQL, 53300
+    "no more connections allowed",  # pgbouncer's max_client_conn
+    "too many connections for role",  # PostgreSQL, a role's CONNECTION LIMIT
+    "too many connections for database",
+)
+_POOLER_TEXT = ("pgbouncer", "query_wait_timeout", "server conn crashed", "server login has been")
+
+
+def database_problem(exc: BaseException) -> DatabaseProblem | None:
+    """The cause of a failure of the database rather than of the statement, as the one
+    `DatabaseProblem` subclass that names it, with what an operator should do; None for a
+    statement's own error (a constraint, a bug), which is no outage.
+
+    By SQLSTATE where the server sent one: 53100 disk full, 53300 too many connections, the
+    rest of class 53 out of resources, 26000/42P05 a prepared statement lost or doubled by a
+    transaction pooler, 08P01 pgbouncer's own errors; then by the connection refusal's text;
+    then any failure of the connection itself is PostgreSQL unreachable."""
+    driver = exc
+    while isinstance(driver, DBAPIError) and driver.orig is not None:
+        driver = driver.orig
+    sqlstate = getattr(driver, "sqlstate", None) or ""
+    text_ = str(driver).lower()
+    kind: type[DatabaseProblem] | None = None
+    if sqlstate == "53100":
+        kind = DatabaseDiskFull
+    elif sqlstate == "53300" or any(t in text_ for t in _NO_SLOT_TEXT):
+        kind = DatabaseTooManyConnections
+    elif sqlstate.startswith("53"):
+        kind = DatabaseOutOfResources
+    elif sqlstate in ("26000", "42P05", "08P01") or any(t in text_ for t in _POOLER_TEXT):
+        kind = DatabasePoolerError
+    elif _is_disconnect(exc, driver):
+        kind = DatabaseUnavailable
+    if kind is None:
+        return None
+    return kind(_PROBLEMS[kind], _first_line(driver))
+
+
+def _is_disconnect(exc: BaseException, driver: BaseException) -> bool:
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(driver, psycopg.OperationalError | psycopg.InterfaceError) or isinstance(
+        exc, OperationalError
     )
 
 
@@ -126,9 +292,12 @@ def database_error(exc: BaseException, url: URL) -> HeimdexError | None:
         return HeimdexError(
             f"{where} has no Heimdex schema ({first}): run `heimdex db upgrade` against it"
         )
-    if isinstance(orig, psycopg.OperationalError):  # shut down, timed out, canceled meanwhile
-        return DatabaseUnavailable(redact(f"{where}: {first or type(orig).__name__}", password))
-    return None
+    # Shut down, timed out, canceled meanwhile; a full disk, no connection slot, the pooler.
+    found = database_problem(exc)
+    if found is None:
+        return None
+    message = redact(f"{where}: {first or type(orig).__name__}", password)
+    return type(found)(message, message)
 
 
 def check_connection(engine: Engine) -> None:

@@ -23,7 +23,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 
-from heimdex.errors import HeimdexError
+from heimdex.errors import HeimdexError, flatten_validation_errors
 from heimdex.logs import LogFormat
 from heimdex.models import JobStatus
 
@@ -83,6 +83,12 @@ class RetentionPolicy:
     default: Ages
     orgs: Mapping[uuid.UUID, Ages] = field(default_factory=dict)
 
+    @property
+    def deletes_anything(self) -> bool:
+        """False when every age is `off`: a pass would delete nothing."""
+        ages = [self.default, *self.orgs.values()]
+        return any(a.succeeded is not None or a.failed is not None for a in ages)
+
     @classmethod
     def parse(cls, succeeded: str, failed: str, orgs: str = "") -> RetentionPolicy:
         """From the settings' strings; `orgs` is `ORG=SUCCEEDED/FAILED` entries, comma-separated
@@ -105,6 +111,39 @@ class RetentionPolicy:
             first, _, second = ages.partition("/")
             overrides[org_id] = Ages(parse_age(first), parse_age(second or first))
         return cls(Ages(parse_age(succeeded), parse_age(failed)), overrides)
+
+
+class PoolMode(StrEnum):
+    """What sits between Heimdex and PostgreSQL on `DATABASE_URL` (`HEIMDEX_DB_POOL_MODE`).
+
+    `transaction`: a pooler that hands each transaction any server connection (pgbouncer's
+    `pool_mode = transaction`, Supabase's pooler on port 6543). No server-side prepared
+    statements, no session settings, no LISTEN and no session advisory lock on it.
+    `session`: a pooler that gives a client one server connection for its whole session
+    (Supabase's pooler on port 5432); `direct`: PostgreSQL itself. Both keep session state.
+    """
+
+    AUTO = "auto"
+    TRANSACTION = "transaction"
+    SESSION = "session"
+    DIRECT = "direct"
+
+
+# Supabase's shared pooler: port 6543 is its transaction mode and 5432 its session mode, on the
+# same `*.pooler.supabase.com` host. Only these are read from a URL: a self-hosted pgbouncer's
+# port says nothing about its pool_mode, so it is declared with HEIMDEX_DB_POOL_MODE.
+SUPABASE_TRANSACTION_PORT = 6543
+SUPABASE_POOLER_HOST = ".pooler.supabase.com"
+
+
+def detect_pool_mode(url: URL) -> PoolMode:
+    """The pool mode a URL shows by itself: Supabase's pooler port 6543 is a transaction
+    pooler, its pooler host on another port a session one; anything else is taken as direct."""
+    if url.port == SUPABASE_TRANSACTION_PORT:
+        return PoolMode.TRANSACTION
+    if (url.host or "").lower().endswith(SUPABASE_POOLER_HOST):
+        return PoolMode.SESSION
+    return PoolMode.DIRECT
 
 
 class Environment(StrEnum):
@@ -130,6 +169,17 @@ class Settings(BaseSettings):
     pgpassword: SecretStr | None = Field(default=None, validation_alias="PGPASSWORD")
     pgdatabase: str = Field(default="heimdex", validation_alias="PGDATABASE")
 
+    # auto: read from the URL (`detect_pool_mode`): Supabase's pooler port 6543 is transaction
+    # mode. Declare `transaction` for any other transaction pooler (pgbouncer, Supavisor, RDS
+    # Proxy): Heimdex then prepares no statement on the server and keeps no session state.
+    db_pool_mode: PoolMode = Field(default=PoolMode.AUTO, validation_alias="HEIMDEX_DB_POOL_MODE")
+    # A direct (or session-pooled) URL for what needs a session of its own when DATABASE_URL
+    # is a transaction pooler's: the workers' LISTEN (without it they poll) and retention's
+    # advisory lock, and `heimdex db` (which refuses a transaction pooler otherwise).
+    session_database_url: SecretStr | None = Field(
+        default=None, validation_alias="HEIMDEX_SESSION_DATABASE_URL"
+    )
+
     jwt_secret: SecretStr = Field(
         default=SecretStr(PLACEHOLDER_JWT_SECRET),
         validation_alias=AliasChoices("HEIMDEX_JWT_SECRET"),
@@ -147,6 +197,11 @@ class Settings(BaseSettings):
     # The job runtime. Seconds throughout; tests shrink them to run in well under a second.
     api_host: str = Field(default="127.0.0.1", validation_alias="HEIMDEX_API_HOST")
     api_port: int = Field(default=8000, validation_alias="HEIMDEX_API_PORT")
+    # How long the API waits for a request's whole body: a client that stops sending mid-body
+    # is answered 408 and disconnected, rather than holding a connection and a task.
+    body_timeout_seconds: float = Field(
+        default=5.0, gt=0, validation_alias="HEIMDEX_BODY_TIMEOUT_SECONDS"
+    )
     worker_concurrency: int = Field(
         default=4, ge=1, le=256, validation_alias="HEIMDEX_WORKER_CONCURRENCY"
     )
@@ -202,7 +257,7 @@ class Settings(BaseSettings):
     # A JSONL file each deleted job (with its events) is appended to first; empty: no archive.
     retention_archive: str = Field(default="", validation_alias="HEIMDEX_RETENTION_ARCHIVE")
 
-    @field_validator("log_level", "log_format", mode="before")
+    @field_validator("log_level", "log_format", "db_pool_mode", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
@@ -221,6 +276,16 @@ class Settings(BaseSettings):
                 "or every lease expires before its renewal"
             )
         self.retention_policy  # noqa: B018 - an unreadable policy fails at startup, not later
+        session = self.session_url
+        if (
+            self.session_database_url is not None
+            and session is not None
+            and (self.pool_mode_of(session) is PoolMode.TRANSACTION)
+        ):
+            raise ValueError(
+                "HEIMDEX_SESSION_DATABASE_URL must be a direct or session-mode URL, not a "
+                "transaction pooler's (port 6543 is Supabase's transaction pooler; use 5432)"
+            )
         return self
 
     @cached_property
@@ -256,6 +321,28 @@ class Settings(BaseSettings):
             port=self.pgport,
             database=self.pgdatabase,
         )
+
+    @property
+    def pool_mode(self) -> PoolMode:
+        """`HEIMDEX_DB_POOL_MODE` of `DATABASE_URL`, or what the URL shows when it is `auto`."""
+        return self.pool_mode_of(self.sqlalchemy_url)
+
+    def pool_mode_of(self, url: URL) -> PoolMode:
+        """The pool mode of `url`: the declared one for `DATABASE_URL`, else the URL's own."""
+        if self.db_pool_mode is not PoolMode.AUTO and url == self.sqlalchemy_url:
+            return self.db_pool_mode
+        return detect_pool_mode(url)
+
+    @cached_property
+    def session_url(self) -> URL | None:
+        """A URL on which a session keeps its state (LISTEN, session advisory locks):
+        `HEIMDEX_SESSION_DATABASE_URL` when set, `DATABASE_URL` unless it is a transaction
+        pooler's, else None."""
+        if self.session_database_url is not None:
+            return normalize_url(self.session_database_url.get_secret_value())
+        if self.pool_mode is PoolMode.TRANSACTION:
+            return None
+        return self.sqlalchemy_url
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -306,8 +393,5 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
-            for err in exc.errors()
-        )
+        problems, _ = flatten_validation_errors(exc.errors(), root="settings")
         raise HeimdexError(f"invalid settings: {problems}") from None

@@ -13,7 +13,13 @@ from sqlalchemy.engine import URL
 
 from heimdex.db import database_error, make_engine
 from heimdex.errors import HeimdexError
-from heimdex.settings import load_settings, normalize_url
+from heimdex.settings import (
+    PoolMode,
+    describe_url,
+    detect_pool_mode,
+    load_settings,
+    normalize_url,
+)
 
 URL_KEY = "heimdex.jobs.database_url"
 URL_HELP = "Database URL (default: DATABASE_URL or PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE)."
@@ -25,15 +31,38 @@ def note_url(ctx: click.Context, url: str | None) -> None:
         ctx.find_root().meta[URL_KEY] = url
 
 
-def command_url(ctx: click.Context) -> URL:
-    """The database of this invocation: `--database-url`, else the settings'."""
+def command_url(ctx: click.Context, *, session: bool = False) -> URL:
+    """The database of this invocation: `--database-url`, else the settings'; for a command
+    that needs a `session`, the settings' `HEIMDEX_SESSION_DATABASE_URL` when `DATABASE_URL` is
+    a transaction pooler's."""
     given = ctx.find_root().meta.get(URL_KEY)
-    return normalize_url(given) if given else load_settings().sqlalchemy_url
+    if given:
+        return normalize_url(given)
+    settings = load_settings()
+    return (settings.session_url if session else None) or settings.sqlalchemy_url
+
+
+def _pool_mode(url: URL) -> PoolMode:
+    try:
+        return load_settings().pool_mode_of(url)
+    except HeimdexError:
+        return detect_pool_mode(url)
 
 
 @contextmanager
-def command_engine(ctx: click.Context) -> Iterator[Engine]:
-    engine = make_engine(command_url(ctx))
+def command_engine(ctx: click.Context, *, session: bool = False) -> Iterator[Engine]:
+    """An engine on the command's database. A command that needs a `session` (a session
+    advisory lock, as `heimdex jobs prune` holds) refuses a transaction pooler's URL in one
+    line: the lock would be taken on one server connection and released on another."""
+    url = command_url(ctx, session=session)
+    mode = _pool_mode(url)
+    if session and mode is PoolMode.TRANSACTION:
+        raise HeimdexError(
+            f"{describe_url(url)} is a transaction pooler, and this command holds a session "
+            "advisory lock: pass --database-url with a direct or session-mode URL, or set "
+            "HEIMDEX_SESSION_DATABASE_URL; nothing was changed"
+        )
+    engine = make_engine(url, pool_mode=mode)
     try:
         yield engine
     finally:

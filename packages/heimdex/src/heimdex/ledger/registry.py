@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
-from heimdex.errors import HeimdexError
+from heimdex.errors import HeimdexError, flatten_validation_errors
 from heimdex.ledger.errors import InvalidParams, TimeoutAboveType, UnknownJobType
 
 ENTRY_POINT_GROUP = "heimdex.jobs"
@@ -162,10 +162,7 @@ class JobType:
         try:
             return self.params.model_validate(params)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}"
-                for err in exc.errors()
-            )
+            problems, _ = flatten_validation_errors(exc.errors(), root="params")
             raise InvalidParams(self.name, problems) from None
 
 

@@ -84,7 +84,8 @@ def prune(  # click passes the options by name
     if older_than is not None:
         age = parse_age(older_than)
         policy = RetentionPolicy(Ages(age, age), policy.orgs)
-    with command_engine(ctx) as engine:
+    # A pass holds a session advisory lock (one pruner at a time); a dry run only counts.
+    with command_engine(ctx, session=not dry_run) as engine:
         if dry_run:
             with engine.connect() as conn:
                 result = retention.dry_run(conn, policy)

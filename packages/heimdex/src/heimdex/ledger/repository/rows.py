@@ -14,6 +14,7 @@ from sqlalchemy import Connection, Row, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.selectable import TextualSelect
 
+from heimdex.db import rows_with_local_settings
 from heimdex.models import BackoffPolicy, Job, JobEvent, JobStatus
 
 JOB = Job.__table__
@@ -85,11 +86,19 @@ def json_array(items: list[dict[str, Any]]) -> str:
 
 
 def driver_rows(
-    conn: Connection, sql: str, params: Mapping[str, Any], *, prepare: bool | None = True
+    conn: Connection,
+    sql: str,
+    params: Mapping[str, Any],
+    *,
+    prepare: bool | None = True,
+    local_settings: bool = False,
 ) -> list[Any]:
     """Run `sql` (psycopg placeholders) on the driver connection under `conn`, in the caller's
     transaction, as a server-side prepared statement (`prepare=None`: psycopg's default, as for
-    statements run through SQLAlchemy, prepared from the fifth run on a connection).
+    statements run through SQLAlchemy, prepared from the fifth run on a connection). A
+    connection behind a transaction pooler prepares nothing (`db.make_engine`); there a statement
+    that needs the session settings (`local_settings`) carries them as SET LOCAL in its own
+    message (`db.rows_with_local_settings`).
 
     For the hot statements (submit, claim and outcomes): SQLAlchemy's per-statement work
     (compiled cache, result metadata, typed rows) was about a fifth of the worker's Python
@@ -103,9 +112,12 @@ def driver_rows(
         conn.begin()
     driver: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
     try:
-        with driver.cursor() as cursor:
-            cursor.execute(sql, params, prepare=prepare)
-            values = cursor.fetchall()
+        if local_settings and driver.prepare_threshold is None:
+            values = rows_with_local_settings(driver, sql, params)
+        else:
+            with driver.cursor() as cursor:
+                cursor.execute(sql, params, prepare=prepare)
+                values = cursor.fetchall()
     except psycopg.Error as exc:
         if driver.broken or driver.closed:
             conn.invalidate(exc)

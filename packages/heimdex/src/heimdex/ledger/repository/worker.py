@@ -179,7 +179,13 @@ def claim(conn: Connection, *, worker_id: str, limit: int, lease_seconds: float)
     """Take up to `limit` due queued jobs for `worker_id`, in claim order (priority, then the
     orgs' turns, then due time): running, leased, `claimed` events. Places the jobs that came
     due unplaced on the way (see THE CLAIM)."""
-    values = driver_rows(conn, claim_sql(limit), {"worker": worker_id, "lease": lease_seconds})
+    # JIT off: the one statement whose estimate once grew with the queue (db.SESSION_SETTINGS).
+    values = driver_rows(
+        conn,
+        claim_sql(limit),
+        {"worker": worker_id, "lease": lease_seconds},
+        local_settings=True,
+    )
     jobs = [_claimed(v) for v in values if v[0] is not None]
     due = values[0][-2] if values else 0
     return Claim(jobs, more_due=due >= PLACE_MAX)
