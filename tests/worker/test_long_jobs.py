@@ -65,6 +65,7 @@ def run_worker(settings: Settings, engine: Engine) -> Iterator[Any]:
             settings.model_copy(update={"timeout_grace_seconds": grace}),
             engine,
             registry,
+            session_engine=engine,
             worker_id=f"test-{uuid.uuid4()}",
             concurrency=concurrency,
             batch=1,
