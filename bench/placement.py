@@ -5,23 +5,25 @@
 
 One throwaway PostgreSQL 15 cluster with fsync on and `pg_stat_statements` loaded. For each
 measurement a fresh database is migrated to head by the measured checkout and loaded in SQL
-with `--jobs` queued jobs over `--orgs` orgs that came due unplaced (retries: `turn` NULL,
-`run_at` spread over the last `--spread` seconds), as retries, requeues and scheduled jobs
-leave them; then ANALYZEd: the statistics say nothing is placed yet, as autovacuum's would when
-a backlog comes due. A child process (the checkout's own interpreter) runs the production
-worker (`run_worker`, `--concurrency` runners claiming `--batch` jobs, no-op jobs) until nothing
-is queued or running, or `--timeout` seconds.
+with `--jobs` queued jobs over `--orgs` orgs that came due unplaced (`turn` NULL, `run_at`
+spread over the last `--spread` seconds), as retries, requeues and scheduled jobs leave them
+(`--placed`: the reference, the same jobs placed round-robin as submits place them, so every
+claim is an ordinary one); then ANALYZEd: the statistics say nothing is placed yet, as
+autovacuum's would when a backlog comes due. A child process (the checkout's own interpreter)
+runs the production worker (`run_worker`, `--concurrency` runners claiming `--batch` jobs,
+no-op jobs) until nothing is queued or running, or `--timeout` seconds.
 
 Measured, in the child: the wall time of each claim as a runner waits for it (`Worker._claim`:
 the statement, its round trip and the worker's Python around it) and, where the checkout has a
-placing step apart from the claim, of each placing step (`Worker._place`); jobs/s from the
-worker's start until the last job is done. On the server, `pg_stat_statements`: the mean and the
-longest execution of the claim statement and of the placing statement; and PostgreSQL's CPU per
-job (its backends', from /proc). `--baseline TREE` runs a checkout with its own `.venv` (e.g.
-`git worktree add --detach ../wt-base main && (cd ../wt-base && uv sync)`) as "baseline" in
-the same rounds, interleaved (current, baseline, current, ...); the table shows medians over the
-rounds. The machine's load average is printed before and after: on shared cores, latencies
-follow it.
+placing step apart from the claim, of each placing step that placed jobs (`Worker._place`);
+jobs/s from the worker's start until the last job is done. On the server: with
+`pg_stat_statements`, the mean and the longest execution of the claim statement and of the
+placing statement; the claims that ran longer than 10 ms (`log_min_duration_statement`: the
+statement alone, without the client's scheduling); PostgreSQL's CPU per job (its backends',
+from /proc). `--baseline TREE` runs a checkout with its own `.venv` (e.g. `git worktree add
+--detach ../wt-base main && (cd ../wt-base && uv sync)`) as "baseline" in the same rounds,
+interleaved (current, baseline, current, ...); the table shows medians over the rounds. The
+machine's load average is printed before and after: on shared cores, latencies follow it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -40,12 +44,13 @@ from typing import Any
 
 HERE = Path(__file__).resolve()
 SECRET = "bench-secret-0123456789-0123456789-0123"  # noqa: S105 - a throwaway cluster's token
+SLOW_MS = 10  # the server logs statements that run longer; the table counts the claims
 
 LOAD = """
-INSERT INTO job (org_id, type, params, attempt, run_at, created_at)
+INSERT INTO job (org_id, type, params, attempt, run_at, created_at, turn)
 SELECT o.org, 'noop', '{}'::jsonb, 1,
        now() - make_interval(secs => (%(jobs)s - g) * %(spread)s / %(jobs)s),
-       now() - interval '1 hour'
+       now() - interval '1 hour', CASE WHEN %(placed)s THEN g / %(n)s END
   FROM generate_series(0, %(jobs)s - 1) AS g
  CROSS JOIN LATERAL (SELECT (CAST(%(orgs)s AS uuid[]))[1 + (hashint4(g) & 2147483647) %% %(n)s]
                             AS org) AS o
@@ -82,10 +87,12 @@ def child(url: str, concurrency: int, batch: int, timeout: float) -> dict[str, A
     def timed(name: str, method: Any) -> Any:
         def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
-            try:
-                return method(self, *args, **kwargs)
-            finally:
+            value = method(self, *args, **kwargs)
+            # A placing step counts when it placed jobs (a runner that finds another placer
+            # at work returns at once, having done nothing).
+            if name == "claim" or value:
                 waits[name].append(time.perf_counter() - started)
+            return value
 
         return wrapper
 
@@ -147,6 +154,7 @@ class Cluster:
         admin = self.pg.url().set(drivername="postgresql").render_as_string(hide_password=False)
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+            conn.execute(f"ALTER SYSTEM SET log_min_duration_statement = '{SLOW_MS}ms'")
         self.pg.stop()
         self.pg.start()
         self._n = 0
@@ -167,6 +175,27 @@ class Cluster:
             capture_output=True,
         )
         return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    @property
+    def log(self) -> Path:
+        return self.pg.socket_dir / "postgres.log"
+
+    def slow_statements(self, offset: int) -> dict[str, int]:
+        """Claims and placing steps that ran longer than SLOW_MS on the server, from the log
+        written since `offset` (`log_min_duration_statement`)."""
+        with self.log.open("rb") as log:
+            log.seek(offset)
+            text = log.read().decode(errors="replace")
+        records = re.split(r"(?m)^(?=\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", text)
+        slow = {"claim": 0, "place": 0}
+        for record in records:
+            if "duration:" not in record:
+                continue
+            if "lease_token = gen_random_uuid()" in record:
+                slow["claim"] += 1
+            elif "job_last_turn" in record:
+                slow["place"] += 1
+        return slow
 
     def server_cpu(self) -> float:
         """CPU seconds of the cluster's exited processes (each measurement's backends exit with
@@ -189,7 +218,7 @@ class Measured:
     cpu_per_job: float
 
 
-def _load(url: str, orgs: int, jobs: int, spread: float) -> None:
+def _load(url: str, orgs: int, jobs: int, spread: float, placed: bool) -> None:
     import uuid  # noqa: PLC0415
 
     import psycopg  # noqa: PLC0415
@@ -197,7 +226,8 @@ def _load(url: str, orgs: int, jobs: int, spread: float) -> None:
     ids = [uuid.uuid4() for _ in range(orgs)]
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        conn.execute(LOAD, {"orgs": ids, "n": orgs, "jobs": jobs, "spread": spread})
+        params = {"orgs": ids, "n": orgs, "jobs": jobs, "spread": spread, "placed": placed}
+        conn.execute(LOAD, params)
         conn.execute("ANALYZE")
         conn.execute("SELECT pg_stat_statements_reset()")
 
@@ -224,8 +254,9 @@ def _server(url: str) -> dict[str, float]:
 def measure(cluster: Cluster, tree: Path, args: argparse.Namespace, label: str) -> Measured | None:
     python = tree / ".venv" / "bin" / "python"
     url = cluster.fresh_database(python, tree)
-    _load(url, args.orgs, args.jobs, args.spread)
+    _load(url, args.orgs, args.jobs, args.spread, args.placed)
     before = cluster.server_cpu()
+    offset = cluster.log.stat().st_size
     proc = subprocess.run(
         [str(python), str(HERE), "--child", url, str(args.concurrency), str(args.batch),
          str(args.timeout)],
@@ -236,7 +267,11 @@ def measure(cluster: Cluster, tree: Path, args: argparse.Namespace, label: str) 
         return None
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     cpu = (cluster.server_cpu() - before) / max(out["done"], 1)
-    result = Measured(out["rate"], out["done"], out["claim"], out["place"], _server(url), cpu)
+    server = _server(url)
+    slow = cluster.slow_statements(offset)
+    server["claim_slow"] = float(slow["claim"])
+    server["place_slow"] = float(slow["place"])
+    result = Measured(out["rate"], out["done"], out["claim"], out["place"], server, cpu)
     place = (
         f", placing p50 {result.place['p50']:.1f} p99 {result.place['p99']:.1f} ms"
         if result.place
@@ -245,7 +280,9 @@ def measure(cluster: Cluster, tree: Path, args: argparse.Namespace, label: str) 
     _progress(
         f"  {label:>8}: {result.done} jobs, {result.rate:6.0f} jobs/s, claim p50"
         f" {result.claim['p50']:.1f} p99 {result.claim['p99']:.1f} max"
-        f" {result.claim['max']:.0f} ms{place}; load {os.getloadavg()[0]:.1f}"
+        f" {result.claim['max']:.0f} ms{place}; on the server {slow['claim']} of"
+        f" {server.get('claim_calls', 0):.0f} claims over {SLOW_MS} ms;"
+        f" load {os.getloadavg()[0]:.1f}"
     )
     return result
 
@@ -259,8 +296,9 @@ def _ms(value: float | None, digits: int = 1) -> str:
 
 
 def print_table(args: argparse.Namespace, results: dict[str, list[Measured]]) -> None:
+    how = "placed at submit" if args.placed else "come due unplaced"
     print(
-        f"\n{args.jobs} jobs come due unplaced over {args.orgs} orgs, drained by one worker "
+        f"\n{args.jobs} jobs {how} over {args.orgs} orgs, drained by one worker "
         f"(concurrency {args.concurrency}, batch {args.batch}); PostgreSQL 15, fsync on; "
         f"{args.rounds} interleaved rounds, medians. Claim and placing: wall ms as a runner "
         "waits for them (client), and the statement's mean and longest execution (server)\n"
@@ -268,7 +306,7 @@ def print_table(args: argparse.Namespace, results: dict[str, list[Measured]]) ->
     head = (
         "| code | jobs/s | claims | claim p50 | claim p99 | claim max | placing steps "
         "| placing p50 | placing p99 | placing max | server claim mean / max "
-        "| server placing mean / max | PostgreSQL CPU/job |"
+        f"| server claims > {SLOW_MS} ms | server placing mean / max | PostgreSQL CPU/job |"
     )
     print(head)
     print("|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|")
@@ -291,12 +329,18 @@ def print_table(args: argparse.Namespace, results: dict[str, list[Measured]]) ->
         )
         if med(lambda r: r.server.get("place_mean")) is None:
             server_place = "-"
+        slow = med(lambda r: r.server.get("claim_slow"))
+        calls = med(lambda r: r.server.get("claim_calls"))
+        slow_claims = (
+            f"{slow:.0f} ({100 * slow / calls:.1f}%)" if slow is not None and calls else "-"
+        )
         print(
             f"| {label} | {_ms(med(lambda r: r.rate), 0)} | {_ms(med(part('claim', 'count')), 0)}"
             f" | {_ms(med(part('claim', 'p50')))} | {_ms(med(part('claim', 'p99')))}"
             f" | {_ms(med(part('claim', 'max')), 0)} | {_ms(med(part('place', 'count')), 0)}"
             f" | {_ms(med(part('place', 'p50')))} | {_ms(med(part('place', 'p99')))}"
-            f" | {_ms(med(part('place', 'max')), 0)} | {server_claim} | {server_place}"
+            f" | {_ms(med(part('place', 'max')), 0)} | {server_claim} | {slow_claims}"
+            f" | {server_place}"
             f" | {_ms(med(lambda r: r.cpu_per_job * 1e6), 0)} us |"
         )
 
@@ -307,6 +351,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=100_000, help="jobs that come due unplaced")
     parser.add_argument(
         "--spread", type=float, default=60.0, help="their run_at: over the last N seconds"
+    )
+    parser.add_argument(
+        "--placed",
+        action="store_true",
+        help="the reference: the same jobs placed as submits place them (ordinary claims)",
     )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
     parser.add_argument("--concurrency", type=int, default=4, help="the worker's runners")
@@ -334,6 +383,8 @@ def main() -> None:
             parser.error(f"--baseline {baseline}: no .venv there (run `uv sync` in it first)")
         trees["baseline"] = baseline
 
+    # Stopped by SIGTERM, the run still removes its cluster (the `finally` below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     _progress(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     cluster = Cluster()
     results: dict[str, list[Measured]] = {label: [] for label in trees}
