@@ -277,7 +277,7 @@ class Worker:
         except DBAPIError as exc:
             logger.warning(
                 "placing failed",
-                extra={"action": "worker.place_failed", "error": type(exc).__name__},
+                extra={"action": "worker.place_failed", **failure_fields(exc)},
             )
             return False
         finally:
