@@ -1,7 +1,8 @@
-"""EXPLAIN guards: the claim reads the queue through its partial indexes and `job` by primary key,
-never `job` as a whole: at 1M jobs, however long the finished history grows, and on a small
-ledger in the plan a worker's prepared claim settles on (the generic plan). And a large queue
-is claimed without compiling the statement (JIT) on every run."""
+"""EXPLAIN guards: the claim and the placing step read the queue through its partial indexes and
+`job` by primary key, never `job` as a whole: at 1M jobs, however long the finished history
+grows, and on a small ledger in the plan a worker's prepared claim settles on (the generic
+plan). A large queue is claimed without compiling the statement (JIT) on every run. The org
+probe of every placing is one index scan, whatever the statistics say."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from sqlalchemy.engine import URL
 
 from heimdex.ledger import repository
 from heimdex.ledger.repository.rows import driver_rows
-from heimdex.ledger.repository.worker import claim_sql
+from heimdex.ledger.repository.worker import PLACE_SQL, claim_sql
 
 CLAIM_INDEX = "idx_job__claim_order"
 ORG_TURN_INDEX = "idx_job__org_turn"
@@ -30,7 +31,23 @@ def _plan_nodes(plan: dict[str, object]) -> list[dict[str, object]]:
     return nodes
 
 
-def test_claim_is_an_index_scan_at_a_million_jobs(engine: Engine) -> None:
+def _scans_of(engine: Engine, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The plan's nodes, each scan of `job` without a sequential one among them."""
+    with engine.begin() as conn:
+        ((plan,),) = driver_rows(conn, f"EXPLAIN (FORMAT JSON) {sql}", params)
+        conn.rollback()
+    nodes = _plan_nodes(json.loads(plan)[0]["Plan"] if isinstance(plan, str) else plan[0]["Plan"])
+    scans = [n for n in nodes if "Scan" in str(n["Node Type"]) and n.get("Relation Name") == "job"]
+    assert scans, nodes
+    assert all(n["Node Type"] != "Seq Scan" for n in scans), [n["Node Type"] for n in scans]
+    # A bitmap only for the lists of ids a statement updates (a batch, by primary key), never
+    # over a queue index.
+    bitmaps = {n.get("Index Name") for n in nodes if n["Node Type"] == "Bitmap Index Scan"}
+    assert bitmaps <= {"pk_job"}, bitmaps
+    return scans
+
+
+def test_claim_and_placing_are_index_scans_at_a_million_jobs(engine: Engine) -> None:
     orgs = [uuid.uuid4() for _ in range(20)]
     with engine.begin() as conn:
         # 990k finished jobs spread over 20 orgs, and a queue of 10k (one org's bulk ingest).
@@ -48,7 +65,7 @@ INSERT INTO job (org_id, type, priority, turn)
 SELECT CAST(:org AS uuid), 'noop', g % 3, g FROM generate_series(1, 10000) AS g"""),
             {"org": orgs[0]},
         )
-        # And 1,000 retries of the other orgs that came due unplaced: the claim places them.
+        # And 1,000 retries of the other orgs that came due unplaced: the placing step's.
         conn.execute(
             text("""
 INSERT INTO job (org_id, type, attempt, run_at)
@@ -58,33 +75,22 @@ SELECT (CAST(:orgs AS uuid[]))[2 + g % 19], 'noop', 1, now() - make_interval(sec
         )
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE job"))
-    with engine.begin() as conn:
-        ((plan,),) = driver_rows(
-            conn,
-            f"EXPLAIN (FORMAT JSON) {claim_sql(10)}",
-            {"worker": "plan", "lease": 30},
-        )
-        conn.rollback()
-    nodes = _plan_nodes(json.loads(plan)[0]["Plan"] if isinstance(plan, str) else plan[0]["Plan"])
-    scans = [n for n in nodes if "Scan" in str(n["Node Type"]) and n.get("Relation Name") == "job"]
-    assert scans, nodes
-    assert all(n["Node Type"] != "Seq Scan" for n in scans), [n["Node Type"] for n in scans]
-    # The next jobs come off the index in claim order, and the unplaced ones due off theirs
-    # oldest first: read a few rows, never the whole queue (a bitmap scan would, then sort it).
+    # The next jobs come off the index in claim order, and whether unplaced ones are due off
+    # theirs, oldest first: a few rows, never the whole queue (a bitmap scan would, then sort).
+    scans = _scans_of(engine, claim_sql(10), {"worker": "plan", "lease": 30})
     for index in (CLAIM_INDEX, UNPLACED_INDEX):
         assert any(
-            n["Node Type"] == "Index Scan" and n.get("Index Name") == index for n in scans
+            n["Node Type"] in {"Index Scan", "Index Only Scan"} and n.get("Index Name") == index
+            for n in scans
         ), scans
-    # A bitmap only for the lists of ids the claim updates (at most PLACE_MAX, by primary
-    # key), never over a queue index.
-    bitmaps = {n.get("Index Name") for n in nodes if n["Node Type"] == "Bitmap Index Scan"}
-    assert bitmaps <= {"pk_job"}, bitmaps
-    assert {n.get("Index Name") for n in scans if "Index" in str(n["Node Type"])} <= {
-        CLAIM_INDEX,
-        ORG_TURN_INDEX,
-        UNPLACED_INDEX,
-        "pk_job",
-    }, scans
+    assert {n.get("Index Name") for n in scans} <= {CLAIM_INDEX, UNPLACED_INDEX, "pk_job"}, scans
+    # The placing step reads the due unplaced jobs oldest first off their index and updates
+    # them by primary key (the org probes run in `job_last_turn`, guarded below).
+    scans = _scans_of(engine, PLACE_SQL, {})
+    assert any(
+        n["Node Type"] == "Index Scan" and n.get("Index Name") == UNPLACED_INDEX for n in scans
+    ), scans
+    assert {n.get("Index Name") for n in scans} <= {UNPLACED_INDEX, "pk_job"}, scans
 
 
 def test_the_prepared_claims_generic_plan_reads_no_table_on_a_small_ledger(engine: Engine) -> None:
@@ -170,21 +176,9 @@ SELECT (CAST(:orgs AS uuid[]))[1 + g % 10], 'noop', 1 FROM generate_series(1, 10
     assert plan["Plan"]["Total Cost"] < threshold / 10, plan["Plan"]["Total Cost"]
 
 
-def test_the_org_probe_is_one_index_scan_for_a_big_org_and_a_new_one(engine: Engine) -> None:
-    """Placing a job reads its org's last turn (`heimdex_private.job_last_turn`). Planned with
-    the org unknown, that probe was at times a bitmap scan, or a walk down the claim index:
-    for an org with a big backlog, a read of every placed job of the org on each submit."""
-    big, other = uuid.uuid4(), uuid.uuid4()
-    with engine.begin() as conn:
-        conn.execute(
-            text("""
-INSERT INTO job (org_id, type, turn)
-SELECT CASE WHEN g % 100 = 0 THEN CAST(:other AS uuid) ELSE CAST(:big AS uuid) END, 'noop', g
-  FROM generate_series(1, 50000) AS g"""),
-            {"big": big, "other": other},
-        )
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text("VACUUM ANALYZE job"))
+def _probe_plans(engine: Engine, orgs: list[uuid.UUID]) -> tuple[list[int | None], list[str]]:
+    """Each org's last turn at priority 0, probed 7 times (past PL/pgSQL's five custom plans,
+    onto its generic one), and the probes' plans (auto_explain)."""
     plans: list[str] = []
     with engine.connect() as conn:
         driver = conn.connection.driver_connection
@@ -200,17 +194,73 @@ SELECT CASE WHEN g % 100 = 0 THEN CAST(:other AS uuid) ELSE CAST(:big AS uuid) E
             driver.execute(setting)
         lasts = [
             driver.execute("SELECT heimdex_private.job_last_turn(%s, 0, 0)", (org,)).fetchone()[0]  # type: ignore[index]
-            for org in (big, other, uuid.uuid4())
-            for _ in range(7)  # past PL/pgSQL's five custom plans, onto its generic one
+            for org in orgs
+            for _ in range(7)
         ]
         conn.rollback()
-    assert lasts[0] == 49999 and lasts[7] == 50000 and lasts[14] is None, lasts
     probes = [p for p in plans if "FROM public.job" in p]
-    assert len(probes) == 21, plans
+    assert len(probes) == 7 * len(orgs), plans
+    return lasts, probes
+
+
+def _assert_one_index_scan(probes: list[str]) -> None:
     for plan in probes:
         assert "Index Only Scan Backward using idx_job__org_turn" in plan, plan
         assert "Bitmap" not in plan and "Seq Scan" not in plan, plan
         assert re.search(r"Heap Fetches: [0-9]\b", plan) or "Heap Fetches" not in plan, plan
+
+
+def test_the_org_probe_is_one_index_scan_for_a_big_org_and_a_new_one(engine: Engine) -> None:
+    """Placing a job reads its org's last turn (`heimdex_private.job_last_turn`). Planned with
+    the org unknown, that probe was at times a bitmap scan, or a walk down the claim index:
+    for an org with a big backlog, a read of every placed job of the org on each submit."""
+    big, other = uuid.uuid4(), uuid.uuid4()
+    with engine.begin() as conn:
+        conn.execute(
+            text("""
+INSERT INTO job (org_id, type, turn)
+SELECT CASE WHEN g % 100 = 0 THEN CAST(:other AS uuid) ELSE CAST(:big AS uuid) END, 'noop', g
+  FROM generate_series(1, 50000) AS g"""),
+            {"big": big, "other": other},
+        )
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM ANALYZE job"))
+    lasts, probes = _probe_plans(engine, [big, other, uuid.uuid4()])
+    assert lasts[0] == 49999 and lasts[7] == 50000 and lasts[14] is None, lasts
+    _assert_one_index_scan(probes)
+
+
+def test_the_org_probe_keeps_its_index_when_the_statistics_predate_the_turns(
+    engine: Engine,
+) -> None:
+    """A backlog that came due unplaced, analyzed before it was placed: the statistics say no
+    job is placed. The probe then walked `idx_job__claim_order` backwards, filtered by org,
+    through every placed job at that priority (52 ms a probe with 100,000 jobs placed over
+    10,000 orgs), until the next ANALYZE."""
+    orgs = [uuid.uuid4() for _ in range(1000)]
+    with engine.begin() as conn:
+        # No autovacuum: its ANALYZE would make the statistics current behind the test's back.
+        conn.execute(text("ALTER TABLE job SET (autovacuum_enabled = off)"))
+        conn.execute(
+            text("""
+INSERT INTO job (org_id, type, attempt, run_at)
+SELECT (CAST(:orgs AS uuid[]))[1 + g % 1000], 'noop', 1, now() - make_interval(secs => g)
+  FROM generate_series(1, 50000) AS g"""),
+            {"orgs": orgs},
+        )
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM ANALYZE job"))
+        # Placed as the placing step places them: one org after the other, consecutive turns.
+        conn.execute(
+            text("""
+UPDATE job AS j SET turn = n.turn
+  FROM (SELECT id, row_number() OVER (PARTITION BY org_id ORDER BY run_at DESC) AS turn
+          FROM job) AS n
+ WHERE j.id = n.id""")
+        )
+    lasts, probes = _probe_plans(engine, orgs[:3])
+    assert lasts == [50] * 21, lasts
+    _assert_one_index_scan(probes)
 
 
 def test_a_workers_claim_is_planned_once_not_on_every_run(engine: Engine) -> None:

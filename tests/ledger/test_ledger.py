@@ -183,6 +183,9 @@ def test_claim_waits_for_run_at(conn: Connection, registry: Registry, org_id: uu
     _submit(conn, registry, org_id, run_at=later)
     assert _claim(conn) == []
     conn.execute(text("UPDATE job SET run_at = now() - interval '1 second'"))
+    waiting = repository.claim(conn, worker_id="w1", limit=10, lease_seconds=30)
+    assert waiting.jobs == [] and waiting.more_due  # due, and waiting for its turn
+    assert repository.place_due(conn) == 1
     assert len(_claim(conn)) == 1
 
 
@@ -255,6 +258,8 @@ def test_jobs_coming_due_later_are_placed_then_not_before_the_queue(
         text("UPDATE job SET run_at = now() - interval '1 minute' WHERE org_id = :o"),
         {"o": scheduled},
     )
+    assert repository.claim(conn, worker_id="w1", limit=0, lease_seconds=30).more_due
+    assert repository.place_due(conn) == 40
     newcomer = _submit(conn, registry, late)
     batch = _claim(conn, limit=10)
     orgs = [j.org_id for j in batch]
@@ -267,20 +272,79 @@ def test_jobs_coming_due_later_are_placed_then_not_before_the_queue(
     assert [j.org_id for j in rest].count(scheduled) == 35
 
 
-def test_a_claim_places_at_most_place_max_and_says_more_are_due(
-    conn: Connection, org_id: uuid.UUID
-) -> None:
-    # Unplaced due jobs as a release before turns left them (or a bulk requeue).
+def _come_due_unplaced(conn: Connection, orgs: list[uuid.UUID], n: int) -> None:
+    """`n` queued jobs over `orgs` that came due without a turn (retries, requeues, scheduled
+    jobs, rows from before turns), the oldest first in `g` order."""
     conn.execute(
-        text("INSERT INTO job (org_id, type) SELECT :o, 'noop' FROM generate_series(1, :n)"),
-        {"o": org_id, "n": repository.PLACE_MAX + 5},
+        text("""
+INSERT INTO job (org_id, type, attempt, run_at)
+SELECT (CAST(:orgs AS uuid[]))[1 + g % cardinality(CAST(:orgs AS uuid[]))], 'noop', 1,
+       now() - make_interval(secs => :n - g)
+  FROM generate_series(1, :n) AS g"""),
+        {"orgs": orgs, "n": n},
     )
-    first = repository.claim(conn, worker_id="w", limit=10, lease_seconds=30)
-    assert len(first.jobs) == 10 and first.more_due
-    second = repository.claim(conn, worker_id="w", limit=10, lease_seconds=30)
-    assert len(second.jobs) == 10 and not second.more_due
+
+
+def test_a_claim_locks_only_what_it_takes_while_jobs_wait_to_be_placed(
+    engine: Engine, registry: Registry
+) -> None:
+    """Placing is a step of its own (`place_due`): a claim neither places nor locks the jobs
+    that came due unplaced, however many; it says they are there (`more_due`)."""
+    orgs = [uuid.uuid4() for _ in range(50)]
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        _come_due_unplaced(conn, orgs, 500)
+        service.submit_jobs(conn, registry, org_id=orgs[0], specs=[NOOP] * 20)
+    lockable = text("SELECT count(*) FROM (SELECT id FROM job FOR UPDATE SKIP LOCKED) AS free")
     unplaced = text("SELECT count(*) FROM job WHERE status = 'queued' AND turn IS NULL")
-    assert conn.execute(unplaced).scalar() == 0
+    with engine.begin() as first:
+        claim = repository.claim(first, worker_id="a", limit=10, lease_seconds=30)
+        with engine.begin() as other:
+            assert other.execute(lockable).scalar() == 510  # 20 + 500 jobs, 10 of them taken
+            assert other.execute(unplaced).scalar() == 500
+    assert len(claim.jobs) == 10 and claim.more_due
+
+
+def test_placing_takes_a_small_batch_oldest_first_one_placer_at_a_time(
+    engine: Engine, registry: Registry
+) -> None:
+    """`place_due` gives turns to at most PLACE_BATCH due jobs, oldest due first, in a
+    transaction of its own; a second placer meanwhile places nothing and says so (None), and a
+    claim meanwhile takes the placed queue without waiting for either."""
+    orgs = [uuid.uuid4() for _ in range(7)]
+    n = 2 * repository.PLACE_BATCH + 5
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        _come_due_unplaced(conn, orgs, n)
+        ready = service.submit_jobs(conn, registry, org_id=uuid.uuid4(), specs=[NOOP] * 3)
+        oldest = [
+            r.id
+            for r in conn.execute(
+                text("SELECT id FROM job WHERE turn IS NULL ORDER BY run_at LIMIT :n"),
+                {"n": repository.PLACE_BATCH},
+            )
+        ]
+    placed_turns = text(
+        "SELECT id, org_id, turn FROM job WHERE status = 'queued' AND turn IS NOT NULL"
+        " AND id <> ALL(CAST(:ready AS uuid[])) ORDER BY org_id, run_at"
+    )
+    with engine.begin() as placer:
+        assert repository.place_due(placer) == repository.PLACE_BATCH
+        with engine.begin() as second:
+            assert repository.place_due(second) is None
+        with engine.begin() as claimer:
+            claimer.execute(text("SET LOCAL lock_timeout = '5s'"))  # fail rather than hang
+            taken = repository.claim(claimer, worker_id="c", limit=10, lease_seconds=30)
+            assert {j.id for j in taken.jobs} == {r.job.id for r in ready} and taken.more_due
+            claimer.rollback()
+        rows = placer.execute(placed_turns, {"ready": [r.job.id for r in ready]}).all()
+    assert {r.id for r in rows} == set(oldest)
+    for org in orgs:  # each org's jobs take consecutive turns, oldest due first
+        turns = [r.turn for r in rows if r.org_id == org]
+        assert turns == list(range(turns[0], turns[0] + len(turns))), turns
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        assert repository.place_due(conn) == repository.PLACE_BATCH
+        assert repository.place_due(conn) == 5
+        assert repository.place_due(conn) == 0
+        assert not repository.claim(conn, worker_id="w", limit=0, lease_seconds=30).more_due
 
 
 def test_outcome_needs_the_lease_and_keeps_long_errors_in_the_event(
@@ -335,6 +399,7 @@ def test_reaper_requeues_expired_leases_and_voids_the_late_outcome(
     job_id = _submit(conn, registry, org_id, max_attempts=2)
     policy = service.RetryPolicy(base_seconds=0.0, max_seconds=0.0)
     for expected in ((JobStatus.QUEUED, 1), (JobStatus.DEAD_LETTER, 2)):
+        repository.place_due(conn)  # the requeued job takes a turn again
         (claimed,) = _claim(conn, lease=0.0)
         with _transaction(conn):
             reaped = service.reap_expired_leases(conn, policy=policy, stale_after_seconds=60)

@@ -56,6 +56,7 @@ def test_retry_a_dead_letter_gives_a_fresh_budget_and_records_who_and_why(
         "action": "retried", "actor": "alice", "reason": "upstream fixed", "attempts_before": 1,
     }  # fmt: skip
     with engine.begin() as conn:
+        assert repository.place_due(conn) == 1  # due now: it takes a turn in the queue
         (claimed,) = repository.claim(conn, worker_id="w", limit=5, lease_seconds=30).jobs
     assert claimed.id == job_id
 
@@ -222,6 +223,7 @@ def test_a_batch_holds_its_locks_only_for_its_own_transaction(engine: Engine) ->
         # Another connection: a long transaction over the whole bulk would make it wait.
         with engine.begin() as conn:
             conn.exec_driver_sql("SET LOCAL lock_timeout = '2s'")
+            repository.place_due(conn)
             rows = repository.claim(conn, worker_id="w", limit=100, lease_seconds=30).jobs
         claimed_between.append(len(rows))
 

@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 
+from heimdex.ledger import repository
 from heimdex.settings import Settings
 from heimdex_api.app import create_app
 from heimdex_db.config import alembic_config
@@ -282,6 +283,35 @@ SELECT j.id, j.attempt,
     assert len(per_job) == len(ids)
     assert {(r.attempt, r.claims, r.successes) for r in per_job} == {(0, 1, 1)}
     assert workers is not None and workers > 1  # they really shared the work
+
+
+def test_a_backlog_that_came_due_unplaced_is_placed_and_run_once(
+    processes: Processes, engine: Engine
+) -> None:
+    """Jobs that came due without a turn (retries, requeues, scheduled jobs: here two and a
+    half placing batches over 50 orgs) wait until a worker's placing step gives them turns;
+    two workers place and run them all, each once."""
+    n = 5 * repository.PLACE_BATCH // 2
+    with engine.begin() as conn:
+        conn.execute(
+            text("""
+INSERT INTO job (org_id, type, attempt, run_at)
+SELECT (CAST(:orgs AS uuid[]))[1 + g % 50], 'noop', 1, now() - make_interval(secs => g)
+  FROM generate_series(1, :n) AS g"""),
+            {"orgs": [uuid.uuid4() for _ in range(50)], "n": n},
+        )
+    for _ in range(2):
+        processes.start("worker", "--concurrency", "2", "--batch", "5")
+    wait_for(
+        lambda: _count(engine, "SELECT count(*) FROM job WHERE status = 'succeeded'") == n,
+        what=f"{n} jobs to succeed",
+        timeout=120,
+    )
+    runs = _count(
+        engine,
+        "SELECT count(*) FROM job_event WHERE detail_json->>'action' = 'claimed'",
+    )
+    assert runs == n  # a claim takes placed jobs only: each was placed, then run once
 
 
 def test_priority_first_then_round_robin_across_orgs(

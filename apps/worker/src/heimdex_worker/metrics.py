@@ -1,5 +1,5 @@
-"""The worker's own metrics: attempts, claims, reaped leases, stuck handlers (beside the
-ledger's and the retention's, from `heimdex.metrics`)."""
+"""The worker's own metrics: attempts, claims, placed jobs, reaped leases, stuck handlers
+(beside the ledger's and the retention's, from `heimdex.metrics`)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,11 @@ class WorkerMetrics:
         self.claims = Counter(
             "heimdex_claims_total",
             "Claim statements run by this worker",
+            registry=self.ledger.registry,
+        )
+        self.placed = Counter(
+            "heimdex_jobs_placed_total",
+            "Jobs that came due unplaced (scheduled, retried, requeued) placed by this worker",
             registry=self.ledger.registry,
         )
         self.stuck = Gauge(

@@ -7,8 +7,9 @@ Threads of one process, each with one job; this module wires them:
   the poll interval when nothing was due. The claimer runs the first job it claimed, the rest
   wait in the deque for whichever runner is free: no thread is woken per job. A runner claims
   `batch` jobs while jobs are short and one at a time otherwise, when a job's outcome is also
-  written as soon as it ends. Writes are retried through an outage: an outcome is never dropped
-  while its lease may still be held (`outcomes.py`, one writer at a time);
+  written as soon as it ends. When a claim says due jobs wait to be placed, its runner places
+  a batch (`_place`) and claims again. Writes are retried through an outage: an outcome is
+  never dropped while its lease may still be held (`outcomes.py`, one writer at a time);
 - the keeper (`keeper.py`) renews every lease this process holds in one statement, writes
   outcomes a runner left waiting while it went on to a next job (one statement, one try: a
   heartbeat never waits on an outage or on other runners' outcomes), runs the reaper, and every
@@ -222,6 +223,9 @@ class Worker:
         self._claim_slots = threading.BoundedSemaphore(
             min(concurrency, -(-concurrency // batch) + 1)
         )
+        # One runner of this process places due jobs at a time (`_place`); the placing
+        # statement lets one placer of the deployment work at a time.
+        self._placing = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._finish = threading.Event()
         self.archive = (
@@ -289,7 +293,7 @@ class Worker:
         except IndexError:
             return None
 
-    def _runner(self) -> None:
+    def _runner(self) -> None:  # noqa: PLR0912 - one loop: run, write, claim, place, wait
         """Run claimed jobs while any is ready; then write their outcomes and claim the next
         batch (sleeping until a NOTIFY or the poll interval when nothing was due)."""
         failing_since: float | None = None
@@ -332,7 +336,9 @@ class Worker:
                 failing_since = None
             if claim.jobs:
                 own = self._take(claim.jobs)
-            elif not claim.more_due:
+            if claim.more_due and self._place():
+                continue  # what it placed is claimable now
+            if not claim.jobs:
                 self.wake.wait(self.settings.poll_interval_seconds)
                 self.wake.clear()
 
@@ -380,6 +386,29 @@ class Worker:
             )  # fmt: skip
         self.metrics.claims.inc()
         return claim
+
+    def _place(self) -> bool:
+        """Place the next batch of due jobs that wait unplaced (`repository.place_due`), one
+        runner of this process at a time; True when it placed some. A runner finding another
+        placer at work goes on: that one's wake-up (here) or NOTIFY (elsewhere) follows."""
+        if not self._placing.acquire(blocking=False):
+            return False
+        try:
+            with self.connections.autocommit() as conn:
+                placed = repository.place_due(conn)
+        except DBAPIError as exc:
+            logger.warning(
+                "placing failed",
+                extra={"action": "worker.place_failed", **failure_fields(exc)},
+            )
+            return False
+        finally:
+            self._placing.release()
+        if not placed:
+            return False
+        self.metrics.placed.inc(placed)
+        self.wake.set()  # idle runners claim what was placed
+        return True
 
     def _attempt(self, held: Held) -> Done:  # noqa: PLR0911 - one return per way an attempt ends
         job = held.job

@@ -49,7 +49,7 @@ from heimdex.ledger.repository.stats import (
 from heimdex.ledger.repository.submit import NewJob, by_keys, insert_jobs
 from heimdex.ledger.repository.worker import (
     CLAIMED_COLUMNS,
-    PLACE_MAX,
+    PLACE_BATCH,
     Claim,
     ClaimedJob,
     Outcome,
@@ -57,6 +57,7 @@ from heimdex.ledger.repository.worker import (
     claim,
     lock_expired,
     lock_held,
+    place_due,
     record_prefetched,
     record_resumed,
     record_stage,
@@ -72,7 +73,7 @@ __all__ = [
     "IDEMPOTENCY_INDEX",
     "JOB",
     "NOTIFY_CHANNEL",
-    "PLACE_MAX",
+    "PLACE_BATCH",
     "Claim",
     "ClaimedJob",
     "Counts",
@@ -102,6 +103,7 @@ __all__ = [
     "notify",
     "oldest_due",
     "operate_batch",
+    "place_due",
     "queue_stats",
     "record_prefetched",
     "record_resumed",

@@ -15,6 +15,7 @@ from sqlalchemy import Connection, TextClause, text
 
 from heimdex.ledger.repository.rows import (
     JOB_COLUMNS,
+    NOTIFY_CHANNEL,
     JobRow,
     driver_rows,
     json_array,
@@ -35,27 +36,32 @@ from heimdex.models import (
 # - A job is placed when it is due: it gets a `turn`, max(its org's last placed turn at that
 #   priority + 1, the clock). The clock (`job_turn_clock`) is about the highest turn claimed so
 #   far; the org's last turn is one probe of `idx_job__org_turn` from the top, in
-#   `heimdex_private.job_last_turn()` (revision d2d60e3ca6c1 says why a function).
-#   So an org's backlog takes consecutive turns from where the queue stands, and an org
-#   with nothing queued starts at the clock: its new job is next, behind at most one job of
-#   each other org at that turn.
-# - Jobs due at submit are placed by the submit itself (`submit._INSERT`). Jobs that come due later
-#   (scheduled, retried with backoff, requeued, and those queued before turns existed) wait
-#   unplaced (`turn` NULL) and the claim places them when due: up to PLACE_MAX per claim,
-#   oldest due first, the ones it does not take keep their turns (`parked`). A job is placed
-#   when it comes due, not when it is queued, or a scheduled backlog would come due with turns
-#   long past and run before every other org's work.
+#   `heimdex_private.job_last_turn()` (revisions d2d60e3ca6c1 and decbcd73cdc7 say why a
+#   function, and why with sorts off). So an org's backlog takes consecutive turns from where
+#   the queue stands, and an org with nothing queued starts at the clock: its new job is next,
+#   behind at most one job of each other org at that turn.
+# - Jobs due at submit are placed by the submit itself (`submit._INSERT`). Jobs that come due
+#   later (scheduled, retried with backoff, requeued, and those queued before turns existed)
+#   wait unplaced (`turn` NULL) until the placing step (`place_due`) places them: PLACE_BATCH
+#   at a time, oldest due first, one placer at a time, in a statement of its own that no claim
+#   waits for. A job is placed when it comes due, not when it is queued, or a scheduled backlog
+#   would come due with turns long past and run before every other org's work.
 # - The claim reads one index (`idx_job__claim_order`: priority DESC, turn, run_at; placed
 #   queued jobs only): the first `limit` rows no other claimer holds (`FOR UPDATE SKIP
-#   LOCKED`), merged with what it placed, then advances the clock. No walk over the orgs: the
-#   cost does not grow with the number of orgs with queued work (the walk it replaced read
-#   each org's head twice per claim, through the index entries the org's claimed jobs left
-#   there until the next vacuum).
+#   LOCKED`), then advances the clock, and says whether due jobs wait to be placed. No walk
+#   over the orgs: the cost does not grow with the number of orgs with queued work (the walk
+#   it replaced read each org's head twice per claim, through the index entries the org's
+#   claimed jobs left there until the next vacuum). It places nothing: placing 1,000 due jobs
+#   in the claim made it 100 ms to seconds long (a row update per job, each with its index
+#   entries), holding the rows it had locked (docs/architecture.md).
 # What it does not promise: two submits of one org racing at one priority may place jobs at
-# the same turn (that org gets two in one round), and two claims racing may set the clock a
-# few turns back for a moment (a newcomer then starts a little early). Neither loses a job or
-# starves an org.
-PLACE_MAX = 1000
+# the same turn (that org gets two in one round), and so may a submit racing a placing step,
+# or a placing step that began just before another committed (it does not see that one's
+# turns); two claims racing may set the clock a few turns back for a moment (a newcomer then
+# starts a little early). None of these loses a job or starves an org.
+PLACE_BATCH = 100
+# pg_try_advisory_xact_lock(bigint): "HDXPLACE" in the bytes of a fixed key.
+PLACE_LOCK_KEY = 0x48_44_58_50_4C_41_43_45
 
 
 class ClaimedJob(NamedTuple):
@@ -90,57 +96,24 @@ def claim_sql(limit: int) -> str:
     unknown limit), so it planned the statement on every claim: 0.5 ms each, a quarter of
     PostgreSQL's CPU per job in a 200k drain."""
     return f"""
-WITH clock AS (
-    SELECT last_value AS turn FROM job_turn_clock
-), due AS (
-    SELECT j.id, j.org_id, j.priority, j.run_at
-      FROM job AS j
-     WHERE j.status = 'queued' AND j.turn IS NULL AND j.run_at <= now()
-     ORDER BY j.run_at
-     LIMIT {PLACE_MAX}
-       FOR UPDATE SKIP LOCKED
-), firsts AS MATERIALIZED (
-    SELECT k.org_id, k.priority,
-           greatest(heimdex_private.job_last_turn(k.org_id, k.priority, clock.turn) + 1,
-                    clock.turn) AS turn
-      FROM (SELECT DISTINCT org_id, priority FROM due) AS k
-     CROSS JOIN clock
-), placed AS (
-    SELECT d.id, d.priority, d.run_at,
-           f.turn + row_number() OVER (PARTITION BY d.org_id, d.priority ORDER BY d.run_at, d.id)
-             - 1 AS turn
-      FROM due AS d
-      JOIN firsts AS f ON f.org_id = d.org_id AND f.priority = d.priority
-), ready AS (
-    SELECT j.id, j.priority, j.turn, j.run_at
+WITH ready AS (
+    SELECT j.id, j.turn
       FROM job AS j
      WHERE j.status = 'queued' AND j.turn IS NOT NULL AND j.run_at <= now()
      ORDER BY j.priority DESC, j.turn, j.run_at
      LIMIT {int(limit)}
        FOR UPDATE SKIP LOCKED
-), picked AS (
-    SELECT c.id, c.turn
-      FROM (SELECT id, priority, turn, run_at FROM ready
-            UNION ALL
-            SELECT id, priority, turn, run_at FROM placed) AS c
-     ORDER BY c.priority DESC, c.turn, c.run_at
-     LIMIT {int(limit)}
 ), claimed AS (
     UPDATE job AS j
-       SET status = 'running', started_at = now(), updated_at = now(), turn = picked.turn,
+       SET status = 'running', started_at = now(), updated_at = now(),
            lease_token = gen_random_uuid(), leased_by = %(worker)s,
            lease_expires_at = now() + make_interval(secs => %(lease)s), heartbeat_at = now(),
            stage = NULL, progress = 0
-      FROM picked
+      FROM ready
      -- `= ANY(ARRAY(...))` as well: only the primary key answers it, whatever the plan (a
-     -- generic plan, not knowing `limit`, joined `picked` to a sequential scan of `job`).
-     WHERE j.id = ANY(ARRAY(SELECT id FROM picked)) AND j.id = picked.id
+     -- generic plan, not knowing `limit`, joined `ready` to a sequential scan of `job`).
+     WHERE j.id = ANY(ARRAY(SELECT id FROM ready)) AND j.id = ready.id
     RETURNING {", ".join(f"j.{c}" for c in CLAIMED_COLUMNS)}
-), parked AS (
-    UPDATE job AS j SET turn = placed.turn
-      FROM placed
-     WHERE j.id = ANY(ARRAY(SELECT id FROM placed)) AND j.id = placed.id
-       AND placed.id NOT IN (SELECT id FROM picked)
 ), ev AS (
     INSERT INTO job_event (job_id, ts, prev_status, next_status, detail_json)
     SELECT id, clock_timestamp(), 'queued', 'running',
@@ -148,12 +121,20 @@ WITH clock AS (
       FROM claimed
 ), tick AS (
     SELECT setval('job_turn_clock', m.top)
-      FROM (SELECT max(turn) AS top FROM picked) AS m, clock
-     WHERE m.top > clock.turn
+      FROM (SELECT max(turn) AS top FROM ready) AS m, job_turn_clock AS clock
+     WHERE m.top > clock.last_value
 )
-SELECT {", ".join(f"claimed.{c}" for c in CLAIMED_COLUMNS)}, counts.due, counts.ticks
+SELECT {", ".join(f"claimed.{c}" for c in CLAIMED_COLUMNS)}, counts.unplaced, counts.ticks
   -- `ticks` is returned so that the planner keeps it, and with it the clock's advance.
-  FROM (SELECT (SELECT count(*) FROM due) AS due, (SELECT count(*) FROM tick) AS ticks) AS counts
+  -- `unplaced`: the oldest due job waiting to be placed, ordered so that the probe reads
+  -- `idx_job__unplaced` from its start and stops at the first (as an EXISTS, with statistics
+  -- that promised many such rows, it was a sequential scan from the table's start, through
+  -- every job placed since).
+  FROM (SELECT (SELECT u.run_at FROM job AS u
+                 WHERE u.status = 'queued' AND u.turn IS NULL AND u.run_at <= now()
+                 ORDER BY u.run_at
+                 LIMIT 1) IS NOT NULL AS unplaced,
+               (SELECT count(*) FROM tick) AS ticks) AS counts
   LEFT JOIN claimed ON true
  ORDER BY claimed.priority DESC, claimed.run_at
 """
@@ -161,8 +142,8 @@ SELECT {", ".join(f"claimed.{c}" for c in CLAIMED_COLUMNS)}, counts.due, counts.
 
 @dataclass(frozen=True)
 class Claim:
-    """What one claim took, and whether due jobs were left unplaced (more than PLACE_MAX came
-    due at once): then claim again at once."""
+    """What one claim took, and whether due jobs wait to be placed (`more_due`): then place
+    them (`place_due`) and claim again."""
 
     jobs: list[ClaimedJob]
     more_due: bool
@@ -176,9 +157,8 @@ def _claimed(values: Sequence[Any]) -> ClaimedJob:
 
 
 def claim(conn: Connection, *, worker_id: str, limit: int, lease_seconds: float) -> Claim:
-    """Take up to `limit` due queued jobs for `worker_id`, in claim order (priority, then the
-    orgs' turns, then due time): running, leased, `claimed` events. Places the jobs that came
-    due unplaced on the way (see THE CLAIM)."""
+    """Take up to `limit` due placed jobs for `worker_id`, in claim order (priority, then the
+    orgs' turns, then due time): running, leased, `claimed` events (see THE CLAIM)."""
     # JIT off: the one statement whose estimate once grew with the queue (db.SESSION_SETTINGS).
     values = driver_rows(
         conn,
@@ -187,8 +167,56 @@ def claim(conn: Connection, *, worker_id: str, limit: int, lease_seconds: float)
         local_settings=True,
     )
     jobs = [_claimed(v) for v in values if v[0] is not None]
-    due = values[0][-2] if values else 0
-    return Claim(jobs, more_due=due >= PLACE_MAX)
+    return Claim(jobs, more_due=bool(values and values[0][-2]))
+
+
+# The placing step (see THE CLAIM). One placer at a time: the advisory lock is tried, never
+# waited for, and held to the end of the statement's transaction; SKIP LOCKED passes rows an
+# operator or the reaper holds. The lock is tried before the due jobs are read (a one-time
+# filter), so a second placer reads nothing.
+PLACE_SQL = f"""
+WITH placer AS MATERIALIZED (
+    SELECT pg_try_advisory_xact_lock({PLACE_LOCK_KEY}) AS alone
+), clock AS (
+    SELECT last_value AS turn FROM job_turn_clock
+), due AS (
+    SELECT j.id, j.org_id, j.priority, j.run_at
+      FROM job AS j
+     WHERE j.status = 'queued' AND j.turn IS NULL AND j.run_at <= now()
+       AND (SELECT alone FROM placer)
+     ORDER BY j.run_at
+     LIMIT {PLACE_BATCH}
+       FOR UPDATE SKIP LOCKED
+), firsts AS MATERIALIZED (
+    SELECT k.org_id, k.priority,
+           greatest(heimdex_private.job_last_turn(k.org_id, k.priority, clock.turn) + 1,
+                    clock.turn) AS turn
+      FROM (SELECT DISTINCT org_id, priority FROM due) AS k
+     CROSS JOIN clock
+), numbered AS (
+    SELECT d.id,
+           f.turn + row_number() OVER (PARTITION BY d.org_id, d.priority ORDER BY d.run_at, d.id)
+             - 1 AS turn
+      FROM due AS d
+      JOIN firsts AS f ON f.org_id = d.org_id AND f.priority = d.priority
+), placed AS (
+    UPDATE job AS j SET turn = numbered.turn
+      FROM numbered
+     WHERE j.id = ANY(ARRAY(SELECT id FROM numbered)) AND j.id = numbered.id
+    RETURNING j.id
+), wake AS (
+    SELECT pg_notify('{NOTIFY_CHANNEL}', '') WHERE EXISTS (SELECT FROM placed)
+)
+SELECT (SELECT alone FROM placer), (SELECT count(*) FROM placed), (SELECT count(*) FROM wake)
+"""
+
+
+def place_due(conn: Connection) -> int | None:
+    """Place the next PLACE_BATCH due unplaced jobs, oldest due first (see THE CLAIM), and wake
+    idle workers when some were; one statement. Returns how many it placed, or None when
+    another placer is at work (nothing done: its NOTIFY will say when it placed some)."""
+    ((alone, placed, _),) = driver_rows(conn, PLACE_SQL, {})
+    return int(placed) if alone else None
 
 
 @dataclass(frozen=True)
@@ -232,7 +260,7 @@ WITH t AS (
            last_error_message = CASE WHEN t.code IS NULL AND t.message IS NULL
                                      THEN j.last_error_message ELSE t.message END,
            lease_token = NULL, leased_by = NULL, lease_expires_at = NULL,
-           turn = NULL  -- a requeued job is placed again when due (THE CLAIM)
+           turn = NULL  -- a requeued job is placed again when due (`place_due`)
       FROM t
      WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = t.id
        AND j.status::text = 'running' AND j.lease_token IS NOT DISTINCT FROM t.token
