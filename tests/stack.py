@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from sqlalchemy.engine import URL
 from heimdex.settings import Settings
 from heimdex_api.app import create_app
 from heimdex_api.auth import issue_token
+from heimdex_worker.main import run_worker
 
 SECRET = "test-secret-for-heimdex-tests-0123456789"
 FAST = {
@@ -128,3 +130,35 @@ def module_processes(
     procs = Processes(env, tmp_path_factory.mktemp("processes"))
     yield procs
     procs.stop_all()
+
+
+@dataclass
+class ThreadWorkers:
+    """`heimdex worker`'s own entry function (`run_worker`: engine, registry, runtime) on
+    threads of this process, without the cost of starting one; each stops as SIGTERM stops
+    the process. For what needs no process of its own (a signal, a kill)."""
+
+    settings: Settings
+    running: list[tuple[threading.Event, threading.Thread]] = field(default_factory=list)
+
+    def start(self, settings: Settings | None = None) -> threading.Event:
+        """Start a worker (on `settings`, default the test's); the event returned stops it."""
+        stop = threading.Event()
+        args = (settings or self.settings, stop)
+        thread = threading.Thread(target=run_worker, args=args, name="worker")
+        thread.start()
+        self.running.append((stop, thread))
+        return stop
+
+    def stop_all(self) -> None:
+        for stop, _ in self.running:
+            stop.set()
+        for _, thread in self.running:
+            thread.join()
+
+
+@pytest.fixture
+def thread_workers(settings: Settings) -> Iterator[ThreadWorkers]:
+    workers = ThreadWorkers(settings)
+    yield workers
+    workers.stop_all()

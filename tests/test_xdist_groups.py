@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 pytest_plugins = ["pytester"]
+pytestmark = pytest.mark.slow  # a pytest-xdist run of its own
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TESTS = """

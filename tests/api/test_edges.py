@@ -122,12 +122,14 @@ def _chunked(port: int, headers: dict[str, str], total: int, *, finish: bool = F
 
 
 @pytest.mark.xdist_group("edges_api")
+@pytest.mark.slow
 def test_an_unauthenticated_chunked_body_is_refused_before_it_is_read(api_port: int) -> None:
     # 5 MB announced by chunking, one 64 KiB chunk sent: the 401 comes without the rest.
     assert _chunked(api_port, {}, len(CHUNK)) == 401
 
 
 @pytest.mark.xdist_group("edges_api")
+@pytest.mark.slow
 def test_an_oversized_chunked_body_is_refused_while_it_streams(
     api_port: int, org_id: uuid.UUID
 ) -> None:
@@ -215,6 +217,7 @@ def own_db_url() -> Iterator[tuple[LocalPostgres, URL]]:
         pg.destroy()
 
 
+@pytest.mark.slow
 def test_postgres_down_is_503_and_the_api_recovers(
     own_db_url: tuple[LocalPostgres, URL], processes: Processes
 ) -> None:

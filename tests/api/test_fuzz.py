@@ -33,6 +33,8 @@ from heimdex_db.localpg import free_port
 from tests.conftest import DatabaseFactory
 from tests.stack import FAST, auth, wait_for
 
+pytestmark = pytest.mark.slow  # an API process under a fuzzer
+
 EXAMPLES = 40
 # Server errors and conformance of every answer to the document. Not positive_data_acceptance:
 # a schema-valid `type` naming no registered job type is rightly a 422 (the registry is loaded

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from sqlalchemy.engine import URL
 
 from tests.deploy.conftest import DEPLOY
+
+pytestmark = pytest.mark.slow  # the entrypoint script as a process
 
 ENTRYPOINT = DEPLOY / "entrypoint.sh"
 

@@ -22,6 +22,8 @@ import pytest
 
 from heimdex_db.localpg import free_port
 
+pytestmark = pytest.mark.slow  # heimdex dev and its processes
+
 CLI = ("-m", "heimdex")
 
 

@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 import psycopg
+import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
@@ -47,6 +48,7 @@ def _scans_of(engine: Engine, sql: str, params: dict[str, Any]) -> list[dict[str
     return scans
 
 
+@pytest.mark.slow
 def test_claim_and_placing_are_index_scans_at_a_million_jobs(engine: Engine) -> None:
     orgs = [uuid.uuid4() for _ in range(20)]
     with engine.begin() as conn:
@@ -137,6 +139,7 @@ def _claim_plan(conn: Any) -> dict[str, Any]:
     return plan
 
 
+@pytest.mark.slow
 def test_a_large_queue_is_claimed_without_jit(engine: Engine, db_url: URL) -> None:
     """The claim's estimated cost once grew with the queue and passed `jit_above_cost` at about
     130k queued jobs; PostgreSQL then compiled it on every run (150k queued: 49 ms a claim,

@@ -97,6 +97,7 @@ def test_log_settings_are_validated_and_case_insensitive(monkeypatch: pytest.Mon
         load_settings()
 
 
+@pytest.mark.slow
 def test_password_with_special_characters_authenticates(tmp_path: Path) -> None:
     """A real server with password auth: the `%@/` password reaches it intact."""
     with LocalPostgres.throwaway() as cluster:
@@ -164,6 +165,7 @@ def test_unreachable_database_is_one_clear_line() -> None:
     assert "\n" not in message
 
 
+@pytest.mark.slow
 def test_alembic_cli_unreachable_database_has_no_traceback() -> None:
     env = _libpq_env(
         URL.create("postgresql", host="127.0.0.1", port=1, username="u", database="ledger"),
@@ -183,6 +185,7 @@ def test_alembic_cli_unreachable_database_has_no_traceback() -> None:
     assert "hunter2" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_playbook_command_verbatim(empty_db_url: URL) -> None:
     """cd packages/common && ALEMBIC_CONFIG=... PYTHONPATH=... python -m alembic ..."""
     env = _libpq_env(
@@ -205,6 +208,7 @@ def test_playbook_command_verbatim(empty_db_url: URL) -> None:
     engine.dispose()
 
 
+@pytest.mark.slow
 def test_alembic_from_repository_root_without_pythonpath(empty_db_url: URL) -> None:
     env = _libpq_env(empty_db_url)
     env.pop("PYTHONPATH", None)
@@ -219,6 +223,7 @@ def test_alembic_from_repository_root_without_pythonpath(empty_db_url: URL) -> N
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.slow
 def test_offline_sql_needs_no_database() -> None:
     env = _libpq_env(
         URL.create("postgresql", host="nowhere.invalid", port=1, username="u", database="x")
@@ -236,6 +241,7 @@ def test_offline_sql_needs_no_database() -> None:
     assert "UPDATE heimdex_private.alembic_version SET version_num='3af4686817cc'" in proc.stdout
 
 
+@pytest.mark.slow
 def test_plain_alembic_logs_like_every_heimdex_process() -> None:
     """env.py sets up logging with heimdex.logs (JSON lines off a terminal), keeping
     alembic's per-revision lines: plain alembic has no lines of ours in their place."""

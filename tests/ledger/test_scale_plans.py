@@ -28,7 +28,7 @@ QUIET = uuid.UUID(int=999)  # an org with a few succeeded jobs and nothing else
 
 # `big` (a minute on a loaded machine) once for the module's tests: the group would keep them
 # on one worker (pytest-xdist 3.8 ignores it on pytest 9: each worker then builds its own).
-pytestmark = pytest.mark.xdist_group("scale_plans")
+pytestmark = [pytest.mark.xdist_group("scale_plans"), pytest.mark.slow]  # a 1M-job ledger
 
 
 @pytest.fixture(scope="module")

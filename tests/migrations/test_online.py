@@ -70,7 +70,8 @@ IDENTITY_CHECKSUM = (
 
 # Both tests clone the seed and only read the reference: one of each per module, and per xdist
 # worker (the group would keep both on one worker; pytest-xdist 3.8 ignores it on pytest 9).
-pytestmark = pytest.mark.xdist_group("online_seed")
+# Slow: a 200k-row seed, upgrades killed mid-way.
+pytestmark = [pytest.mark.xdist_group("online_seed"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

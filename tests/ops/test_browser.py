@@ -24,6 +24,8 @@ from tests.ops.seed import HOSTILE
 from tests.ops.test_ui_hostile import hostile_pages
 from tests.stack import SECRET, Processes, wait_for
 
+pytestmark = pytest.mark.slow  # a browser, the API and a worker as processes
+
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking",

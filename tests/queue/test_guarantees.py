@@ -28,6 +28,8 @@ from heimdex_db.config import alembic_config
 from heimdex_db.localpg import LocalPostgres, free_port
 from tests.stack import FAST, Processes, auth, wait_for
 
+pytestmark = pytest.mark.slow  # worker processes, faults
+
 POLL = 0.2
 
 

@@ -1,3 +1,3 @@
-from tests.stack import client, processes, settings, stack_env
+from tests.stack import client, processes, settings, stack_env, thread_workers
 
-__all__ = ["client", "processes", "settings", "stack_env"]
+__all__ = ["client", "processes", "settings", "stack_env", "thread_workers"]

@@ -1,4 +1,6 @@
-"""End to end: API -> PostgreSQL <- worker, as real processes."""
+"""End to end: API -> PostgreSQL <- worker; the worker on threads of this process
+(`run_worker`, as the process runs it), or as a real process where a signal or a kill is
+what is tested."""
 
 from __future__ import annotations
 
@@ -6,9 +8,10 @@ import signal
 import uuid
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
-from tests.stack import Processes, auth, wait_for
+from tests.stack import Processes, ThreadWorkers, auth, wait_for
 
 
 def _submit(client: TestClient, org: uuid.UUID, body: dict[str, Any]) -> str:
@@ -31,9 +34,9 @@ def _status_is(client: TestClient, org: uuid.UUID, job_id: str, *statuses: str) 
 
 
 def test_submit_runs_to_succeeded_with_stage_events(
-    client: TestClient, processes: Processes, org_id: uuid.UUID
+    client: TestClient, thread_workers: ThreadWorkers, org_id: uuid.UUID
 ) -> None:
-    processes.start("worker")
+    thread_workers.start()
     job_id = _submit(client, org_id, {"type": "mock_process", "params": {"stage_seconds": 0.02}})
     job = wait_for(lambda: _status_is(client, org_id, job_id, "succeeded"), what="success")
     assert (job["attempt"], job["progress"], job["stage"]) == (0, 100, "indexing")
@@ -50,9 +53,9 @@ def test_submit_runs_to_succeeded_with_stage_events(
 
 
 def test_failing_stage_retries_with_exponential_backoff_then_dead_letters(
-    client: TestClient, processes: Processes, org_id: uuid.UUID
+    client: TestClient, thread_workers: ThreadWorkers, org_id: uuid.UUID
 ) -> None:
-    processes.start("worker")
+    thread_workers.start()
     job_id = _submit(
         client,
         org_id,
@@ -77,9 +80,9 @@ def test_failing_stage_retries_with_exponential_backoff_then_dead_letters(
 
 
 def test_cancel_running_job_stops_at_the_next_stage_boundary(
-    client: TestClient, processes: Processes, org_id: uuid.UUID
+    client: TestClient, thread_workers: ThreadWorkers, org_id: uuid.UUID
 ) -> None:
-    processes.start("worker")
+    thread_workers.start()
     job_id = _submit(client, org_id, {"type": "mock_process", "params": {"stage_seconds": 0.5}})
     wait_for(lambda: _job(client, org_id, job_id)["stage"] == "extracting", what="first stage")
     resp = client.post(f"/jobs/{job_id}/cancel", headers=auth(org_id))
@@ -92,16 +95,17 @@ def test_cancel_running_job_stops_at_the_next_stage_boundary(
 
 
 def test_a_job_submitted_while_no_worker_runs_is_claimed_when_one_starts(
-    client: TestClient, processes: Processes, org_id: uuid.UUID
+    client: TestClient, thread_workers: ThreadWorkers, org_id: uuid.UUID
 ) -> None:
     job_id = _submit(client, org_id, {"type": "noop"})
     assert _job(client, org_id, job_id)["status"] == "queued"
-    processes.start("worker")
+    thread_workers.start()
     wait_for(lambda: _status_is(client, org_id, job_id, "succeeded"), what="success")
     claims = [e for e in _events(client, org_id, job_id) if e["next_status"] == "running"]
     assert len(claims) == 1
 
 
+@pytest.mark.slow  # a worker process, killed or signalled
 def test_worker_killed_mid_job_is_reaped_and_the_job_recovers(
     client: TestClient, processes: Processes, org_id: uuid.UUID
 ) -> None:
@@ -120,6 +124,7 @@ def test_worker_killed_mid_job_is_reaped_and_the_job_recovers(
     assert actions.count("succeeded") == 1
 
 
+@pytest.mark.slow  # a worker process, killed or signalled
 def test_sigterm_releases_the_running_job_without_counting_an_attempt(
     client: TestClient, processes: Processes, org_id: uuid.UUID
 ) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 from fastapi.testclient import TestClient
 
-from tests.stack import Processes, auth, wait_for
+from heimdex.settings import Settings
+from tests.stack import ThreadWorkers, auth, wait_for
 
 RETENTION = {
     "HEIMDEX_RETENTION_SUCCEEDED": "1s",
@@ -16,11 +18,16 @@ RETENTION = {
 
 
 def test_the_keeper_deletes_finished_jobs_past_their_age(
-    client: TestClient, processes: Processes, org_id: uuid.UUID
+    client: TestClient,
+    thread_workers: ThreadWorkers,
+    org_id: uuid.UUID,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    for key, value in RETENTION.items():
+        monkeypatch.setenv(key, value)
     # Two workers: their keepers take turns through the advisory lock.
-    processes.start("worker", env=RETENTION)
-    processes.start("worker", env=RETENTION)
+    thread_workers.start(Settings())
+    thread_workers.start(Settings())
     body = {"type": "mock_process", "params": {"fail_at_stage": "extracting"}, "max_attempts": 1}
     failing = client.post("/jobs", json=body, headers=auth(org_id)).json()["id"]
     wait_for(
