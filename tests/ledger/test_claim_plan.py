@@ -213,6 +213,7 @@ def _assert_one_index_scan(probes: list[str]) -> None:
         assert re.search(r"Heap Fetches: [0-9]\b", plan) or "Heap Fetches" not in plan, plan
 
 
+@pytest.mark.slow
 def test_the_org_probe_is_one_index_scan_for_a_big_org_and_a_new_one(engine: Engine) -> None:
     """Placing a job reads its org's last turn (`heimdex_private.job_last_turn`). Planned with
     the org unknown, that probe was at times a bitmap scan, or a walk down the claim index:
@@ -266,6 +267,7 @@ UPDATE job AS j SET turn = n.turn
     _assert_one_index_scan(probes)
 
 
+@pytest.mark.slow
 def test_a_workers_claim_is_planned_once_not_on_every_run(engine: Engine) -> None:
     """With the batch size as a parameter, PostgreSQL's plan cache never trusted the claim's
     generic plan (estimated for an unknown limit) and planned the statement on every claim:

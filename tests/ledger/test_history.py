@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -27,6 +28,7 @@ def test_history_has_a_single_head_and_the_playbook_revisions_in_order() -> None
     assert hardening.doc == "hardening: job ledger enums/indexes/idempotency"
 
 
+@pytest.mark.slow
 def test_stairway_every_revision_up_down_up_leaves_identical_schema(empty_db_url: URL) -> None:
     cfg = alembic_config(database_url=empty_db_url)
     scripts = script_directory(cfg)

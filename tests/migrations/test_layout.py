@@ -5,6 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # Python processes probing imports
+
 TOOLING = (
     "pglast",
     "heimdex_db.lint",

@@ -27,6 +27,7 @@ def _marker_rules(versions: Path) -> int:
     return count
 
 
+@pytest.mark.slow
 def test_the_existing_revisions_pass_with_their_acknowledgements() -> None:
     proc = heimdex("db", "lint")
     assert proc.returncode == 0, proc.stdout
@@ -44,6 +45,7 @@ def _line_of(path: Path, needle: str) -> int:
     return next(i for i, line in enumerate(lines, start=1) if needle in line)
 
 
+@pytest.mark.slow
 def test_an_unsafe_revision_fails_with_file_line_rule_message(history: HistoryCopy) -> None:
     path = history.add_revision(
         "bad000000001",
@@ -138,6 +140,7 @@ def test_a_marker_acknowledges_one_finding_and_needs_a_reason(history: HistoryCo
     ]
 
 
+@pytest.mark.slow
 def test_a_table_created_without_rls_after_the_baseline_is_flagged(history: HistoryCopy) -> None:
     bare = history.add_revision(
         "rls000000001",
@@ -182,6 +185,7 @@ def test_a_table_created_without_rls_after_the_baseline_is_flagged(history: Hist
     assert (report.findings, report.acknowledged) == ([], 1)
 
 
+@pytest.mark.slow
 def test_a_table_created_with_rls_after_the_baseline_passes(history: HistoryCopy) -> None:
     history.add_revision(
         "rls000000002",

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from sqlalchemy.engine import URL
 
 from heimdex_db.context import DbContext
 from heimdex_db.lint.command import lint
 
 from .conftest import REPO, HistoryCopy, clean_env, heimdex, read_only, url_arg
+
+pytestmark = pytest.mark.slow  # `heimdex db` as a process
 
 
 def test_modulenotfounderror_no_pythonpath_needed_from_any_directory(

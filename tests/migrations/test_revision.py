@@ -19,6 +19,7 @@ from tests.dbutil import execute
 from .conftest import VERSION_TABLE, HistoryCopy, heimdex, url_arg
 
 
+@pytest.mark.slow
 def test_autogenerate_refuses_a_database_that_is_not_at_head(
     history: HistoryCopy, db_url: URL
 ) -> None:
@@ -98,6 +99,7 @@ def test_an_empty_message_is_refused(history: HistoryCopy) -> None:
         revision(DbContext.build(history.ini), "  ")
 
 
+@pytest.mark.slow
 def test_a_new_index_on_an_existing_table_is_generated_concurrent_and_applies(
     history: HistoryCopy, db_url: URL
 ) -> None:

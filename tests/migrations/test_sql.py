@@ -39,6 +39,7 @@ def _playbook_sql(range_: str) -> bytes:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_committed_artifacts_are_the_playbook_commands_output_byte_for_byte() -> None:
     names = sorted(p.name for p in ARTIFACTS.glob("*.sql"))
     assert names[:2] == ["0001_job_ledger_init.sql", "0002_job_ledger_hardening.sql"]
@@ -201,6 +202,7 @@ def test_a_statement_that_cannot_run_in_a_transaction_gets_a_file_of_its_own(
     )
 
 
+@pytest.mark.slow
 def test_the_online_revision_s_artifacts_on_rows_do_what_the_upgrade_does(
     create_database: Callable[..., URL],
 ) -> None:

@@ -66,6 +66,7 @@ WAITERS = (
 )
 
 
+@pytest.mark.slow
 def test_four_upgraders_started_at_once_apply_each_revision_exactly_once(
     empty_db_url: URL,
 ) -> None:
@@ -135,6 +136,7 @@ def test_progress_names_each_revision_and_its_duration(empty_db_url: URL) -> Non
     assert {r["process"] for r in records} == {"db"}
 
 
+@pytest.mark.slow
 def test_progress_on_a_terminal_is_aligned_lines_in_colour(empty_db_url: URL) -> None:
     main, child = pty.openpty()
     proc = subprocess.Popen(
@@ -172,6 +174,7 @@ def test_progress_on_a_terminal_is_aligned_lines_in_colour(empty_db_url: URL) ->
     assert not [line for line in plain.splitlines() if line.lstrip().startswith("{")], plain
 
 
+@pytest.mark.slow
 def test_downgrade_and_upgrade_by_relative_steps_and_prefixes(db_url: URL) -> None:
     revisions = revisions_of()
     ctx = DbContext.build(database_url=db_url)  # one context, reused by every command
@@ -201,6 +204,7 @@ def test_bad_targets_are_clear_and_change_nothing(db_url: URL) -> None:
     assert version_of(db_url) == head()
 
 
+@pytest.mark.slow
 def test_bad_revision_ids_exit_non_zero_with_what_to_type_instead(db_url: URL) -> None:
     proc = heimdex("db", "upgrade", "nope", "--database-url", url_arg(db_url))
     assert proc.returncode == 1
@@ -309,6 +313,7 @@ def test_lock_timeout_fails_fast_and_leaves_the_previous_revision(
     assert version_of(db_url) == "001_job_ledger_init"
 
 
+@pytest.mark.slow
 def test_lock_timeout_is_retried_once_the_long_transaction_ends(
     db_url: URL, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -350,6 +355,7 @@ def test_lock_timeout_is_retried_once_the_long_transaction_ends(
     )
 
 
+@pytest.mark.slow
 def test_lock_timeout_reaches_online_statements_which_retry_with_logged_waits(
     create_database: DatabaseFactory,
 ) -> None:

@@ -16,6 +16,8 @@ from heimdex_db.verify.command import VerifyFailed, verify
 
 from .conftest import HistoryCopy, clean_env, heimdex, revisions_of, url_arg
 
+pytestmark = pytest.mark.slow  # clusters of its own, `heimdex db verify` as a process
+
 LOCK = "op.execute(\"SET LOCAL lock_timeout = '5s'\")"
 
 

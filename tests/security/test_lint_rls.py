@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from heimdex_db.config import alembic_config, script_directory
 from heimdex_db.lint.findings import Finding
 from heimdex_db.lint.rls import RLS_BASELINE_REVISION, RULE, check_rls
@@ -64,6 +66,7 @@ def _alembic_sql(ini: Path, span: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_a_later_revision_creating_tables_without_rls_is_flagged(tmp_path: Path) -> None:
     shutil.copytree(COMMON / "alembic", tmp_path / "alembic")
     shutil.copy(COMMON / "alembic.ini", tmp_path / "alembic.ini")
@@ -85,6 +88,7 @@ def test_a_later_revision_creating_tables_without_rls_is_flagged(tmp_path: Path)
     assert findings[0].render().startswith(f"0009_new_tables.sql:{findings[0].line} {RULE} ")
 
 
+@pytest.mark.slow
 def test_the_history_passes_from_the_baseline_on_and_would_have_failed_before() -> None:
     scripts = script_directory(alembic_config())
     order = list(reversed(list(scripts.walk_revisions())))

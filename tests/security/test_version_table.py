@@ -60,6 +60,7 @@ def test_upgrade_moves_a_public_version_table_keeping_its_revision(old_db_url: U
     _assert_moved_to(old_db_url, head)
 
 
+@pytest.mark.slow
 def test_the_artifact_alone_moves_a_public_version_table(old_db_url: URL) -> None:
     apply_sql_file(old_db_url, offline_sql(before_rls(), RLS_REVISION))
     _assert_moved_to(old_db_url, RLS_REVISION)
@@ -112,6 +113,7 @@ def test_downgrade_takes_back_policies_grants_and_the_claim_function(
     assert scalar(db_url, "SELECT version_num FROM heimdex_private.alembic_version") == before_rls()
 
 
+@pytest.mark.slow
 def test_missing_roles_and_no_right_to_create_them_is_a_clear_error() -> None:
     """A fresh cluster (roles are cluster-wide) and a migrating user without CREATEROLE."""
     with LocalPostgres.throwaway() as cluster:
@@ -139,6 +141,7 @@ def test_missing_roles_and_no_right_to_create_them_is_a_clear_error() -> None:
         admin.dispose()
 
 
+@pytest.mark.slow
 def test_offline_sql_starts_by_securing_the_version_table() -> None:
     sql = offline_sql(before_rls(), RLS_REVISION)
     prelude, _, rest = sql.partition("BEGIN;")
