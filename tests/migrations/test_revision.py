@@ -35,6 +35,7 @@ def test_autogenerate_refuses_a_database_that_is_not_at_head(
     assert sorted(p.name for p in history.versions.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_a_plain_revision_is_formatted_and_follows_head(history: HistoryCopy) -> None:
     head = history.head
     path = revision(DbContext.build(history.ini), "add job region", rev_id="aa11bb22cc33")

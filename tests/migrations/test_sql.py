@@ -62,6 +62,7 @@ def test_committed_artifacts_are_the_playbook_commands_output_byte_for_byte() ->
     assert len(files["b8e2d4f6a1c3"]) > 1
 
 
+@pytest.mark.slow
 def test_check_passes_on_the_repository_and_twice_compiled_is_identical(tmp_path: Path) -> None:
     proc = heimdex("db", "sql", "--check")
     assert proc.returncode == 0, proc.stderr
@@ -71,6 +72,7 @@ def test_check_passes_on_the_repository_and_twice_compiled_is_identical(tmp_path
         assert first.read_bytes() == (tmp_path / "b" / first.name).read_bytes()
 
 
+@pytest.mark.slow
 def test_check_fails_naming_the_file_after_a_revision_changes(
     history: HistoryCopy, tmp_path: Path
 ) -> None:
@@ -125,6 +127,7 @@ def _schema(url: URL) -> dict[str, object]:
     return result
 
 
+@pytest.mark.slow
 def test_artifacts_applied_in_order_give_the_alembic_schema_at_head(
     empty_db_url: URL, db_url: URL
 ) -> None:
@@ -136,6 +139,7 @@ def test_artifacts_applied_in_order_give_the_alembic_schema_at_head(
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_a_statement_that_cannot_run_in_a_transaction_gets_a_file_of_its_own(
     history: HistoryCopy, tmp_path: Path, empty_db_url: URL, create_database: Callable[..., URL]
 ) -> None:

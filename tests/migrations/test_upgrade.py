@@ -120,6 +120,7 @@ def test_four_upgraders_started_at_once_apply_each_revision_exactly_once(
     assert sum(f"nothing to do; at {revisions[-1]}" in s for s in stdout) == 3
 
 
+@pytest.mark.slow
 def test_progress_names_each_revision_and_its_duration(empty_db_url: URL) -> None:
     proc = heimdex("db", "upgrade", "--database-url", url_arg(empty_db_url))
     assert proc.returncode == 0, proc.stderr
@@ -232,6 +233,7 @@ def test_a_prefix_of_two_revisions_is_ambiguous_and_changes_nothing(
     assert upgrade(ctx, "ab0000000001").applied == ["ab0000000001"]
 
 
+@pytest.mark.slow
 def test_a_failing_revision_is_named_with_its_statement_and_rolled_back(
     history: HistoryCopy, db_url: URL
 ) -> None:
