@@ -223,6 +223,7 @@ def as_dict(entries: dict[str, Any] | list[str]) -> dict[str, Any]:
     return dict(entry.split("=", 1) for entry in entries)
 
 
+@pytest.mark.slow  # podman-compose as a process
 def test_podman_compose_accepts_the_file_with_its_defaults(podman_compose: str) -> None:
     services = run_config(podman_compose, COMPOSE)["services"]
     assert services["pg"]["image"] == "postgres:17-alpine"
@@ -230,6 +231,7 @@ def test_podman_compose_accepts_the_file_with_its_defaults(podman_compose: str) 
     assert as_dict(services["worker"]["environment"])["HEIMDEX_ENV"] == "local"
 
 
+@pytest.mark.slow  # podman-compose as a process
 def test_podman_compose_merges_the_dev_override(podman_compose: str) -> None:
     rendered = run_config(podman_compose, COMPOSE, COMPOSE_DEV)
     targets = {str(v).split(":")[1] for v in rendered["services"]["api"]["volumes"]}

@@ -17,6 +17,8 @@ from heimdex.db import make_engine
 from heimdex_db.config import VERSION_TABLE_SCHEMA
 from tests.migrations.conftest import head
 
+pytestmark = pytest.mark.slow  # builds and installs the wheels
+
 REPO = Path(__file__).resolve().parents[2]
 UV = os.environ.get("UV") or shutil.which("uv")
 

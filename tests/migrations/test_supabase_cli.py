@@ -74,6 +74,7 @@ def supabase_push(cli: Path, migrations: Path, url: URL, work: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # the Supabase CLI as a process
 def test_the_supabase_cli_applies_the_artifacts_to_the_schema_alembic_builds(
     supabase_cli: Path, empty_db_url: URL, db_url: URL, tmp_path: Path
 ) -> None:
@@ -94,6 +95,7 @@ def test_the_supabase_cli_applies_the_artifacts_to_the_schema_alembic_builds(
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # the Supabase CLI as a process
 def test_a_new_concurrent_index_revision_is_applied_by_the_cli_like_alembic_does(
     supabase_cli: Path,
     history: HistoryCopy,

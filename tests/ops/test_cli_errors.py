@@ -129,6 +129,7 @@ def test_every_jobs_command_reports_an_unusable_database_in_one_line(
     assert result.stdout == ""
 
 
+@pytest.mark.slow  # a real process
 def test_the_newcomers_path_a_real_process_on_an_unreachable_default() -> None:
     """No DATABASE_URL, PGPORT where nothing listens: `python -m heimdex jobs stats`."""
     port = free_port()

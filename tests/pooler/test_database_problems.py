@@ -109,6 +109,7 @@ def tiny_tablespace(admin_engine: Engine) -> Iterator[str]:
         directory.rmdir()
 
 
+@pytest.mark.slow  # a tablespace on a tiny disk, or pgbouncer
 def test_a_full_disk_is_a_disk_full_problem(engine: Engine, tiny_tablespace: str) -> None:
     """A real full disk: a table on a 1 MiB tmpfs, filled by one INSERT."""
     with engine.begin() as conn:
@@ -129,6 +130,7 @@ def _api(url: URL, **env: str) -> TestClient:
     return TestClient(create_app(settings), raise_server_exceptions=False)
 
 
+@pytest.mark.slow  # a tablespace on a tiny disk, or pgbouncer
 def test_pgbouncers_client_limit_is_a_too_many_connections_problem(
     pgbouncer: PgbouncerFactory, db_url: URL
 ) -> None:
@@ -163,6 +165,7 @@ def test_a_full_connection_limit_of_postgresql_is_a_too_many_connections_problem
             conn.exec_driver_sql(f"DROP ROLE {role}")
 
 
+@pytest.mark.slow  # a tablespace on a tiny disk, or pgbouncer
 def test_a_prepared_statement_another_client_made_is_a_pooler_problem(
     pgbouncer: PgbouncerFactory, db_url: URL
 ) -> None:

@@ -28,6 +28,8 @@ from heimdex_db.localpg import free_port
 from tests.pooler.conftest import PgbouncerFactory
 from tests.stack import Processes, auth, wait_for
 
+pytestmark = pytest.mark.slow  # pgbouncer, the API and workers as processes
+
 CLIENTS = 4
 REQUESTS_PER_CLIENT = 150  # half submits, half reads: 600 requests, 300 jobs
 

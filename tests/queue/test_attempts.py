@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import uuid
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
@@ -32,6 +33,7 @@ def _count(engine: Engine, sql: str, **params: object) -> int:
         return int(conn.execute(text(sql), params).scalar() or 0)
 
 
+@pytest.mark.slow  # worker processes, one killed
 def test_a_worker_killed_holding_prefetched_jobs_charges_only_the_one_it_started(
     client: TestClient, processes: Processes, engine: Engine
 ) -> None:

@@ -54,8 +54,8 @@ def _sample(metrics: WorkerMetrics, name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-def metrics() -> WorkerMetrics:
-    return WorkerMetrics(LedgerMetrics())
+def metrics(engine: Engine) -> WorkerMetrics:
+    return WorkerMetrics(LedgerMetrics(engine))
 
 
 @pytest.fixture
@@ -192,6 +192,7 @@ def keeper_parts(
         archive=None,
         finish=finish,
         wake=wake,
+        retention_engine=engine,
     )
     yield keeper, finish, wake
     finish.set()
@@ -294,7 +295,7 @@ def test_a_retention_slice_deletes_finished_jobs_past_their_age(
         )
 
     # Slices until one finds nothing old left (each stops after its share of a heartbeat).
-    wait_for(keeper.prune, what="a retention slice that completes")
+    wait_for(lambda: keeper.prune(engine), what="a retention slice that completes")
 
     with engine.connect() as conn:
         left = set(conn.execute(text("SELECT id FROM job")).scalars())
@@ -318,7 +319,7 @@ def test_the_listener_wakes_on_notify_and_listens_again_after_losing_its_connect
 ) -> None:
     finish, wake = threading.Event(), threading.Event()
     thread = threading.Thread(
-        target=listen, args=(engine,), kwargs={"finish": finish, "wake": wake}
+        target=listen, args=(engine.url,), kwargs={"finish": finish, "wake": wake}
     )
     thread.start()
     try:

@@ -10,6 +10,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
+import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -102,6 +103,7 @@ def _scraped(port: int) -> dict[tuple[str, str, str], float]:
     }
 
 
+@pytest.mark.slow  # a worker process, scraped on its metrics port
 def test_the_workers_claims_outcomes_reaper_and_retention_are_counted(
     client: TestClient, processes: Processes, engine: Engine, org_id: uuid.UUID
 ) -> None:
