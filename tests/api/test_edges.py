@@ -191,6 +191,7 @@ def _stalled(port: int, org_id: uuid.UUID, framing: str, *, trickle: bool) -> tu
 @pytest.mark.xdist_group("edges_api")
 @pytest.mark.parametrize("framing", ["Content-Length: 100", "Transfer-Encoding: chunked"])
 @pytest.mark.parametrize("trickle", [False, True], ids=["stalled", "trickling"])
+@pytest.mark.slow  # an API process, bytes on a socket
 def test_a_body_that_never_finishes_is_cut_off_with_408(
     short_body_timeout_port: int, org_id: uuid.UUID, framing: str, trickle: bool
 ) -> None:

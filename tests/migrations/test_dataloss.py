@@ -44,6 +44,7 @@ def _at_regions(history: HistoryCopy, url: URL) -> str:
     return before
 
 
+@pytest.mark.slow  # `heimdex db` as a process
 def test_a_downgrade_that_would_delete_data_lists_each_item_and_changes_nothing(
     history: HistoryCopy, empty_db_url: URL
 ) -> None:
@@ -77,6 +78,7 @@ def test_a_downgrade_that_would_delete_data_lists_each_item_and_changes_nothing(
     assert scalar(empty_db_url, "SELECT count(*) FROM region") == 3
 
 
+@pytest.mark.slow  # `heimdex db` as a process
 def test_allow_data_loss_drops_them(history: HistoryCopy, empty_db_url: URL) -> None:
     before = _at_regions(history, empty_db_url)
     execute(empty_db_url, "INSERT INTO region VALUES ('eu')", JOB.format(region="'eu'"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy.engine import URL
 
 from heimdex_db.context import DbContext
@@ -9,6 +10,8 @@ from heimdex_db.migrate import upgrade
 from tests.dbutil import scalar, version_of
 
 from .conftest import HistoryCopy, heimdex, url_arg
+
+pytestmark = pytest.mark.slow  # `heimdex db` as a process
 
 LOCK = "op.execute(\"SET LOCAL lock_timeout = '5s'\")"
 
