@@ -199,6 +199,19 @@ def keeper_parts(
     connections.close()
 
 
+def _thread(keeper: Keeper) -> threading.Thread:
+    """The keeper on a thread of its own, which closes its connection as it ends (as the
+    worker's threads do)."""
+
+    def run() -> None:
+        try:
+            keeper.run()
+        finally:
+            keeper.connections.close()
+
+    return threading.Thread(target=run)
+
+
 def _lease_expires(engine: Engine, job_id: uuid.UUID) -> Any:
     with engine.connect() as conn:
         return conn.execute(
@@ -221,7 +234,7 @@ def test_the_keeper_renews_held_leases_and_flags_the_ones_lost(
             {"id": lost.job.id},
         )
     first = _lease_expires(engine, kept.job.id)
-    thread = threading.Thread(target=keeper.run)
+    thread = _thread(keeper)
     thread.start()
     try:
         wait_for(lambda: _lease_expires(engine, kept.job.id) > first, what="a renewed lease")
@@ -245,7 +258,7 @@ def test_the_keeper_writes_outcomes_a_runner_left_parked(
     _submit(engine, org_id)
     (done,) = _ended(held, _claim(engine, 1))
     writer.park(writer.parking(), done)
-    thread = threading.Thread(target=keeper.run)
+    thread = _thread(keeper)
     thread.start()
     try:
         wait_for(lambda: len(held) == 0, what="the parked outcome written")

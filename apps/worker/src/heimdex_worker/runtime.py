@@ -578,8 +578,6 @@ class Worker:
         for thread in self._threads:
             # Runners are done once nothing is held (or stuck in a handler past the grace).
             thread.join(timeout=5 if thread.name == "keeper" else 0.5)
-        if not any(thread.is_alive() for thread in self._threads):
-            self.connections.close()  # else a runner still in a handler keeps its own
         if self.archive is not None:
             self.archive.close()
         left = len(self.held)
