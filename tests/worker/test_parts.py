@@ -174,13 +174,15 @@ def test_the_keepers_write_through_an_outage_puts_the_outcomes_back(
 @pytest.fixture
 def keeper_parts(
     settings: Settings,
-    engine: Engine,
+    connections: ThreadConnections,
     held: HeldJobs,
     writer: OutcomeWriter,
     metrics: WorkerMetrics,
 ) -> Iterator[tuple[Keeper, threading.Event, threading.Event]]:
+    # The writer's connections, as in the worker: the keeper's thread writes parked outcomes
+    # on its own connection of them, which it closes as it ends.
     finish, wake = threading.Event(), threading.Event()
-    connections = ThreadConnections(engine)
+    engine = connections.engine
     keeper = Keeper(
         settings,
         engine,
@@ -196,7 +198,6 @@ def keeper_parts(
     )
     yield keeper, finish, wake
     finish.set()
-    connections.close()
 
 
 def _thread(keeper: Keeper) -> threading.Thread:
