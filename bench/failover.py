@@ -45,8 +45,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,7 @@ class Formation:
             "--hostname", "127.0.0.1", "--listen", "127.0.0.1", "--auth", "trust", "--no-ssl",
         )  # fmt: skip
         self.monitor = self._spawn(mon, "monitor.log")
-        wait(lambda: self._monitor_up(), "the monitor", 60)
+        wait(self._monitor_up, "the monitor", 60)
         for i in (1, 2):
             node = Node(f"node{i}", free_port(), self.root / f"node{i}")
             self.autoctl(
@@ -240,10 +241,8 @@ class Formation:
             pids += [int(line.split()[0]) for line in lines[5:] if line.strip()]
         postmaster = int((node.pgdata / "postmaster.pid").read_text().splitlines()[0])
         for pid in [*pids, postmaster]:
-            try:
+            with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         if node.keeper is not None:
             node.keeper.wait()
         return node
@@ -252,7 +251,9 @@ class Formation:
         node.keeper = self._spawn(node.pgdata, f"{node.name}.log")
 
     def stop(self) -> None:
-        keepers = [n.keeper for n in self.nodes if n.keeper] + ([self.monitor] if self.monitor else [])
+        keepers = [n.keeper for n in self.nodes if n.keeper] + (
+            [self.monitor] if self.monitor else []
+        )
         for proc in keepers:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -267,7 +268,10 @@ class Formation:
         try:
             self.stop()
         finally:
-            shutil.rmtree(self.root, ignore_errors=True)
+            # The processes' logs stay for a look at what happened (log/).
+            for path in self.root.iterdir():
+                if path.name != "log":
+                    shutil.rmtree(path, ignore_errors=True)
 
 
 def wait(predicate: Callable[[], object], what: str, timeout: float) -> None:
@@ -281,6 +285,7 @@ def wait(predicate: Callable[[], object], what: str, timeout: float) -> None:
 
 @dataclass
 class Submission:
+    n: int
     at: float
     status: int  # 0: no answer (connection refused or timed out)
     job_id: uuid.UUID | None
@@ -311,9 +316,9 @@ class Client(threading.Thread):
                 response = conn.getresponse()
                 payload = response.read()
                 job_id = uuid.UUID(json.loads(payload)["id"]) if response.status < 300 else None
-                self.done.append(Submission(at, response.status, job_id))
+                self.done.append(Submission(self.n, at, response.status, job_id))
             except (OSError, http.client.HTTPException):
-                self.done.append(Submission(at, 0, None))
+                self.done.append(Submission(self.n, at, 0, None))
                 conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
             next_at += 1 / RATE
@@ -335,21 +340,25 @@ class Trial:
     run_twice_after_expiry: int = 0
     unavailable_s: float = 0.0
     failed_requests: int = 0
+    answers: str = ""
+    failed_but_stored: int = 0
     claim_gap_s: float = 0.0
 
     def row(self) -> str:
         return (
-            f"| {self.kind:<10} | {self.primary_before} → {self.primary_after} | {self.accepted:>8} "
-            f"| {self.missing:>7} | {self.run_twice:>9} ({self.run_twice_after_expiry}) "
-            f"| {self.failed_requests:>6} | {self.unavailable_s:>6.1f} | {self.claim_gap_s:>9.1f} |"
+            f"| {self.kind:<10} | {self.primary_before} → {self.primary_after} "
+            f"| {self.accepted:>8} | {self.missing:>7} "
+            f"| {self.run_twice:>4} ({self.run_twice_after_expiry}) "
+            f"| {self.failed_requests:>6} {self.answers:<16} | {self.failed_but_stored:>6} "
+            f"| {self.unavailable_s:>5.1f} | {self.claim_gap_s:>11.1f} |"
         )
 
 
 HEADER = (
     "| trial      | primary        | accepted | missing | run twice (lease expired) "
-    "| failed | 503 s  | claim gap s |\n"
+    "| failed (answers)        | stored | 503 s | claim gap s |\n"
     "|------------|----------------|---------:|--------:|--------------------------:"
-    "|-------:|-------:|------------:|"
+    "|-------------------------|-------:|------:|------------:|"
 )
 
 
@@ -384,8 +393,11 @@ def stack(formation: Formation, logs: Path) -> Iterator[tuple[int, list[subproce
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "heimdex", *args],
-                    env=env, cwd=REPO, stdout=out, stderr=out,
-                )  # fmt: skip
+                    env=env,
+                    cwd=REPO,
+                    stdout=out,
+                    stderr=out,
+                )
             )
 
     start("api", "api", "--port", str(port))
@@ -422,16 +434,23 @@ def measure(trial: Trial, client: Client, conninfo: str) -> None:
     trial.accepted = len(accepted)
     failed = [s for s in window if not 200 <= s.status < 300]
     trial.failed_requests = len(failed)
+    codes = Counter(s.status for s in failed)
+    trial.answers = " ".join(f"{code or 'none'}: {k}" for code, k in sorted(codes.items()))
     if failed:
         last = failed[-1].at
         recovered = next((s.at for s in window if s.at > last and 200 <= s.status < 300), last)
         trial.unavailable_s = recovered - failed[0].at
     with psycopg.connect(conninfo, autocommit=True) as conn:
         found = {
-            row[0]
-            for row in conn.execute("SELECT id FROM job WHERE id = ANY(%s)", (accepted,))
+            row[0] for row in conn.execute("SELECT id FROM job WHERE id = ANY(%s)", (accepted,))
         }
         trial.missing = len(set(accepted) - found)
+        stored = conn.execute(
+            "SELECT count(*) FROM job WHERE type = 'failover_probe'"
+            " AND (params->>'n')::bigint = ANY(%s)",
+            ([s.n for s in failed],),
+        ).fetchone()
+        trial.failed_but_stored = int(stored[0]) if stored else 0
         gaps = conn.execute(
             """
             SELECT coalesce(max(gap), 0) FROM (
@@ -446,7 +465,9 @@ def measure(trial: Trial, client: Client, conninfo: str) -> None:
         trial.claim_gap_s = float(gaps[0]) if gaps else 0.0
 
 
-def final_check(client: Client, conninfo: str, trials: list[Trial], timeout: float = 180) -> dict[str, int]:
+def final_check(
+    client: Client, conninfo: str, trials: list[Trial], timeout: float = 180
+) -> dict[str, int]:
     """Wait for every accepted job to end; count what did not succeed exactly once, and the
     jobs run twice per trial (by the `n` each run recorded)."""
     accepted = [s.job_id for s in client.done if s.job_id is not None]
@@ -487,7 +508,7 @@ def final_check(client: Client, conninfo: str, trials: list[Trial], timeout: flo
             """,
             (accepted,),
         ).fetchall()
-    submitted_at = {i: s.at for i, s in enumerate(client.done, start=1)}
+    submitted_at = {s.n: s.at for s in client.done}
     for n, expired in twice:
         at = submitted_at.get(int(n), 0.0)
         for trial in trials:
@@ -549,6 +570,7 @@ def run(trials: int, *, quiet: bool = False) -> tuple[list[Trial], dict[str, int
             final = final_check(client, formation.conninfo(), done)
     finally:
         formation.destroy()
+        say(f"logs: {formation.root / 'log'}")
     return done, final
 
 
@@ -566,7 +588,8 @@ def main() -> None:
     print(
         f"\nafter the last trial: {final['accepted']} accepted, {final['missing']} missing, "
         f"{final['not_succeeded']} not succeeded, {final['succeeded_twice']} succeeded twice, "
-        f"{final['run_twice']} run twice ({final['run_twice_without_expiry']} without a lease expiry)"
+        f"{final['run_twice']} run twice "
+        f"({final['run_twice_without_expiry']} without a lease expiry)"
     )
     bad = final["missing"] + final["not_succeeded"] + final["succeeded_twice"]
     sys.exit(1 if bad or final["run_twice_without_expiry"] else 0)
