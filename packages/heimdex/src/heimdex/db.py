@@ -46,8 +46,8 @@ def make_engine(url: URL | str, *, pool_mode: PoolMode = PoolMode.DIRECT, **kwar
     transaction may run on another server connection, which has neither: nothing is prepared
     (psycopg's `prepare_threshold=None` also overrides an explicit `prepare=True`) and no
     session setting is made (the claim carries its own, `LOCAL_SETTINGS`); every connection
-    reads any timestamp, even one Python cannot hold (`clamp_timestamps`). A server that refuses writes counts as a lost connection
-    (`read_only_is_disconnect`).
+    reads any timestamp, even one Python cannot hold (`clamp_timestamps`). A server that refuses
+    writes counts as a lost connection (`read_only_is_disconnect`).
     """
     if pool_mode is PoolMode.TRANSACTION:
         kwargs["connect_args"] = {**kwargs.get("connect_args", {}), "prepare_threshold": None}

@@ -179,6 +179,15 @@ class Settings(BaseSettings):
     session_database_url: SecretStr | None = Field(
         default=None, validation_alias="HEIMDEX_SESSION_DATABASE_URL"
     )
+    # A streaming replica for reads that accept lag (operator lists, stats, failures, the
+    # queue gauges); unset: everything reads the primary. Past the lag bound, or while the
+    # replica does not answer, those reads go to the primary.
+    read_database_url: SecretStr | None = Field(
+        default=None, validation_alias="HEIMDEX_READ_DATABASE_URL"
+    )
+    read_max_lag_seconds: float = Field(
+        default=30.0, gt=0, validation_alias="HEIMDEX_READ_MAX_LAG_SECONDS"
+    )
 
     jwt_secret: SecretStr = Field(
         default=SecretStr(PLACEHOLDER_JWT_SECRET),
@@ -343,6 +352,13 @@ class Settings(BaseSettings):
         if self.pool_mode is PoolMode.TRANSACTION:
             return None
         return self.sqlalchemy_url
+
+    @cached_property
+    def read_sqlalchemy_url(self) -> URL | None:
+        """The replica's URL (`HEIMDEX_READ_DATABASE_URL`), or None."""
+        if self.read_database_url is None or not self.read_database_url.get_secret_value():
+            return None
+        return normalize_url(self.read_database_url.get_secret_value())
 
 
 def normalize_url(url: str | URL) -> URL:
