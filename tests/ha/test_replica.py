@@ -148,7 +148,15 @@ def test_operator_reads_go_to_the_replica_and_acts_to_the_primary(
         page = client.get("/ops/jobs", params={"org_id": str(org)}, headers=operator)
         one = client.get(f"/ops/jobs/{job_id}", headers=operator)
         lag = client.get("/metrics").text
+        signed_in = client.post("/ui/signin", data={"token": token}, follow_redirects=False)
+        assert signed_in.status_code == 303, signed_in.text
+        overview = client.get("/ui").text
+        ui_jobs = client.get("/ui/jobs", params={"org": str(org)}).text
+        ui_job = client.get(f"/ui/jobs/{job_id}")
     assert page.status_code == 200, page.text
     assert [item["id"] for item in page.json()["items"]] == []
     assert one.status_code == 200, one.text
     assert "heimdex_replica_lag_seconds" in lag
+    assert "read replica" in overview and "behind: reading it" in overview
+    assert str(job_id) not in ui_jobs
+    assert ui_job.status_code == 200 and str(job_id) in ui_job.text
