@@ -511,11 +511,10 @@ def final_check(
     submitted_at = {s.n: s.at for s in client.done}
     for n, expired in twice:
         at = submitted_at.get(int(n), 0.0)
-        for trial in trials:
-            if trial.started <= at < trial.ended or (trial is trials[-1] and at >= trial.ended):
-                trial.run_twice += 1
-                trial.run_twice_after_expiry += int(bool(expired))
-                break
+        # The last trial started before the submission (those after the last one: its own).
+        trial = next((t for t in reversed(trials) if t.started <= at), trials[0])
+        trial.run_twice += 1
+        trial.run_twice_after_expiry += int(bool(expired))
     result["run_twice"] = len(twice)
     result["run_twice_without_expiry"] = sum(1 for _, expired in twice if not expired)
     return result
@@ -542,7 +541,8 @@ def run(trials: int, *, quiet: bool = False) -> tuple[list[Trial], dict[str, int
                 kind = ("switchover", "kill")[i % 2]
                 before = formation.primary()
                 assert before is not None
-                trial_started = time.time()
+                # Back to back: every submission belongs to one trial.
+                trial_started = done[-1].ended if done else time.time()
                 time.sleep(3)
                 fault_at = time.time()
                 if kind == "switchover":
