@@ -1,5 +1,5 @@
 # Shortcuts for the scripts the README names.
-.PHONY: test lint bench test-containers
+.PHONY: test lint bench test-containers test-failover
 
 test:
 	scripts/test
@@ -13,6 +13,10 @@ lint:
 
 bench:
 	uv run python bench/migration_hardening.py
+
+# Switchovers and kills of the primary of a pg_auto_failover formation: TRIALS each way (5).
+test-failover:
+	uv run python bench/failover.py --trials $(or $(TRIALS),5)
 
 # The upstream walk-through, against `heimdex dev` (reads .heimdex/dev.env that it writes).
 .PHONY: dev demo

@@ -46,6 +46,14 @@ def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginMa
     group.addoption("--dist", dest="dist", default="no")
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked `failover` take minutes: they run only when `-m` names them."""
+    if item.get_closest_marker("failover") and "failover" not in (
+        item.config.option.markexpr or ""
+    ):
+        pytest.skip("minutes against a pg_auto_failover formation: run with -m failover")
+
+
 @pytest.fixture(scope="session")
 def pg_admin_url() -> Iterator[URL]:
     """A superuser URL of a throwaway cluster (or of `HEIMDEX_TEST_PG_URL` when set)."""

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from heimdex.db import make_engine
 from heimdex.ledger.registry import load_registry
 from heimdex.logs import configure_logging
+from heimdex.replica import make_read_engines
 from heimdex.settings import Settings, load_settings
 from heimdex_api import ops, problems, ui
 from heimdex_api.auth import PRINCIPAL_KEY, AuthenticationFailed, bearer, decode_token
@@ -37,16 +38,19 @@ def create_app(settings: Settings) -> FastAPI:
         engine = make_engine(
             settings.sqlalchemy_url, pool_mode=settings.pool_mode, pool_size=10, max_overflow=30
         )
+        reads = make_read_engines(settings, engine, pool_size=5, max_overflow=10)
         app.state.heimdex = AppState(
             settings=settings,
             engine=engine,
+            reads=reads,
             registry=registry,
-            metrics=ApiMetrics(engine),
+            metrics=ApiMetrics(engine, reads),
             schema_head=head_revision(),
         )
         try:
             yield
         finally:
+            reads.dispose()
             engine.dispose()
 
     app = FastAPI(

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from sqlalchemy import Connection
 
 from heimdex.ledger import operations as ops
 from heimdex.ledger import repository
@@ -20,6 +21,7 @@ from heimdex_api.auth import Principal, require_operator
 from heimdex_api.problems import problem_responses
 from heimdex_api.routes import Caller, State, _autocommit, _decode_cursor, _encode_cursor
 from heimdex_api.schemas import EventOut, JobOut, JobPage, Timestamp
+from heimdex_api.state import AppState
 
 router = APIRouter(
     prefix="/ops",
@@ -148,6 +150,12 @@ def detail_of(conn: Any, job_id: uuid.UUID) -> JobDetail:
     )  # fmt: skip
 
 
+def _replica(state: AppState) -> Connection:
+    """A read that accepts lag: lists, stats and failures. A job's own page and every action
+    stay on the primary (an operator reads a job right after acting on it)."""
+    return state.reads.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+
 @router.get("/jobs", response_model=JobPage)
 def list_jobs(
     *,
@@ -169,7 +177,7 @@ def list_jobs(
         error_fingerprint=fingerprint, created_after=created_after, created_before=created_before,
     )  # fmt: skip
     before = _decode_cursor(cursor) if cursor else None
-    with _autocommit(state) as conn:
+    with _replica(state) as conn:
         jobs = repository.list_jobs_ops(conn, f, limit=limit + 1, before=before)
     items = [JobOut.of(job) for job in jobs[:limit]]
     next_cursor = _encode_cursor(items[-1].created_at, items[-1].id) if len(jobs) > limit else None
@@ -218,7 +226,7 @@ def stats(
     minutes: Annotated[int, Query(ge=1, le=1440)] = 60,
 ) -> Counts:
     """Counts by state, type and org; the oldest due job; attempts ended per minute."""
-    with _autocommit(state) as conn:
+    with _replica(state) as conn:
         s = ops.stats(conn, org_id=org_id, minutes=minutes)
     return Counts(
         by_status=s.by_status,
@@ -241,7 +249,7 @@ def failures(
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> FailureList:
     """Dead letters (or `status`) grouped by error code and fingerprint, largest first."""
-    with _autocommit(state) as conn:
+    with _replica(state) as conn:
         groups = ops.failures(
             conn, statuses=status or [JobStatus.DEAD_LETTER], org_id=org_id, type=type,
             limit=limit,

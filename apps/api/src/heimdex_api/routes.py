@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import Connection, text
 
+from heimdex.db import server_address
 from heimdex.ledger import repository, service
 from heimdex.models import JobStatus
 from heimdex_api.auth import PRINCIPAL_KEY, Principal, bearer, decode_token
@@ -214,9 +215,12 @@ def healthz() -> dict[str, str]:
 )
 def readyz(request: Request, state: State) -> Any:
     checks: dict[str, str] = {}
+    node: str | None = None
     try:
         with state.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+            # Of a multi-host URL (an HA cluster), the server this process writes to now.
+            node = server_address(conn)
             behind = schema_problem(conn, state.schema_head)
         checks["postgres"] = "ok"
         checks["schema"] = behind or "ok"
@@ -227,7 +231,7 @@ def readyz(request: Request, state: State) -> Any:
     if failing:
         detail = "; ".join(f"{name}: {reason}" for name, reason in failing.items())
         return problem(503, "not-ready", detail, request, checks=checks)
-    return JSONResponse({"status": "ready", "checks": checks})
+    return JSONResponse({"status": "ready", "node": node, "checks": checks})
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 
 from heimdex.ledger.registry import Registry
+from heimdex.replica import ReadEngines
 from heimdex.settings import Settings
 from heimdex_api.metrics import ApiMetrics
 
@@ -15,6 +16,8 @@ from heimdex_api.metrics import ApiMetrics
 class AppState:
     settings: Settings
     engine: Engine
+    # Reads that accept lag: the replica of HEIMDEX_READ_DATABASE_URL, or the primary.
+    reads: ReadEngines
     registry: Registry
     metrics: ApiMetrics
     schema_head: str | None

@@ -50,6 +50,7 @@ from heimdex_api.auth import (
     decode_token,
 )
 from heimdex_api.routes import State, _autocommit, _decode_cursor, _encode_cursor
+from heimdex_api.state import AppState
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
@@ -345,16 +346,36 @@ def _overview(conn: Connection, org: uuid.UUID | None) -> dict[str, Any]:
     }
 
 
+def _reads(state: AppState) -> Connection:
+    """A read that accepts lag (overview, lists, failures): the replica while it is within its
+    bound. A job's page and a bulk preview read the primary: they come right before or after
+    an action."""
+    return state.reads.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+
+def _replica(state: AppState) -> str | None:
+    """What the overview says of the read replica, if there is one."""
+    reads = state.reads
+    if reads.replica is None:
+        return None
+    if reads.lag is None:
+        return "read replica unreachable: reading the primary"
+    where = "reading the primary" if reads.engine() is reads.primary else "reading it"
+    return f"read replica {reads.lag:.1f} s behind: {where}"
+
+
 @router.get("")
 def overview(request: Request, state: State, s: Operator) -> HTMLResponse:
-    with _autocommit(state) as conn:
+    with _reads(state) as conn:
         context = _overview(conn, None)
-    return _page(request, "overview.html", "Overview", s, notice=True, **context)
+    return _page(
+        request, "overview.html", "Overview", s, notice=True, replica=_replica(state), **context
+    )
 
 
 @router.get("/orgs/{org_id}")
 def org_page(org_id: uuid.UUID, request: Request, state: State, s: Operator) -> HTMLResponse:
-    with _autocommit(state) as conn:
+    with _reads(state) as conn:
         context = _overview(conn, org_id)
         recent = repository.list_jobs_ops(conn, JobFilter(org_id=org_id), limit=20)
     return _page(request, "org.html", f"Org {org_id}", s, notice=True, recent=recent, **context)
@@ -370,7 +391,7 @@ def jobs(request: Request, state: State, s: Operator) -> HTMLResponse:
     except HeimdexError:
         problems.append("that page link is stale; back to the first page")
         before = None
-    with _autocommit(state) as conn:
+    with _reads(state) as conn:
         rows = repository.list_jobs_ops(conn, f, limit=PAGE_SIZE + 1, before=before)
     page = rows[:PAGE_SIZE]
     next_url = None
@@ -449,7 +470,7 @@ async def job_action(
 @router.get("/failures")
 def failures(request: Request, state: State, s: Operator) -> HTMLResponse:
     showing = "failed" if request.query_params.get("status") == "failed" else "dead_letter"
-    with _autocommit(state) as conn:
+    with _reads(state) as conn:
         groups = ops.failures(conn, statuses=[JobStatus(showing)], limit=200)
     return _page(
         request, "failures.html", "Failures", s, notice=True, groups=groups, showing=showing

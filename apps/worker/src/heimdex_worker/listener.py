@@ -10,6 +10,7 @@ import threading
 import psycopg
 from sqlalchemy.engine import URL
 
+from heimdex.db import libpq_conninfo
 from heimdex.ledger import repository
 from heimdex_worker.db import MAX_RETRY_WAIT_SECONDS
 
@@ -21,7 +22,7 @@ def listen(url: URL, *, finish: threading.Event, wake: threading.Event) -> None:
     reconnect with backoff when the connection drops. `url` must reach a session (direct, or a
     session pooler): through a transaction pooler LISTEN lands on a server connection the
     pooler hands to other clients, and nothing is ever delivered."""
-    conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    conninfo = libpq_conninfo(url)
     wait = 0.1
     while not finish.is_set():
         try:

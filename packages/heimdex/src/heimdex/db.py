@@ -13,10 +13,11 @@ from urllib.parse import quote
 import psycopg
 from psycopg.abc import AdaptContext, Buffer
 from psycopg.adapt import Loader
-from psycopg.errors import InsufficientPrivilege, UndefinedTable
+from psycopg.conninfo import make_conninfo
+from psycopg.errors import InsufficientPrivilege, ReadOnlySqlTransaction, UndefinedTable
 from psycopg.pq import Format
-from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import URL
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import URL, ExceptionContext
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -45,7 +46,8 @@ def make_engine(url: URL | str, *, pool_mode: PoolMode = PoolMode.DIRECT, **kwar
     transaction may run on another server connection, which has neither: nothing is prepared
     (psycopg's `prepare_threshold=None` also overrides an explicit `prepare=True`) and no
     session setting is made (the claim carries its own, `LOCAL_SETTINGS`); every connection
-    reads any timestamp, even one Python cannot hold (`clamp_timestamps`).
+    reads any timestamp, even one Python cannot hold (`clamp_timestamps`). A server that refuses
+    writes counts as a lost connection (`read_only_is_disconnect`).
     """
     if pool_mode is PoolMode.TRANSACTION:
         kwargs["connect_args"] = {**kwargs.get("connect_args", {}), "prepare_threshold": None}
@@ -53,6 +55,7 @@ def make_engine(url: URL | str, *, pool_mode: PoolMode = PoolMode.DIRECT, **kwar
     if pool_mode is not PoolMode.TRANSACTION:
         event.listen(engine, "connect", session_settings)
     event.listen(engine, "connect", clamp_timestamps)
+    event.listen(engine, "handle_error", read_only_is_disconnect)
     return engine
 
 
@@ -107,6 +110,36 @@ def _out_of_range(data: bytes, fmt: Format) -> datetime | None:
     if data == b"infinity" or (year.isdigit() and len(year) > 4):
         return LATEST
     return None
+
+
+def read_only_is_disconnect(context: ExceptionContext) -> None:
+    """SQLSTATE 25006 (read_only_sql_transaction) counts as a disconnect: SQLAlchemy then drops
+    the connection and every pooled one from before it.
+
+    Heimdex only talks to the primary. A connection that meets a read-only server is left over
+    from a failover (a demoted primary that kept its sessions, a standby reached without
+    `target_session_attrs=read-write`); kept in the pool, it would fail every write it serves.
+    A new connection from a multi-host URL with `target_session_attrs=read-write` finds the
+    new primary, and the callers already retry a disconnect on one (503 + Retry-After in the
+    API, backoff in the worker)."""
+    if isinstance(context.original_exception, ReadOnlySqlTransaction):
+        context.is_disconnect = True
+
+
+def libpq_conninfo(url: URL) -> str:
+    """`url` as a libpq connection string, for a plain psycopg connection (LISTEN): every host
+    of a multi-host URL with its port, and the URL's options such as `target_session_attrs`
+    (rendering the URL would pass `host=h:p` entries libpq cannot read)."""
+    url = normalize_url(url)
+    _, kwargs = url.get_dialect()().create_connect_args(url)
+    return make_conninfo("", **{k: v for k, v in kwargs.items() if isinstance(v, str | int)})
+
+
+def server_address(connection: Connection) -> str:
+    """`host:port` of the server `connection` reached (of a multi-host URL, the one libpq
+    kept)."""
+    info = connection.connection.dbapi_connection.info  # type: ignore[union-attr]
+    return f"{info.host}:{info.port}"
 
 
 # PostgreSQL compiles a statement whose estimated cost passes `jit_above_cost` (100,000 by

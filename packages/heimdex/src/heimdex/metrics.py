@@ -12,11 +12,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from heimdex.ledger import transitions
 from heimdex.ledger.repository import QueueStats, queue_stats
@@ -25,6 +26,14 @@ from heimdex.ledger.transitions import Transition
 from heimdex.models import JobStatus
 
 logger = logging.getLogger(__name__)
+
+
+class Connectable(Protocol):
+    """What the queue gauges read through: the engine, or `heimdex.replica.ReadEngines` (they
+    accept a replica's lag)."""
+
+    def connect(self) -> Connection: ...
+
 
 QUEUE_STATS_TTL_SECONDS = 5.0
 
@@ -87,7 +96,7 @@ class LedgerMetrics:
     Given the process's engine, it hears every transition the ledger commits through it (one
     `LedgerMetrics` per engine) and reads the queue gauges with it."""
 
-    def __init__(self, engine: Engine | None = None) -> None:
+    def __init__(self, engine: Engine | None = None, *, gauges: Connectable | None = None) -> None:
         self.registry = CollectorRegistry()
         self.transitions = Counter(
             "heimdex_job_transitions_total",
@@ -99,8 +108,10 @@ class LedgerMetrics:
         if engine is not None:
             transitions.observe(engine, self.count)
 
+            source = gauges or engine
+
             def read() -> list[QueueStats]:
-                with engine.connect() as conn:
+                with source.connect() as conn:
                     return queue_stats(conn)
 
             self.registry.register(QueueCollector(read))

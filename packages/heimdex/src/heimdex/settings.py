@@ -179,6 +179,15 @@ class Settings(BaseSettings):
     session_database_url: SecretStr | None = Field(
         default=None, validation_alias="HEIMDEX_SESSION_DATABASE_URL"
     )
+    # A streaming replica for reads that accept lag (operator lists, stats, failures, the
+    # queue gauges); unset: everything reads the primary. Past the lag bound, or while the
+    # replica does not answer, those reads go to the primary.
+    read_database_url: SecretStr | None = Field(
+        default=None, validation_alias="HEIMDEX_READ_DATABASE_URL"
+    )
+    read_max_lag_seconds: float = Field(
+        default=30.0, gt=0, validation_alias="HEIMDEX_READ_MAX_LAG_SECONDS"
+    )
 
     jwt_secret: SecretStr = Field(
         default=SecretStr(PLACEHOLDER_JWT_SECRET),
@@ -344,6 +353,13 @@ class Settings(BaseSettings):
             return None
         return self.sqlalchemy_url
 
+    @cached_property
+    def read_sqlalchemy_url(self) -> URL | None:
+        """The replica's URL (`HEIMDEX_READ_DATABASE_URL`), or None."""
+        if self.read_database_url is None or not self.read_database_url.get_secret_value():
+            return None
+        return normalize_url(self.read_database_url.get_secret_value())
+
 
 def normalize_url(url: str | URL) -> URL:
     """Parse a PostgreSQL URL and pin the psycopg 3 driver."""
@@ -361,21 +377,41 @@ def normalize_url(url: str | URL) -> URL:
 def _parse(raw: str) -> URL:
     """`make_url`, except that the credentials end at the LAST `@` of the authority: a raw
     password may hold `@`, `/` or `:` (make_url would take the rest of it for the host and
-    print it in every connection error)."""
+    print it in every connection error). libpq's multi-host form, `host1:5432,host2:5432`,
+    becomes SQLAlchemy's: one `host=host:port` query entry per host, in order."""
     scheme, sep, rest = raw.partition("://")
     at = rest.rfind("@")
-    if not sep or at < 0:
+    if not sep:
         return make_url(raw)
-    userinfo, location = rest[:at], rest[at + 1 :]
+    userinfo, location = (rest[:at], rest[at + 1 :]) if at >= 0 else ("", rest)
+    end = min((i for i in (location.find("/"), location.find("?")) if i >= 0), default=None)
+    netloc, tail = location[:end], location[end:] if end is not None else ""
+    if "," in netloc:
+        url = make_url(f"{scheme}://{tail if tail.startswith('/') else '/' + tail}")
+        url = url.update_query_pairs([("host", h) for h in netloc.split(",") if h], append=True)
+    else:
+        url = make_url(f"{scheme}://{location}")
+    if at < 0:
+        return url
     user, has_password, password = userinfo.partition(":")
-    return make_url(f"{scheme}://{location}").set(
+    return url.set(
         username=unquote(user) or None, password=unquote(password) if has_password else None
     )
 
 
+def url_hosts(url: URL) -> list[str]:
+    """Every `host:port` `url` names, in the order libpq tries them (one unless multi-host)."""
+    hosts = url.query.get("host")
+    if hosts:
+        entries = [hosts] if isinstance(hosts, str) else list(hosts)
+        return [h if ":" in h else f"{h}:{url.port or 5432}" for h in entries]
+    return [f"{url.host or 'localhost'}:{url.port or 5432}"]
+
+
 def describe_url(url: URL) -> str:
-    """`host:port/database` for messages; never includes the password."""
-    return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
+    """`host:port/database` (`host1:port,host2:port/database` for a multi-host URL) for
+    messages; never includes the password."""
+    return f"{','.join(url_hosts(url))}/{url.database or ''}"
 
 
 def log_options_or_defaults() -> dict[str, Any]:

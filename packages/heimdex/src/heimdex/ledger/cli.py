@@ -16,7 +16,13 @@ import click
 
 from heimdex.ledger import operations as ops
 from heimdex.ledger import repository
-from heimdex.ledger.cli_database import URL_HELP, JobsGroup, command_engine, note_url
+from heimdex.ledger.cli_database import (
+    URL_HELP,
+    JobsGroup,
+    command_engine,
+    note_url,
+    read_engine,
+)
 from heimdex.ledger.fingerprint import error_fingerprint
 from heimdex.ledger.repository import JobFilter
 from heimdex.ledger.retention_cli import prune
@@ -176,7 +182,7 @@ def list_(ctx: click.Context, /, limit: int, as_json: bool, **filters: Any) -> N
       heimdex jobs list --status dead_letter --type transcode
       heimdex jobs list --org 2f0c5e0e-8a3a-4f7e-9a39-4b4a0f0c1d2e --json
     """
-    with command_engine(ctx) as engine, engine.connect() as conn:
+    with read_engine(ctx) as engine, engine.connect() as conn:
         rows = repository.list_jobs_ops(conn, _filter(None, **filters), limit=limit)
     if as_json:
         _echo_json([job_dict(r) for r in rows])
@@ -369,7 +375,7 @@ def stats(ctx: click.Context, org: uuid.UUID | None, minutes: int, as_json: bool
       heimdex jobs stats
       heimdex jobs stats --org 2f0c5e0e-8a3a-4f7e-9a39-4b4a0f0c1d2e --minutes 60 --json
     """
-    with command_engine(ctx) as engine, engine.connect() as conn:
+    with read_engine(ctx) as engine, engine.connect() as conn:
         s = ops.stats(conn, org_id=org, minutes=minutes)
     succeeded = sum(m.succeeded for m in s.throughput)
     failed = sum(m.failed for m in s.throughput)
@@ -444,7 +450,7 @@ def failures(
       heimdex jobs failures --status failed --org 2f0c5e0e-8a3a-4f7e-9a39-4b4a0f0c1d2e --json
     """
     wanted = [JobStatus(s) for s in statuses] or [JobStatus.DEAD_LETTER]
-    with command_engine(ctx) as engine, engine.connect() as conn:
+    with read_engine(ctx) as engine, engine.connect() as conn:
         groups = ops.failures(conn, statuses=wanted, org_id=org, type=type_, limit=limit)
     if as_json:
         _echo_json([vars(g) for g in groups])

@@ -13,6 +13,7 @@ from sqlalchemy.engine import URL
 
 from heimdex.db import database_error, make_engine
 from heimdex.errors import HeimdexError
+from heimdex.replica import make_read_engines
 from heimdex.settings import (
     PoolMode,
     describe_url,
@@ -67,6 +68,26 @@ def command_engine(ctx: click.Context, *, session: bool = False) -> Iterator[Eng
         yield engine
     finally:
         engine.dispose()
+
+
+@contextmanager
+def read_engine(ctx: click.Context) -> Iterator[Engine]:
+    """The engine of a read that accepts lag (list, stats, failures): the replica of
+    `HEIMDEX_READ_DATABASE_URL` while it answers within its lag bound, else the primary; with
+    `--database-url`, that database."""
+    if ctx.find_root().meta.get(URL_KEY) is None:
+        settings = load_settings()
+        if settings.read_sqlalchemy_url is not None:
+            primary = make_engine(settings.sqlalchemy_url, pool_mode=settings.pool_mode)
+            reads = make_read_engines(settings, primary)
+            try:
+                yield reads.engine()
+            finally:
+                reads.dispose()
+                primary.dispose()
+            return
+    with command_engine(ctx) as engine:
+        yield engine
 
 
 class JobsGroup(click.Group):
