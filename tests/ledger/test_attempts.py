@@ -80,8 +80,10 @@ def test_an_expired_lease_charges_a_started_attempt_and_not_a_prefetched_job(
         assert _actions(conn, waiting_canceled)[-1] == "canceled"
         conn.commit()
 
-        # Claimed again, it still has its one attempt; once its start is recorded, a lost
-        # lease charges it like any attempt that began.
+        # Claimed again (once the placing step gave it a turn), it still has its one attempt;
+        # once its start is recorded, a lost lease charges it like any attempt that began.
+        assert repository.place_due(conn) == 1
+        conn.commit()
         (again,) = repository.claim(conn, worker_id="next", limit=1, lease_seconds=0.0).jobs
         assert (again.id, again.attempt) == (waiting, 0)
         assert repository.record_prefetched(conn, [(again.id, again.lease_token)]) == {waiting}
