@@ -2,39 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from prometheus_client import Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 
 from heimdex.metrics import LedgerMetrics
 from heimdex.replica import ReadEngines
 
 
-class ReplicaLag(Collector):
-    """The read replica's lag at its last check (absent without a replica, or while it does
-    not answer)."""
-
-    def __init__(self, reads: ReadEngines) -> None:
-        self.reads = reads
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        if self.reads.replica is None or self.reads.lag is None:
-            return
-        gauge = GaugeMetricFamily(
-            "heimdex_replica_lag_seconds", "How far the read replica is behind the primary"
-        )
-        gauge.add_metric([], self.reads.lag)
-        yield gauge
-
-
 class ApiMetrics(LedgerMetrics):
     def __init__(self, engine: Engine | None = None, reads: ReadEngines | None = None) -> None:
-        super().__init__(engine, gauges=reads)
-        if reads is not None:
-            self.registry.register(ReplicaLag(reads))
+        super().__init__(engine, reads=reads)
         self.requests = Counter(
             "heimdex_http_requests_total",
             "HTTP requests by route and status",

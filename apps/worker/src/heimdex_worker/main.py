@@ -16,6 +16,7 @@ from heimdex.db import make_engine
 from heimdex.errors import HeimdexError
 from heimdex.ledger.registry import load_registry
 from heimdex.metrics import LedgerMetrics
+from heimdex.replica import make_read_engines
 from heimdex.settings import Settings
 from heimdex_worker.metrics import WorkerMetrics
 from heimdex_worker.runtime import Worker
@@ -72,9 +73,12 @@ def run_worker(
         max_overflow=4 + concurrency,
     )
     session_engine = _session_engine(settings, engine)
-    metrics = WorkerMetrics(LedgerMetrics(engine))
-    if settings.worker_metrics_port:
-        start_http_server(settings.worker_metrics_port, registry=metrics.ledger.registry)
+    # The queue gauges accept lag: the replica of HEIMDEX_READ_DATABASE_URL, as the API's do.
+    reads = make_read_engines(settings, engine, pool_size=1, max_overflow=1)
+    metrics = WorkerMetrics(LedgerMetrics(engine, reads=reads))
+    server = None
+    if port := settings.worker_metrics_port:
+        server, _ = start_http_server(port, registry=metrics.ledger.registry)
     worker = Worker(
         settings,
         engine,
@@ -97,6 +101,10 @@ def run_worker(
         },
     )
     code = worker.run(stop)
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+    reads.dispose()
     engine.dispose()
     if session_engine not in (None, engine):
         session_engine.dispose()

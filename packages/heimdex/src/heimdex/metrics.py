@@ -3,7 +3,9 @@
 `heimdex_job_transitions_total` counts the transitions this process made, as the ledger reports
 them once committed (`ledger.transitions`); `heimdex_queue_*` read the queue from PostgreSQL
 (unfinished rows only, cached for a few seconds), so every API replica and worker reports the
-same truth an operator alerts on.
+same truth an operator alerts on. Given `heimdex.replica.ReadEngines`, they read the streaming
+replica of `HEIMDEX_READ_DATABASE_URL` while it is within its lag bound (the primary otherwise),
+and `heimdex_replica_lag_seconds` reports its lag.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -24,16 +25,9 @@ from heimdex.ledger.repository import QueueStats, queue_stats
 from heimdex.ledger.retention import PruneResult
 from heimdex.ledger.transitions import Transition
 from heimdex.models import JobStatus
+from heimdex.replica import ReadEngines
 
 logger = logging.getLogger(__name__)
-
-
-class Connectable(Protocol):
-    """What the queue gauges read through: the engine, or `heimdex.replica.ReadEngines` (they
-    accept a replica's lag)."""
-
-    def connect(self) -> Connection: ...
-
 
 QUEUE_STATS_TTL_SECONDS = 5.0
 
@@ -90,13 +84,31 @@ class QueueCollector(Collector):
         yield from families.values()
 
 
+class ReplicaLag(Collector):
+    """The read replica's lag at its last check (absent without a replica, or while it does
+    not answer)."""
+
+    def __init__(self, reads: ReadEngines) -> None:
+        self.reads = reads
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.reads.replica is None or self.reads.lag is None:
+            return
+        gauge = GaugeMetricFamily(
+            "heimdex_replica_lag_seconds", "How far the read replica is behind the primary"
+        )
+        gauge.add_metric([], self.reads.lag)
+        yield gauge
+
+
 class LedgerMetrics:
     """The registry of one process: its transition counter and the queue gauges.
 
     Given the process's engine, it hears every transition the ledger commits through it (one
-    `LedgerMetrics` per engine) and reads the queue gauges with it."""
+    `LedgerMetrics` per engine) and reads the queue gauges with it, or through `reads` (the
+    replica within its lag bound, see `heimdex.replica`), whose lag it then reports too."""
 
-    def __init__(self, engine: Engine | None = None, *, gauges: Connectable | None = None) -> None:
+    def __init__(self, engine: Engine | None = None, *, reads: ReadEngines | None = None) -> None:
         self.registry = CollectorRegistry()
         self.transitions = Counter(
             "heimdex_job_transitions_total",
@@ -108,13 +120,15 @@ class LedgerMetrics:
         if engine is not None:
             transitions.observe(engine, self.count)
 
-            source = gauges or engine
+            connect: Callable[[], Connection] = reads.connect if reads else engine.connect
 
             def read() -> list[QueueStats]:
-                with source.connect() as conn:
+                with connect() as conn:
                     return queue_stats(conn)
 
             self.registry.register(QueueCollector(read))
+        if reads is not None:
+            self.registry.register(ReplicaLag(reads))
 
     def count(self, changes: Mapping[Transition, int]) -> None:
         """Count committed transitions; an empty status label means outside the ledger (a
