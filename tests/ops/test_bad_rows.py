@@ -159,3 +159,39 @@ def test_the_cli_lists_shows_and_cancels_bad_rows(
     canceled = run("cancel", str(bad[0]), "--reason", "never due", "--yes")
     assert canceled.exit_code == 0, canceled.output
     assert "canceled" in canceled.output
+
+
+def test_json_that_is_not_an_object_reads_as_one(
+    client: TestClient, engine: Engine, org_id: uuid.UUID
+) -> None:
+    good = seed.queued(engine, org_id, 1)
+    job_id = uuid.uuid4()
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO job (id, org_id, type, status, finished_at, params, result)"
+                " VALUES (:id, :org, 'noop', 'succeeded', now(), '[1, 2]', '\"done\"')"
+            ),
+            {"id": job_id, "org": org_id},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO job_event (job_id, prev_status, next_status, detail_json)"
+                " VALUES (:id, NULL, 'queued', '[]')"
+            ),
+            {"id": job_id},
+        )
+    listed = client.get("/jobs", headers=auth(org_id))
+    assert listed.status_code == 200, listed.text
+    items = {item["id"]: item for item in listed.json()["items"]}
+    assert set(map(str, good)) < set(items)
+    assert items[str(job_id)]["params"] == {"value": [1, 2]}
+    assert items[str(job_id)]["result"] == {"value": "done"}
+    events = client.get(f"/jobs/{job_id}/events", headers=auth(org_id))
+    assert events.status_code == 200, events.text
+    assert events.json()["items"][0]["detail"] == {"value": []}
+    token = issue_token(SECRET, org_id=uuid.uuid4(), sub="op", role=ADMIN_ROLE)
+    admin = {"Authorization": f"Bearer {token}"}
+    ops = client.get("/ops/jobs", headers=admin)
+    assert ops.status_code == 200, ops.text
+    assert str(job_id) in {item["id"] for item in ops.json()["items"]}

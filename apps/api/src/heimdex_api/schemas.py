@@ -139,10 +139,10 @@ def job_fields(job: JobRow | JobRecord) -> dict[str, Any]:
         "priority": job.priority,
         "run_at": job.run_at,
         "timeout_seconds": job.timeout_seconds,
-        "params": job.params,
+        "params": as_object(job.params),
         "stage": job.stage,
         "progress": job.progress,
-        "result": job.result,
+        "result": None if job.result is None else as_object(job.result),
         "cancel_requested": job.cancel_requested,
         "last_error": error,
         "idempotency_key": job.idempotency_key,
@@ -175,6 +175,18 @@ class EventOut(BaseModel):
     prev_status: str | None
     next_status: str
     detail: dict[str, Any] | None
+
+    @field_validator("detail", mode="before")
+    @classmethod
+    def _detail(cls, value: object) -> object:
+        return None if value is None else as_object(value)
+
+
+def as_object(value: object) -> dict[str, Any]:
+    """A JSON column the API only ever writes as an object, as an object even when a row put
+    there by other means holds something else (`{"value": ...}`): one such row must not fail
+    a whole list."""
+    return value if isinstance(value, dict) else {"value": value}
 
 
 class EventList(BaseModel):
