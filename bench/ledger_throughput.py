@@ -626,7 +626,7 @@ def main() -> None:  # noqa: PLR0912 - argument handling, the rounds and the tab
 
     _print_table(args.jobs, args.rounds, rows, results)
     print(
-        "\ntargets (issue 9): processing >= PGQueuer at equal concurrency and batch; >= 1,500"
+        "\ntargets: processing >= PGQueuer at equal concurrency and batch; >= 1,500"
         " jobs/s end to end; API one by one >= 1,000/s; bulk >= 10,000/s"
     )
 
