@@ -405,14 +405,13 @@ class Cluster:
             command.upgrade(alembic_config(database_url=url), "head")
         elif system in ("baseline", "submit-baseline"):
             assert BASELINE is not None
-            upgrade = (
-                "import sys\nfrom alembic import command\n"
-                "from heimdex_db.config import alembic_config\n"
-                "command.upgrade(alembic_config(database_url=sys.argv[1]), 'head')"
-            )
-            python = BASELINE / ".venv" / "bin" / "python"
-            subprocess.run([python, "-c", upgrade, url.render_as_string(hide_password=False)],
-                           check=True, cwd=BASELINE)  # fmt: skip
+            # The checkout's own `heimdex db upgrade`: its modules may be named otherwise.
+            heimdex = BASELINE / ".venv" / "bin" / "heimdex"
+            subprocess.run(
+                [heimdex, "db", "upgrade", "--database-url",
+                 url.render_as_string(hide_password=False)],
+                check=True, cwd=BASELINE, stdout=subprocess.DEVNULL,
+            )  # fmt: skip
         elif system in ("pgqueuer", "submit-pgqueuer"):
             subprocess.run(
                 [sys.executable, "-c",
