@@ -411,6 +411,7 @@ class Cluster:
                 [heimdex, "db", "upgrade", "--database-url",
                  url.render_as_string(hide_password=False)],
                 check=True, cwd=BASELINE, stdout=subprocess.DEVNULL,
+                env={**os.environ, "HEIMDEX_LOG_LEVEL": "warning"},
             )  # fmt: skip
         elif system in ("pgqueuer", "submit-pgqueuer"):
             subprocess.run(
