@@ -4,6 +4,7 @@ and missed fire times are caught up by one job."""
 from __future__ import annotations
 
 import threading
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -203,3 +204,32 @@ def test_three_workers_fire_missed_time_once_then_again_after_a_restart(
 def _schedule_or_none(engine: Engine) -> Any:
     with engine.connect() as conn:
         return conn.execute(text("SELECT 1 FROM job_schedule")).first()
+
+
+def test_an_org_schedule_fires_for_its_org_and_resuming_skips_what_it_missed(
+    engine: Engine, registry: Registry
+) -> None:
+    org = uuid.uuid4()
+    with engine.begin() as conn:
+        schedules.add_schedule(
+            conn, registry, org_id=org, name="five", type="minutely", cron="*/5 * * * *",
+            params={"label": "x"}, now=BASE,
+        )  # fmt: skip
+    assert _fire_together(engine, registry, BASE + timedelta(minutes=5, seconds=1)) == 1
+    with engine.begin() as conn:
+        (listed,) = schedules.list_schedules(conn, org)
+        assert listed.last_job_status == "queued"
+        assert listed.last_fire_at == BASE + timedelta(minutes=5)
+        key = conn.execute(
+            text("SELECT idempotency_key FROM job WHERE org_id = :org"), {"org": org}
+        ).scalar_one()
+        assert key == f"schedule:five:{(BASE + timedelta(minutes=5)).isoformat()}"
+        schedules.set_paused(conn, org, "five", paused=True)
+    assert _fire_together(engine, registry, BASE + timedelta(minutes=30)) == 0
+    with engine.begin() as conn:
+        resumed = schedules.set_paused(
+            conn, org, "five", paused=False, now=BASE + timedelta(minutes=31)
+        )
+    assert resumed.next_fire_at == BASE + timedelta(minutes=35)
+    assert _fire_together(engine, registry, BASE + timedelta(minutes=31)) == 0
+    assert _fire_together(engine, registry, BASE + timedelta(minutes=35)) == 1

@@ -24,8 +24,13 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 
-from heimdex.ledger.cron import last_fire, next_fire
-from heimdex.ledger.errors import IdempotencyConflict, InvalidParams, UnknownJobType
+from heimdex.ledger.cron import check_cron, last_fire, next_fire
+from heimdex.ledger.errors import (
+    IdempotencyConflict,
+    InvalidParams,
+    LedgerError,
+    UnknownJobType,
+)
 from heimdex.ledger.registry import SYSTEM_ORG_ID, Registry
 from heimdex.ledger.service import JobSpec, submit_job
 
@@ -180,3 +185,134 @@ def fire_due(
         )
         fired.append(Fired(row["org_id"], row["name"], fire_at, job_id, created))
     return fired
+
+
+# --- Per-org schedules: what `heimdex schedules` and /ops/schedules manage. ---
+
+
+class ScheduleNotFound(LedgerError):
+    def __init__(self, org_id: uuid.UUID, name: str) -> None:
+        super().__init__(f"org {org_id} has no schedule {name!r}")
+
+
+class ScheduleExists(LedgerError):
+    def __init__(self, org_id: uuid.UUID, name: str) -> None:
+        super().__init__(
+            f"org {org_id} already has a schedule {name!r}; remove it first or pick another name"
+        )
+
+
+@dataclass(frozen=True)
+class Schedule:
+    org_id: uuid.UUID
+    name: str
+    type: str
+    params: dict[str, Any]
+    cron: str
+    declared: bool
+    paused: bool
+    next_fire_at: datetime
+    last_fire_at: datetime | None
+    last_job_id: uuid.UUID | None
+    last_job_status: str | None
+
+
+_COLUMNS = (
+    "s.org_id, s.name, s.type, s.params, s.cron, s.declared, s.paused, s.next_fire_at,"
+    " s.last_fire_at, s.last_job_id, j.status::text AS last_job_status"
+)
+_FROM = "FROM job_schedule AS s LEFT JOIN job AS j ON j.id = s.last_job_id"
+
+
+def add_schedule(
+    conn: Connection,
+    registry: Registry,
+    *,
+    org_id: uuid.UUID,
+    name: str,
+    type: str,
+    cron: str,
+    params: Mapping[str, Any],
+    now: datetime | None = None,
+) -> Schedule:
+    """A new schedule of the org; it first fires at its next fire time after `now`."""
+    if not 1 <= len(name) <= 100 or ":" in name:
+        raise LedgerError(f"schedule name {name!r} must be 1 to 100 characters, without ':'")
+    check_cron(cron)
+    clean = registry.validate(type, params)
+    at = now or _db_now(conn)
+    inserted = conn.execute(
+        text("""
+INSERT INTO job_schedule (org_id, name, type, params, cron, next_fire_at)
+VALUES (:org_id, :name, :type, :params, :cron, :next_fire_at)
+ON CONFLICT (org_id, name) DO NOTHING
+RETURNING name""").bindparams(bindparam("params", type_=JSONB)),
+        {
+            "org_id": org_id,
+            "name": name,
+            "type": type,
+            "params": clean,
+            "cron": cron,
+            "next_fire_at": next_fire(cron, at),
+        },
+    ).first()
+    if inserted is None:
+        raise ScheduleExists(org_id, name)
+    return get_schedule(conn, org_id, name)
+
+
+def get_schedule(conn: Connection, org_id: uuid.UUID, name: str) -> Schedule:
+    row = (
+        conn.execute(
+            text(f"SELECT {_COLUMNS} {_FROM} WHERE s.org_id = :org_id AND s.name = :name"),
+            {"org_id": org_id, "name": name},
+        )
+        .mappings()
+        .first()
+    )
+    if row is None:
+        raise ScheduleNotFound(org_id, name)
+    return Schedule(**row)
+
+
+def list_schedules(conn: Connection, org_id: uuid.UUID | None = None) -> list[Schedule]:
+    """Every schedule (or the org's), by next fire time."""
+    where = "WHERE s.org_id = :org_id" if org_id is not None else ""
+    rows = conn.execute(
+        text(f"SELECT {_COLUMNS} {_FROM} {where} ORDER BY s.next_fire_at, s.org_id, s.name"),
+        {"org_id": org_id},
+    ).mappings()
+    return [Schedule(**row) for row in rows]
+
+
+def remove_schedule(conn: Connection, org_id: uuid.UUID, name: str) -> None:
+    """Delete the schedule; the jobs it submitted stay. A schedule a job type declares comes
+    back at the next worker start unless the type drops it."""
+    deleted = conn.execute(
+        text("DELETE FROM job_schedule WHERE org_id = :org_id AND name = :name RETURNING name"),
+        {"org_id": org_id, "name": name},
+    ).first()
+    if deleted is None:
+        raise ScheduleNotFound(org_id, name)
+
+
+def set_paused(
+    conn: Connection, org_id: uuid.UUID, name: str, *, paused: bool, now: datetime | None = None
+) -> Schedule:
+    """Pause or resume. Resuming skips the fire times missed while paused: the schedule next
+    fires at its first fire time after `now`."""
+    at = now or _db_now(conn)
+    current = get_schedule(conn, org_id, name)
+    conn.execute(
+        text("""
+UPDATE job_schedule SET paused = :paused, updated_at = now(),
+       next_fire_at = CASE WHEN paused AND NOT :paused THEN :resumed ELSE next_fire_at END
+ WHERE org_id = :org_id AND name = :name"""),
+        {
+            "org_id": org_id,
+            "name": name,
+            "paused": paused,
+            "resumed": next_fire(current.cron, at),
+        },
+    )
+    return get_schedule(conn, org_id, name)
