@@ -12,8 +12,9 @@ from sqlalchemy import Engine, text
 from heimdex.ledger import schedules
 from heimdex.settings import Settings
 from heimdex_api.app import create_app
-from heimdex_api.auth import ADMIN_ROLE, READONLY_ROLE
+from heimdex_api.auth import ADMIN_ROLE, READONLY_ROLE, issue_token
 from tests.ops.test_api import PROBLEM, as_role
+from tests.stack import SECRET
 
 TYPES = "tests.worker.schedule_types:jobs"
 ADMIN = as_role(ADMIN_ROLE)
@@ -102,3 +103,25 @@ def test_roles_missing_schedules_and_duplicates(typed_client: TestClient) -> Non
     assert missing.status_code == 404 and missing.json()["type"].endswith("/schedule-not-found")
     assert typed_client.delete(f"/ops/schedules/{org}/ghost", headers=ADMIN).status_code == 404
     assert typed_client.delete(f"/ops/schedules/{org}/s", headers=READONLY).status_code == 403
+
+
+def test_the_dashboard_lists_schedules_with_next_fire_and_last_job(
+    typed_client: TestClient, engine: Engine
+) -> None:
+    org = uuid.uuid4()
+    body = {"org_id": str(org), "name": "hourly-<b>", "type": "minutely", "cron": "0 * * * *"}
+    assert typed_client.post("/ops/schedules", json=body, headers=ADMIN).status_code == 201
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE job_schedule SET next_fire_at = now() - interval '1 day'"))
+    registry = typed_client.app.state.heimdex.registry  # type: ignore[attr-defined]
+    with engine.begin() as conn:
+        (fired,) = schedules.fire_due(conn, registry)
+        (listed,) = schedules.list_schedules(conn, org)
+    token = issue_token(SECRET, org_id=uuid.uuid4(), sub="op-bob", role=READONLY_ROLE)
+    signed = typed_client.post("/ui/signin", data={"token": token}, follow_redirects=False)
+    assert signed.status_code == 303
+    page = typed_client.get("/ui/schedules")
+    assert page.status_code == 200
+    assert "hourly-&lt;b&gt;" in page.text and "<b>" not in page.text.split("hourly-")[1][:10]
+    assert f"/ui/jobs/{fired.job_id}" in page.text and "queued" in page.text
+    assert listed.next_fire_at.strftime("%Y-%m-%d %H:%M:%S") in page.text
