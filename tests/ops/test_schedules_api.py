@@ -78,7 +78,8 @@ def test_the_listing_shows_the_last_job(typed_client: TestClient, engine: Engine
         ({"cron": "every day"}, 422, "invalid-cron"),
         ({"type": "nope"}, 422, "unknown-job-type"),
         ({"params": {"label": 3}}, 422, "invalid-params"),
-        ({"name": "a:b"}, 422, "validation"),
+        ({"name": "a:b"}, 422, "invalid-schedule-name"),
+        ({"name": ""}, 422, "validation"),
     ],
 )
 def test_bad_schedules_are_refused_and_change_nothing(

@@ -262,7 +262,7 @@ class ScheduleIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     org_id: uuid.UUID
-    name: str = Field(min_length=1, max_length=100, pattern=r"^[^:]+$")
+    name: str = Field(min_length=1, max_length=100, description="Unique per org, without ':'")
     type: str = Field(min_length=1, max_length=100)
     cron: str = Field(min_length=1, max_length=200, description="Five fields, UTC")
     params: dict[str, Any] = Field(default_factory=dict)

@@ -36,7 +36,7 @@ from heimdex.ledger.errors import (
     TimeoutAboveType,
     UnknownJobType,
 )
-from heimdex.ledger.schedules import ScheduleExists, ScheduleNotFound
+from heimdex.ledger.schedules import InvalidScheduleName, ScheduleExists, ScheduleNotFound
 from heimdex_api.auth import AuthenticationFailed, Forbidden
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ ERROR_STATUS: tuple[tuple[type[HeimdexError], int, str], ...] = (
     (ScheduleNotFound, 404, "schedule-not-found"),
     (ScheduleExists, 409, "schedule-exists"),
     (InvalidCron, 422, "invalid-cron"),
+    (InvalidScheduleName, 422, "invalid-schedule-name"),
     (IdempotencyConflict, 409, "idempotency-conflict"),
     (JobAlreadyFinished, 409, "job-finished"),
     (NotEligible, 409, "not-eligible"),

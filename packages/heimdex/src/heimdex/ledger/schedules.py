@@ -195,6 +195,11 @@ class ScheduleNotFound(LedgerError):
         super().__init__(f"org {org_id} has no schedule {name!r}")
 
 
+class InvalidScheduleName(LedgerError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"schedule name {name!r} must be 1 to 100 characters, without ':'")
+
+
 class ScheduleExists(LedgerError):
     def __init__(self, org_id: uuid.UUID, name: str) -> None:
         super().__init__(
@@ -237,7 +242,7 @@ def add_schedule(
 ) -> Schedule:
     """A new schedule of the org; it first fires at its next fire time after `now`."""
     if not 1 <= len(name) <= 100 or ":" in name:
-        raise LedgerError(f"schedule name {name!r} must be 1 to 100 characters, without ':'")
+        raise InvalidScheduleName(name)
     check_cron(cron)
     clean = registry.validate(type, params)
     at = now or _db_now(conn)
