@@ -14,6 +14,7 @@ from sqlalchemy.engine import URL
 
 from heimdex.db import make_engine
 from heimdex.ledger import repository, service
+from heimdex.ledger.registry import Registry
 from heimdex.ledger.repository import ClaimedJob, NewJob
 from heimdex.metrics import LedgerMetrics
 from heimdex.models import JobStatus
@@ -195,6 +196,7 @@ def keeper_parts(
         finish=finish,
         wake=wake,
         retention_engine=engine,
+        registry=Registry([]),
     )
     yield keeper, finish, wake
     finish.set()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
@@ -14,6 +14,7 @@ from sqlalchemy import Connection
 
 from heimdex.ledger import operations as ops
 from heimdex.ledger import repository
+from heimdex.ledger import schedules as sched
 from heimdex.ledger.fingerprint import error_fingerprint
 from heimdex.ledger.repository import JobFilter
 from heimdex.models import JobStatus
@@ -255,3 +256,77 @@ def failures(
             limit=limit,
         )  # fmt: skip
     return FailureList(items=[FailureGroupOut(**vars(g)) for g in groups])
+
+
+class ScheduleIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    org_id: uuid.UUID
+    name: str = Field(min_length=1, max_length=100, description="Unique per org, without ':'")
+    type: str = Field(min_length=1, max_length=100)
+    cron: str = Field(min_length=1, max_length=200, description="Five fields, UTC")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScheduleOut(BaseModel):
+    org_id: uuid.UUID
+    name: str
+    type: str
+    params: dict[str, Any]
+    cron: str
+    declared: bool = Field(description="Declared by a job type rather than added per org")
+    paused: bool
+    next_fire_at: datetime
+    last_fire_at: datetime | None
+    last_job_id: uuid.UUID | None
+    last_job_status: str | None
+
+
+class ScheduleList(BaseModel):
+    items: list[ScheduleOut]
+
+
+@router.get("/schedules", response_model=ScheduleList)
+def list_schedules(state: State, _: Reader, org_id: uuid.UUID | None = None) -> ScheduleList:
+    """Periodic schedules (every org's, or `org_id`'s) by next fire time, with their last
+    job and its status."""
+    with _autocommit(state) as conn:
+        found = sched.list_schedules(conn, org_id)
+    return ScheduleList(items=[ScheduleOut(**vars(s)) for s in found])
+
+
+@router.post(
+    "/schedules", response_model=ScheduleOut, status_code=201, responses=problem_responses(409)
+)
+def add_schedule(body: ScheduleIn, state: State, _: Admin) -> ScheduleOut:
+    """Add an org's schedule: each fire time of `cron` submits one job of `type` with
+    `params` under `org_id`. 409 when the org has a schedule of that name; 422 for a bad
+    cron expression, an unknown type or invalid params."""
+    with state.engine.begin() as conn:
+        added = sched.add_schedule(
+            conn, state.registry, org_id=body.org_id, name=body.name, type=body.type,
+            cron=body.cron, params=body.params,
+        )  # fmt: skip
+    return ScheduleOut(**vars(added))
+
+
+@router.post(
+    "/schedules/{org_id}/{name}/{action}",
+    response_model=ScheduleOut,
+    responses=problem_responses(404),
+)
+def pause_schedule(
+    org_id: uuid.UUID, name: str, action: Literal["pause", "resume"], state: State, _: Admin
+) -> ScheduleOut:
+    """`pause` (no fire until resumed) or `resume` (from the next fire time to come; the ones
+    missed while paused are skipped)."""
+    with state.engine.begin() as conn:
+        changed = sched.set_paused(conn, org_id, name, paused=action == "pause")
+    return ScheduleOut(**vars(changed))
+
+
+@router.delete("/schedules/{org_id}/{name}", status_code=204, responses=problem_responses(404))
+def remove_schedule(org_id: uuid.UUID, name: str, state: State, _: Admin) -> None:
+    """Remove the schedule; the jobs it submitted stay."""
+    with state.engine.begin() as conn:
+        sched.remove_schedule(conn, org_id, name)

@@ -24,6 +24,7 @@ from heimdex.errors import (
     HeimdexError,
     flatten_validation_errors,
 )
+from heimdex.ledger.cron import InvalidCron
 from heimdex.ledger.errors import (
     IdempotencyConflict,
     IllegalTransition,
@@ -35,6 +36,7 @@ from heimdex.ledger.errors import (
     TimeoutAboveType,
     UnknownJobType,
 )
+from heimdex.ledger.schedules import InvalidScheduleName, ScheduleExists, ScheduleNotFound
 from heimdex_api.auth import AuthenticationFailed, Forbidden
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,10 @@ ERROR_STATUS: tuple[tuple[type[HeimdexError], int, str], ...] = (
     (AuthenticationFailed, 401, "unauthenticated"),
     (Forbidden, 403, "forbidden"),
     (JobNotFound, 404, "job-not-found"),
+    (ScheduleNotFound, 404, "schedule-not-found"),
+    (ScheduleExists, 409, "schedule-exists"),
+    (InvalidCron, 422, "invalid-cron"),
+    (InvalidScheduleName, 422, "invalid-schedule-name"),
     (IdempotencyConflict, 409, "idempotency-conflict"),
     (JobAlreadyFinished, 409, "job-finished"),
     (NotEligible, 409, "not-eligible"),

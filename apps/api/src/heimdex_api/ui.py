@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from heimdex.errors import HeimdexError
 from heimdex.ledger import operations as ops
 from heimdex.ledger import repository
+from heimdex.ledger import schedules as sched
 from heimdex.ledger.errors import JobNotFound
 from heimdex.ledger.fingerprint import error_fingerprint
 from heimdex.ledger.repository import JobFilter
@@ -475,6 +476,14 @@ def failures(request: Request, state: State, s: Operator) -> HTMLResponse:
     return _page(
         request, "failures.html", "Failures", s, notice=True, groups=groups, showing=showing
     )
+
+
+@router.get("/schedules")
+def schedules_page(request: Request, state: State, s: Operator) -> HTMLResponse:
+    """Every org's periodic schedules by next fire time, with their last job."""
+    with _reads(state) as conn:
+        found = sched.list_schedules(conn)
+    return _page(request, "schedules.html", "Schedules", s, schedules=found)
 
 
 @router.get("/bulk")

@@ -1,7 +1,8 @@
 """The keeper thread: renews every lease the process holds in one statement, writes outcomes a
 runner left parked while it went on to a next job, runs the reaper, and every
-`retention_interval_seconds` a slice of the retention pass. Twice a second it records the jobs
-waiting unstarted in the runners' deque (`record_prefetched`)."""
+`retention_interval_seconds` a slice of the retention pass. With each reaper pass it fires the
+due periodic schedules (ledger/schedules.py: every worker does, a fire time is one job). Twice
+a second it records the jobs waiting unstarted in the runners' deque (`record_prefetched`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import time
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from heimdex.ledger import repository, retention, service
+from heimdex.ledger import repository, retention, schedules, service
+from heimdex.ledger.registry import Registry
 from heimdex.settings import Settings
 from heimdex_worker.db import ThreadConnections, failure_fields
 from heimdex_worker.held import HeldJobs
@@ -42,6 +44,7 @@ class Keeper:
         finish: threading.Event,
         wake: threading.Event,
         retention_engine: Engine | None,
+        registry: Registry,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -56,6 +59,9 @@ class Keeper:
         self.archive = archive
         self.finish = finish
         self.wake = wake
+        self.registry = registry
+        self.declared = schedules.declared_schedules(registry)
+        self.declared_synced = not self.declared
 
     def run(self) -> None:
         next_reap = 0.0
@@ -98,6 +104,7 @@ class Keeper:
             if now >= next_reap:
                 next_reap = now + self.settings.reaper_interval_seconds
                 self.reap()
+                self.fire_schedules()
             if now >= next_prune and self.retention_engine is not None:
                 done = self.prune(self.retention_engine)
                 # Old jobs left: the next tick goes on; else the next pass is an interval away.
@@ -150,6 +157,36 @@ class Keeper:
             )
             return True
         return result.complete
+
+    def fire_schedules(self) -> None:
+        """Keep the declared schedules' rows in step (once), then fire the due schedules."""
+        try:
+            if not self.declared_synced:
+                with self.engine.begin() as conn:
+                    schedules.sync_declared(conn, self.declared)
+                self.declared_synced = True
+            with self.engine.begin() as conn:
+                fired = schedules.fire_due(conn, self.registry)
+        except DBAPIError as exc:
+            logger.warning(
+                "firing schedules failed",
+                extra={"action": "schedule.failed", **failure_fields(exc)},
+            )
+            return
+        for f in fired:
+            logger.info(
+                "schedule fired",
+                extra={
+                    "action": "schedule.fired",
+                    "org_id": str(f.org_id),
+                    "schedule": f.name,
+                    "fire_at": f.fire_at.isoformat(),
+                    "job_id": str(f.job_id) if f.job_id else None,
+                    "created": f.created,
+                },
+            )
+        if any(f.created for f in fired):
+            self.wake.set()
 
     def reap(self) -> None:
         try:

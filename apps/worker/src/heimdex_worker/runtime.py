@@ -245,6 +245,7 @@ class Worker:
             finish=self._finish,
             wake=self.wake,
             retention_engine=session_engine,
+            registry=registry,
         )
         self.deadlines = DeadlineWatch(
             self.held,

@@ -277,3 +277,53 @@ class JobEvent(Base):
     detail_json: Mapped[dict[str, Any] | None] = mapped_column(
         JSONB(), comment="Additional event metadata (stage, progress, error details)"
     )
+
+
+class JobSchedule(Base):
+    __tablename__ = "job_schedule"
+    __table_args__ = (
+        Index(None, "next_fire_at", postgresql_where=text("NOT paused")),
+        {"comment": "Periodic schedules: each fire time becomes one job"},
+    )
+
+    org_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), primary_key=True, comment="Organization the schedule's jobs belong to"
+    )
+    name: Mapped[str] = mapped_column(
+        String(100), primary_key=True, comment="Schedule name, unique per org"
+    )
+    type: Mapped[str] = mapped_column(String(100), comment="Job type each fire submits")
+    params: Mapped[dict[str, Any]] = mapped_column(
+        JSONB(), server_default=text("'{}'::jsonb"), comment="Params of each submitted job"
+    )
+    cron: Mapped[str] = mapped_column(String(200), comment="Cron expression (five fields, UTC)")
+    declared: Mapped[bool] = mapped_column(
+        Boolean,
+        server_default=text("false"),
+        comment="Declared by a job type (workers keep it in step) rather than added per org",
+    )
+    paused: Mapped[bool] = mapped_column(
+        Boolean,
+        server_default=text("false"),
+        comment="A paused schedule does not fire; resuming skips the fire times it missed",
+    )
+    next_fire_at: Mapped[datetime] = mapped_column(
+        TIMESTAMP(timezone=True), comment="Next fire time"
+    )
+    last_fire_at: Mapped[datetime | None] = mapped_column(
+        TIMESTAMP(timezone=True), comment="Fire time of the last job submitted"
+    )
+    last_job_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True),
+        comment="Last job submitted (not a foreign key: retention may delete it)",
+    )
+    created_at: Mapped[datetime] = mapped_column(
+        TIMESTAMP(timezone=True),
+        server_default=text("now()"),
+        comment="Schedule creation timestamp",
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        TIMESTAMP(timezone=True),
+        server_default=text("now()"),
+        comment="Last modification timestamp",
+    )

@@ -26,8 +26,9 @@ from __future__ import annotations
 import importlib
 import re
 import subprocess
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from importlib.metadata import entry_points
 from typing import Any, Protocol
@@ -35,9 +36,12 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ValidationError
 
 from heimdex.errors import HeimdexError, flatten_validation_errors
+from heimdex.ledger.cron import check_cron
 from heimdex.ledger.errors import InvalidParams, TimeoutAboveType, UnknownJobType
 
 ENTRY_POINT_GROUP = "heimdex.jobs"
+# The org of a schedule a job type declares without `schedule_org`.
+SYSTEM_ORG_ID = uuid.UUID(int=0)
 
 
 class JobContext(Protocol):
@@ -140,6 +144,10 @@ class JobType:
     handler: Handler | None = None
     source: str = ""
     timeout_seconds: int | None = None
+    schedule: str | None = None
+    """A cron expression: each fire time submits a job of this type (ledger/schedules.py)."""
+    schedule_org: uuid.UUID = SYSTEM_ORG_ID
+    schedule_params: Mapping[str, Any] = field(default_factory=dict)
 
     def timeout_for(self, job_timeout: int | None) -> int | None:
         """The timeout of an attempt: the submission's when it set one, else the type's."""
@@ -166,6 +174,35 @@ class JobType:
             raise InvalidParams(self.name, problems) from None
 
 
+def _job_type(
+    name: str,
+    params: type[BaseModel],
+    *,
+    timeout: Timeout,
+    schedule: str | None,
+    schedule_org: uuid.UUID,
+    schedule_params: Mapping[str, Any] | None,
+) -> JobType:
+    job_type = JobType(
+        name,
+        params,
+        timeout_seconds=timeout_seconds(name, timeout),
+        schedule=schedule,
+        schedule_org=schedule_org,
+        schedule_params=dict(schedule_params or {}),
+    )
+    if schedule is not None:
+        try:
+            check_cron(schedule)
+        except HeimdexError as exc:
+            raise HeimdexError(f"job type {name!r}: {exc}") from None
+        try:
+            job_type.validate(job_type.schedule_params)
+        except InvalidParams as exc:
+            raise HeimdexError(f"job type {name!r}: schedule_params: {exc}") from None
+    return job_type
+
+
 class JobTypes:
     """A collection of job types an application publishes (see the module docstring)."""
 
@@ -174,21 +211,54 @@ class JobTypes:
         self._handlers: dict[str, Handler] = {}
 
     def register(
-        self, name: str, *, params: type[BaseModel], timeout: Timeout = None
+        self,
+        name: str,
+        *,
+        params: type[BaseModel],
+        timeout: Timeout = None,
+        schedule: str | None = None,
+        schedule_org: uuid.UUID = SYSTEM_ORG_ID,
+        schedule_params: Mapping[str, Any] | None = None,
     ) -> Callable[[Handler], Handler]:
         """Decorator: declare `name` with its params model, its execution timeout (per
-        attempt; none by default) and the decorated handler."""
-        seconds = timeout_seconds(name, timeout)
+        attempt; none by default), optionally a cron `schedule` that submits a job with
+        `schedule_params` under `schedule_org` at each fire time, and the decorated handler."""
+        job_type = _job_type(
+            name,
+            params,
+            timeout=timeout,
+            schedule=schedule,
+            schedule_org=schedule_org,
+            schedule_params=schedule_params,
+        )
 
         def register(handler: Handler) -> Handler:
-            self._add(JobType(name, params, handler, timeout_seconds=seconds))
+            self._add(replace(job_type, handler=handler))
             return handler
 
         return register
 
-    def declare(self, name: str, *, params: type[BaseModel], timeout: Timeout = None) -> None:
+    def declare(
+        self,
+        name: str,
+        *,
+        params: type[BaseModel],
+        timeout: Timeout = None,
+        schedule: str | None = None,
+        schedule_org: uuid.UUID = SYSTEM_ORG_ID,
+        schedule_params: Mapping[str, Any] | None = None,
+    ) -> None:
         """Declare a type without a handler: the API accepts it, a worker must supply one."""
-        self._add(JobType(name, params, timeout_seconds=timeout_seconds(name, timeout)))
+        self._add(
+            _job_type(
+                name,
+                params,
+                timeout=timeout,
+                schedule=schedule,
+                schedule_org=schedule_org,
+                schedule_params=schedule_params,
+            )
+        )
 
     def handler(self, name: str) -> Callable[[Handler], Handler]:
         """Decorator: the handler of a type declared elsewhere (by `declare`)."""
@@ -226,10 +296,7 @@ class Registry:
                         f"job type {job_type.name!r} is declared by both "
                         f"{types[job_type.name].source} and {source}"
                     )
-                types[job_type.name] = JobType(
-                    job_type.name, job_type.params, job_type.handler, source,
-                    job_type.timeout_seconds,
-                )  # fmt: skip
+                types[job_type.name] = replace(job_type, source=source)
             for name, handler in collection.handlers().items():
                 handlers[name] = (source, handler)
         for name, (source, handler) in handlers.items():
@@ -240,9 +307,7 @@ class Registry:
                 raise HeimdexError(
                     f"job type {name!r} has two handlers ({current.source}, {source})"
                 )
-            types[name] = JobType(
-                name, current.params, handler, current.source, current.timeout_seconds
-            )
+            types[name] = replace(current, handler=handler)
         self._types = types
 
     def __contains__(self, name: object) -> bool:
