@@ -196,4 +196,12 @@ def test_every_answer_is_declared_and_none_is_a_server_error(
         except Unsatisfiable:
             # An operation without parameters or body has no invalid request to generate.
             assert mode is GenerationMode.NEGATIVE, operation.path
+        except UnicodeEncodeError as exc:
+            # Schemathesis checks each mutated (negative) body against the schema with
+            # jsonschema_rs, which cannot encode a lone surrogate: the generator fails before
+            # a request is sent. Nothing reached the API; its valid bodies were fuzzed above.
+            assert mode is GenerationMode.NEGATIVE and "surrogate" in str(exc), (
+                operation.path,
+                exc,
+            )
     assert len(ran) >= 8 and all(count > 0 for count in ran.values()), ran
