@@ -182,7 +182,7 @@ class Keeper:
                     "schedule": f.name,
                     "fire_at": f.fire_at.isoformat(),
                     "job_id": str(f.job_id) if f.job_id else None,
-                    "created": f.created,
+                    "job_created": f.created,
                 },
             )
         if any(f.created for f in fired):
