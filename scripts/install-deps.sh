@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what Heimdex needs on a Debian machine and is missing: the PostgreSQL server binaries,
-# pgbouncer (the pooler tests run Heimdex through it), make, uv, chromium (the dashboard's browser
-# test drives it; Playwright never downloads a browser of its own) and npm (the Supabase CLI test
-# installs the real CLI with it); then syncs the workspace from uv.lock. Safe to run again.
+# pgbouncer (the pooler tests run Heimdex through it), pg_auto_failover (the failover harness),
+# make, uv, chromium (the dashboard's browser test drives it; Playwright never downloads a
+# browser of its own) and npm (the Supabase CLI test installs the real CLI with it); then syncs
+# the workspace from uv.lock. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -13,6 +14,7 @@ need=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 \
   || need+=(postgresql)
 [ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null 2>&1 || need+=(pgbouncer)
+command -v pg_autoctl >/dev/null 2>&1 || need+=(postgresql-15-auto-failover)
 command -v make >/dev/null 2>&1 || need+=(make)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
