@@ -2,6 +2,7 @@
 schedule (declared by a type, and one added per org) give exactly one job per minute; all three
 stopped for three minutes and started again, each schedule fires once for what it missed (the
 latest fire time that passed, docs/architecture.md "Catch-up policy"), then one per minute again.
+One of the three workers' sessions reads time in another zone (PGTZ): fire times stay UTC.
 
 It sleeps through real minutes (about ten), so it runs only when asked for:
 `uv run pytest -n 0 -s -m wallclock tests/worker/test_schedules_wallclock.py`.
@@ -26,6 +27,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
+from heimdex.ledger import schedules
 from tests.stack import Processes, wait_for
 from tests.worker.schedule_types import SCHEDULE_ORG
 
@@ -35,6 +37,7 @@ TYPES = "tests.worker.schedule_types:jobs"
 REPO = Path(__file__).resolve().parents[2]
 MINUTE = timedelta(minutes=1)
 WORKERS = 3
+OTHER_ZONE = "Asia/Kolkata"  # +05:30
 DOWNTIME = timedelta(minutes=3)
 # The per-org schedule, added through `heimdex schedules add`.
 ORG = uuid.UUID("5c4ed01e-0000-4000-8000-0000000000a1")
@@ -47,6 +50,7 @@ SCHEDULES = [(SCHEDULE_ORG, "minutely"), (ORG, ORG_SCHEDULE)]
 class Fire:
     org_id: uuid.UUID
     schedule: str
+    key: str
     fire_at: datetime
     created_at: datetime
     job_id: uuid.UUID
@@ -95,6 +99,7 @@ def _fires(engine: Engine) -> list[Fire]:
             Fire(
                 row.org_id,
                 name,
+                row.idempotency_key,
                 datetime.fromisoformat(when),
                 row.created_at,
                 row.id,
@@ -145,7 +150,9 @@ class Workers:
     def start(self) -> datetime:
         """Start three workers; the moment before the first was spawned."""
         spawned = _now(self.engine)
-        self.up = [self.processes.start("worker", env=self.env) for _ in range(WORKERS)]
+        # One of them reads time in another zone: fire times stay UTC instants.
+        zones = [{"PGTZ": OTHER_ZONE} if i == 1 else {} for i in range(WORKERS)]
+        self.up = [self.processes.start("worker", env={**self.env, **z}) for z in zones]
         self.all += self.up
         wait_for(
             lambda: all(
@@ -284,6 +291,8 @@ def test_three_workers_one_job_per_minute_and_one_catch_up_after_three_minutes_d
     for f in fires:
         # Each job made in the minute of its fire time: never early, never a minute late.
         assert _floor(f.created_at) == f.fire_at, f
+        # One spelling of a fire time, in UTC, whichever worker's session fired it.
+        assert f.key == schedules.idempotency_key(f.schedule, f.fire_at), f
         assert f.status == "succeeded", f
     for f in (f for f in fires if f.fire_at == catch_up):
         # The catch-up job was made by a restarted worker, late by the downtime's remainder.
