@@ -32,9 +32,10 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from heimdex.ledger import repository, retention, service
@@ -145,6 +146,9 @@ class _Context:
         if recorded:
             raise CancelRequested(self.held.job.id)
         self.held.stage = name
+
+    def connect(self) -> AbstractContextManager[Connection]:
+        return self.worker.engine.connect()
 
     def popen(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         if kwargs.pop("start_new_session", True) is not True:

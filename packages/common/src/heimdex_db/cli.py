@@ -226,6 +226,8 @@ def status(*, config: Path | None, database_url: str | None) -> None:
         click.echo(f"pending: {pending.revision}  {pending.message}")
     for line in result.drift:
         click.echo(f"drift:   {line}")
+    for backfill in result.backfills:
+        click.echo(f"backfill: {backfill.describe()}")
     if result.code == 0:
         click.echo("up to date")
     sys.exit(int(result.code))
