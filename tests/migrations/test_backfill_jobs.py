@@ -9,24 +9,31 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from alembic import command
+from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
 from heimdex.db import make_engine
 from heimdex.ledger import backfills
+from heimdex_api.auth import READONLY_ROLE, issue_token
+from heimdex_db.backfills import BackfillNotDone
 from heimdex_db.config import alembic_config
+from heimdex_db.context import DbContext
+from heimdex_db.migrate import upgrade
 from tests.dbutil import execute, version_of
-from tests.stack import Processes, processes, stack_env, wait_for
+from tests.ops.test_api import as_role
+from tests.stack import SECRET, Processes, client, processes, settings, stack_env, wait_for
 
 from .conftest import HistoryCopy, heimdex, url_arg
 
-__all__ = ["processes", "stack_env"]
+__all__ = ["client", "processes", "settings", "stack_env"]
 
 ROWS = 20_000
 BATCH = 1_000
@@ -213,3 +220,167 @@ def test_a_worker_killed_mid_backfill_resumes_from_its_last_batch(
         f"batch {stopped.batches_done}",
         f"batch {stopped.batches_done - 1}",
     )
+
+
+def _recorded(history: HistoryCopy, db_url: URL, rows_per_second: float = 1_000_000) -> DbContext:
+    _chain(history, db_url, rows_per_second)
+    ctx = DbContext.build(history.ini, database_url=db_url)
+    upgrade(ctx, DATA)
+    return ctx
+
+
+def test_a_lost_attempt_beside_its_successor_runs_no_batch_twice(
+    history: HistoryCopy, db_url: URL, engine: Engine
+) -> None:
+    _recorded(history, db_url)
+    ran: list[backfills.Batch] = []
+    with engine.connect() as lost:
+        lost.begin()
+        first = backfills.run_batch(lost, "item_v2")
+
+        def successor() -> None:
+            with engine.begin() as conn:
+                ran.append(backfills.run_batch(conn, "item_v2"))
+
+        thread = threading.Thread(target=successor)
+        thread.start()
+        wait_for(lambda: _waiting_on_a_lock(engine), what="the successor to wait")
+        lost.commit()
+    thread.join(timeout=30)
+    assert (first.last_key, ran[0].last_key) == (str(BATCH), str(2 * BATCH))
+    assert [(b.lo, b.hi) for b in _batches(engine)] == [(1, BATCH), (BATCH + 1, 2 * BATCH)]
+    assert _backfill(engine).batches_done == 2
+
+
+def _waiting_on_a_lock(engine: Engine) -> bool:
+    with engine.connect() as conn:
+        found = conn.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+        )
+        return bool(found.scalar_one())
+
+
+def test_a_contract_whose_backfill_no_revision_recorded_refuses(
+    history: HistoryCopy, db_url: URL, engine: Engine
+) -> None:
+    ctx = _recorded(history, db_url)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM backfill"))
+    with pytest.raises(BackfillNotDone, match="requires backfill 'item_v2', which no revision"):
+        upgrade(ctx)
+    assert version_of(db_url) == DATA
+
+
+def test_a_stopped_backfill_names_the_retry(
+    history: HistoryCopy, db_url: URL, engine: Engine
+) -> None:
+    ctx = _recorded(history, db_url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE job SET status = 'dead_letter', finished_at = now()"
+                " WHERE type = 'heimdex.backfill'"
+            )
+        )
+    (job,) = _jobs(engine)
+    with pytest.raises(BackfillNotDone) as refused:
+        upgrade(ctx)
+    assert f"dead_letter (job {job.id}); it stopped (dead_letter)" in str(refused.value)
+    assert f"heimdex jobs retry {job.id}" in str(refused.value)
+
+
+def test_one_upgrade_applies_the_data_revision_and_stops_at_its_contract(
+    history: HistoryCopy, db_url: URL
+) -> None:
+    _chain(history, db_url, rows_per_second=1_000_000)
+    proc = _upgrade(history, db_url)
+    assert proc.returncode == 1
+    line = proc.stderr.strip().splitlines()[-1]
+    assert f"{DATA} applied; now at {DATA}, stopped: revision {CONTRACT} requires" in line
+    assert version_of(db_url) == DATA
+
+
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [
+        ('table="item; DROP TABLE item"', "table must be a plain identifier"),
+        ("batch_size=0", "batch_size must be at least 1"),
+        ("rows_per_second=-5", "rows_per_second must be positive"),
+    ],
+)
+def test_a_bad_backfill_definition_refuses_and_changes_nothing(
+    history: HistoryCopy, db_url: URL, engine: Engine, argument: str, message: str
+) -> None:
+    execute(db_url, "CREATE TABLE item (id bigint PRIMARY KEY, v int, v2 int)")
+    before = version_of(db_url)
+    arguments = {"table": '"item"', "batch": '"UPDATE item SET v2 = v"', "batch_size": "10"}
+    name, _, value = argument.partition("=")
+    arguments[name] = value
+    history.add_revision(
+        DATA,
+        history.head,
+        "set_lock_timeout()\nbackfill_job('bad', "
+        + ", ".join(f"{k}={v}" for k, v in arguments.items())
+        + ")",
+        header=HEADER,
+    )
+    proc = _upgrade(history, db_url)
+    assert proc.returncode == 1
+    assert f"backfill 'bad': {message}" in proc.stderr.strip().splitlines()[-1]
+    assert version_of(db_url) == before
+    assert _jobs(engine) == []
+    with engine.connect() as conn:
+        assert backfills.progress(conn) == []
+
+
+def test_heimdex_db_throttle_sets_the_throttle_or_names_the_backfills(
+    history: HistoryCopy, db_url: URL, engine: Engine
+) -> None:
+    _recorded(history, db_url)
+    args = ("-c", history.ini, "--database-url", url_arg(db_url))
+    proc = heimdex("db", "throttle", "item_v2", "--rows-per-second", "500", *args)
+    assert proc.returncode == 0, proc.stderr
+    assert f"throttle of item_v2 set; item_v2: 0/{ROWS} rows (0%)" in proc.stdout
+    assert (_backfill(engine).rows_per_second, _backfill(engine).pause_factor) == (500, None)
+    proc = heimdex("db", "throttle", "item_v2", "--pause-factor", "0.5", *args)
+    assert (_backfill(engine).rows_per_second, _backfill(engine).pause_factor) == (None, 0.5)
+    proc = heimdex("db", "throttle", "nope", "--pause-factor", "1", *args)
+    assert proc.returncode == 1
+    assert "no backfill is named 'nope' (backfills: item_v2)" in proc.stderr
+    assert _backfill(engine).pause_factor == 0.5
+    proc = heimdex("db", "throttle", "item_v2", "--rows-per-second", "0", *args)
+    assert proc.returncode == 2 and "rows-per-second" in proc.stderr
+
+
+def test_the_ops_api_and_the_dashboard_show_backfill_progress(
+    history: HistoryCopy, db_url: URL, engine: Engine, client: TestClient
+) -> None:
+    _recorded(history, db_url)
+    for _ in range(3):
+        with engine.begin() as conn:
+            backfills.run_batch(conn, "item_v2")
+    (job,) = _jobs(engine)
+    listed = client.get("/ops/backfills", headers=as_role(READONLY_ROLE, "op-bob"))
+    assert listed.status_code == 200, listed.text
+    (item,) = listed.json()["items"]
+    assert {k: item[k] for k in ("name", "revision", "table_name", "state", "percent")} == {
+        "name": "item_v2",
+        "revision": DATA,
+        "table_name": "item",
+        "state": "queued",
+        "percent": 15,
+    }
+    assert (item["rows_done"], item["estimated_rows"], item["batches_done"]) == (3000, ROWS, 3)
+    assert item["job_id"] == str(job.id)
+    assert client.get("/ops/backfills").status_code == 401
+
+    token = issue_token(SECRET, org_id=uuid.uuid4(), sub="op-bob", role=READONLY_ROLE)
+    assert client.post("/ui/signin", data={"token": token}, follow_redirects=False).is_redirect
+    page = client.get("/ui/backfills")
+    assert page.status_code == 200
+    assert "item_v2" in page.text and f"3000 / {ROWS}" in page.text
+    assert '<progress max="100" value="15">' in page.text
+    assert f"/ui/jobs/{job.id}" in page.text

@@ -16,6 +16,7 @@ from sqlalchemy.engine import URL
 
 from heimdex.db import missing_privilege
 from heimdex.errors import HeimdexError
+from heimdex.ledger import backfills
 from heimdex.logs import configure_logging
 from heimdex.settings import (
     PoolMode,
@@ -34,6 +35,7 @@ from heimdex_db.context import (
     DbContext,
     Tuning,
 )
+from heimdex_db.history import connect
 from heimdex_db.lint.findings import RLS_BASELINE_REVISION
 from heimdex_db.phases import PHASES, phase_of
 from heimdex_db.revision import require_extra
@@ -231,6 +233,49 @@ def status(*, config: Path | None, database_url: str | None) -> None:
     if result.code == 0:
         click.echo("up to date")
     sys.exit(int(result.code))
+
+
+@db.command(
+    epilog="""\b
+Examples:
+  heimdex db throttle job_region --rows-per-second 5000
+  heimdex db throttle job_region --pause-factor 1      # pause as long as each batch took
+  heimdex db throttle job_region                        # no throttle
+"""
+)
+@click.argument("name")
+@click.option(
+    "--rows-per-second",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Pause after each batch so the rate stays under this.",
+)
+@click.option(
+    "--pause-factor",
+    type=click.FloatRange(min=0),
+    help="Pause this many times each batch's duration.",
+)
+@_config_option
+@_url_option()
+def throttle(
+    name: str,
+    *,
+    rows_per_second: float | None,
+    pause_factor: float | None,
+    config: Path | None,
+    database_url: str | None,
+) -> None:
+    """Set backfill NAME's throttle (both options unset: none); its next batch reads it."""
+    ctx = _context(config, database_url, needs_database=True)
+    with connect(ctx.url) as conn:
+        with conn.begin():
+            found = backfills.set_throttle(
+                conn, name, rows_per_second=rows_per_second, pause_factor=pause_factor
+            )
+        if not found:
+            known = ", ".join(p.name for p in backfills.progress(conn)) or "none"
+            raise HeimdexError(f"no backfill is named {name!r} (backfills: {known})")
+        (now,) = backfills.progress(conn, [name])
+    click.echo(f"throttle of {name} set; {now.describe()}")
 
 
 def _report_migration(result: Any) -> None:

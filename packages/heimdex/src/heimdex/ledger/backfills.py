@@ -104,7 +104,7 @@ def check_identifier(what: str, value: str) -> str:
     """`value`, checked to be a (schema-qualified) SQL identifier."""
     if not _IDENTIFIER.match(value):
         raise BackfillError(
-            f"the backfill's {what} must be a plain identifier (schema.name allowed), "
+            f"{what} must be a plain identifier (schema.name allowed), "
             f"not {value!r}",
         )
     return value
