@@ -29,11 +29,22 @@ from heimdex_db.context import DbContext
 from heimdex_db.migrate import upgrade
 from tests.dbutil import execute, version_of
 from tests.ops.test_api import as_role
-from tests.stack import SECRET, Processes, client, processes, settings, stack_env, wait_for
+from tests.stack import (
+    SECRET,
+    Processes,
+    ThreadWorkers,
+    auth,
+    client,
+    processes,
+    settings,
+    stack_env,
+    thread_workers,
+    wait_for,
+)
 
 from .conftest import HistoryCopy, heimdex, url_arg
 
-__all__ = ["client", "processes", "settings", "stack_env"]
+__all__ = ["client", "processes", "settings", "stack_env", "thread_workers"]
 
 ROWS = 20_000
 BATCH = 1_000
@@ -384,3 +395,39 @@ def test_the_ops_api_and_the_dashboard_show_backfill_progress(
     assert "item_v2" in page.text and f"3000 / {ROWS}" in page.text
     assert '<progress max="100" value="15">' in page.text
     assert f"/ui/jobs/{job.id}" in page.text
+
+
+def test_a_tenant_submitting_a_backfill_job_runs_no_batch(
+    history: HistoryCopy,
+    db_url: URL,
+    engine: Engine,
+    client: TestClient,
+    thread_workers: ThreadWorkers,
+) -> None:
+    _recorded(history, db_url)
+    with engine.begin() as conn:  # the revision's own job is out of the way
+        conn.execute(text("UPDATE job SET status = 'canceled', finished_at = now()"))
+    tenant = uuid.uuid4()
+    submitted = client.post(
+        "/jobs",
+        json={"type": "heimdex.backfill", "params": {"name": "item_v2"}, "max_attempts": 1},
+        headers=auth(tenant),
+    )
+    assert submitted.status_code == 201, submitted.text
+    thread_workers.start()
+    job_id = submitted.json()["id"]
+
+    def ended() -> Any:
+        with engine.connect() as conn:
+            return conn.execute(
+                text(
+                    "SELECT status::text, last_error_code, last_error_message FROM job"
+                    " WHERE id = :id AND status IN ('failed', 'dead_letter')"
+                ),
+                {"id": job_id},
+            ).first()
+
+    row = wait_for(ended, what="the tenant's job to fail")
+    assert row.last_error_code == "BACKFILL_INVALID"
+    assert f"not {job_id}" in row.last_error_message
+    assert _batches(engine) == [] and _backfill(engine).batches_done == 0

@@ -31,6 +31,7 @@ import subprocess
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -80,6 +81,11 @@ class _Context:
         self._resumed = saved is not None
         self._state: dict[str, Any] = dict((saved or {}).get("state") or {})
         self._checkpoint_stage: str | None = (saved or {}).get("stage")
+
+    @property
+    def job_id(self) -> uuid.UUID:
+        job_id: uuid.UUID = self.held.job.id
+        return job_id
 
     @property
     def attempt(self) -> int:

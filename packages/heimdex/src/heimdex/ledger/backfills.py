@@ -104,8 +104,7 @@ def check_identifier(what: str, value: str) -> str:
     """`value`, checked to be a (schema-qualified) SQL identifier."""
     if not _IDENTIFIER.match(value):
         raise BackfillError(
-            f"{what} must be a plain identifier (schema.name allowed), "
-            f"not {value!r}",
+            f"{what} must be a plain identifier (schema.name allowed), not {value!r}",
         )
     return value
 
@@ -199,7 +198,7 @@ def set_throttle(
 
 _LOCK = text("""
 SELECT table_name, key_column, batch_sql, batch_size, rows_per_second, pause_factor,
-       estimated_rows, rows_done, batches_done, last_key, finished_at
+       estimated_rows, rows_done, batches_done, last_key, finished_at, job_id
   FROM backfill WHERE name = :name FOR UPDATE
 """)
 
@@ -246,13 +245,17 @@ class Batch:
     last_key: str | None
 
 
-def run_batch(conn: Connection, name: str) -> Batch:
+def run_batch(conn: Connection, name: str, job_id: uuid.UUID | None = None) -> Batch:
     """Run the next batch of backfill `name` and record it, in the caller's transaction (which
-    must commit both together). A finished backfill runs nothing."""
+    must commit both together). A finished backfill runs nothing. With `job_id`, only the job
+    the revision submitted may run it: a `heimdex.backfill` job anyone else submits (a tenant
+    through the API) fails without running a batch."""
     conn.execute(text(f"SET LOCAL lock_timeout = '{BATCH_LOCK_TIMEOUT}'"))
     row = conn.execute(_LOCK, {"name": name}).mappings().first()
     if row is None:
         raise BackfillError(f"no backfill is named {name!r}")
+    if job_id is not None and row["job_id"] != job_id:
+        raise BackfillError(f"backfill {name!r} is run by job {row['job_id']}, not {job_id}")
     if row["finished_at"] is not None:
         return Batch(
             0, 0.0, True, row["rows_done"], row["batches_done"], row["estimated_rows"],
@@ -300,7 +303,7 @@ def run(ctx: JobContext, params: BackfillParams) -> dict[str, Any]:
         ctx.check()
         try:
             with ctx.connect() as conn, conn.begin():
-                batch = run_batch(conn, params.name)
+                batch = run_batch(conn, params.name, ctx.job_id)
         except BackfillError as exc:
             raise PermanentJobError("BACKFILL_INVALID", str(exc)) from None
         progress = (

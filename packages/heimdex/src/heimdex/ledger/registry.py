@@ -50,6 +50,10 @@ class JobContext(Protocol):
     """What a handler sees of its attempt."""
 
     @property
+    def job_id(self) -> uuid.UUID:
+        """The job this attempt runs."""
+
+    @property
     def attempt(self) -> int:
         """Failed attempts before this one (0 on the first run)."""
 
