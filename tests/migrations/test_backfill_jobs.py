@@ -300,7 +300,8 @@ def test_a_stopped_backfill_names_the_retry(
     with pytest.raises(BackfillNotDone) as refused:
         upgrade(ctx)
     assert f"dead_letter (job {job.id}); it stopped (dead_letter)" in str(refused.value)
-    assert f"heimdex jobs retry {job.id}" in str(refused.value)
+    assert f"heimdex jobs retry {job.id} --reason" in str(refused.value)
+    assert "heimdex db backfill finish item_v2" in str(refused.value)
 
 
 def test_one_upgrade_applies_the_data_revision_and_stops_at_its_contract(
@@ -347,22 +348,22 @@ def test_a_bad_backfill_definition_refuses_and_changes_nothing(
         assert backfills.progress(conn) == []
 
 
-def test_heimdex_db_throttle_sets_the_throttle_or_names_the_backfills(
+def test_heimdex_db_backfill_throttle_sets_the_throttle_or_names_the_backfills(
     history: HistoryCopy, db_url: URL, engine: Engine
 ) -> None:
     _recorded(history, db_url)
     args = ("-c", history.ini, "--database-url", url_arg(db_url))
-    proc = heimdex("db", "throttle", "item_v2", "--rows-per-second", "500", *args)
+    proc = heimdex("db", "backfill", "throttle", "item_v2", "--rows-per-second", "500", *args)
     assert proc.returncode == 0, proc.stderr
     assert f"throttle of item_v2 set; item_v2: 0/{ROWS} rows (0%)" in proc.stdout
     assert (_backfill(engine).rows_per_second, _backfill(engine).pause_factor) == (500, None)
-    proc = heimdex("db", "throttle", "item_v2", "--pause-factor", "0.5", *args)
+    proc = heimdex("db", "backfill", "throttle", "item_v2", "--pause-factor", "0.5", *args)
     assert (_backfill(engine).rows_per_second, _backfill(engine).pause_factor) == (None, 0.5)
-    proc = heimdex("db", "throttle", "nope", "--pause-factor", "1", *args)
+    proc = heimdex("db", "backfill", "throttle", "nope", "--pause-factor", "1", *args)
     assert proc.returncode == 1
     assert "no backfill is named 'nope' (backfills: item_v2)" in proc.stderr
     assert _backfill(engine).pause_factor == 0.5
-    proc = heimdex("db", "throttle", "item_v2", "--rows-per-second", "0", *args)
+    proc = heimdex("db", "backfill", "throttle", "item_v2", "--rows-per-second", "0", *args)
     assert proc.returncode == 2 and "rows-per-second" in proc.stderr
 
 
@@ -431,3 +432,23 @@ def test_a_tenant_submitting_a_backfill_job_runs_no_batch(
     assert row.last_error_code == "BACKFILL_INVALID"
     assert f"not {job_id}" in row.last_error_message
     assert _batches(engine) == [] and _backfill(engine).batches_done == 0
+
+
+def test_heimdex_db_backfill_finish_runs_the_rest_and_lets_the_contract_pass(
+    history: HistoryCopy, db_url: URL, engine: Engine
+) -> None:
+    _recorded(history, db_url, rows_per_second=1)  # a second's pause per row for the job
+    with engine.begin() as conn:
+        backfills.run_batch(conn, "item_v2")
+    refused = _upgrade(history, db_url)
+    assert refused.returncode == 1
+    assert "heimdex db backfill finish item_v2" in refused.stderr
+    args = ("-c", history.ini, "--database-url", url_arg(db_url))
+    proc = heimdex("db", "backfill", "finish", "item_v2", "--no-throttle", *args)
+    assert proc.returncode == 0, proc.stderr
+    assert f"item_v2: {ROWS}/{ROWS} rows (100%), {BATCHES} batches, done" in proc.stdout
+    _assert_every_batch_ran_once(engine)
+    assert _upgrade(history, db_url).returncode == 0
+    assert version_of(db_url) == CONTRACT
+    unknown = heimdex("db", "backfill", "finish", "nope", *args)
+    assert unknown.returncode == 1 and "no backfill is named 'nope'" in unknown.stderr

@@ -139,15 +139,16 @@ def check_done(conn: Connection, script: Script) -> None:
         if progress.done:
             continue
         if progress.state in ("failed", "dead_letter", "canceled", "no job"):
-            todo = (
-                f"it stopped ({progress.state}): fix the cause, then "
-                f"`heimdex jobs retry {progress.job_id}` to run it on from its last batch"
+            todo = f"it stopped ({progress.state}): fix the cause, then " + (
+                f"`heimdex jobs retry {progress.job_id} --reason ...` (it goes on from its "
+                "last batch) or"
                 if progress.job_id and progress.state != "no job"
-                else "its job is gone: record it again"
+                else ""
             )
         else:
-            todo = "a worker runs it: wait, and follow it with `heimdex db status`"
+            todo = "a worker runs it: wait (`heimdex db status` shows it), or"
         raise BackfillNotDone(
-            f"revision {script.revision} requires backfill {progress.describe()}; {todo}; "
-            "then run `heimdex db upgrade` again"
+            f"revision {script.revision} requires backfill {progress.describe()}; {todo} "
+            f"run the rest now with `heimdex db backfill finish {name}`; then run "
+            "`heimdex db upgrade` again"
         )
