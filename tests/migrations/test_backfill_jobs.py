@@ -12,8 +12,10 @@ import signal
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from alembic import command
 from fastapi.testclient import TestClient
@@ -27,6 +29,7 @@ from heimdex_db.backfills import BackfillNotDone
 from heimdex_db.config import alembic_config
 from heimdex_db.context import DbContext
 from heimdex_db.migrate import upgrade
+from heimdex_db.supabase.artifacts import sql
 from tests.dbutil import execute, version_of
 from tests.ops.test_api import as_role
 from tests.stack import (
@@ -452,3 +455,47 @@ def test_heimdex_db_backfill_finish_runs_the_rest_and_lets_the_contract_pass(
     assert version_of(db_url) == CONTRACT
     unknown = heimdex("db", "backfill", "finish", "nope", *args)
     assert unknown.returncode == 1 and "no backfill is named 'nope'" in unknown.stderr
+
+
+def _apply(db_url: URL, path: Path) -> None:
+    """One artifact as one batch, as the Supabase CLI applies a file."""
+    with psycopg.connect(url_arg(db_url.set(drivername="postgresql")), autocommit=True) as conn:
+        conn.execute(path.read_text().encode())
+
+
+def test_the_supabase_artifacts_record_the_backfill_once_and_guard_the_contract(
+    history: HistoryCopy,
+    db_url: URL,
+    engine: Engine,
+    thread_workers: ThreadWorkers,
+    tmp_path: Path,
+) -> None:
+    _chain(history, db_url, rows_per_second=1_000_000)
+    out = tmp_path / "migrations"
+    sql(DbContext.build(history.ini), output_dir=out)
+    *_, data, contract = sorted(out.glob("*.sql"))
+    assert "requires backfills that are not done" in contract.read_text()
+
+    _apply(db_url, data)
+    _apply(db_url, data)  # a file applied twice records one backfill and one job
+    (job,) = _jobs(engine)
+    assert (job.org_id, job.status, job.params) == (uuid.UUID(int=0), "queued", {"name": "item_v2"})
+    assert _backfill(engine).job_id == job.id
+    assert _backfill(engine).estimated_rows == ROWS
+
+    with pytest.raises(psycopg.errors.RaiseException, match=r"item_v2 \(0/20000 rows\)"):
+        _apply(db_url, contract)
+    with engine.connect() as conn:
+        nullable = conn.execute(
+            text(
+                "SELECT is_nullable FROM information_schema.columns"
+                " WHERE table_name = 'item' AND column_name = 'v2'"
+            )
+        ).scalar_one()
+    assert nullable == "YES"
+
+    thread_workers.start()
+    wait_for(lambda: _backfill(engine).done, what="the backfill", timeout=120)
+    _assert_every_batch_ran_once(engine)
+    _apply(db_url, contract)
+    assert version_of(db_url) == CONTRACT

@@ -28,11 +28,12 @@ idempotency key (`backfill:<name>`, in the system org) makes its submission one 
 
 from __future__ import annotations
 
+import json
 import sys
 
 from alembic import op
 from alembic.script import Script
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 
 from heimdex.errors import HeimdexError
 from heimdex.ledger import backfills, builtin, service
@@ -69,11 +70,6 @@ def backfill_job(
     changed while it runs: `heimdex db backfill throttle`). A failed batch is rolled back and
     the job retried, up to `max_attempts`, from the batch that failed.
     """
-    if op.get_context().as_sql:
-        raise HeimdexError(
-            f"backfill {name!r}: a backfill job is recorded on a live database; "
-            "apply this revision with `heimdex db upgrade`, not as offline SQL"
-        )
     if batch_size < 1:
         raise HeimdexError(f"backfill {name!r}: batch_size must be at least 1")
     if rows_per_second is not None and rows_per_second <= 0:
@@ -82,6 +78,18 @@ def backfill_job(
         raise HeimdexError(f"backfill {name!r}: pause_factor must not be negative")
     # The revision that calls: its module's `revision`.
     revision = str(sys._getframe(1).f_globals.get("revision", ""))
+    try:
+        backfills.check_identifier("table", table)
+        backfills.check_identifier("key", key)
+    except backfills.BackfillError as exc:
+        raise HeimdexError(f"backfill {name!r}: {exc}") from None
+    if op.get_context().as_sql:
+        _offline(
+            name, revision, table=table, key=key, batch=batch, batch_size=batch_size,
+            rows_per_second=rows_per_second, pause_factor=pause_factor,
+            max_attempts=max_attempts,
+        )  # fmt: skip
+        return
     conn = op.get_bind()
     try:
         created = backfills.record(
@@ -114,12 +122,109 @@ def backfill_job(
     backfills.attach_job(conn, name, submitted.job.id)
 
 
+_OFFLINE_RECORD = """
+INSERT INTO backfill (name, revision, table_name, key_column, batch_sql, batch_size,
+                      rows_per_second, pause_factor, estimated_rows)
+SELECT :name, :revision, :table_name, :key_column, :batch_sql, :batch_size,
+       :rows_per_second, :pause_factor,
+       CASE WHEN c.reltuples >= 0 THEN c.reltuples::bigint ELSE (SELECT count(*) FROM {table}) END
+  FROM pg_class c WHERE c.oid = CAST(:table_name AS regclass)
+ON CONFLICT (name) DO NOTHING
+"""
+
+# The job of a backfill recorded by this file (none when the backfill was there before), as
+# `service.submit_job` inserts one: queued, due now, not yet placed (a worker places it).
+_OFFLINE_SUBMIT = """
+WITH new AS (
+    INSERT INTO job (org_id, type, params, max_attempts, idempotency_key, requested_by)
+    SELECT CAST(:org_id AS uuid), :type, CAST(:params AS jsonb), :max_attempts, :key,
+           :requested_by
+     WHERE EXISTS (SELECT 1 FROM backfill WHERE name = :name AND job_id IS NULL)
+    ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id
+), submitted AS (
+    INSERT INTO job_event (job_id, prev_status, next_status, detail_json)
+    SELECT id, NULL, 'queued', CAST(:event AS jsonb) FROM new
+)
+UPDATE backfill SET job_id = new.id, updated_at = now() FROM new WHERE backfill.name = :name
+"""
+
+
+def _offline(
+    name: str,
+    revision: str,
+    *,
+    table: str,
+    key: str,
+    batch: str,
+    batch_size: int,
+    rows_per_second: float | None,
+    pause_factor: float | None,
+    max_attempts: int,
+) -> None:
+    """`backfill_job` as SQL (`heimdex db sql`, the Supabase artifacts): the same rows."""
+    op.execute(
+        text(_OFFLINE_RECORD.format(table=table)).bindparams(
+            name=name,
+            revision=revision,
+            table_name=table,
+            key_column=key,
+            batch_sql=batch,
+            batch_size=batch_size,
+            rows_per_second=rows_per_second,
+            pause_factor=pause_factor,
+        )
+    )
+    op.execute(
+        text(_OFFLINE_SUBMIT).bindparams(
+            name=name,
+            org_id=str(backfills.BACKFILL_ORG_ID),
+            type=backfills.BACKFILL_TYPE,
+            params=json.dumps({"name": name}),
+            max_attempts=max_attempts,
+            key=idempotency_key(name),
+            requested_by=f"revision:{revision}" if revision else "revision",
+            event=json.dumps({"action": "submitted"}),
+        )
+    )
+
+
 def required(script: Script) -> tuple[str, ...]:
     """The backfills `script` declares it needs done (`requires_backfills`)."""
     names = getattr(script.module, REQUIRES_ATTRIBUTE, ())
     if isinstance(names, str):
         return (names,)
     return tuple(str(n) for n in names)
+
+
+def guard_sql(script: Script) -> str | None:
+    """What the offline SQL of `script` (the Supabase artifacts) starts with when it requires
+    backfills: a block that raises, in the file's transaction, unless every one is done."""
+    names = required(script)
+    if not names:
+        return None
+    listed = ", ".join("'" + n.replace("'", "''") + "'" for n in names)
+    return f"""DO $backfills$
+DECLARE
+    missing text;
+BEGIN
+    SELECT string_agg(n.name || ' (' || coalesce(b.rows_done || '/' || b.estimated_rows
+                      || ' rows', 'not recorded') || ')', ', ')
+      INTO missing
+      FROM unnest(ARRAY[{listed}]) AS n(name)
+      LEFT JOIN backfill b ON b.name = n.name
+     WHERE b.finished_at IS NULL;
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION USING
+            MESSAGE = 'revision {script.revision} requires backfills that are not done: '
+                      || missing,
+            HINT = 'wait for their heimdex.backfill jobs (heimdex db status), or run the rest '
+                   'with heimdex db backfill finish NAME; nothing was changed';
+    END IF;
+END
+$backfills$;
+
+"""
 
 
 def check_done(conn: Connection, script: Script) -> None:
