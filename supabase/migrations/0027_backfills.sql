@@ -23,7 +23,7 @@ BEGIN;
 
 SET LOCAL lock_timeout = '5s';
 
-CREATE TABLE backfill (
+CREATE TABLE job_backfill (
     name varchar(100) NOT NULL,
     revision varchar(64) NOT NULL,
     table_name varchar(200) NOT NULL,
@@ -42,53 +42,53 @@ CREATE TABLE backfill (
     started_at timestamp with time zone,
     finished_at timestamp with time zone,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT pk_backfill PRIMARY KEY (name),
-    CONSTRAINT ck_backfill__batch_size_positive CHECK (batch_size > 0),
-    CONSTRAINT ck_backfill__throttle_positive
+    CONSTRAINT pk_job_backfill PRIMARY KEY (name),
+    CONSTRAINT ck_job_backfill__batch_size_positive CHECK (batch_size > 0),
+    CONSTRAINT ck_job_backfill__throttle_positive
         CHECK (coalesce(rows_per_second, 1) > 0 AND coalesce(pause_factor, 0) >= 0)
 );
 
-COMMENT ON TABLE backfill IS 'Backfills handed to the ledger by data revisions, with their progress';
+COMMENT ON TABLE job_backfill IS 'Backfills handed to the ledger by data revisions, with their progress';
 
-COMMENT ON COLUMN backfill.name IS 'Backfill name, unique';
+COMMENT ON COLUMN job_backfill.name IS 'Backfill name, unique';
 
-COMMENT ON COLUMN backfill.revision IS 'Revision that recorded the backfill';
+COMMENT ON COLUMN job_backfill.revision IS 'Revision that recorded the backfill';
 
-COMMENT ON COLUMN backfill.table_name IS 'Table the batches walk';
+COMMENT ON COLUMN job_backfill.table_name IS 'Table the batches walk';
 
-COMMENT ON COLUMN backfill.key_column IS 'Unique column the batches walk in order';
+COMMENT ON COLUMN job_backfill.key_column IS 'Unique column the batches walk in order';
 
-COMMENT ON COLUMN backfill.batch_sql IS 'Statement run per batch, over the keys lo to hi (bind parameters)';
+COMMENT ON COLUMN job_backfill.batch_sql IS 'Statement run per batch, over the keys lo to hi (bind parameters)';
 
-COMMENT ON COLUMN backfill.batch_size IS 'Keys per batch';
+COMMENT ON COLUMN job_backfill.batch_size IS 'Keys per batch';
 
-COMMENT ON COLUMN backfill.rows_per_second IS 'Throttle: pause after each batch so the rate stays under this (NULL: none)';
+COMMENT ON COLUMN job_backfill.rows_per_second IS 'Throttle: pause after each batch so the rate stays under this (NULL: none)';
 
-COMMENT ON COLUMN backfill.pause_factor IS 'Throttle: pause this many times each batch''s duration (NULL: none)';
+COMMENT ON COLUMN job_backfill.pause_factor IS 'Throttle: pause this many times each batch''s duration (NULL: none)';
 
-COMMENT ON COLUMN backfill.estimated_rows IS 'Rows in the table when the backfill was recorded (an estimate)';
+COMMENT ON COLUMN job_backfill.estimated_rows IS 'Rows in the table when the backfill was recorded (an estimate)';
 
-COMMENT ON COLUMN backfill.rows_done IS 'Rows (keys) the batches done so far covered';
+COMMENT ON COLUMN job_backfill.rows_done IS 'Rows (keys) the batches done so far covered';
 
-COMMENT ON COLUMN backfill.batches_done IS 'Batches done';
+COMMENT ON COLUMN job_backfill.batches_done IS 'Batches done';
 
-COMMENT ON COLUMN backfill.last_key IS 'Last key done, as text (NULL: none yet)';
+COMMENT ON COLUMN job_backfill.last_key IS 'Last key done, as text (NULL: none yet)';
 
-COMMENT ON COLUMN backfill.paused_seconds IS 'Time the throttle paused, in seconds';
+COMMENT ON COLUMN job_backfill.paused_seconds IS 'Time the throttle paused, in seconds';
 
-COMMENT ON COLUMN backfill.job_id IS 'The heimdex.backfill job (not a foreign key: retention may delete it)';
+COMMENT ON COLUMN job_backfill.job_id IS 'The heimdex.backfill job (not a foreign key: retention may delete it)';
 
-COMMENT ON COLUMN backfill.created_at IS 'When the revision recorded the backfill';
+COMMENT ON COLUMN job_backfill.created_at IS 'When the revision recorded the backfill';
 
-COMMENT ON COLUMN backfill.started_at IS 'When the first batch ran';
+COMMENT ON COLUMN job_backfill.started_at IS 'When the first batch ran';
 
-COMMENT ON COLUMN backfill.finished_at IS 'When the last batch ran (NULL: not done)';
+COMMENT ON COLUMN job_backfill.finished_at IS 'When the last batch ran (NULL: not done)';
 
-COMMENT ON COLUMN backfill.updated_at IS 'Last progress';
+COMMENT ON COLUMN job_backfill.updated_at IS 'Last progress';
 
-ALTER TABLE backfill ENABLE ROW LEVEL SECURITY;
+ALTER TABLE job_backfill ENABLE ROW LEVEL SECURITY;
 
-REVOKE ALL ON backfill FROM PUBLIC, anon, authenticated;
+REVOKE ALL ON job_backfill FROM PUBLIC, anon, authenticated;
 
 UPDATE heimdex_private.alembic_version SET version_num='c9e2b4d6f8a1' WHERE heimdex_private.alembic_version.version_num = 'f3c1a8e5b7d9';
 

@@ -282,7 +282,7 @@ def test_a_contract_whose_backfill_no_revision_recorded_refuses(
 ) -> None:
     ctx = _recorded(history, db_url)
     with engine.begin() as conn:
-        conn.execute(text("DELETE FROM backfill"))
+        conn.execute(text("DELETE FROM job_backfill"))
     with pytest.raises(BackfillNotDone, match="requires backfill 'item_v2', which no revision"):
         upgrade(ctx)
     assert version_of(db_url) == DATA
@@ -499,3 +499,39 @@ def test_the_supabase_artifacts_record_the_backfill_once_and_guard_the_contract(
     _assert_every_batch_ran_once(engine)
     _apply(db_url, contract)
     assert version_of(db_url) == CONTRACT
+
+
+def test_a_failing_batch_is_retried_by_the_job_policy_from_that_batch(
+    history: HistoryCopy, db_url: URL, engine: Engine, thread_workers: ThreadWorkers
+) -> None:
+    # The sixth batch divides by the rows of `fixed`: it fails until the test adds one.
+    failing = (
+        "WITH u AS (UPDATE item SET v2 = v * 2 WHERE id BETWEEN :lo AND :hi RETURNING 1)"
+        " INSERT INTO batch_log (lo, hi, rows)"
+        " SELECT :lo, :hi, count(*) + CASE WHEN CAST(:lo AS bigint) > 5000"
+        " THEN 0 / (SELECT count(*) FROM fixed) ELSE 0 END FROM u"
+    )
+    _chain(history, db_url, rows_per_second=1_000_000)
+    execute(db_url, "CREATE TABLE fixed (x int)")
+    ctx = DbContext.build(history.ini, database_url=db_url)
+    upgrade(ctx, DATA)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE job_backfill SET batch_sql = :sql"), {"sql": failing})
+    thread_workers.start()
+
+    def failed_once() -> Any:
+        with engine.connect() as conn:
+            return conn.execute(
+                text(
+                    "SELECT last_error_code, last_error_message FROM job"
+                    " WHERE type = 'heimdex.backfill' AND attempt >= 1 AND status = 'queued'"
+                )
+            ).first()
+
+    failure = wait_for(failed_once, what="a failed attempt, queued again")
+    assert failure.last_error_code == "DataError"
+    assert "division by zero" in failure.last_error_message
+    assert _backfill(engine).batches_done == 5
+    execute(db_url, "INSERT INTO fixed VALUES (1)")
+    wait_for(lambda: _backfill(engine).done, what="the backfill", timeout=120)
+    _assert_every_batch_ran_once(engine)

@@ -1,9 +1,9 @@
-"""backfills as jobs: backfill
+"""backfills as jobs: job_backfill
 
 Revision ID: c9e2b4d6f8a1
 Revises: f3c1a8e5b7d9
 
-`backfill` holds each backfill a data revision hands to the ledger (`heimdex_db.backfills`):
+`job_backfill` holds each backfill a data revision hands to the ledger (`heimdex_db.backfills`):
 the table and key it walks, the batch statement, the batch size and throttle, and its progress
 (the last key done, rows and batches done). A `heimdex.backfill` job runs the batches; each
 batch and its progress commit together, so a batch never runs twice. Contract revisions that
@@ -56,7 +56,7 @@ def _comment(target: str, text: str) -> None:
 def upgrade() -> None:
     set_lock_timeout()
     op.execute("""
-CREATE TABLE backfill (
+CREATE TABLE job_backfill (
     name varchar(100) NOT NULL,
     revision varchar(64) NOT NULL,
     table_name varchar(200) NOT NULL,
@@ -75,19 +75,19 @@ CREATE TABLE backfill (
     started_at timestamp with time zone,
     finished_at timestamp with time zone,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT pk_backfill PRIMARY KEY (name),
-    CONSTRAINT ck_backfill__batch_size_positive CHECK (batch_size > 0),
-    CONSTRAINT ck_backfill__throttle_positive
+    CONSTRAINT pk_job_backfill PRIMARY KEY (name),
+    CONSTRAINT ck_job_backfill__batch_size_positive CHECK (batch_size > 0),
+    CONSTRAINT ck_job_backfill__throttle_positive
         CHECK (coalesce(rows_per_second, 1) > 0 AND coalesce(pause_factor, 0) >= 0)
 )""")
-    _comment("TABLE backfill", TABLE_COMMENT)
+    _comment("TABLE job_backfill", TABLE_COMMENT)
     for column, comment in COLUMN_COMMENTS.items():
-        _comment(f"COLUMN backfill.{column}", comment)
+        _comment(f"COLUMN job_backfill.{column}", comment)
     # Backend only: no policy means no access for the API roles Supabase exposes.
-    op.execute("ALTER TABLE backfill ENABLE ROW LEVEL SECURITY")
-    op.execute("REVOKE ALL ON backfill FROM PUBLIC, anon, authenticated")
+    op.execute("ALTER TABLE job_backfill ENABLE ROW LEVEL SECURITY")
+    op.execute("REVOKE ALL ON job_backfill FROM PUBLIC, anon, authenticated")
 
 
 def downgrade() -> None:
     set_lock_timeout()
-    op.execute("DROP TABLE backfill")
+    op.execute("DROP TABLE job_backfill")

@@ -123,7 +123,7 @@ def backfill_job(
 
 
 _OFFLINE_RECORD = """
-INSERT INTO backfill (name, revision, table_name, key_column, batch_sql, batch_size,
+INSERT INTO job_backfill (name, revision, table_name, key_column, batch_sql, batch_size,
                       rows_per_second, pause_factor, estimated_rows)
 SELECT :name, :revision, :table_name, :key_column, :batch_sql, :batch_size,
        :rows_per_second, :pause_factor,
@@ -139,14 +139,14 @@ WITH new AS (
     INSERT INTO job (org_id, type, params, max_attempts, idempotency_key, requested_by)
     SELECT CAST(:org_id AS uuid), :type, CAST(:params AS jsonb), :max_attempts, :key,
            :requested_by
-     WHERE EXISTS (SELECT 1 FROM backfill WHERE name = :name AND job_id IS NULL)
+     WHERE EXISTS (SELECT 1 FROM job_backfill WHERE name = :name AND job_id IS NULL)
     ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id
 ), submitted AS (
     INSERT INTO job_event (job_id, prev_status, next_status, detail_json)
     SELECT id, NULL, 'queued', CAST(:event AS jsonb) FROM new
 )
-UPDATE backfill SET job_id = new.id, updated_at = now() FROM new WHERE backfill.name = :name
+UPDATE job_backfill SET job_id = new.id, updated_at = now() FROM new WHERE job_backfill.name = :name
 """
 
 
@@ -212,7 +212,7 @@ BEGIN
                       || ' rows', 'not recorded') || ')', ', ')
       INTO missing
       FROM unnest(ARRAY[{listed}]) AS n(name)
-      LEFT JOIN backfill b ON b.name = n.name
+      LEFT JOIN job_backfill b ON b.name = n.name
      WHERE b.finished_at IS NULL;
     IF missing IS NOT NULL THEN
         RAISE EXCEPTION USING

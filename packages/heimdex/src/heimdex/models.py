@@ -332,7 +332,7 @@ class JobSchedule(Base):
 
 
 class Backfill(Base):
-    __tablename__ = "backfill"
+    __tablename__ = "job_backfill"
     __table_args__ = (
         CheckConstraint("batch_size > 0", name="batch_size_positive"),
         CheckConstraint(

@@ -1,4 +1,4 @@
-"""Backfills as jobs: the `backfill` table's statements and the `heimdex.backfill` handler.
+"""Backfills as jobs: the `job_backfill` table's statements and the `heimdex.backfill` handler.
 
 A data revision records a backfill (`heimdex_db.backfills.backfill_job`): the table and the
 unique key its batches walk in order, the statement each batch runs over the keys `:lo` to
@@ -45,7 +45,7 @@ class BackfillError(LedgerError):
 
 
 class BackfillParams(BaseModel):
-    """The backfill's name: everything else is in its `backfill` row."""
+    """The backfill's name: everything else is in its `job_backfill` row."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -113,22 +113,22 @@ _PROGRESS = text("""
 SELECT b.name, b.revision, b.table_name, b.batch_size, b.rows_per_second, b.pause_factor,
        b.estimated_rows, b.rows_done, b.batches_done, b.paused_seconds, b.job_id,
        j.status::text AS job_status, b.created_at, b.started_at, b.finished_at, b.updated_at
-  FROM backfill b LEFT JOIN job j ON j.id = b.job_id
+  FROM job_backfill b LEFT JOIN job j ON j.id = b.job_id
  WHERE (CAST(:names AS text[]) IS NULL OR b.name = ANY(CAST(:names AS text[])))
  ORDER BY b.created_at, b.name
 """)
 
 
 def progress(conn: Connection, names: Sequence[str] | None = None) -> list[Progress]:
-    """Every backfill (or those named), oldest first; none before the `backfill` table exists."""
-    if conn.execute(text("SELECT to_regclass('backfill')")).scalar_one() is None:
+    """Every backfill (or those named), oldest first; none before `job_backfill` exists."""
+    if conn.execute(text("SELECT to_regclass('job_backfill')")).scalar_one() is None:
         return []
     rows = conn.execute(_PROGRESS, {"names": list(names) if names is not None else None})
     return [Progress(**row) for row in rows.mappings()]
 
 
 _RECORD = text("""
-INSERT INTO backfill (name, revision, table_name, key_column, batch_sql, batch_size,
+INSERT INTO job_backfill (name, revision, table_name, key_column, batch_sql, batch_size,
                       rows_per_second, pause_factor, estimated_rows)
 VALUES (:name, :revision, :table_name, :key_column, :batch_sql, :batch_size,
         :rows_per_second, :pause_factor, :estimated_rows)
@@ -177,7 +177,7 @@ def record(
 
 def attach_job(conn: Connection, name: str, job_id: uuid.UUID) -> None:
     conn.execute(
-        text("UPDATE backfill SET job_id = :job_id, updated_at = now() WHERE name = :name"),
+        text("UPDATE job_backfill SET job_id = :job_id, updated_at = now() WHERE name = :name"),
         {"name": name, "job_id": job_id},
     )
 
@@ -188,7 +188,7 @@ def set_throttle(
     """Change a backfill's throttle (its next batch reads it); False when there is none."""
     found = conn.execute(
         text(
-            "UPDATE backfill SET rows_per_second = :rps, pause_factor = :factor,"
+            "UPDATE job_backfill SET rows_per_second = :rps, pause_factor = :factor,"
             " updated_at = now() WHERE name = :name RETURNING name"
         ),
         {"name": name, "rps": rows_per_second, "factor": pause_factor},
@@ -199,11 +199,11 @@ def set_throttle(
 _LOCK = text("""
 SELECT table_name, key_column, batch_sql, batch_size, rows_per_second, pause_factor,
        estimated_rows, rows_done, batches_done, last_key, finished_at, job_id
-  FROM backfill WHERE name = :name FOR UPDATE
+  FROM job_backfill WHERE name = :name FOR UPDATE
 """)
 
 _ADVANCE = text("""
-UPDATE backfill
+UPDATE job_backfill
    SET last_key = coalesce(:hi, last_key), rows_done = rows_done + :rows,
        batches_done = batches_done + :batches, paused_seconds = paused_seconds + :pause,
        started_at = coalesce(started_at, now()), updated_at = now(),
