@@ -20,9 +20,9 @@ from heimdex.ledger import repository
 from heimdex.ledger.repository.rows import driver_rows
 from heimdex.ledger.repository.worker import PLACE_SQL, claim_sql
 
-CLAIM_INDEX = "idx_job__claim_order"
+CLAIM_INDEX = "idx_job__claim_queue"
 ORG_TURN_INDEX = "idx_job__org_turn"
-UNPLACED_INDEX = "idx_job__unplaced"
+UNPLACED_INDEX = "idx_job__due"
 
 
 def _plan_nodes(plan: dict[str, object]) -> list[dict[str, object]]:
@@ -79,7 +79,7 @@ SELECT (CAST(:orgs AS uuid[]))[2 + g % 19], 'noop', 1, now() - make_interval(sec
         conn.execute(text("VACUUM ANALYZE job"))
     # The next jobs come off the index in claim order, and whether unplaced ones are due off
     # theirs, oldest first: a few rows, never the whole queue (a bitmap scan would, then sort).
-    scans = _scans_of(engine, claim_sql(10), {"worker": "plan", "lease": 30})
+    scans = _scans_of(engine, claim_sql(10), {"worker": "plan", "lease": 30, "q0": "default"})
     for index in (CLAIM_INDEX, UNPLACED_INDEX):
         assert any(
             n["Node Type"] in {"Index Scan", "Index Only Scan"} and n.get("Index Name") == index
@@ -92,7 +92,9 @@ SELECT (CAST(:orgs AS uuid[]))[2 + g % 19], 'noop', 1, now() - make_interval(sec
     assert any(
         n["Node Type"] == "Index Scan" and n.get("Index Name") == UNPLACED_INDEX for n in scans
     ), scans
-    assert {n.get("Index Name") for n in scans} <= {UNPLACED_INDEX, "pk_job"}, scans
+    # the held jobs of the scopes with room: their own partial indexes
+    held = {"idx_job__held_org", "idx_job__held_queue"}
+    assert {n.get("Index Name") for n in scans} <= {UNPLACED_INDEX, "pk_job", *held}, scans
 
 
 def test_the_prepared_claims_generic_plan_reads_no_table_on_a_small_ledger(engine: Engine) -> None:
@@ -113,15 +115,15 @@ SELECT (CAST(:orgs AS uuid[]))[1 + g % 10], 'noop',
         )
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE job"))
-    numbered = {"worker": "$1", "lease": "$2"}
+    numbered = {"worker": "$1", "lease": "$2", "q0": "$3"}
     sql = re.sub(r"%\((\w+)\)s", lambda m: numbered[m.group(1)], claim_sql(10))
     with engine.begin() as conn:
         driver = conn.connection.driver_connection
         assert driver is not None
         driver.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        driver.execute(f"PREPARE claim_plan (text, float8) AS {sql}")
+        driver.execute(f"PREPARE claim_plan (text, float8, text) AS {sql}")
         ((plan,),) = driver.execute(
-            "EXPLAIN (FORMAT JSON) EXECUTE claim_plan ('plan', 30)"
+            "EXPLAIN (FORMAT JSON) EXECUTE claim_plan ('plan', 30, 'default')"
         ).fetchall()
         conn.rollback()
     nodes = _plan_nodes(plan[0]["Plan"])
@@ -133,7 +135,7 @@ SELECT (CAST(:orgs AS uuid[]))[1 + g % 10], 'noop',
 def _claim_plan(conn: Any) -> dict[str, Any]:
     cursor = conn.execute(
         f"EXPLAIN (ANALYZE, FORMAT JSON) {claim_sql(10)}",
-        {"worker": "plan", "lease": 30},
+        {"worker": "plan", "lease": 30, "q0": "default"},
     )
     plan: dict[str, Any] = cursor.fetchone()[0][0]
     return plan

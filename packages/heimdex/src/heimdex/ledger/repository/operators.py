@@ -13,6 +13,7 @@ from sqlalchemy import Connection, Row, text
 from sqlalchemy.sql.selectable import TextualSelect
 
 from heimdex.ledger.errors import JobNotFound
+from heimdex.ledger.repository import scopes
 from heimdex.ledger.repository.rows import JOB_COLUMNS, JobRow, notify, to_json, typed
 from heimdex.models import JobStatus
 
@@ -95,7 +96,9 @@ WITH upd AS (
 ), ev AS (
     INSERT INTO job_event (job_id, ts, prev_status, next_status, detail_json)
     SELECT id, clock_timestamp(), 'queued', 'canceled', CAST(:detail AS jsonb) FROM upd
-)
+), placed AS (
+    SELECT org_id, queue FROM upd WHERE turn IS NOT NULL  -- a placed job held a slot
+), {scopes.release("placed")}
 SELECT * FROM upd"""),
         {"id": job_id, "detail": to_json(detail)},
     ).one()
@@ -140,6 +143,7 @@ class JobFilter:
     statuses: tuple[JobStatus, ...] = ()
     type: str | None = None
     org_id: uuid.UUID | None = None
+    queue: str | None = None
     error_code: str | None = None
     error_fingerprint: str | None = None
     created_after: datetime | None = None
@@ -164,6 +168,9 @@ def _where(f: JobFilter) -> tuple[list[str], dict[str, Any]]:
     if f.org_id is not None:
         clauses.append("j.org_id = :f_org")
         params["f_org"] = f.org_id
+    if f.queue is not None:
+        clauses.append("j.queue = :f_queue")
+        params["f_queue"] = f.queue
     if f.error_code is not None:
         clauses.append("j.last_error_code = :f_code")
         params["f_code"] = f.error_code
@@ -193,6 +200,7 @@ def _retry_update(*, from_scratch: bool) -> str:
     return f"""
     UPDATE job AS j
        SET status = 'queued', attempt = 0, run_at = now(), finished_at = NULL, turn = NULL,
+           held = false,
            cancel_requested = false, stage = NULL, progress = 0,{fresh} updated_at = now()
       FROM picked WHERE j.id = picked.id
     RETURNING j.id, j.type, picked.prev, 'queued' AS next, picked.attempt"""
@@ -257,13 +265,19 @@ def operate_batch(
     where = " AND ".join([*clauses, _ELIGIBLE[action]])
     sql = f"""
 WITH picked AS (
-    SELECT j.id, j.status::text AS prev, j.attempt FROM job AS j
+    SELECT j.id, j.status::text AS prev, j.attempt, j.org_id, j.queue,
+           j.status = 'queued' AND j.turn IS NOT NULL AS placed
+      FROM job AS j
      WHERE {where}
      ORDER BY j.id
      LIMIT :limit
        FOR UPDATE
 ), upd AS ({_OPERATOR_UPDATE[_update_of(action, from_scratch)]}
-), ev AS (
+), placed AS (
+    -- a placed job held a slot; a canceled one gives it back
+    SELECT p.org_id, p.queue FROM picked AS p JOIN upd AS u ON u.id = p.id
+     WHERE p.placed AND u.next = 'canceled'
+), {scopes.release("placed")}, ev AS (
     INSERT INTO job_event (job_id, ts, prev_status, next_status, detail_json)
     SELECT id, clock_timestamp(), prev, next,
            CAST(:detail AS jsonb) || jsonb_build_object(
