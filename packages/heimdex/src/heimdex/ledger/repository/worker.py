@@ -111,7 +111,9 @@ def claim_sql(limit: int, queues: int = 1) -> str:
     ready = (
         scans[0]
         if queues == 1
-        else f"""SELECT * FROM ({" UNION ALL ".join(scans)}) AS u
+        else f"""SELECT * FROM ({
+            " UNION ALL ".join(f"SELECT * FROM {scan} AS q{i}" for i, scan in enumerate(scans))
+        }) AS u
      ORDER BY u.priority DESC, u.turn, u.run_at
      LIMIT {int(limit)}"""
     )
@@ -264,16 +266,46 @@ WITH placer AS MATERIALIZED (
      WHERE l.id = ANY(ARRAY(SELECT scope FROM pairs UNION SELECT id FROM rooms))
      ORDER BY l.id
        FOR UPDATE
-), blocked AS MATERIALIZED (
-    SELECT r.job, r.scope
-      FROM (SELECT p.job, p.scope, k.room,
+), ranked AS MATERIALIZED (
+    -- Round 1: each scope's room to its oldest candidates; those within it in every scope
+    -- they fall in go together (in each scope they are among the first `room`).
+    SELECT p.job, p.scope, k.room,
+           row_number() OVER (PARTITION BY p.scope ORDER BY p.run_at, p.job) <= k.room AS fits
+      FROM pairs AS p JOIN locked AS k ON k.id = p.scope
+), first_round AS MATERIALIZED (
+    SELECT c.id FROM cand AS c
+     WHERE c.id NOT IN (SELECT id FROM stopped)
+       AND NOT EXISTS (SELECT FROM ranked AS r WHERE r.job = c.id AND NOT coalesce(r.fits, false))
+), left_room AS MATERIALIZED (
+    SELECT k.id, coalesce(k.room, 0) - count(f.id) AS room
+      FROM locked AS k
+      LEFT JOIN pairs AS p ON p.scope = k.id
+      LEFT JOIN first_round AS f ON f.id = p.job
+     GROUP BY k.id, k.room
+), second_round AS MATERIALIZED (
+    -- Round 2: what is left of each scope's room to the oldest of the others, among those whose
+    -- every scope has room left (a job a full scope blocks takes no other scope's room).
+    SELECT r.job AS id
+      FROM (SELECT p.job, p.scope, l.room,
                    row_number() OVER (PARTITION BY p.scope ORDER BY p.run_at, p.job) AS rank
-              FROM pairs AS p JOIN locked AS k ON k.id = p.scope) AS r
-     WHERE r.rank > coalesce(r.room, 0)
+              FROM pairs AS p JOIN left_room AS l ON l.id = p.scope
+             WHERE p.job NOT IN (SELECT id FROM first_round)
+               AND NOT EXISTS (SELECT FROM pairs AS q JOIN left_room AS m ON m.id = q.scope
+                                WHERE q.job = p.job AND m.room <= 0)) AS r
+     GROUP BY r.job
+    HAVING bool_and(r.rank <= r.room)
 ), decided AS MATERIALIZED (
     SELECT c.id, c.org_id, c.priority, c.run_at, c.was_held,
-           c.id IN (SELECT id FROM stopped) OR c.id IN (SELECT job FROM blocked) AS hold
+           c.id NOT IN (SELECT id FROM first_round UNION ALL SELECT id FROM second_round)
+             AS hold
       FROM cand AS c
+), blocked AS MATERIALIZED (
+    -- the scopes that hold a job now: full ones, and any a job was newly held in
+    SELECT DISTINCT p.scope
+      FROM pairs AS p
+      JOIN decided AS d ON d.id = p.job AND d.hold
+      JOIN left_room AS l ON l.id = p.scope
+     WHERE NOT d.was_held OR l.room <= 0 OR l.room IS NULL
 ), firsts AS MATERIALIZED (
     SELECT k.org_id, k.priority, k.step,
            greatest(heimdex_private.job_last_turn(k.org_id, k.priority, clock.turn) + k.step,
@@ -317,8 +349,11 @@ WITH placer AS MATERIALIZED (
     SELECT pg_notify('{NOTIFY_CHANNEL}', '') WHERE EXISTS (SELECT FROM moved WHERE NOT hold)
 )
 SELECT (SELECT alone FROM placer), (SELECT count(*) FROM moved WHERE NOT hold),
-       (SELECT count(*) FROM wake)
+       (SELECT count(*) FROM moved), (SELECT count(*) FROM wake)
 """
+# Passes of one `place_due` call that only hold jobs (a capped-out backlog coming due) before
+# it returns: a backlog of PLACE_BATCH * HOLD_PASSES jobs is set aside in one call.
+HOLD_PASSES = 20
 
 
 def place_due(conn: Connection) -> int | None:
@@ -327,8 +362,13 @@ def place_due(conn: Connection) -> int | None:
     AND PAUSE); hold the others. Wakes idle workers when some were placed; one statement.
     Returns how many it placed, or None when another placer is at work (nothing done: its
     NOTIFY will say when it placed some)."""
-    ((alone, placed, _),) = driver_rows(conn, PLACE_SQL, {})
-    return int(placed) if alone else None
+    for _ in range(HOLD_PASSES):
+        ((alone, placed, moved, _),) = driver_rows(conn, PLACE_SQL, {})
+        if not alone:
+            return None
+        if placed or not moved:
+            return int(placed)
+    return 0
 
 
 @dataclass(frozen=True)
