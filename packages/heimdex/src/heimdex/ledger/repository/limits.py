@@ -176,16 +176,12 @@ def reconcile(conn: Connection) -> int:
     the placer's lock; the capped rows are locked first, in id order (an outcome releasing a
     slot meanwhile waits, and is counted as still running, then gives its slot back). Returns
     how many counts changed."""
-    before = dict(
-        conn.execute(
-            text(
-                "SELECT id, used FROM job_limit WHERE max_running IS NOT NULL"
-                " ORDER BY id FOR UPDATE"
-            )
-        ).all()
-    )
+    rows = conn.execute(
+        text("SELECT id, used FROM job_limit WHERE max_running IS NOT NULL ORDER BY id FOR UPDATE")
+    ).all()
+    before: dict[int, int] = {int(r.id): int(r.used) for r in rows}
     after = conn.execute(text(_recount("true"))).all()
-    return sum(1 for i, used in after if before.get(i) != used)
+    return sum(1 for r in after if before.get(int(r.id)) != int(r.used))
 
 
 def pause(
