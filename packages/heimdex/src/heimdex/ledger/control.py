@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
+from heimdex.errors import HeimdexError
 from heimdex.ledger.errors import LedgerError
 from heimdex.ledger.registry import check_queue_name
 from heimdex.ledger.repository import limits as repo
@@ -23,6 +24,7 @@ REASON_MAX = 1000
 PAUSE_KINDS = ("queue", "type", "org")
 
 __all__ = [
+    "ControlConflict",
     "ControlNotFound",
     "InvalidControl",
     "Limit",
@@ -41,6 +43,10 @@ class InvalidControl(LedgerError):
 
 class ControlNotFound(LedgerError):
     """No such cap, or no such pause."""
+
+
+class ControlConflict(LedgerError):
+    """Already so (a pause of what is paused)."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,7 @@ def _scope(org_id: uuid.UUID | None, queue: str | None) -> dict[str, str | None]
     if queue is not None:
         try:
             check_queue_name(queue)
-        except Exception as exc:
+        except HeimdexError as exc:
             raise InvalidControl(str(exc)) from None
     return {"org_id": str(org_id) if org_id else None, "queue": queue}
 
@@ -147,7 +153,7 @@ def _pause_target(kind: str, value: str) -> str:
     if kind == "queue":
         try:
             return check_queue_name(value)
-        except Exception as exc:
+        except HeimdexError as exc:
             raise InvalidControl(str(exc)) from None
     if not 1 <= len(value) <= 100:
         raise InvalidControl("a job type name is 1 to 100 characters")
@@ -162,7 +168,7 @@ def pause(conn: Connection, who: Who, *, kind: str, value: str) -> tuple[Pause, 
     repo.lock_placer(conn)
     done = repo.pause(conn, kind=kind, value=value, actor=who.actor, reason=who.reason)
     if done is None:
-        raise InvalidControl(f"{kind} {value} is already paused")
+        raise ControlConflict(f"{kind} {value} is already paused")
     repo.record_event(
         conn, action="paused", scope={kind: value}, actor=who.actor, reason=who.reason
     )

@@ -40,6 +40,7 @@ def list_jobs_query(
     type: str | None = None,
     limit: int = 50,
     before: tuple[datetime, uuid.UUID] | None = None,
+    queue: str | None = None,
 ) -> tuple[TextualSelect, dict[str, Any]]:
     """The statement of `list_jobs` and its parameters (the EXPLAIN tests plan it)."""
     sql = f"SELECT {JOB_COLUMNS} FROM job AS j WHERE j.org_id = :org"
@@ -50,6 +51,9 @@ def list_jobs_query(
     if type is not None:
         sql += " AND j.type = :type"
         params["type"] = type
+    if queue is not None:
+        sql += " AND j.queue = :queue"
+        params["queue"] = queue
     if before is not None:
         sql += " AND (j.created_at, j.id) < (:before_ts, :before_id)"
         params["before_ts"], params["before_id"] = before
@@ -65,10 +69,11 @@ def list_jobs(
     type: str | None = None,
     limit: int = 50,
     before: tuple[datetime, uuid.UUID] | None = None,
+    queue: str | None = None,
 ) -> list[JobRow]:
     """The org's jobs, newest first, after the keyset cursor `before` (created_at, id)."""
     query, params = list_jobs_query(
-        org_id=org_id, status=status, type=type, limit=limit, before=before
+        org_id=org_id, status=status, type=type, limit=limit, before=before, queue=queue
     )
     return list(conn.execute(query, params).all())
 
