@@ -15,8 +15,11 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
 from heimdex.cli import main
-from heimdex_api.auth import ADMIN_ROLE, READONLY_ROLE
+from heimdex.ledger import repository
+from heimdex.ledger.repository import NewJob
+from heimdex_api.auth import ADMIN_ROLE, READONLY_ROLE, issue_token
 from tests.ops.test_api import PROBLEM, as_role
+from tests.stack import SECRET, auth
 
 ADMIN = as_role(ADMIN_ROLE)
 READONLY = as_role(READONLY_ROLE, "op-bob")
@@ -156,3 +159,30 @@ def test_cli_bad_input_is_one_line_and_changes_nothing(
     errors = [line for line in result.output.splitlines() if "rror" in line]
     assert len(errors) == 1, result.output
     assert _counts(engine) == dict.fromkeys(TABLES, 0)
+
+
+def _two_queues(engine: Engine) -> tuple[uuid.UUID, set[uuid.UUID], set[uuid.UUID]]:
+    org = uuid.uuid4()
+    with engine.begin() as conn:
+        gpu = repository.insert_jobs(
+            conn, [NewJob(org, "noop", {}, None, queue="gpu") for _ in range(2)]
+        )
+        cpu = repository.insert_jobs(conn, [NewJob(org, "noop", {}, None) for _ in range(3)])
+    return org, {j.id for j in gpu}, {j.id for j in cpu}
+
+
+def test_the_queue_is_shown_and_filtered_in_api_cli_and_dashboard(
+    client: TestClient, engine: Engine, run: Callable[..., Result]
+) -> None:
+    org, gpu, cpu = _two_queues(engine)
+    own = client.get("/jobs", params={"queue": "gpu"}, headers=auth(org)).json()["items"]
+    assert {uuid.UUID(j["id"]) for j in own} == gpu and {j["queue"] for j in own} == {"gpu"}
+    ops = client.get("/ops/jobs", params={"queue": "default"}, headers=READONLY).json()
+    assert {uuid.UUID(j["id"]) for j in ops["items"]} == cpu
+    listed = json.loads(run("jobs", "list", "--queue", "gpu", "--json").output)
+    assert {uuid.UUID(j["id"]) for j in listed} == gpu
+    assert "QUEUE" in run("jobs", "list").output
+    token = issue_token(SECRET, org_id=uuid.uuid4(), sub="op-bob", role=READONLY_ROLE)
+    client.post("/ui/signin", data={"token": token}, follow_redirects=False)
+    page = client.get("/ui/jobs", params={"queue": "gpu"}).text
+    assert all(str(i)[:8] in page for i in gpu) and not any(str(i)[:8] in page for i in cpu)
