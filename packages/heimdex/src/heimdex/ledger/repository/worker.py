@@ -61,6 +61,31 @@ from heimdex.models import (
 # or a placing step that began just before another committed (it does not see that one's
 # turns); two claims racing may set the clock a few turns back for a moment (a newcomer then
 # starts a little early). None of these loses a job or starves an org.
+#
+# QUEUES, CAPS, SHARES AND PAUSE (docs/architecture.md, "Queues, caps, shares and pause").
+# - Every job has a `queue` (its type's); a worker claims only its queues: one LIMITed scan of
+#   `idx_job__claim_queue` (queue, priority DESC, turn, run_at) per queue, merged. A pool of
+#   one queue reads only that queue's entries; a queue no worker serves holds nobody.
+# - Weights: an org's turns advance by TURN_UNIT / its weight per job (`scopes.step`), so an
+#   org of weight w takes w turns while one of weight 1 takes one: about w / (sum of the busy
+#   orgs' weights) of the starts. A newcomer still starts at the clock: it waits at most one
+#   job per other org and unit of that org's weight, at its priority.
+# - Caps (`job_limit`: an org, an org in a queue, a queue) count jobs placed or running ("a
+#   placed job holds a slot": a placed job is claimable at once). Only the placer places the
+#   jobs of a capped scope (their submit leaves them unplaced), up to the room each scope has,
+#   read from its row under lock (FOR UPDATE: the latest version) and incremented in the same
+#   statement; the claim takes placed jobs only, so it needs no count. Every statement by
+#   which a counted job stops counting gives its slot back in the same statement: outcomes
+#   (and with them the reaper's), cancels, a pause's unplacing. So, at every instant, running
+#   <= placed + running <= used <= max_running. The keeper recounts `used` from the job rows
+#   (`limits.reconcile`): a count a cap set concurrently with its jobs' submits left wrong heals.
+# - A job the placer cannot place (a full scope, a pause) is held (`held`, out of the placer's
+#   index): a capped-out backlog costs no claim and no placing pass anything. The placer looks
+#   at held jobs again only for a scope whose held jobs wait (`waiting`) and that has room,
+#   up to that room; a claim's `more_due` says when one has.
+# - Pauses (`job_pause`: a queue, a type, an org): the placer places nothing paused; a pause
+#   takes its placed jobs back (slots released) and holds its queued ones; resume un-holds
+#   them and NOTIFYs the workers.
 PLACE_BATCH = 100
 # pg_try_advisory_xact_lock(bigint): "HDXPLACE" in the bytes of a fixed key.
 PLACE_LOCK_KEY = 0x48_44_58_50_4C_41_43_45
