@@ -48,8 +48,8 @@ from heimdex.models import (
 #   at a time, oldest due first, one placer at a time, in a statement of its own that no claim
 #   waits for. A job is placed when it comes due, not when it is queued, or a scheduled backlog
 #   would come due with turns long past and run before every other org's work.
-# - The claim reads one index (`idx_job__claim_order`: priority DESC, turn, run_at; placed
-#   queued jobs only): the first `limit` rows no other claimer holds (`FOR UPDATE SKIP
+# - The claim reads one index (`idx_job__claim_queue`: queue, priority DESC, turn, run_at;
+#   placed queued jobs only; a scan per queue): the first `limit` rows no other claimer holds (`FOR UPDATE SKIP
 #   LOCKED`), then advances the clock, and says whether due jobs wait to be placed. No walk
 #   over the orgs: the cost does not grow with the number of orgs with queued work (the walk
 #   it replaced read each org's head twice per claim, through the index entries the org's
