@@ -48,14 +48,14 @@ from heimdex.models import (
 #   at a time, oldest due first, one placer at a time, in a statement of its own that no claim
 #   waits for. A job is placed when it comes due, not when it is queued, or a scheduled backlog
 #   would come due with turns long past and run before every other org's work.
-# - The claim reads one index (`idx_job__claim_order`: priority DESC, turn, run_at; placed
-#   queued jobs only): the first `limit` rows no other claimer holds (`FOR UPDATE SKIP
-#   LOCKED`), then advances the clock, and says whether due jobs wait to be placed. No walk
-#   over the orgs: the cost does not grow with the number of orgs with queued work (the walk
-#   it replaced read each org's head twice per claim, through the index entries the org's
-#   claimed jobs left there until the next vacuum). It places nothing: placing 1,000 due jobs
-#   in the claim made it 100 ms to seconds long (a row update per job, each with its index
-#   entries), holding the rows it had locked (docs/architecture.md).
+# - The claim reads one index (`idx_job__claim_queue`: queue, priority DESC, turn, run_at; placed
+#   queued jobs only; a scan per queue): the first `limit` rows no other claimer holds (`FOR UPDATE
+#   SKIP LOCKED`), then advances the clock, and says whether due jobs wait to be placed. No walk
+#   over the orgs: the cost does not grow with the number of orgs with queued work (the walk it
+#   replaced read each org's head twice per claim, through the index entries the org's claimed jobs
+#   left there until the next vacuum). It places nothing: placing 1,000 due jobs in the claim made
+#   it 100 ms to seconds long (a row update per job, each with its index entries), holding the rows
+#   it had locked (docs/architecture.md).
 # What it does not promise: two submits of one org racing at one priority may place jobs at
 # the same turn (that org gets two in one round), and so may a submit racing a placing step,
 # or a placing step that began just before another committed (it does not see that one's
