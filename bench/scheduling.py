@@ -5,8 +5,8 @@ latency and claim latency.
     uv run python bench/scheduling.py --quick          # a short run of each part
 
 One throwaway PostgreSQL 15 cluster with fsync on; a fresh database per part. The script runs
-at nice 10 (its cluster and workers inherit it) and stops its worker processes by their PIDs
-and its cluster when it ends, however it ends.
+at nice 10 (`--nice`; its cluster and workers inherit it) and stops its worker processes by
+their PIDs and its cluster when it ends, however it ends.
 
 - mixed workload: two pools on one database, `cpu` and `gpu`, each served by `--pool-workers`
   worker processes of its own (`heimdex worker --queues cpu|gpu --concurrency 4`; the gpu pool
@@ -353,6 +353,8 @@ class MixedResult:
     saturated: dict[str, tuple[float, float, float]]  # pool: (seconds, slots, mean running)
     newcomers: list[tuple[str, float, float, int, int]]
     finished: dict[str, int]
+    clock: int = 0  # the turn clock at the end, from where it stood at the start
+    fronts: dict[str, int] = field(default_factory=dict)  # each queue's lowest placed turn
 
 
 def run_mixed(cluster: Cluster, args: argparse.Namespace) -> MixedResult:
@@ -380,6 +382,8 @@ def run_mixed(cluster: Cluster, args: argparse.Namespace) -> MixedResult:
         _submit(engine, org.id, org.queue, _durations(rng, n, org.queue, args.scale))
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("ANALYZE")
+        row = conn.execute("SELECT last_value FROM job_turn_clock").fetchone()
+        clock0 = int(row[0]) if row else 0
     newcomers: list[tuple[str, uuid.UUID]] = []
     sampler = Sampler(url, args.sample_ms / 1000)
     with workers(url) as pool:
@@ -405,6 +409,14 @@ def run_mixed(cluster: Cluster, args: argparse.Namespace) -> MixedResult:
 SELECT org_id::text, queue::text, extract(epoch FROM created_at)::float8,
        extract(epoch FROM started_at)::float8, status::text = 'succeeded'
   FROM job""").fetchall()
+            # Where the queue stands: the turn clock (shared by the queues) against each
+            # queue's lowest placed turn, in units of a weight-1 org's step.
+            row = conn.execute("SELECT last_value FROM job_turn_clock").fetchone()
+            clock = int(row[0]) if row else 0
+            fronts = conn.execute(
+                "SELECT queue::text, min(turn) FROM job WHERE status = 'queued'"
+                " AND turn IS NOT NULL GROUP BY queue"
+            ).fetchall()
             events = conn.execute(
                 """
 SELECT e.job_id, e.detail_json->>'action', extract(epoch FROM e.ts)::float8 FROM job_event AS e
@@ -412,7 +424,10 @@ SELECT e.job_id, e.detail_json->>'action', extract(epoch FROM e.ts)::float8 FROM
                 {"ids": [job for _, job in newcomers]},
             ).fetchall()
     engine.dispose()
-    return _analyse_mixed(args, orgs, slots, sampler, rows, newcomers, events)
+    result = _analyse_mixed(args, orgs, slots, sampler, rows, newcomers, events)
+    result.clock = clock - clock0
+    result.fronts = {q: int(t) - clock0 for q, t in fronts}
+    return result
 
 
 def _analyse_mixed(  # noqa: PLR0912, PLR0915, PLR0917 - one analysis, in the tables' order
@@ -556,8 +571,17 @@ def print_mixed(args: argparse.Namespace, r: MixedResult) -> None:
     print("| pool | submitted at (s) | wait (ms) | jobs started ahead | bound |")
     print("|---|---|---|---|---|")
     for queue, at, wait, ahead, bound in r.newcomers:
-        shown = "not claimed" if math.isnan(wait) else f"{wait * 1000:.0f}"
-        print(f"| {queue} | {at:.1f} | {shown} | {ahead} | {bound} |")
+        if math.isnan(wait):
+            print(f"| {queue} | {at:.1f} | not claimed by the end | - | {bound} |")
+        else:
+            print(f"| {queue} | {at:.1f} | {wait * 1000:.0f} | {ahead} | {bound} |")
+    unit = 720720  # a weight-1 org's step (scopes.TURN_UNIT)
+    fronts = ", ".join(f"{q} {t / unit:,.0f}" for q, t in sorted(r.fronts.items()))
+    print(
+        f"\nAt the end, in rounds (a weight-1 org's step) from the start: the turn clock "
+        f"{r.clock / unit:,.0f}; each queue's lowest placed turn: {fronts or '-'} (a newcomer "
+        "is placed at the clock)"
+    )
 
 
 # Pickup latency.
@@ -779,6 +803,14 @@ def main() -> None:
         "--only", default="mixed,pickup,claims", help="a subset of: mixed, pickup, claims"
     )
     parser.add_argument(
+        "--nice",
+        type=int,
+        default=10,
+        choices=range(20),
+        metavar="N",
+        help="niceness added to the script, its cluster and workers (0 to 19, default 10)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="a short run: 20 s, a backlog of 2,000, 200 pickups, 20,000 jobs and 300 claims",
@@ -799,13 +831,15 @@ def main() -> None:
     if args.claim_jobs < 20 * args.claims * len(CLAIM_VARIANTS):
         parser.error("--claim-jobs must hold the claims' jobs: at least 20 x --claims x 2")
 
-    os.nice(10)  # the cluster and the workers start from here: they inherit it
+    os.nice(args.nice)  # the cluster and the workers start from here: they inherit it
     # Stopped by SIGTERM, the run still stops its workers and removes its cluster (`finally`).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     _progress(f"load average before: {_load()}")
     cluster = Cluster()
     try:
-        print(f"Machine: {_machine(cluster)}; load average at the start: {_load()}")
+        print(
+            f"Machine: {_machine(cluster)}; nice {args.nice}; load average at the start: {_load()}"
+        )
         if "mixed" in parts:
             print_mixed(args, run_mixed(cluster, args))
         if "pickup" in parts:
