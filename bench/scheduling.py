@@ -440,6 +440,8 @@ def _analyse_mixed(  # noqa: PLR0912, PLR0915, PLR0917 - one analysis, in the ta
     events: list[Any],
 ) -> MixedResult:
     samples = sampler.samples
+    # The sampler's period as achieved (a loaded machine stretches it).
+    period = (samples[-1][0] - samples[0][0]) / (len(samples) - 1) if len(samples) > 1 else 0.0
     created: dict[tuple[str, str], list[float]] = defaultdict(list)
     started: dict[tuple[str, str], list[float]] = defaultdict(list)
     starts_by_queue: dict[str, list[float]] = defaultdict(list)
@@ -488,7 +490,7 @@ def _analyse_mixed(  # noqa: PLR0912, PLR0915, PLR0917 - one analysis, in the ta
             for key, value in alloc.items():
                 fair[key] += value
                 got[key] += running[key]
-        saturated[queue] = (count * args.sample_ms / 1000, slots, running_sum / max(count, 1))
+        saturated[queue] = (count * period, slots, running_sum / max(count, 1))
         total_fair, total_got = sum(fair.values()), sum(got.values())
         kinds: dict[str, list[Org]] = defaultdict(list)
         for org in pool_orgs:
