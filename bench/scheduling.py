@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import json
 import math
 import os
 import platform
@@ -99,14 +100,27 @@ class Cluster:
         rendered: str = url.set(drivername="postgresql").render_as_string(hide_password=False)
         return rendered
 
-    def fresh_database(self, name: str) -> str:
-        """A new database migrated to head, as a plain postgresql:// URL."""
+    def fresh_database(self, name: str, tree: Path | None = None) -> str:
+        """A new database migrated to head (by the checkout `tree`, its own interpreter, when
+        given), as a plain postgresql:// URL."""
         from alembic import command  # noqa: PLC0415
 
         from heimdex_db.config import alembic_config  # noqa: PLC0415
 
         url = self.pg.create_database(name)
-        command.upgrade(alembic_config(database_url=url), "head")
+        if tree is None:
+            command.upgrade(alembic_config(database_url=url), "head")
+        else:
+            upgrade = (
+                "import sys\nfrom alembic import command\n"
+                "from heimdex_db.config import alembic_config\n"
+                "command.upgrade(alembic_config(database_url=sys.argv[1]), 'head')"
+            )
+            subprocess.run(
+                [str(tree / ".venv" / "bin" / "python"), "-c", upgrade,
+                 url.render_as_string(hide_password=False)],
+                check=True, cwd=tree, capture_output=True,
+            )  # fmt: skip
         return self._plain(url)
 
     @property
@@ -139,8 +153,12 @@ class Workers:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
 
-    def start(self, queues: str, *, batch: int | None = None) -> None:
-        args = ["worker", "--queues", queues, "--concurrency", str(CONCURRENCY)]
+    def start(self, queues: str | None, *, batch: int | None = None) -> None:
+        """A worker of `queues` (None: a previous release's worker, the built-in job types
+        only, which claims every job)."""
+        args = ["worker", "--concurrency", str(CONCURRENCY)]
+        if queues is not None:
+            args += ["--queues", queues]
         if batch is not None:
             args += ["--batch", str(batch)]
         path = os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p)
@@ -148,11 +166,12 @@ class Workers:
             **os.environ,
             "DATABASE_URL": self.url,
             "HEIMDEX_JWT_SECRET": SECRET,
-            "HEIMDEX_JOB_MODULES": JOB_MODULES,
             "HEIMDEX_LOG_LEVEL": "info",
             "PYTHONPATH": path,
         }
-        log = self.log_dir / f"worker-{len(self.procs)}-{queues.replace(',', '+')}.log"
+        if queues is not None:
+            env["HEIMDEX_JOB_MODULES"] = JOB_MODULES
+        log = self.log_dir / f"worker-{len(self.procs)}-{(queues or 'all').replace(',', '+')}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "heimdex", *args],
@@ -596,29 +615,43 @@ PICKUP_VARIANTS = (
 )
 
 
-def run_pickup(cluster: Cluster, args: argparse.Namespace) -> dict[str, list[float]]:
+PREVIOUS = "previous release (--baseline): no cap, default queue"
+
+
+def pickup_child(url: str, n: int, rate: float, baseline: bool) -> dict[str, list[float]]:
+    """One pickup run, in a process of its own: the checkout measured is the one whose
+    interpreter runs it (`--baseline`: a previous release, without queues or caps)."""
     import psycopg  # noqa: PLC0415
 
-    url = cluster.fresh_database("pickup")
+    from heimdex.ledger import repository  # noqa: PLC0415
+    from heimdex.ledger.repository import NewJob  # noqa: PLC0415
+
     engine = _engine(url)
-    orgs = [
-        Org(uuid.uuid4(), PICKUP_VARIANTS[0][0], "gpu"),
-        Org(uuid.uuid4(), PICKUP_VARIANTS[1][0], "gpu", cap=1000),
-        Org(uuid.uuid4(), PICKUP_VARIANTS[2][0], "gpu", weight=3, queue_cap=1000),
-        Org(uuid.uuid4(), PICKUP_VARIANTS[3][0], "cpu"),
-    ]
-    _set_limits(engine, orgs)
+    if baseline:
+        orgs = [Org(uuid.uuid4(), PREVIOUS, "default")]
+    else:
+        orgs = [
+            Org(uuid.uuid4(), PICKUP_VARIANTS[0][0], "gpu"),
+            Org(uuid.uuid4(), PICKUP_VARIANTS[1][0], "gpu", cap=1000),
+            Org(uuid.uuid4(), PICKUP_VARIANTS[2][0], "gpu", weight=3, queue_cap=1000),
+            Org(uuid.uuid4(), PICKUP_VARIANTS[3][0], "cpu"),
+        ]
+        _set_limits(engine, orgs)
     ids: dict[str, list[uuid.UUID]] = defaultdict(list)
     with workers(url) as pool:
-        pool.start("gpu,cpu")
+        pool.start(None if baseline else "gpu,cpu")
         pool.wait_ready()
         time.sleep(1.0)  # the worker's first claims and its LISTEN are done: it is idle
-        _progress(f"pickup: {args.pickup} submits at {args.rate:g}/s")
         started = time.monotonic()
-        for i in range(args.pickup):
-            time.sleep(max(0.0, started + i / args.rate - time.monotonic()))
+        for i in range(n):
+            time.sleep(max(0.0, started + i / rate - time.monotonic()))
             org = orgs[i % len(orgs)]
-            (job,) = _submit(engine, org.id, org.queue, [0.0])
+            if baseline:  # the built-in no-op type (a previous release's NewJob has no queue)
+                with engine.begin() as conn:
+                    (record,) = repository.insert_jobs(conn, [NewJob(org.id, "noop", {}, None)])
+                job = record.id
+            else:
+                (job,) = _submit(engine, org.id, org.queue, [0.0])
             ids[org.kind].append(job)
         every = [j for jobs in ids.values() for j in jobs]
         deadline = time.monotonic() + 30
@@ -643,6 +676,31 @@ SELECT s.job_id, extract(epoch FROM c.ts - s.ts)::float8 FROM job_event AS s
     return {kind: [pickup[j] for j in jobs if j in pickup] for kind, jobs in ids.items()}
 
 
+def run_pickup(cluster: Cluster, args: argparse.Namespace) -> dict[str, list[float]]:
+    """The pickup run of this checkout and, with `--baseline`, of the other at the same time
+    (each its own database, worker and submitter, so the machine's load hits both alike)."""
+    runs = {"current": (sys.executable, cluster.fresh_database("pickup"))}
+    if args.baseline:
+        python = args.baseline / ".venv" / "bin" / "python"
+        runs["baseline"] = (str(python), cluster.fresh_database("pickup_base", tree=args.baseline))
+    _progress(f"pickup: {args.pickup} submits at {args.rate:g}/s ({', '.join(runs)})")
+    procs = {}
+    for name, (python, url) in runs.items():
+        procs[name] = subprocess.Popen(
+            [python, str(HERE), "--pickup-child", url, str(args.pickup), str(args.rate),
+             "1" if name == "baseline" else "0"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+    out: dict[str, list[float]] = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            _progress(f"pickup {name}: FAILED: {stderr.strip().splitlines()[-3:]}")
+            continue
+        out.update(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
 def _pct(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
@@ -652,12 +710,17 @@ def print_pickup(args: argparse.Namespace, result: dict[str, list[float]]) -> No
     print(
         f"\n### Pickup latency: one idle worker (--queues gpu,cpu, concurrency {CONCURRENCY}), "
         f"{args.pickup} submits at {args.rate:g}/s, the orgs in turn; from the job's "
-        "`submitted` event to its `claimed` event\n"
+        "`submitted` event to its `claimed` event"
+        + (f" (beside it at the same time: {args.baseline})" if args.baseline else "")
+        + "\n"
     )
     print("| submitted by | jobs | p50 (ms) | p99 (ms) | max (ms) |")
     print("|---|---|---|---|---|")
-    every = [v for values in result.values() for v in values]
-    for kind, values in [*result.items(), ("all", every)]:
+    every = [v for kind, values in result.items() if kind != PREVIOUS for v in values]
+    rows = [(k, v) for k, v in result.items() if k != PREVIOUS] + [("all of the above", every)]
+    if PREVIOUS in result:
+        rows.append((PREVIOUS, result[PREVIOUS]))
+    for kind, values in rows:
         if not values:
             print(f"| {kind} | 0 | - | - | - |")
             continue
@@ -789,7 +852,7 @@ def _load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def main() -> None:
+def main() -> None:  # noqa: PLR0912, PLR0915 - the options, checked, then the parts
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--orgs", type=int, default=100, help="orgs of the mixed workload")
     parser.add_argument("--backlog", type=int, default=10_000, help="the big org's backlog")
@@ -805,6 +868,14 @@ def main() -> None:
         "--only", default="mixed,pickup,claims", help="a subset of: mixed, pickup, claims"
     )
     parser.add_argument(
+        "--baseline",
+        metavar="TREE",
+        type=Path,
+        help="pickup: also run a previous release's checkout (with its own .venv), at the "
+        "same time, as a row of its own",
+    )
+    parser.add_argument("--pickup-child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument(
         "--nice",
         type=int,
         default=10,
@@ -818,6 +889,14 @@ def main() -> None:
         help="a short run: 20 s, a backlog of 2,000, 200 pickups, 20,000 jobs and 300 claims",
     )
     args = parser.parse_args()
+    if args.pickup_child:
+        url, n, rate, baseline = args.pickup_child
+        print(json.dumps(pickup_child(url, int(n), float(rate), baseline == "1")))
+        return
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        if not (args.baseline / ".venv" / "bin" / "python").exists():
+            parser.error(f"--baseline {args.baseline}: no .venv there (run `uv sync` in it)")
     if args.quick:
         args.seconds, args.backlog, args.pickup = 20.0, 2000, 200
         args.claim_jobs, args.claims = 20_000, 300
