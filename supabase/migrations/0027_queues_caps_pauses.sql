@@ -102,6 +102,8 @@ COMMENT ON COLUMN job_control_event.reason IS 'Why';
 
 CREATE INDEX idx_job_limit__waiting ON job_limit (id) WHERE waiting;
 
+CREATE INDEX idx_job_limit__room ON job_limit (id) WHERE waiting AND used < max_running;
+
 CREATE INDEX idx_job_control_event__ts ON job_control_event (ts);
 
 ALTER TABLE job_limit ENABLE ROW LEVEL SECURITY;

@@ -1,2 +1,2 @@
-DROP INDEX CONCURRENTLY IF EXISTS idx_job__claim_order;
+CREATE INDEX CONCURRENTLY idx_job__org_queue_turn ON job (org_id, queue, priority, turn, id) WHERE status = 'queued' AND turn IS NOT NULL;
 

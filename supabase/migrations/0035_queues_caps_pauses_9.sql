@@ -1,6 +1,2 @@
-BEGIN;
-
-UPDATE heimdex_private.alembic_version SET version_num='a9d4c6e2f8b1' WHERE heimdex_private.alembic_version.version_num = 'f3c1a8e5b7d9';
-
-COMMIT;
+COMMENT ON FUNCTION heimdex_private.job_last_turn(uuid, varchar, integer, bigint) IS 'Last placed turn of an org in a queue at a priority, if at or after floor: one probe';
 

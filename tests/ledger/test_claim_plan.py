@@ -21,7 +21,7 @@ from heimdex.ledger.repository.rows import driver_rows
 from heimdex.ledger.repository.worker import PLACE_SQL, claim_sql
 
 CLAIM_INDEX = "idx_job__claim_queue"
-ORG_TURN_INDEX = "idx_job__org_turn"
+ORG_TURN_INDEX = "idx_job__org_queue_turn"
 UNPLACED_INDEX = "idx_job__due"
 
 
@@ -198,7 +198,9 @@ def _probe_plans(engine: Engine, orgs: list[uuid.UUID]) -> tuple[list[int | None
         ):
             driver.execute(setting)
         lasts = [
-            driver.execute("SELECT heimdex_private.job_last_turn(%s, 0, 0)", (org,)).fetchone()[0]  # type: ignore[index]
+            driver.execute(
+                "SELECT heimdex_private.job_last_turn(%s, 'default', 0, 0)", (org,)
+            ).fetchone()[0]  # type: ignore[index]
             for org in orgs
             for _ in range(7)
         ]
@@ -210,7 +212,7 @@ def _probe_plans(engine: Engine, orgs: list[uuid.UUID]) -> tuple[list[int | None
 
 def _assert_one_index_scan(probes: list[str]) -> None:
     for plan in probes:
-        assert "Index Only Scan Backward using idx_job__org_turn" in plan, plan
+        assert f"Index Only Scan Backward using {ORG_TURN_INDEX}" in plan, plan
         assert "Bitmap" not in plan and "Seq Scan" not in plan, plan
         assert re.search(r"Heap Fetches: [0-9]\b", plan) or "Heap Fetches" not in plan, plan
 
@@ -267,6 +269,78 @@ UPDATE job AS j SET turn = n.turn
     lasts, probes = _probe_plans(engine, orgs[:3])
     assert lasts == [50] * 21, lasts
     _assert_one_index_scan(probes)
+
+
+def test_the_queue_clock_is_one_index_scan(engine: Engine) -> None:
+    """Placing a job also reads where its queue stands (`heimdex_private.job_queue_clock`):
+    the first entry of the claim index for that queue and priority, never a sort of the
+    queue's backlog."""
+    orgs = [uuid.uuid4() for _ in range(100)]
+    with engine.begin() as conn:
+        conn.execute(
+            text("""
+INSERT INTO job (org_id, type, queue, turn)
+SELECT (CAST(:orgs AS uuid[]))[1 + g % 100], 'noop',
+       CASE WHEN g % 10 = 0 THEN 'gpu' ELSE 'default' END, 1000 + g
+  FROM generate_series(1, 50000) AS g"""),
+            {"orgs": orgs},
+        )
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM ANALYZE job"))
+    plans: list[str] = []
+    with engine.connect() as conn:
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        driver.add_notice_handler(lambda d: plans.append(d.message_primary or ""))
+        for setting in (
+            "LOAD 'auto_explain'",
+            "SET auto_explain.log_min_duration = 0",
+            "SET auto_explain.log_nested_statements = on",
+            "SET client_min_messages = log",
+        ):
+            driver.execute(setting)
+        clocks = [
+            driver.execute(
+                "SELECT heimdex_private.job_queue_clock(%s, 0, 10000000)", (queue,)
+            ).fetchone()[0]  # type: ignore[index]
+            for queue in ("gpu", "default", "idle")
+            for _ in range(7)
+        ]
+        conn.rollback()
+    assert clocks == [1010] * 7 + [1001] * 7 + [10_000_000] * 7, clocks
+    probes = [p for p in plans if "FROM public.job" in p]
+    assert len(probes) == 21, plans
+    for plan in probes:
+        assert "Index Only Scan using idx_job__claim_queue" in plan, plan
+        assert "Sort" not in plan and "Seq Scan" not in plan, plan
+
+
+def test_the_claims_question_about_capped_scopes_reads_only_those_with_room(
+    engine: Engine,
+) -> None:
+    """Every claim asks whether a capped scope has room again for the jobs held for it. With
+    thousands of orgs holding a cap or a weight, reading `job_limit` was most of the claim."""
+    with engine.begin() as conn:
+        conn.execute(
+            text("""
+INSERT INTO job_limit (org_id, max_running, weight, used, waiting)
+SELECT gen_random_uuid(), CASE WHEN g % 2 = 0 THEN 2 END, 1 + g % 3,
+       CASE WHEN g % 2 = 0 THEN 2 ELSE 0 END, g % 4 = 0
+  FROM generate_series(1, 4000) AS g""")
+        )
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM ANALYZE job_limit"))
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        plan = "\n".join(
+            row[0]
+            for row in driver.execute(
+                "EXPLAIN " + repository.worker.claim_sql(10),
+                {"worker": "w", "lease": 30.0, "q0": "default"},
+            ).fetchall()
+        )
+    assert "idx_job_limit__room" in plan, plan
+    assert "Seq Scan on job_limit" not in plan, plan
 
 
 @pytest.mark.slow

@@ -17,6 +17,16 @@ Revises: f3c1a8e5b7d9
   a worker's claim reads only its queues' entries. `idx_job__due` (run_at, jobs unplaced and
   not held) replaces `idx_job__unplaced`. `idx_job__held_org` and `idx_job__held_queue`: the
   held jobs of a scope, oldest first, for the placer when the scope has room and for resume.
+- Each queue keeps its own clock: a job is placed after its org's last turn *in its queue*
+  (`heimdex_private.job_last_turn(org, queue, prio, floor)` on `idx_job__org_queue_turn`, which
+  replaces `idx_job__org_turn`), never before its queue's clock (`heimdex_private.
+  job_queue_clock(queue, prio, floor)`: the clock `floor`, or the queue's lowest placed turn at
+  that priority when it is behind it; one probe of `idx_job__claim_queue`). With one clock for
+  every queue, a fast pool's claims carried
+  it far past a slow pool's placed turns, and a newcomer's job in the slow pool waited behind
+  that pool's whole backlog. The three-argument `job_last_turn` stays for the previous release.
+- `idx_job_limit__room`: the capped scopes whose held jobs wait and that have room again, which
+  every claim asks about (a handful of rows, however many orgs have a cap or a weight).
 
 Cost on a live table: the two columns have constant defaults (catalog only since PostgreSQL 11,
 no rewrite, under lock_timeout); the indexes are built and the old ones dropped CONCURRENTLY
@@ -44,6 +54,52 @@ DUE = "status = 'queued' AND turn IS NULL AND NOT held"
 HELD = "status = 'queued' AND held"
 QUEUE_COMMENT = "Queue (worker pool) the job runs in"
 HELD_COMMENT = "Set aside by the placer: a cap of its scope is full, or it is paused"
+
+LAST_TURN = "heimdex_private.job_last_turn"
+LAST_TURN_ARGS = "(uuid, varchar, integer, bigint)"
+QUEUE_CLOCK = "heimdex_private.job_queue_clock"
+QUEUE_CLOCK_ARGS = "(varchar, integer, bigint)"
+# Both as `job_last_turn` was made in decbcd73cdc7: the settings keep each probe on its index
+# whatever the statistics say (one backward index-only scan; one forward).
+PROBE_SETTINGS = """
+    LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY INVOKER
+    SET search_path = ''
+    SET enable_bitmapscan = off
+    SET enable_seqscan = off
+    SET enable_incremental_sort = off
+    SET enable_sort = off"""
+FUNCTIONS = {
+    f"{LAST_TURN}{LAST_TURN_ARGS}": (
+        f"""
+CREATE OR REPLACE FUNCTION {LAST_TURN}(org uuid, q varchar, prio integer, floor bigint)
+    RETURNS bigint{PROBE_SETTINGS}
+AS $fn$
+BEGIN
+    RETURN (SELECT j.turn FROM public.job AS j
+             WHERE j.status = 'queued' AND j.turn IS NOT NULL
+               AND j.org_id = org AND j.queue = q AND j.priority = prio AND j.turn >= floor
+             ORDER BY j.turn DESC, j.id DESC
+             LIMIT 1);
+END
+$fn$""",
+        "Last placed turn of an org in a queue at a priority, if at or after floor: one probe",
+    ),
+    f"{QUEUE_CLOCK}{QUEUE_CLOCK_ARGS}": (
+        f"""
+CREATE OR REPLACE FUNCTION {QUEUE_CLOCK}(q varchar, prio integer, floor bigint)
+    RETURNS bigint{PROBE_SETTINGS}
+AS $fn$
+BEGIN
+    RETURN least((SELECT j.turn FROM public.job AS j
+                   WHERE j.status = 'queued' AND j.turn IS NOT NULL
+                     AND j.queue = q AND j.priority = prio
+                   ORDER BY j.turn
+                   LIMIT 1), floor);
+END
+$fn$""",
+        "Where a queue stands at a priority: its lowest placed turn, if below floor; one probe",
+    ),
+}
 
 TABLES = [
     """
@@ -120,6 +176,9 @@ def upgrade() -> None:
         op.execute(_comment(target, text))
     # Empty tables created in this transaction: no concurrent build is needed.
     op.execute("CREATE INDEX idx_job_limit__waiting ON job_limit (id) WHERE waiting")
+    op.execute(
+        "CREATE INDEX idx_job_limit__room ON job_limit (id) WHERE waiting AND used < max_running"
+    )
     op.execute("CREATE INDEX idx_job_control_event__ts ON job_control_event (ts)")
     for table in ("job_limit", "job_pause", "job_control_event"):
         op.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
@@ -141,13 +200,21 @@ def upgrade() -> None:
         create_index("idx_job__due", "job", "(run_at)", where=DUE)
         create_index("idx_job__held_org", "job", "(org_id, run_at)", where=HELD)
         create_index("idx_job__held_queue", "job", "(queue, run_at)", where=HELD)
+        create_index(
+            "idx_job__org_queue_turn", "job", "(org_id, queue, priority, turn, id)", where=PLACED
+        )
+        for name, (function, comment) in FUNCTIONS.items():
+            op.execute(function)
+            op.execute(_comment(f"FUNCTION {name}", comment))
         drop_index("idx_job__claim_order")
         drop_index("idx_job__unplaced")
+        drop_index("idx_job__org_turn")
 
 
 def downgrade() -> None:
     set_lock_timeout()
     with online():
+        create_index("idx_job__org_turn", "job", "(org_id, priority, turn, id)", where=PLACED)
         create_index("idx_job__claim_order", "job", "(priority DESC, turn, run_at)", where=PLACED)
         create_index(
             "idx_job__unplaced", "job", "(run_at)", where="status = 'queued' AND turn IS NULL"
@@ -156,6 +223,9 @@ def downgrade() -> None:
         drop_index("idx_job__held_org")
         drop_index("idx_job__due")
         drop_index("idx_job__claim_queue")
+        drop_index("idx_job__org_queue_turn")
+        for name in FUNCTIONS:
+            op.execute(f"DROP FUNCTION IF EXISTS {name}")
         ddl(
             [
                 "DROP TABLE IF EXISTS job_control_event",

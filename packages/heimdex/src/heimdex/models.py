@@ -113,8 +113,9 @@ class Job(Base):
             postgresql_where=text("status = 'queued' AND turn IS NOT NULL"),
         ),
         Index(
-            "idx_job__org_turn",
+            "idx_job__org_queue_turn",
             "org_id",
+            "queue",
             "priority",
             "turn",
             "id",
@@ -372,6 +373,11 @@ class JobLimit(Base):
         CheckConstraint("weight BETWEEN 1 AND 1000", name="weight"),
         CheckConstraint("used >= 0", name="used"),
         Index("idx_job_limit__waiting", "id", postgresql_where=text("waiting")),
+        Index(
+            "idx_job_limit__room",
+            "id",
+            postgresql_where=text("waiting AND used < max_running"),
+        ),
         {"comment": "Caps on jobs placed or running per scope, and org weights"},
     )
 

@@ -47,8 +47,8 @@ _SUBMITTED = '{"action": "submitted"}'
 
 # Batches travel as one JSON array (`jsonb_to_recordset`): one parameter, encoded in C, instead
 # of an array per column adapted value by value. Jobs due now are placed in the fair queue as
-# they are inserted (see THE CLAIM, in `worker`): each (org, priority) of the batch starts after
-# the org's last placed turn at that priority, never before the clock, and takes turns a step
+# they are inserted (see THE CLAIM, in `worker`): each (org, queue, priority) of the batch starts
+# after the org's last placed turn there, never before its queue's clock, and takes turns a step
 # apart (TURN_UNIT / the org's weight) in the batch's order. Jobs due later are inserted
 # unplaced (`turn` NULL), and so are jobs of a capped scope or a paused queue, type or org: only
 # the placer, which counts slots under lock, places those (QUEUES, CAPS, SHARES AND PAUSE).
@@ -87,17 +87,20 @@ _INSERT = _insert_sql(
                                         timeout_seconds, queue, ord)) AS n""",
     start=f"""
 ), start AS MATERIALIZED (
-    SELECT g.org_id, g.priority, g.step,
-           greatest(heimdex_private.job_last_turn(g.org_id, g.priority, c.last_value) + g.step,
-                    c.last_value) AS turn
-      FROM (SELECT k.org_id, k.priority, {scopes.step("k")} AS step
-              FROM (SELECT DISTINCT org_id, priority FROM new WHERE place) AS k) AS g
-     CROSS JOIN job_turn_clock AS c""",
-    turn="""s.turn + (row_number() OVER (PARTITION BY n.org_id, n.priority, s.turn
+    SELECT q.org_id, q.queue, q.priority, q.step,
+           greatest(heimdex_private.job_last_turn(q.org_id, q.queue, q.priority, q.clock)
+                    + q.step, q.clock) AS turn
+      FROM (SELECT g.*, heimdex_private.job_queue_clock(g.queue, g.priority, c.last_value)
+                          AS clock
+              FROM (SELECT k.org_id, k.queue, k.priority, {scopes.step("k")} AS step
+                      FROM (SELECT DISTINCT org_id, queue, priority FROM new WHERE place) AS k)
+                   AS g
+             CROSS JOIN job_turn_clock AS c) AS q""",
+    turn="""s.turn + (row_number() OVER (PARTITION BY n.org_id, n.queue, n.priority, s.turn
                                       ORDER BY n.ord) - 1) * s.step""",
     join="""
       LEFT JOIN start AS s
-        ON s.org_id = n.org_id AND s.priority = n.priority AND n.place
+        ON s.org_id = n.org_id AND s.queue = n.queue AND s.priority = n.priority AND n.place
      ORDER BY n.ord""",
 )
 # One job (the API's one-by-one submit, the hot path): the same turn, without the batch's
@@ -106,9 +109,12 @@ _INSERT_ONE = _insert_sql(
     source=f"jsonb_to_recordset(CAST(%(jobs)s AS jsonb)) AS n{_COLUMNS}",
     start="",
     turn=f"""CASE WHEN coalesce(n.run_at, now()) <= now() AND NOT {scopes.gated("n")} THEN
-               (SELECT greatest(heimdex_private.job_last_turn(n.org_id, n.priority, c.last_value)
-                                + {scopes.step("n")}, c.last_value)
-                  FROM job_turn_clock AS c) END""",
+               (SELECT greatest(heimdex_private.job_last_turn(n.org_id, n.queue, n.priority,
+                                                              q.clock)
+                                + {scopes.step("n")}, q.clock)
+                  FROM (SELECT heimdex_private.job_queue_clock(n.queue, n.priority, c.last_value)
+                                 AS clock
+                          FROM job_turn_clock AS c) AS q) END""",
     join="",
 )
 

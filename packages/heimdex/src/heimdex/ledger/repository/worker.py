@@ -35,13 +35,17 @@ from heimdex.models import (
 
 # THE CLAIM: a start-time fair queue. Within a priority, orgs take turns: every org's next job,
 # then every org's one after (round-robin), whatever the size of each org's backlog.
-# - A job is placed when it is due: it gets a `turn`, max(its org's last placed turn at that
-#   priority + 1, the clock). The clock (`job_turn_clock`) is about the highest turn claimed so
-#   far; the org's last turn is one probe of `idx_job__org_turn` from the top, in
-#   `heimdex_private.job_last_turn()` (revisions d2d60e3ca6c1 and decbcd73cdc7 say why a
-#   function, and why with sorts off). So an org's backlog takes consecutive turns from where
-#   the queue stands, and an org with nothing queued starts at the clock: its new job is next,
-#   behind at most one job of each other org at that turn.
+# - A job is placed when it is due: it gets a `turn`, max(its org's last placed turn in its
+#   queue at that priority + a step, its queue's clock). The clock (`job_turn_clock`) is about
+#   the highest turn claimed so far, in any queue; a queue's clock is that, or the queue's lowest
+#   placed turn at that priority when the queue is behind it (one probe of
+#   `idx_job__claim_queue`, in `heimdex_private.job_queue_clock()`). With one for all, a fast pool's
+#   claims carried it past a slow pool's placed turns, and the slow pool's newcomers waited
+#   behind its whole backlog. The org's last turn is one probe of `idx_job__org_queue_turn` from
+#   the top, in `heimdex_private.job_last_turn()` (revisions d2d60e3ca6c1, decbcd73cdc7 and
+#   a9d4c6e2f8b1 say why functions, and why with sorts off). So an org's backlog takes
+#   consecutive turns from where its queue stands, and an org with nothing queued there starts
+#   at the clock: its new job is next, behind at most one job of each other org at that turn.
 # - Jobs due at submit are placed by the submit itself (`submit._INSERT`). Jobs that come due
 #   later (scheduled, retried with backoff, requeued, and those queued before turns existed)
 #   wait unplaced (`turn` NULL) until the placing step (`place_due`) places them: PLACE_BATCH
@@ -320,7 +324,7 @@ WITH placer AS MATERIALIZED (
      GROUP BY r.job
     HAVING bool_and(r.rank <= r.room)
 ), decided AS MATERIALIZED (
-    SELECT c.id, c.org_id, c.priority, c.run_at, c.was_held,
+    SELECT c.id, c.org_id, c.queue, c.priority, c.run_at, c.was_held,
            c.id NOT IN (SELECT id FROM first_round UNION ALL SELECT id FROM second_round)
              AS hold
       FROM cand AS c
@@ -332,18 +336,22 @@ WITH placer AS MATERIALIZED (
       JOIN left_room AS l ON l.id = p.scope
      WHERE NOT d.was_held OR l.room <= 0 OR l.room IS NULL
 ), firsts AS MATERIALIZED (
-    SELECT k.org_id, k.priority, k.step,
-           greatest(heimdex_private.job_last_turn(k.org_id, k.priority, clock.turn) + k.step,
-                    clock.turn) AS turn
-      FROM (SELECT g.org_id, g.priority, {scopes.step("g")} AS step
-              FROM (SELECT DISTINCT org_id, priority FROM decided WHERE NOT hold) AS g) AS k
-     CROSS JOIN clock
+    SELECT q.org_id, q.queue, q.priority, q.step,
+           greatest(heimdex_private.job_last_turn(q.org_id, q.queue, q.priority, q.clock)
+                    + q.step, q.clock) AS turn
+      FROM (SELECT k.*, heimdex_private.job_queue_clock(k.queue, k.priority, clock.turn)
+                          AS clock
+              FROM (SELECT g.org_id, g.queue, g.priority, {scopes.step("g")} AS step
+                      FROM (SELECT DISTINCT org_id, queue, priority FROM decided WHERE NOT hold)
+                           AS g) AS k
+             CROSS JOIN clock) AS q
 ), numbered AS (
     SELECT d.id, d.hold,
-           f.turn + (row_number() OVER (PARTITION BY d.org_id, d.priority, d.hold
+           f.turn + (row_number() OVER (PARTITION BY d.org_id, d.queue, d.priority, d.hold
                                         ORDER BY d.run_at, d.id) - 1) * f.step AS turn
       FROM decided AS d
-      LEFT JOIN firsts AS f ON NOT d.hold AND f.org_id = d.org_id AND f.priority = d.priority
+      LEFT JOIN firsts AS f
+        ON NOT d.hold AND f.org_id = d.org_id AND f.queue = d.queue AND f.priority = d.priority
      -- a held job held again is left as it is (no row version for nothing)
      WHERE NOT (d.hold AND d.was_held)
 ), moved AS (
