@@ -71,10 +71,28 @@ def _heimdex_enqueue(url: str, n: int) -> None:
     registry = load_registry()
     orgs = [uuid.uuid4() for _ in range(int(os.environ.get("BENCH_ORGS", "10")))]
     with engine.begin() as conn:
+        _heimdex_limits(conn, orgs)
         for i in range(0, n, 1000):
             specs = [service.JobSpec("noop", {})] * min(1000, n - i)
             service.submit_jobs(conn, registry, org_id=orgs[i // 1000 % len(orgs)], specs=specs)
     engine.dispose()
+
+
+def _heimdex_limits(conn: Any, orgs: list[uuid.UUID]) -> None:
+    """`--caps N`: each org capped at N running (not binding when N is above the worker's
+    concurrency, yet every job goes through the placer and every slot is counted);
+    `--weights`: the orgs weighted 1, 2, 3, 1, 2, 3, ..."""
+    cap = int(os.environ.get("BENCH_CAP", "0"))
+    weights = os.environ.get("BENCH_WEIGHTS") == "1"
+    if not cap and not weights:
+        return
+    from heimdex.ledger import control  # noqa: PLC0415
+
+    who = control.Who("bench", "bench")
+    for i, org in enumerate(orgs):
+        control.set_limit(
+            conn, who, org_id=org, max_running=cap or None, weight=(i % 3) + 1 if weights else None
+        )
 
 
 def child_heimdex(url: str, n: int, batch: int) -> float:
@@ -89,7 +107,7 @@ def child_heimdex(url: str, n: int, batch: int) -> float:
     worker = threading.Thread(
         target=run_worker,
         args=(settings, stop),
-        kwargs={"concurrency": CONCURRENCY, "batch": batch},
+        kwargs={"concurrency": CONCURRENCY, "batch": batch, **_heimdex_queues()},
     )
     worker.start()
     # Done when nothing is queued or running: two probes of indexes, however many jobs have
@@ -112,6 +130,12 @@ def child_heimdex(url: str, n: int, batch: int) -> float:
     if done != n:
         raise SystemExit(f"{done} of {n} jobs succeeded")
     return n / elapsed
+
+
+def _heimdex_queues() -> dict[str, Any]:
+    """`--queues Q,...`: the worker claims these queues (the jobs are in `default`)."""
+    raw = os.environ.get("BENCH_QUEUES", "")
+    return {"queues": raw.split(",")} if raw else {}
 
 
 def _scalar(conn: Any, sql: str) -> Any:
@@ -555,7 +579,7 @@ def _print_table(
         )
 
 
-def main() -> None:  # noqa: PLR0912 - argument handling, the rounds and the table
+def main() -> None:  # noqa: PLR0912, PLR0915 - argument handling, the rounds and the table
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=5000, help="jobs per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
@@ -573,6 +597,22 @@ def main() -> None:  # noqa: PLR0912 - argument handling, the rounds and the tab
         help="also run Heimdex from this checkout (with its own .venv) as 'baseline', "
         "interleaved in the same rounds",
     )
+    parser.add_argument(
+        "--caps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Heimdex: cap every org at N jobs running (above the concurrency: not binding)",
+    )
+    parser.add_argument(
+        "--weights", action="store_true", help="Heimdex: weight the orgs 1, 2, 3, 1, ..."
+    )
+    parser.add_argument(
+        "--queues",
+        default="",
+        metavar="Q,...",
+        help="Heimdex: the worker claims these queues (jobs are in default)",
+    )
     parser.add_argument("--child", nargs=4, metavar=("SYSTEM", "URL", "JOBS", "BATCH"),
                         help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
@@ -588,6 +628,10 @@ def main() -> None:  # noqa: PLR0912 - argument handling, the rounds and the tab
         return
 
     os.environ["BENCH_ORGS"] = str(args.orgs)  # read by the children that enqueue
+    # Read by this checkout's Heimdex children only (a baseline's script knows none of them).
+    os.environ["BENCH_CAP"] = str(args.caps)
+    os.environ["BENCH_WEIGHTS"] = "1" if args.weights else ""
+    os.environ["BENCH_QUEUES"] = args.queues
     rows: list[tuple[str, str, int, int]] = []  # (section, system, batch, jobs)
     systems = ("heimdex", "baseline", "pgqueuer", "procrastinate", "raw")
     if args.baseline:

@@ -20,9 +20,9 @@ from heimdex.ledger import repository
 from heimdex.ledger.repository.rows import driver_rows
 from heimdex.ledger.repository.worker import PLACE_SQL, claim_sql
 
-CLAIM_INDEX = "idx_job__claim_order"
-ORG_TURN_INDEX = "idx_job__org_turn"
-UNPLACED_INDEX = "idx_job__unplaced"
+CLAIM_INDEX = "idx_job__claim_queue"
+ORG_TURN_INDEX = "idx_job__org_queue_turn"
+UNPLACED_INDEX = "idx_job__due"
 
 
 def _plan_nodes(plan: dict[str, object]) -> list[dict[str, object]]:
@@ -79,7 +79,7 @@ SELECT (CAST(:orgs AS uuid[]))[2 + g % 19], 'noop', 1, now() - make_interval(sec
         conn.execute(text("VACUUM ANALYZE job"))
     # The next jobs come off the index in claim order, and whether unplaced ones are due off
     # theirs, oldest first: a few rows, never the whole queue (a bitmap scan would, then sort).
-    scans = _scans_of(engine, claim_sql(10), {"worker": "plan", "lease": 30})
+    scans = _scans_of(engine, claim_sql(10), {"worker": "plan", "lease": 30, "q0": "default"})
     for index in (CLAIM_INDEX, UNPLACED_INDEX):
         assert any(
             n["Node Type"] in {"Index Scan", "Index Only Scan"} and n.get("Index Name") == index
@@ -92,7 +92,9 @@ SELECT (CAST(:orgs AS uuid[]))[2 + g % 19], 'noop', 1, now() - make_interval(sec
     assert any(
         n["Node Type"] == "Index Scan" and n.get("Index Name") == UNPLACED_INDEX for n in scans
     ), scans
-    assert {n.get("Index Name") for n in scans} <= {UNPLACED_INDEX, "pk_job"}, scans
+    # the held jobs of the scopes with room: their own partial indexes
+    held = {"idx_job__held_org", "idx_job__held_queue"}
+    assert {n.get("Index Name") for n in scans} <= {UNPLACED_INDEX, "pk_job", *held}, scans
 
 
 def test_the_prepared_claims_generic_plan_reads_no_table_on_a_small_ledger(engine: Engine) -> None:
@@ -113,15 +115,15 @@ SELECT (CAST(:orgs AS uuid[]))[1 + g % 10], 'noop',
         )
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE job"))
-    numbered = {"worker": "$1", "lease": "$2"}
+    numbered = {"worker": "$1", "lease": "$2", "q0": "$3"}
     sql = re.sub(r"%\((\w+)\)s", lambda m: numbered[m.group(1)], claim_sql(10))
     with engine.begin() as conn:
         driver = conn.connection.driver_connection
         assert driver is not None
         driver.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        driver.execute(f"PREPARE claim_plan (text, float8) AS {sql}")
+        driver.execute(f"PREPARE claim_plan (text, float8, text) AS {sql}")
         ((plan,),) = driver.execute(
-            "EXPLAIN (FORMAT JSON) EXECUTE claim_plan ('plan', 30)"
+            "EXPLAIN (FORMAT JSON) EXECUTE claim_plan ('plan', 30, 'default')"
         ).fetchall()
         conn.rollback()
     nodes = _plan_nodes(plan[0]["Plan"])
@@ -133,7 +135,7 @@ SELECT (CAST(:orgs AS uuid[]))[1 + g % 10], 'noop',
 def _claim_plan(conn: Any) -> dict[str, Any]:
     cursor = conn.execute(
         f"EXPLAIN (ANALYZE, FORMAT JSON) {claim_sql(10)}",
-        {"worker": "plan", "lease": 30},
+        {"worker": "plan", "lease": 30, "q0": "default"},
     )
     plan: dict[str, Any] = cursor.fetchone()[0][0]
     return plan
@@ -196,7 +198,9 @@ def _probe_plans(engine: Engine, orgs: list[uuid.UUID]) -> tuple[list[int | None
         ):
             driver.execute(setting)
         lasts = [
-            driver.execute("SELECT heimdex_private.job_last_turn(%s, 0, 0)", (org,)).fetchone()[0]  # type: ignore[index]
+            driver.execute(
+                "SELECT heimdex_private.job_last_turn(%s, 'default', 0, 0)", (org,)
+            ).fetchone()[0]  # type: ignore[index]
             for org in orgs
             for _ in range(7)
         ]
@@ -208,7 +212,7 @@ def _probe_plans(engine: Engine, orgs: list[uuid.UUID]) -> tuple[list[int | None
 
 def _assert_one_index_scan(probes: list[str]) -> None:
     for plan in probes:
-        assert "Index Only Scan Backward using idx_job__org_turn" in plan, plan
+        assert f"Index Only Scan Backward using {ORG_TURN_INDEX}" in plan, plan
         assert "Bitmap" not in plan and "Seq Scan" not in plan, plan
         assert re.search(r"Heap Fetches: [0-9]\b", plan) or "Heap Fetches" not in plan, plan
 
@@ -265,6 +269,78 @@ UPDATE job AS j SET turn = n.turn
     lasts, probes = _probe_plans(engine, orgs[:3])
     assert lasts == [50] * 21, lasts
     _assert_one_index_scan(probes)
+
+
+def test_the_queue_clock_is_one_index_scan(engine: Engine) -> None:
+    """Placing a job also reads where its queue stands (`heimdex_private.job_queue_clock`):
+    the first entry of the claim index for that queue and priority, never a sort of the
+    queue's backlog."""
+    orgs = [uuid.uuid4() for _ in range(100)]
+    with engine.begin() as conn:
+        conn.execute(
+            text("""
+INSERT INTO job (org_id, type, queue, turn)
+SELECT (CAST(:orgs AS uuid[]))[1 + g % 100], 'noop',
+       CASE WHEN g % 10 = 0 THEN 'gpu' ELSE 'default' END, 1000 + g
+  FROM generate_series(1, 50000) AS g"""),
+            {"orgs": orgs},
+        )
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM ANALYZE job"))
+    plans: list[str] = []
+    with engine.connect() as conn:
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        driver.add_notice_handler(lambda d: plans.append(d.message_primary or ""))
+        for setting in (
+            "LOAD 'auto_explain'",
+            "SET auto_explain.log_min_duration = 0",
+            "SET auto_explain.log_nested_statements = on",
+            "SET client_min_messages = log",
+        ):
+            driver.execute(setting)
+        clocks = [
+            driver.execute(
+                "SELECT heimdex_private.job_queue_clock(%s, 0, 10000000)", (queue,)
+            ).fetchone()[0]  # type: ignore[index]
+            for queue in ("gpu", "default", "idle")
+            for _ in range(7)
+        ]
+        conn.rollback()
+    assert clocks == [1010] * 7 + [1001] * 7 + [10_000_000] * 7, clocks
+    probes = [p for p in plans if "FROM public.job" in p]
+    assert len(probes) == 21, plans
+    for plan in probes:
+        assert "Index Only Scan using idx_job__claim_queue" in plan, plan
+        assert "Sort" not in plan and "Seq Scan" not in plan, plan
+
+
+def test_the_claims_question_about_capped_scopes_reads_only_those_with_room(
+    engine: Engine,
+) -> None:
+    """Every claim asks whether a capped scope has room again for the jobs held for it. With
+    thousands of orgs holding a cap or a weight, reading `job_limit` was most of the claim."""
+    with engine.begin() as conn:
+        conn.execute(
+            text("""
+INSERT INTO job_limit (org_id, max_running, weight, used, waiting)
+SELECT gen_random_uuid(), CASE WHEN g % 2 = 0 THEN 2 END, 1 + g % 3,
+       CASE WHEN g % 2 = 0 THEN 2 ELSE 0 END, g % 4 = 0
+  FROM generate_series(1, 4000) AS g""")
+        )
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM ANALYZE job_limit"))
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        plan = "\n".join(
+            row[0]
+            for row in driver.execute(
+                "EXPLAIN " + repository.worker.claim_sql(10),
+                {"worker": "w", "lease": 30.0, "q0": "default"},
+            ).fetchall()
+        )
+    assert "idx_job_limit__room" in plan, plan
+    assert "Seq Scan on job_limit" not in plan, plan
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from heimdex.ledger.errors import (
     LedgerError,
 )
 from heimdex.ledger.registry import Registry, load_registry
+from heimdex.ledger.repository.scopes import TURN_UNIT
 from heimdex.ledger.states import can_transition, ensure_transition
 from heimdex.models import TERMINAL_STATUSES, JobStatus
 
@@ -339,7 +340,7 @@ def test_placing_takes_a_small_batch_oldest_first_one_placer_at_a_time(
     assert {r.id for r in rows} == set(oldest)
     for org in orgs:  # each org's jobs take consecutive turns, oldest due first
         turns = [r.turn for r in rows if r.org_id == org]
-        assert turns == list(range(turns[0], turns[0] + len(turns))), turns
+        assert turns == [turns[0] + i * TURN_UNIT for i in range(len(turns))], turns
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         assert repository.place_due(conn) == repository.PLACE_BATCH
         assert repository.place_due(conn) == 5
@@ -466,13 +467,17 @@ def test_a_submit_places_due_jobs_after_the_orgs_last_turn_and_not_before_the_cl
     busy, other = uuid.uuid4(), uuid.uuid4()
     turns = text("SELECT turn FROM job WHERE id = ANY(CAST(:ids AS uuid[])) ORDER BY turn")
     batch = service.submit_jobs(conn, registry, org_id=busy, specs=[NOOP] * 20)
-    assert conn.execute(turns, {"ids": [r.job.id for r in batch]}).scalars().all() == list(
-        range(20)
-    )
+    u = TURN_UNIT  # a turn per job of an org of weight 1
+    assert conn.execute(turns, {"ids": [r.job.id for r in batch]}).scalars().all() == [
+        i * u for i in range(20)
+    ]
     assert len(_claim(conn, limit=12)) == 12  # turns 0-11: the clock is at 11
     one, two = _submit(conn, registry, other), _submit(conn, registry, other)  # one by one
     later = _submit(conn, registry, other, run_at=datetime.now(UTC) + timedelta(hours=1))
-    assert conn.execute(turns, {"ids": [one, two]}).scalars().all() == [11, 12]
+    assert conn.execute(turns, {"ids": [one, two]}).scalars().all() == [11 * u, 12 * u]
     assert conn.execute(turns, {"ids": [later]}).scalars().all() == [None]  # placed when due
     more = service.submit_jobs(conn, registry, org_id=busy, specs=[NOOP] * 2)
-    assert conn.execute(turns, {"ids": [r.job.id for r in more]}).scalars().all() == [20, 21]
+    assert conn.execute(turns, {"ids": [r.job.id for r in more]}).scalars().all() == [
+        20 * u,
+        21 * u,
+    ]

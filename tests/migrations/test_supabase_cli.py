@@ -113,7 +113,7 @@ def test_a_new_concurrent_index_revision_is_applied_by_the_cli_like_alembic_does
             op.create_index(
                 "idx_job__region", "job", ["region"], postgresql_concurrently=True
             )
-            op.drop_index("idx_job__org_turn", table_name="job", postgresql_concurrently=True)
+            op.drop_index("idx_job__org_queue_turn", table_name="job", postgresql_concurrently=True)
         op.execute("COMMENT ON COLUMN job.region IS 'Data residency region'")
         """,
         message="job region",

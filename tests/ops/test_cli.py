@@ -40,7 +40,9 @@ def test_list_filters_and_json(run, engine: Engine) -> None:  # type: ignore[no-
     table = run("list", "--status", "dead_letter")
     assert table.exit_code == 0
     lines = table.output.splitlines()
-    assert lines[0].split() == ["ID", "STATUS", "TYPE", "ORG", "ATTEMPT", "CREATED", "ERROR"]
+    assert lines[0].split() == [
+        "ID", "STATUS", "TYPE", "QUEUE", "ORG", "ATTEMPT", "CREATED", "ERROR",
+    ]  # fmt: skip
     assert sorted(line.split()[0] for line in lines[1:]) == sorted(map(str, dead))
     assert all("UPSTREAM_TIMEOUT" in line for line in lines[1:])
     as_json = json.loads(run("list", "--org", str(org), "--json").output)

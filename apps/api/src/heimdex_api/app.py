@@ -18,7 +18,7 @@ from heimdex.ledger.registry import load_registry
 from heimdex.logs import configure_logging
 from heimdex.replica import make_read_engines
 from heimdex.settings import Settings, load_settings
-from heimdex_api import ops, problems, ui
+from heimdex_api import ops, ops_control, problems, ui
 from heimdex_api.auth import PRINCIPAL_KEY, AuthenticationFailed, bearer, decode_token
 from heimdex_api.inputs import storable_input
 from heimdex_api.metrics import ApiMetrics
@@ -62,6 +62,7 @@ def create_app(settings: Settings) -> FastAPI:
     problems.install(app)
     app.include_router(router)
     app.include_router(ops.router)
+    app.include_router(ops_control.router)
     ui.install(app)
 
     app.add_middleware(GuardAndCount, body_timeout=settings.body_timeout_seconds)

@@ -54,6 +54,7 @@ class Filter(BaseModel):
         default_factory=list, validation_alias=AliasChoices("status", "states")
     )
     type: str | None = Field(default=None, max_length=100)
+    queue: str | None = Field(default=None, max_length=100)
     org_id: uuid.UUID | None = None
     error_code: str | None = Field(default=None, max_length=64)
     fingerprint: str | None = Field(default=None, max_length=64)
@@ -65,6 +66,7 @@ class Filter(BaseModel):
             ids=tuple(self.ids) if self.ids is not None else None,
             statuses=tuple(self.status),
             type=self.type,
+            queue=self.queue,
             org_id=self.org_id,
             error_code=self.error_code,
             error_fingerprint=self.fingerprint,
@@ -164,6 +166,7 @@ def list_jobs(
     _: Reader,
     status: Annotated[list[JobStatus] | None, Query()] = None,
     type: Annotated[str | None, Query(max_length=100)] = None,
+    queue: Annotated[str | None, Query(max_length=100)] = None,
     org_id: uuid.UUID | None = None,
     error_code: Annotated[str | None, Query(max_length=64)] = None,
     fingerprint: Annotated[str | None, Query(max_length=64)] = None,
@@ -174,7 +177,7 @@ def list_jobs(
 ) -> JobPage:
     """Jobs of every org, newest first, filtered; keyset pages like `GET /jobs`."""
     f = JobFilter(
-        statuses=tuple(status or ()), type=type, org_id=org_id, error_code=error_code,
+        statuses=tuple(status or ()), type=type, queue=queue, org_id=org_id, error_code=error_code,
         error_fingerprint=fingerprint, created_after=created_after, created_before=created_before,
     )  # fmt: skip
     before = _decode_cursor(cursor) if cursor else None

@@ -24,6 +24,7 @@ from heimdex.errors import (
     HeimdexError,
     flatten_validation_errors,
 )
+from heimdex.ledger.control import ControlConflict, ControlNotFound, InvalidControl
 from heimdex.ledger.cron import InvalidCron
 from heimdex.ledger.errors import (
     IdempotencyConflict,
@@ -49,6 +50,9 @@ ERROR_STATUS: tuple[tuple[type[HeimdexError], int, str], ...] = (
     (AuthenticationFailed, 401, "unauthenticated"),
     (Forbidden, 403, "forbidden"),
     (JobNotFound, 404, "job-not-found"),
+    (ControlNotFound, 404, "limit-or-pause-not-found"),
+    (ControlConflict, 409, "already-paused"),
+    (InvalidControl, 422, "invalid-limit-or-pause"),
     (ScheduleNotFound, 404, "schedule-not-found"),
     (ScheduleExists, 409, "schedule-exists"),
     (InvalidCron, 422, "invalid-cron"),

@@ -151,14 +151,16 @@ def list_(
     caller: Caller,
     status: JobStatus | None = None,
     type: Annotated[str | None, Query(max_length=100)] = None,
+    queue: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> JobPage:
     before = _decode_cursor(cursor) if cursor else None
     with _autocommit(state) as conn:
         jobs = repository.list_jobs(
-            conn, org_id=caller.org_id, status=status, type=type, limit=limit + 1, before=before
-        )
+            conn, org_id=caller.org_id, status=status, type=type, limit=limit + 1, before=before,
+            queue=queue,
+        )  # fmt: skip
     items = [JobOut.of(job) for job in jobs[:limit]]
     next_cursor = _encode_cursor(items[-1].created_at, items[-1].id) if len(jobs) > limit else None
     return JobPage(items=items, next_cursor=next_cursor)

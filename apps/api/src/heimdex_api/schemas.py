@@ -92,6 +92,7 @@ class JobOut(BaseModel):
     id: uuid.UUID
     org_id: uuid.UUID
     type: str
+    queue: str = Field(description="The queue (worker pool) the job runs in")
     status: JobStatus
     attempt: int
     max_attempts: int
@@ -132,6 +133,7 @@ def job_fields(job: JobRow | JobRecord) -> dict[str, Any]:
         "id": job.id,
         "org_id": job.org_id,
         "type": job.type,
+        "queue": job.queue,
         "status": job.status,
         "attempt": job.attempt,
         "max_attempts": job.max_attempts,

@@ -306,7 +306,7 @@ def _filter_of(
         except ValueError:
             problems.append(f"org {raw_org!r} is not a UUID")
     text_fields = {}
-    for name in ("type", "error_code", "fingerprint"):
+    for name in ("type", "queue", "error_code", "fingerprint"):
         value = params.get(name, "").strip()[:100]
         if value:
             clean[name] = value
@@ -317,6 +317,7 @@ def _filter_of(
             statuses=status,
             org_id=org,
             type=text_fields.get("type"),
+            queue=text_fields.get("queue"),
             error_code=text_fields.get("error_code"),
             error_fingerprint=text_fields.get("fingerprint"),
         ),

@@ -6,7 +6,7 @@ import click
 
 from heimdex.logs import configure_logging
 from heimdex.settings import load_settings
-from heimdex_worker.main import run_worker, stop_on_signals
+from heimdex_worker.main import parse_queues, run_worker, stop_on_signals
 
 
 @click.command(
@@ -14,6 +14,7 @@ from heimdex_worker.main import run_worker, stop_on_signals
 Examples:
   heimdex worker                    # HEIMDEX_WORKER_CONCURRENCY threads
   heimdex worker --concurrency 8 --batch 8
+  heimdex worker --queues gpu               # a GPU pool: only the gpu queue's jobs
 """
 )
 @click.option(
@@ -28,7 +29,13 @@ Examples:
     "holds at most max(concurrency, batch) jobs, and one batch more while jobs take under "
     "50 ms; for long jobs keep it at the concurrency.",
 )
-def worker(concurrency: int | None, batch: int | None) -> None:
+@click.option(
+    "--queues",
+    metavar="Q[,Q...]",
+    help="Claim only these queues' jobs, and need handlers only for their types (default: "
+    "HEIMDEX_WORKER_QUEUES, or every queue of the job types installed).",
+)
+def worker(concurrency: int | None, batch: int | None, queues: str | None) -> None:
     """Claim due jobs from PostgreSQL and run them, until SIGTERM or Ctrl-C.
 
     Wakes on NOTIFY and polls every HEIMDEX_POLL_INTERVAL_SECONDS; renews its leases and reaps
@@ -37,6 +44,12 @@ def worker(concurrency: int | None, batch: int | None) -> None:
     """
     settings = load_settings()
     configure_logging("worker", **settings.log_options)
-    code = run_worker(settings, stop_on_signals(), concurrency=concurrency, batch=batch)
+    code = run_worker(
+        settings,
+        stop_on_signals(),
+        concurrency=concurrency,
+        batch=batch,
+        queues=parse_queues(queues) if queues is not None else None,
+    )
     if code:
         raise SystemExit(code)

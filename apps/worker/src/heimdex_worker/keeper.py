@@ -13,7 +13,7 @@ import time
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from heimdex.ledger import repository, retention, schedules, service
+from heimdex.ledger import control, repository, retention, schedules, service
 from heimdex.ledger.registry import Registry
 from heimdex.settings import Settings
 from heimdex_worker.db import ThreadConnections, failure_fields
@@ -66,6 +66,7 @@ class Keeper:
     def run(self) -> None:
         next_reap = 0.0
         next_prune = 0.0
+        next_recount = time.monotonic() + self.settings.limits_reconcile_seconds
         if self.retention_engine is None and self.settings.retention_policy.deletes_anything:
             logger.warning(
                 "behind a transaction pooler without HEIMDEX_SESSION_DATABASE_URL: retention"
@@ -105,6 +106,9 @@ class Keeper:
                 next_reap = now + self.settings.reaper_interval_seconds
                 self.reap()
                 self.fire_schedules()
+            if now >= next_recount:
+                next_recount = now + self.settings.limits_reconcile_seconds
+                self.recount_limits()
             if now >= next_prune and self.retention_engine is not None:
                 done = self.prune(self.retention_engine)
                 # Old jobs left: the next tick goes on; else the next pass is an interval away.
@@ -157,6 +161,23 @@ class Keeper:
             )
             return True
         return result.complete
+
+    def recount_limits(self) -> None:
+        """Recount the caps' slots from the job rows (ledger/control.py): a count left wrong
+        heals, and held jobs a scope has room for are looked at again."""
+        try:
+            with self.engine.begin() as conn:
+                control.lock_placer(conn)
+                changed = control.reconcile(conn)
+        except DBAPIError as exc:
+            logger.warning(
+                "recounting the caps failed",
+                extra={"action": "limits.recount_failed", **failure_fields(exc)},
+            )
+            return
+        if changed:
+            logger.info("caps recounted", extra={"action": "limits.recounted", "changed": changed})
+            self.wake.set()
 
     def fire_schedules(self) -> None:
         """Keep the declared schedules' rows in step (once), then fire the due schedules."""

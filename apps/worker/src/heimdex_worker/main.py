@@ -14,8 +14,9 @@ from sqlalchemy import Engine
 
 from heimdex.db import make_engine
 from heimdex.errors import HeimdexError
-from heimdex.ledger.registry import load_registry
+from heimdex.ledger.registry import check_queue_name, load_registry
 from heimdex.metrics import LedgerMetrics
+from heimdex.models import DEFAULT_QUEUE
 from heimdex.replica import make_read_engines
 from heimdex.settings import Settings
 from heimdex_worker.metrics import WorkerMetrics
@@ -44,22 +45,35 @@ def _session_engine(settings: Settings, engine: Engine) -> Engine | None:
     return make_engine(url, pool_mode=settings.pool_mode_of(url), pool_size=1, max_overflow=1)
 
 
+def parse_queues(raw: str) -> list[str]:
+    """`gpu,default` -> ["gpu", "default"]; a bad name is one clear error."""
+    names = [q.strip() for q in raw.split(",") if q.strip()]
+    if not names:
+        raise HeimdexError("--queues needs at least one queue name, e.g. --queues gpu,default")
+    return list(dict.fromkeys(check_queue_name(q) for q in names))
+
+
 def run_worker(
     settings: Settings,
     stop: threading.Event,
     *,
     concurrency: int | None = None,
     batch: int | None = None,
+    queues: list[str] | None = None,
 ) -> int:
     """Claim and run jobs until `stop`; then release what has not started, let running jobs
     reach a stage boundary (released) or finish, up to the shutdown grace. Returns the exit
     code: non-zero when the worker stopped because every slot's handler was stuck."""
     registry = load_registry(settings.job_module_specs)
-    missing = registry.without_handler()
+    if queues is None and settings.worker_queues.strip():
+        queues = parse_queues(settings.worker_queues)
+    queues = queues or registry.queues() or [DEFAULT_QUEUE]
+    missing = registry.without_handler(queues)
     if missing:
         raise HeimdexError(
-            f"job type(s) {', '.join(missing)} are registered without a handler in this "
-            "process; install the package that provides them or remove their declaration"
+            f"job type(s) {', '.join(missing)} of queue(s) {', '.join(queues)} are registered "
+            "without a handler in this process; install the package that provides them, "
+            "remove their declaration, or claim other queues (--queues)"
         )
     concurrency = concurrency or settings.worker_concurrency
     batch = batch or settings.claim_batch
@@ -86,6 +100,7 @@ def run_worker(
         worker_id=f"{socket.gethostname()}:{os.getpid()}",
         concurrency=concurrency,
         batch=batch,
+        queues=queues,
         metrics=metrics,
         session_engine=session_engine,
     )
@@ -96,6 +111,7 @@ def run_worker(
             "concurrency": concurrency,
             "batch": batch,
             "types": registry.names(),
+            "queues": queues,
             "listen": settings.listen and session_engine is not None,
             "pool_mode": settings.pool_mode.value,
         },

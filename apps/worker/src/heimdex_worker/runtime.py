@@ -43,7 +43,7 @@ from heimdex.ledger import repository, retention, service
 from heimdex.ledger.errors import CancelRequested, InvalidParams, LeaseLost
 from heimdex.ledger.registry import JobError, JobTimeout, PermanentJobError, Registry
 from heimdex.ledger.repository import ClaimedJob
-from heimdex.models import STAGE_MAX
+from heimdex.models import DEFAULT_QUEUE, STAGE_MAX
 from heimdex.settings import Settings
 from heimdex_worker.db import (
     MAX_RETRY_WAIT_SECONDS,
@@ -198,6 +198,7 @@ class Worker:
         batch: int,
         metrics: WorkerMetrics,
         session_engine: Engine | None,
+        queues: Sequence[str] | None = None,
     ) -> None:
         """`session_engine` reaches a session (LISTEN, retention's advisory lock): `engine`
         itself unless it is a transaction pooler's; None behind one without
@@ -209,6 +210,8 @@ class Worker:
         self.worker_id = worker_id
         self.concurrency = concurrency
         self.batch = batch
+        # The queues this worker claims (`--queues`); by default every queue of its types.
+        self.queues = tuple(queues or registry.queues() or (DEFAULT_QUEUE,))
         # Runners claim `batch` jobs at a time only while jobs are short (a long job never
         # waits behind another in a busy runner while a thread is free); see _runner.
         self._short_jobs = False
@@ -393,7 +396,7 @@ class Worker:
         with self.connections.autocommit() as conn:
             claim = service.claim(
                 conn, worker_id=self.worker_id, limit=limit,
-                lease_seconds=self.settings.lease_seconds,
+                lease_seconds=self.settings.lease_seconds, queues=self.queues,
             )  # fmt: skip
         self.metrics.claims.inc()
         return claim

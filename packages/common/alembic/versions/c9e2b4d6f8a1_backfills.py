@@ -25,6 +25,7 @@ down_revision = "f3c1a8e5b7d9"
 branch_labels = None
 depends_on = None
 supabase_slug = "backfills"
+phase = "expand"
 
 TABLE_COMMENT = "Backfills handed to the ledger by data revisions, with their progress"
 COLUMN_COMMENTS = {

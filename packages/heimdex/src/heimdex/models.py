@@ -13,12 +13,14 @@ from sqlalchemy import (
     CheckConstraint,
     Double,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     MetaData,
     Sequence,
     String,
     Text,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.dialects.postgresql import ENUM, JSONB, TIMESTAMP, UUID
@@ -33,6 +35,11 @@ NAMING_CONVENTION: dict[str, str] = {
     "fk": "fk_%(table_name)s__%(column_0_N_name)s__%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+# The queue of a job type that names none, and of every job from before queues.
+DEFAULT_QUEUE = "default"
+QUEUE_MAX = 100
 
 
 class JobStatus(StrEnum):
@@ -100,24 +107,40 @@ class Job(Base):
         # turn at a priority; the claim places the jobs that came due unplaced (see
         # repository/worker.py, THE CLAIM).
         Index(
-            "idx_job__claim_order",
+            "idx_job__claim_queue",
+            "queue",
             text("priority DESC"),
             "turn",
             "run_at",
             postgresql_where=text("status = 'queued' AND turn IS NOT NULL"),
         ),
         Index(
-            "idx_job__org_turn",
+            "idx_job__org_queue_turn",
             "org_id",
+            "queue",
             "priority",
             "turn",
             "id",
             postgresql_where=text("status = 'queued' AND turn IS NOT NULL"),
         ),
         Index(
-            "idx_job__unplaced",
+            "idx_job__due",
             "run_at",
-            postgresql_where=text("status = 'queued' AND turn IS NULL"),
+            postgresql_where=text("status = 'queued' AND turn IS NULL AND NOT held"),
+        ),
+        # Held jobs of a scope, oldest first: for the placer when the scope has room, and for
+        # resume.
+        Index(
+            "idx_job__held_org",
+            "org_id",
+            "run_at",
+            postgresql_where=text("status = 'queued' AND held"),
+        ),
+        Index(
+            "idx_job__held_queue",
+            "queue",
+            "run_at",
+            postgresql_where=text("status = 'queued' AND held"),
         ),
         CheckConstraint(
             "(status IN ('succeeded', 'failed', 'canceled', 'dead_letter')"
@@ -242,6 +265,16 @@ class Job(Base):
     checkpoint: Mapped[dict[str, Any] | None] = mapped_column(
         JSONB(),
         comment="Stage, progress and state saved by the handler; the next attempt resumes",
+    )
+    queue: Mapped[str] = mapped_column(
+        String(100),
+        server_default=text("'default'"),
+        comment="Queue (worker pool) the job runs in",
+    )
+    held: Mapped[bool] = mapped_column(
+        Boolean,
+        server_default=text("false"),
+        comment="Set aside by the placer: a cap of its scope is full, or it is paused",
     )
 
 
@@ -398,3 +431,93 @@ class Backfill(Base):
     updated_at: Mapped[datetime] = mapped_column(
         TIMESTAMP(timezone=True), server_default=text("now()"), comment="Last progress"
     )
+
+
+class JobLimit(Base):
+    """A scope's cap and an org's weight (ledger/repository/limits.py, QUEUES, CAPS, SHARES)."""
+
+    __tablename__ = "job_limit"
+    __table_args__ = (
+        UniqueConstraint("org_id", "queue", postgresql_nulls_not_distinct=True),
+        CheckConstraint("org_id IS NOT NULL OR queue IS NOT NULL", name="scope"),
+        CheckConstraint("max_running IS NULL OR max_running >= 0", name="max_running"),
+        CheckConstraint("weight BETWEEN 1 AND 1000", name="weight"),
+        CheckConstraint("used >= 0", name="used"),
+        Index("idx_job_limit__waiting", "id", postgresql_where=text("waiting")),
+        Index(
+            "idx_job_limit__room",
+            "id",
+            postgresql_where=text("waiting AND used < max_running"),
+        ),
+        {"comment": "Caps on jobs placed or running per scope, and org weights"},
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    org_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), comment="Org of the scope (NULL: every org of the queue)"
+    )
+    queue: Mapped[str | None] = mapped_column(
+        String(100), comment="Queue of the scope (NULL: every queue of the org)"
+    )
+    max_running: Mapped[int | None] = mapped_column(
+        Integer, comment="Most jobs placed or running at once (NULL: no cap)"
+    )
+    weight: Mapped[int] = mapped_column(
+        Integer,
+        server_default=text("1"),
+        comment="Weight of the org in the fair queue (org rows without a queue)",
+    )
+    used: Mapped[int] = mapped_column(
+        Integer,
+        server_default=text("0"),
+        comment="Jobs placed or running counted against the cap (a semaphore)",
+    )
+    waiting: Mapped[bool] = mapped_column(
+        Boolean, server_default=text("false"), comment="Held jobs wait for a slot of this scope"
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        TIMESTAMP(timezone=True),
+        server_default=text("now()"),
+        comment="Last change of the cap or weight",
+    )
+
+
+class JobPause(Base):
+    __tablename__ = "job_pause"
+    __table_args__ = (
+        CheckConstraint("kind IN ('queue', 'type', 'org')", name="kind"),
+        {"comment": "Paused queues, job types and orgs: their queued jobs are not claimed"},
+    )
+
+    kind: Mapped[str] = mapped_column(String(10), primary_key=True, comment="queue, type or org")
+    value: Mapped[str] = mapped_column(
+        String(100), primary_key=True, comment="Name of the queue or type, or the org id"
+    )
+    actor: Mapped[str] = mapped_column(String(200), comment="Who paused it")
+    reason: Mapped[str] = mapped_column(String(1000), comment="Why")
+    since: Mapped[datetime] = mapped_column(
+        TIMESTAMP(timezone=True), server_default=text("now()"), comment="When it was paused"
+    )
+
+
+class JobControlEvent(Base):
+    __tablename__ = "job_control_event"
+    __table_args__ = (
+        Index(None, "ts"),
+        {"comment": "Audit log of limit and pause changes"},
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), primary_key=True, server_default=text("gen_random_uuid()")
+    )
+    ts: Mapped[datetime] = mapped_column(
+        TIMESTAMP(timezone=True), server_default=text("now()"), comment="When"
+    )
+    action: Mapped[str] = mapped_column(
+        String(50), comment="limit_set, limit_unset, paused or resumed"
+    )
+    scope: Mapped[dict[str, Any]] = mapped_column(
+        JSONB(), comment="What it applies to, with the values set"
+    )
+    actor: Mapped[str] = mapped_column(String(200), comment="Who")
+    reason: Mapped[str] = mapped_column(String(1000), comment="Why")

@@ -215,6 +215,13 @@ class Settings(BaseSettings):
         default=4, ge=1, le=256, validation_alias="HEIMDEX_WORKER_CONCURRENCY"
     )
     claim_batch: int = Field(default=4, ge=1, le=1000, validation_alias="HEIMDEX_CLAIM_BATCH")
+    # The queues a worker claims, comma-separated (empty: every queue of its job types).
+    worker_queues: str = Field(default="", validation_alias="HEIMDEX_WORKER_QUEUES")
+    # How often a worker's keeper recounts the caps' slots from the job rows (a count left
+    # wrong heals then) and which capped scopes held jobs wait for.
+    limits_reconcile_seconds: float = Field(
+        default=30.0, gt=0, validation_alias="HEIMDEX_LIMITS_RECONCILE_SECONDS"
+    )
     poll_interval_seconds: float = Field(
         default=1.0, gt=0, validation_alias="HEIMDEX_POLL_INTERVAL_SECONDS"
     )

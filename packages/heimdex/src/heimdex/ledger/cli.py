@@ -75,6 +75,7 @@ def _filter_options(f: F) -> F:
                      type=click.Choice(STATUSES),
                      help="Only jobs with this status (repeat for several)."),
         click.option("--type", "type_", metavar="TYPE", help="Only jobs of this type."),
+        click.option("--queue", metavar="Q", help="Only jobs of this queue."),
         click.option("--org", callback=_uuid, metavar="UUID", help="Only this org's jobs."),
         click.option("--error-code", metavar="CODE", help="Only jobs whose last error has it."),
         click.option("--fingerprint", metavar="HEX",
@@ -94,6 +95,7 @@ def _filter(
     *,
     statuses: Sequence[str],
     type_: str | None,
+    queue: str | None,
     org: uuid.UUID | None,
     error_code: str | None,
     fingerprint: str | None,
@@ -104,6 +106,7 @@ def _filter(
         ids=tuple(ids) if ids else None,
         statuses=tuple(JobStatus(s) for s in statuses),
         type=type_,
+        queue=queue,
         org_id=org,
         error_code=error_code,
         error_fingerprint=fingerprint,
@@ -180,6 +183,7 @@ def list_(ctx: click.Context, /, limit: int, as_json: bool, **filters: Any) -> N
     \b
     Examples:
       heimdex jobs list --status dead_letter --type transcode
+      heimdex jobs list --queue gpu --status queued
       heimdex jobs list --org 2f0c5e0e-8a3a-4f7e-9a39-4b4a0f0c1d2e --json
     """
     with read_engine(ctx) as engine, engine.connect() as conn:
@@ -189,12 +193,13 @@ def list_(ctx: click.Context, /, limit: int, as_json: bool, **filters: Any) -> N
         return
     click.echo(
         _table(
-            ["ID", "STATUS", "TYPE", "ORG", "ATTEMPT", "CREATED", "ERROR"],
+            ["ID", "STATUS", "TYPE", "QUEUE", "ORG", "ATTEMPT", "CREATED", "ERROR"],
             [
                 (
                     r.id,
                     r.status.value,
                     r.type,
+                    r.queue,
                     r.org_id,
                     f"{r.attempt}/{r.max_attempts}",
                     _when(r.created_at),

@@ -40,6 +40,7 @@ from sqlalchemy import Connection
 from heimdex.errors import HeimdexError, flatten_validation_errors
 from heimdex.ledger.cron import check_cron
 from heimdex.ledger.errors import InvalidParams, TimeoutAboveType, UnknownJobType
+from heimdex.models import DEFAULT_QUEUE, QUEUE_MAX
 
 ENTRY_POINT_GROUP = "heimdex.jobs"
 # The org of a schedule a job type declares without `schedule_org`.
@@ -159,6 +160,8 @@ class JobType:
     """A cron expression: each fire time submits a job of this type (ledger/schedules.py)."""
     schedule_org: uuid.UUID = SYSTEM_ORG_ID
     schedule_params: Mapping[str, Any] = field(default_factory=dict)
+    queue: str = DEFAULT_QUEUE
+    """The queue (worker pool) its jobs run in: `heimdex worker --queues` claims by queue."""
 
     def timeout_for(self, job_timeout: int | None) -> int | None:
         """The timeout of an attempt: the submission's when it set one, else the type's."""
@@ -193,7 +196,9 @@ def _job_type(
     schedule: str | None,
     schedule_org: uuid.UUID,
     schedule_params: Mapping[str, Any] | None,
+    queue: str,
 ) -> JobType:
+    check_queue_name(queue, what=f"job type {name!r}: queue")
     job_type = JobType(
         name,
         params,
@@ -201,6 +206,7 @@ def _job_type(
         schedule=schedule,
         schedule_org=schedule_org,
         schedule_params=dict(schedule_params or {}),
+        queue=queue,
     )
     if schedule is not None:
         try:
@@ -230,10 +236,12 @@ class JobTypes:
         schedule: str | None = None,
         schedule_org: uuid.UUID = SYSTEM_ORG_ID,
         schedule_params: Mapping[str, Any] | None = None,
+        queue: str = DEFAULT_QUEUE,
     ) -> Callable[[Handler], Handler]:
         """Decorator: declare `name` with its params model, its execution timeout (per
         attempt; none by default), optionally a cron `schedule` that submits a job with
-        `schedule_params` under `schedule_org` at each fire time, and the decorated handler."""
+        `schedule_params` under `schedule_org` at each fire time, its `queue` (the worker pool
+        that runs it; `default` unless named), and the decorated handler."""
         job_type = _job_type(
             name,
             params,
@@ -241,6 +249,7 @@ class JobTypes:
             schedule=schedule,
             schedule_org=schedule_org,
             schedule_params=schedule_params,
+            queue=queue,
         )
 
         def register(handler: Handler) -> Handler:
@@ -258,6 +267,7 @@ class JobTypes:
         schedule: str | None = None,
         schedule_org: uuid.UUID = SYSTEM_ORG_ID,
         schedule_params: Mapping[str, Any] | None = None,
+        queue: str = DEFAULT_QUEUE,
     ) -> None:
         """Declare a type without a handler: the API accepts it, a worker must supply one."""
         self._add(
@@ -268,6 +278,7 @@ class JobTypes:
                 schedule=schedule,
                 schedule_org=schedule_org,
                 schedule_params=schedule_params,
+                queue=queue,
             )
         )
 
@@ -336,8 +347,31 @@ class Registry:
     def validate(self, name: str, params: Mapping[str, Any]) -> dict[str, Any]:
         return self.get(name).validate(params)
 
-    def without_handler(self) -> list[str]:
-        return sorted(name for name, t in self._types.items() if t.handler is None)
+    def without_handler(self, queues: Iterable[str] | None = None) -> list[str]:
+        """Types without a handler, of `queues` only when given."""
+        wanted = None if queues is None else set(queues)
+        return sorted(
+            name
+            for name, t in self._types.items()
+            if t.handler is None and (wanted is None or t.queue in wanted)
+        )
+
+    def queues(self) -> list[str]:
+        """The queues of every type known here."""
+        return sorted({t.queue for t in self._types.values()})
+
+
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
+
+
+def check_queue_name(queue: str, *, what: str = "queue") -> str:
+    """A queue name: 1 to 100 letters, digits and `_.:-`, starting with a letter or digit."""
+    if not (len(queue) <= QUEUE_MAX and _QUEUE_NAME.fullmatch(queue)):
+        raise HeimdexError(
+            f"{what} {queue!r} must be 1 to {QUEUE_MAX} letters, digits or _.:- "
+            "(starting with a letter or digit)"
+        )
+    return queue
 
 
 def _load_object(spec: str) -> JobTypes:

@@ -32,7 +32,7 @@ from heimdex.ledger.registry import Registry
 from heimdex.ledger.repository import ClaimedJob, JobRecord, JobRow, NewJob, Outcome
 from heimdex.ledger.states import ensure_transition
 from heimdex.ledger.transitions import Transition
-from heimdex.models import BackoffPolicy, JobStatus
+from heimdex.models import DEFAULT_QUEUE, BackoffPolicy, JobStatus
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,7 @@ def _new_job(
         requested_by=requested_by,
         run_at=spec.run_at,
         timeout_seconds=spec.timeout_seconds,
+        queue=job_type.queue,
     )
 
 
@@ -207,10 +208,18 @@ def cancel_job(
 
 
 def claim(
-    conn: Connection, *, worker_id: str, limit: int, lease_seconds: float
+    conn: Connection,
+    *,
+    worker_id: str,
+    limit: int,
+    lease_seconds: float,
+    queues: Sequence[str] = (DEFAULT_QUEUE,),
 ) -> repository.Claim:
-    """`repository.claim`, reported: up to `limit` due jobs leased to `worker_id`."""
-    claimed = repository.claim(conn, worker_id=worker_id, limit=limit, lease_seconds=lease_seconds)
+    """`repository.claim`, reported: up to `limit` due jobs of `queues` leased to
+    `worker_id`."""
+    claimed = repository.claim(
+        conn, worker_id=worker_id, limit=limit, lease_seconds=lease_seconds, queues=queues
+    )
     transitions.record(
         conn, (Transition(job.type, JobStatus.QUEUED, JobStatus.RUNNING) for job in claimed.jobs)
     )

@@ -13,6 +13,7 @@ on the psycopg driver (`rows.driver_rows`: submit, claim, outcomes). Statement t
 by our own constants and integers, written in with f-strings, never by input.
 """
 
+from heimdex.ledger.repository import limits, scopes
 from heimdex.ledger.repository.operators import (
     ERROR_FINGERPRINT_SQL,
     FailureGroup,
@@ -94,6 +95,7 @@ __all__ = [
     "failure_groups",
     "get_job",
     "insert_jobs",
+    "limits",
     "list_events",
     "list_jobs",
     "list_jobs_ops",
@@ -111,6 +113,7 @@ __all__ = [
     "record_start",
     "renew_leases",
     "request_cancel",
+    "scopes",
     "throughput",
     "write_outcomes",
 ]

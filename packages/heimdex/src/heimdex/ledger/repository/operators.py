@@ -13,6 +13,7 @@ from sqlalchemy import Connection, Row, text
 from sqlalchemy.sql.selectable import TextualSelect
 
 from heimdex.ledger.errors import JobNotFound
+from heimdex.ledger.repository import scopes
 from heimdex.ledger.repository.rows import JOB_COLUMNS, JobRow, notify, to_json, typed
 from heimdex.models import JobStatus
 
@@ -39,6 +40,7 @@ def list_jobs_query(
     type: str | None = None,
     limit: int = 50,
     before: tuple[datetime, uuid.UUID] | None = None,
+    queue: str | None = None,
 ) -> tuple[TextualSelect, dict[str, Any]]:
     """The statement of `list_jobs` and its parameters (the EXPLAIN tests plan it)."""
     sql = f"SELECT {JOB_COLUMNS} FROM job AS j WHERE j.org_id = :org"
@@ -49,6 +51,9 @@ def list_jobs_query(
     if type is not None:
         sql += " AND j.type = :type"
         params["type"] = type
+    if queue is not None:
+        sql += " AND j.queue = :queue"
+        params["queue"] = queue
     if before is not None:
         sql += " AND (j.created_at, j.id) < (:before_ts, :before_id)"
         params["before_ts"], params["before_id"] = before
@@ -64,10 +69,11 @@ def list_jobs(
     type: str | None = None,
     limit: int = 50,
     before: tuple[datetime, uuid.UUID] | None = None,
+    queue: str | None = None,
 ) -> list[JobRow]:
     """The org's jobs, newest first, after the keyset cursor `before` (created_at, id)."""
     query, params = list_jobs_query(
-        org_id=org_id, status=status, type=type, limit=limit, before=before
+        org_id=org_id, status=status, type=type, limit=limit, before=before, queue=queue
     )
     return list(conn.execute(query, params).all())
 
@@ -95,7 +101,9 @@ WITH upd AS (
 ), ev AS (
     INSERT INTO job_event (job_id, ts, prev_status, next_status, detail_json)
     SELECT id, clock_timestamp(), 'queued', 'canceled', CAST(:detail AS jsonb) FROM upd
-)
+), placed AS (
+    SELECT org_id, queue FROM upd WHERE turn IS NOT NULL  -- a placed job held a slot
+), {scopes.release("placed")}
 SELECT * FROM upd"""),
         {"id": job_id, "detail": to_json(detail)},
     ).one()
@@ -140,6 +148,7 @@ class JobFilter:
     statuses: tuple[JobStatus, ...] = ()
     type: str | None = None
     org_id: uuid.UUID | None = None
+    queue: str | None = None
     error_code: str | None = None
     error_fingerprint: str | None = None
     created_after: datetime | None = None
@@ -164,6 +173,9 @@ def _where(f: JobFilter) -> tuple[list[str], dict[str, Any]]:
     if f.org_id is not None:
         clauses.append("j.org_id = :f_org")
         params["f_org"] = f.org_id
+    if f.queue is not None:
+        clauses.append("j.queue = :f_queue")
+        params["f_queue"] = f.queue
     if f.error_code is not None:
         clauses.append("j.last_error_code = :f_code")
         params["f_code"] = f.error_code
@@ -193,6 +205,7 @@ def _retry_update(*, from_scratch: bool) -> str:
     return f"""
     UPDATE job AS j
        SET status = 'queued', attempt = 0, run_at = now(), finished_at = NULL, turn = NULL,
+           held = false,
            cancel_requested = false, stage = NULL, progress = 0,{fresh} updated_at = now()
       FROM picked WHERE j.id = picked.id
     RETURNING j.id, j.type, picked.prev, 'queued' AS next, picked.attempt"""
@@ -257,13 +270,19 @@ def operate_batch(
     where = " AND ".join([*clauses, _ELIGIBLE[action]])
     sql = f"""
 WITH picked AS (
-    SELECT j.id, j.status::text AS prev, j.attempt FROM job AS j
+    SELECT j.id, j.status::text AS prev, j.attempt, j.org_id, j.queue,
+           j.status = 'queued' AND j.turn IS NOT NULL AS placed
+      FROM job AS j
      WHERE {where}
      ORDER BY j.id
      LIMIT :limit
        FOR UPDATE
 ), upd AS ({_OPERATOR_UPDATE[_update_of(action, from_scratch)]}
-), ev AS (
+), placed AS (
+    -- a placed job held a slot; a canceled one gives it back
+    SELECT p.org_id, p.queue FROM picked AS p JOIN upd AS u ON u.id = p.id
+     WHERE p.placed AND u.next = 'canceled'
+), {scopes.release("placed")}, ev AS (
     INSERT INTO job_event (job_id, ts, prev_status, next_status, detail_json)
     SELECT id, clock_timestamp(), prev, next,
            CAST(:detail AS jsonb) || jsonb_build_object(

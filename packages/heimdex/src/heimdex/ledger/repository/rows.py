@@ -61,6 +61,8 @@ class JobRecord(NamedTuple):
     turn: int | None
     timeout_seconds: int | None
     checkpoint: dict[str, Any] | None
+    queue: str
+    held: bool
 
 
 def record(values: Sequence[Any]) -> JobRecord:

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from heimdex.ledger.repository import scopes
 from heimdex.ledger.repository.rows import (
     JOB_COLUMNS,
     NOTIFY_CHANNEL,
@@ -19,7 +20,7 @@ from heimdex.ledger.repository.rows import (
     json_array,
     record,
 )
-from heimdex.models import BackoffPolicy
+from heimdex.models import DEFAULT_QUEUE, BackoffPolicy
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class NewJob:
     requested_by: str | None = None
     run_at: datetime | None = None
     timeout_seconds: int | None = None
+    queue: str = DEFAULT_QUEUE
 
 
 _SUBMITTED = '{"action": "submitted"}'
@@ -45,9 +47,11 @@ _SUBMITTED = '{"action": "submitted"}'
 
 # Batches travel as one JSON array (`jsonb_to_recordset`): one parameter, encoded in C, instead
 # of an array per column adapted value by value. Jobs due now are placed in the fair queue as
-# they are inserted (see THE CLAIM, in `worker`): each (org, priority) of the batch starts after
-# the org's last placed turn at that priority, never before the clock, and takes consecutive
-# turns in the batch's order. Jobs due later are inserted unplaced (`turn` NULL).
+# they are inserted (see THE CLAIM, in `worker`): each (org, queue, priority) of the batch starts
+# after the org's last placed turn there, never before its queue's clock, and takes turns a step
+# apart (TURN_UNIT / the org's weight) in the batch's order. Jobs due later are inserted
+# unplaced (`turn` NULL), and so are jobs of a capped scope or a paused queue, type or org: only
+# the placer, which counts slots under lock, places those (QUEUES, CAPS, SHARES AND PAUSE).
 def _insert_sql(*, source: str, start: str, turn: str, join: str) -> str:
     return f"""
 WITH new AS (
@@ -55,10 +59,10 @@ WITH new AS (
 ), ins AS (
     INSERT INTO job AS j (org_id, type, params, request_fingerprint, priority, max_attempts,
                           backoff_policy, idempotency_key, requested_by, run_at, timeout_seconds,
-                          turn)
+                          turn, queue)
     SELECT n.org_id, n.type, n.params, n.fingerprint, n.priority, n.max_attempts,
            n.policy::job_backoff_policy, n.key, n.requested_by, coalesce(n.run_at, now()),
-           n.timeout_seconds, {turn}
+           n.timeout_seconds, {turn}, n.queue
       FROM new AS n{join}
     ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING {JOB_COLUMNS}
@@ -74,26 +78,29 @@ SELECT ins.* FROM ins
 
 _COLUMNS = """(org_id uuid, type text, params jsonb, fingerprint text, priority int,
           max_attempts int, policy text, key text, requested_by text, run_at timestamptz,
-          timeout_seconds int)"""
+          timeout_seconds int, queue text)"""
 _INSERT = _insert_sql(
-    source=f"""ROWS FROM (jsonb_to_recordset(CAST(%(jobs)s AS jsonb))
-      AS {_COLUMNS})
-      WITH ORDINALITY AS n(org_id, type, params, fingerprint, priority, max_attempts, policy,
-                           key, requested_by, run_at, timeout_seconds, ord)""",
-    start="""
+    source=f"""(SELECT r.*, coalesce(r.run_at, now()) <= now() AND NOT {scopes.gated("r")} AS place
+              FROM ROWS FROM (jsonb_to_recordset(CAST(%(jobs)s AS jsonb)) AS {_COLUMNS})
+                   WITH ORDINALITY AS r(org_id, type, params, fingerprint, priority,
+                                        max_attempts, policy, key, requested_by, run_at,
+                                        timeout_seconds, queue, ord)) AS n""",
+    start=f"""
 ), start AS MATERIALIZED (
-    SELECT g.org_id, g.priority,
-           greatest(heimdex_private.job_last_turn(g.org_id, g.priority, c.last_value) + 1,
-                    c.last_value) AS turn
-      FROM (SELECT DISTINCT org_id, priority FROM new
-             WHERE coalesce(run_at, now()) <= now()) AS g
-     CROSS JOIN job_turn_clock AS c""",
-    turn="""s.turn + row_number() OVER (PARTITION BY n.org_id, n.priority, s.turn ORDER BY n.ord)
-             - 1""",
+    SELECT q.org_id, q.queue, q.priority, q.step,
+           greatest(heimdex_private.job_last_turn(q.org_id, q.queue, q.priority, q.clock)
+                    + q.step, q.clock) AS turn
+      FROM (SELECT g.*, heimdex_private.job_queue_clock(g.queue, g.priority, c.last_value)
+                          AS clock
+              FROM (SELECT k.org_id, k.queue, k.priority, {scopes.step("k")} AS step
+                      FROM (SELECT DISTINCT org_id, queue, priority FROM new WHERE place) AS k)
+                   AS g
+             CROSS JOIN job_turn_clock AS c) AS q""",
+    turn="""s.turn + (row_number() OVER (PARTITION BY n.org_id, n.queue, n.priority, s.turn
+                                      ORDER BY n.ord) - 1) * s.step""",
     join="""
       LEFT JOIN start AS s
-        ON s.org_id = n.org_id AND s.priority = n.priority
-       AND coalesce(n.run_at, now()) <= now()
+        ON s.org_id = n.org_id AND s.queue = n.queue AND s.priority = n.priority AND n.place
      ORDER BY n.ord""",
 )
 # One job (the API's one-by-one submit, the hot path): the same turn, without the batch's
@@ -101,10 +108,13 @@ _INSERT = _insert_sql(
 _INSERT_ONE = _insert_sql(
     source=f"jsonb_to_recordset(CAST(%(jobs)s AS jsonb)) AS n{_COLUMNS}",
     start="",
-    turn="""CASE WHEN coalesce(n.run_at, now()) <= now() THEN
-               (SELECT greatest(heimdex_private.job_last_turn(n.org_id, n.priority, c.last_value)
-                                + 1, c.last_value)
-                  FROM job_turn_clock AS c) END""",
+    turn=f"""CASE WHEN coalesce(n.run_at, now()) <= now() AND NOT {scopes.gated("n")} THEN
+               (SELECT greatest(heimdex_private.job_last_turn(n.org_id, n.queue, n.priority,
+                                                              q.clock)
+                                + {scopes.step("n")}, q.clock)
+                  FROM (SELECT heimdex_private.job_queue_clock(n.queue, n.priority, c.last_value)
+                                 AS clock
+                          FROM job_turn_clock AS c) AS q) END""",
     join="",
 )
 
@@ -130,6 +140,7 @@ def insert_jobs(conn: Connection, jobs: Sequence[NewJob]) -> list[JobRecord]:
             "requested_by": j.requested_by,
             "run_at": j.run_at.isoformat() if j.run_at else None,
             "timeout_seconds": j.timeout_seconds,
+            "queue": j.queue,
         }
         for j in jobs
     ]
