@@ -13,7 +13,7 @@ from sqlalchemy import Connection, text
 FINISHED = ("succeeded", "failed", "canceled", "dead_letter")
 # The most finished jobs the running-time statement reads per finished state: past this the
 # window it covers shrinks to the newest jobs (`RunningTime.since` says from when).
-RAN_ROWS = 20_000
+RAN_ROWS = 10_000
 
 
 @dataclass(frozen=True)
@@ -70,20 +70,22 @@ def running_time(conn: Connection, *, seconds: int = 3600, rows: int = RAN_ROWS)
     range scan per state that stops at `rows`): bounded, whatever the throughput. When a state
     has more, the window starts at the oldest `finished_at` read. A job retried counts its
     latest attempt only (`started_at` is the latest claim's)."""
-    states = ", ".join(f"'{s}'" for s in FINISHED)
+    # One branch per state, each naming its state as a constant: the partial index's predicate
+    # (the finished states) is proved only from constants.
+    finished = " UNION ALL ".join(
+        f"""(SELECT j.org_id, j.queue, j.started_at, j.finished_at, '{state}' AS state
+      FROM job AS j
+     WHERE j.status = '{state}' AND j.finished_at > (SELECT since FROM bounds)
+     ORDER BY j.finished_at DESC
+     LIMIT :rows)"""
+        for state in FINISHED
+    )
     result = conn.execute(
         text(f"""
 WITH bounds AS MATERIALIZED (
     SELECT now() AS until, now() - make_interval(secs => :seconds) AS since
 ), finished AS MATERIALIZED (
-    SELECT f.*, s.state
-      FROM unnest(CAST(ARRAY[{states}] AS job_status[])) AS s(state)
-     CROSS JOIN LATERAL (
-        SELECT j.org_id, j.queue, j.started_at, j.finished_at FROM job AS j
-         WHERE j.status = s.state AND j.finished_at > (SELECT since FROM bounds)
-         ORDER BY j.finished_at DESC
-         LIMIT :rows
-     ) AS f
+    {finished}
 ), cut AS MATERIALIZED (
     -- a state read to its limit: the window starts where its reading stopped
     SELECT max(oldest) AS at FROM (
