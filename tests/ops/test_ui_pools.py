@@ -104,6 +104,17 @@ UPDATE job SET status = 'succeeded', turn = NULL,
     yield Scene(heavy, light, gpu, idle, held, gpu_job, idle_job)
 
 
+def test_nothing_is_shown_or_changed_without_a_session(client: TestClient, engine: Engine) -> None:
+    with engine.begin() as conn:
+        control.pause(conn, WHO, kind="queue", value="gpu")
+    page = client.get("/ui/pools", follow_redirects=False)
+    assert page.status_code == 303 and page.headers["location"].startswith("/ui/signin?next=")
+    forged = client.post("/ui/pools/resume", data={"kind": "queue", "value": "gpu", "reason": "x"})
+    assert forged.status_code == 401
+    with engine.connect() as conn:
+        assert [(p.kind, p.value) for p in control.list_pauses(conn)] == [("queue", "gpu")]
+
+
 def test_the_pools_page_shows_caps_shares_pauses_and_why_jobs_wait(
     client: TestClient, scene: Scene
 ) -> None:
@@ -188,9 +199,16 @@ def test_an_admin_pauses_and_resumes_from_the_page(
     assert events[:2] == [("paused", "op-alice", "abuse"), ("resumed", "op-alice", "driver fixed")]
 
 
-def test_the_view_reads_the_window_and_cuts_it_when_bounded(engine: Engine, scene: Scene) -> None:
+def test_the_view_reads_the_window_and_cuts_it_when_bounded(
+    engine: Engine, scene: Scene, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pools, "ORGS_SHOWN", 1)  # the busiest only, and how many are left out
     with engine.connect() as conn:
         full = pools.view(conn)
+    assert [o.org_id for o in full.orgs] == [scene.heavy] and full.more_orgs == 3
+    (default,) = [p for p in full.pools if p.queue == "default"]
+    assert [c.org_id for c in default.orgs] == [scene.heavy] and default.more_orgs == 1
+    with engine.connect() as conn:
         cut = pool_rows.running_time(conn, rows=1)
     assert not full.cut and (full.until - full.since).total_seconds() == 3600
     # Read one finished job per state at most: the window starts at the newest one read.

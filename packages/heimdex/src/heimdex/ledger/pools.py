@@ -67,7 +67,8 @@ class Pool:
     last_start: datetime | None = None
     paused: bool = False
     seconds: float = 0.0
-    orgs: list[OrgInQueue] = field(default_factory=list)
+    orgs: list[OrgInQueue] = field(default_factory=list)  # the busiest ORGS_SHOWN
+    more_orgs: int = 0
     oldest: Waiter | None = None
 
 
@@ -193,9 +194,8 @@ class _Tally:
             for org_id, c in cells.items():
                 c.share = c.seconds / pool.seconds if pool.seconds else 0.0
                 c.weight_share = c.weight / total if org_id in busy else 0.0
-            pool.orgs = sorted(
-                cells.values(), key=lambda c: (-c.running, -c.waiting, str(c.org_id))
-            )
+            ranked = sorted(cells.values(), key=lambda c: (-c.running, -c.waiting, str(c.org_id)))
+            pool.orgs, pool.more_orgs = ranked[:ORGS_SHOWN], max(0, len(ranked) - ORGS_SHOWN)
 
 
 def view(conn: Connection, *, seconds: int = WINDOW_SECONDS) -> PoolsView:
@@ -236,7 +236,8 @@ def view(conn: Connection, *, seconds: int = WINDOW_SECONDS) -> PoolsView:
     t.shares()
 
     def waiter(job: rows.Waiting) -> Waiter:
-        return why(job, pauses=paused, caps=t.caps, pool=t.pools[job.queue], now=ran.until)
+        # t.pool: each statement reads its own snapshot, a queue may be new since `loads`
+        return why(job, pauses=paused, caps=t.caps, pool=t.pool(job.queue), now=ran.until)
 
     for job in by_queue:
         t.pool(job.queue).oldest = waiter(job)
