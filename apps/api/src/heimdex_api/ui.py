@@ -492,8 +492,12 @@ def schedules_page(request: Request, state: State, s: Operator) -> HTMLResponse:
 def pools_page(request: Request, state: State, s: Operator) -> HTMLResponse:
     """Per queue and org: running against the caps, shares of the last hour against the
     weights, the pauses, and the oldest waiting job of each with why it waits. Read on the
-    primary: the page comes right after a pause or a resume."""
-    with _autocommit(state) as conn:
+    primary (the page comes right after a pause or a resume), in one snapshot: the caps and
+    pauses that say why a job waits are those of the counts beside it."""
+    with (
+        state.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn,
+        conn.begin(),
+    ):
         found = pool_view.view(conn)
     return _page(request, "pools.html", "Pools", s, notice=True, v=found, kinds=control.PAUSE_KINDS)
 

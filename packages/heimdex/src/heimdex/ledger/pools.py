@@ -200,7 +200,7 @@ class _Tally:
 
 def view(conn: Connection, *, seconds: int = WINDOW_SECONDS) -> PoolsView:
     """The Pools page's figures, read in the caller's connection (see `repository.pools` for
-    what each statement reads)."""
+    what each statement reads); in one snapshot (REPEATABLE READ) they agree with each other."""
     limits = limit_rows.list_limits(conn)
     pauses = limit_rows.list_pauses(conn)
     loads = rows.loads(conn)
@@ -236,7 +236,7 @@ def view(conn: Connection, *, seconds: int = WINDOW_SECONDS) -> PoolsView:
     t.shares()
 
     def waiter(job: rows.Waiting) -> Waiter:
-        # t.pool: each statement reads its own snapshot, a queue may be new since `loads`
+        # t.pool: read in autocommit, a queue may be new since `loads`
         return why(job, pauses=paused, caps=t.caps, pool=t.pool(job.queue), now=ran.until)
 
     for job in by_queue:
