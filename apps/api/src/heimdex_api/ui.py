@@ -150,7 +150,7 @@ def _admin(s: Session, form: Mapping[str, str]) -> None:
     _same_dashboard(s, form)
     if not s.can_act:
         raise UiForbidden(
-            f"changing jobs needs the {ADMIN_ROLE} role (you have {s.principal.role})"
+            f"changing jobs or pauses needs the {ADMIN_ROLE} role (you have {s.principal.role})"
         )
 
 
