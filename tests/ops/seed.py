@@ -5,9 +5,9 @@ from __future__ import annotations
 import uuid
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
-from heimdex.ledger import repository, service
+from heimdex.ledger import control, repository, service
 from heimdex.ledger.registry import JobTypes, Registry, load_registry
 
 POLICY = service.RetryPolicy(base_seconds=60.0, max_seconds=60.0)
@@ -76,7 +76,9 @@ def hostile_registry() -> Registry:
 
 def hostile(engine: Engine, org: uuid.UUID) -> dict[str, uuid.UUID]:
     """Jobs whose every free-text field carries markup, submitted and run through the ledger's
-    own functions: a dead letter (failed at a stage), a running job, a queued one."""
+    own functions: a dead letter (failed at a stage), a running job, a queued one; and one
+    more in a queue named with markup (no submit accepts that name: a row written by SQL) and
+    its type paused by an operator named with markup, for a reason with markup."""
     registry = hostile_registry()
     specs = [
         service.JobSpec(
@@ -101,4 +103,15 @@ def hostile(engine: Engine, org: uuid.UUID) -> dict[str, uuid.UUID]:
             [service.Failure(dead.id, dead.lease_token, HOSTILE, HOSTILE, True)],
             policy=POLICY,
         )
-    return {"dead": ids[0], "running": ids[1], "queued": ids[2]}
+    with engine.begin() as conn:
+        (odd,) = [
+            s.job.id
+            for s in service.submit_jobs(
+                conn, load_registry(), org_id=org, specs=[service.JobSpec(type="noop", params={})]
+            )
+        ]
+        conn.execute(
+            text("UPDATE job SET queue = :q WHERE id = :id"), {"q": SCRIPT + "'\"", "id": odd}
+        )
+        control.pause(conn, control.Who(HOSTILE, HOSTILE), kind="type", value=HOSTILE)
+    return {"dead": ids[0], "running": ids[1], "queued": ids[2], "queue": odd}

@@ -17,6 +17,7 @@ import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, expect, sync_playwright
 from sqlalchemy import Engine
 
+from heimdex.ledger import control
 from heimdex_api.auth import ADMIN_ROLE, READONLY_ROLE, issue_token
 from heimdex_db.localpg import free_port
 from tests.ops import seed
@@ -183,6 +184,37 @@ def test_an_operator_retries_a_dead_letter_group_and_a_worker_runs_it(
     expect(viewer.locator("text=Retry this group")).to_have_count(0)
     viewer.screenshot(path=shots / "08-readonly.png", full_page=True)
     assert watch == Watch(), "the pages broke their Content-Security-Policy"
+
+
+def test_an_operator_sees_a_paused_queue_on_the_pools_page_and_resumes_it(
+    browser: Browser, api_url: str, engine: Engine
+) -> None:
+    org = uuid.uuid4()
+    with engine.begin() as conn:
+        control.pause(conn, control.Who("op-carol", "driver update"), kind="queue", value="gpu")
+    seed.queued(engine, org, 2)
+    watch = Watch()
+    page = watch.on(browser.new_page(viewport={"width": 1280, "height": 900}))
+    _sign_in(page, api_url, _token(ADMIN_ROLE, "op-alice"))
+    page.click("nav >> text=Pools")
+    expect(page).to_have_url(f"{api_url}/ui/pools")
+    paused = page.locator("#paused tr.pause")
+    expect(paused).to_have_count(1)
+    expect(paused).to_contain_text("gpu")
+    expect(paused).to_contain_text("driver update")
+    expect(page.locator('#pools tr.pool[data-queue="gpu"]')).to_contain_text("paused")
+    expect(page.locator('#pools tr.pool[data-queue="default"]')).to_contain_text("2")
+    paused.locator("button", has_text="Resume").click()  # no reason: the browser refuses
+    expect(paused).to_have_count(1)
+    paused.locator("input[name=reason]").fill("driver fixed")
+    paused.locator("button", has_text="Resume").click()
+    expect(page.locator(".notice")).to_have_text("Resumed queue gpu.")
+    expect(page.locator("#paused tr.pause")).to_have_count(0)
+    expect(page.locator("#paused")).to_contain_text("Nothing is paused.")
+    with engine.connect() as conn:
+        assert control.list_pauses(conn) == []
+        assert control.list_events(conn, limit=1)[0]["reason"] == "driver fixed"
+    assert watch == Watch(), "the Pools page broke its Content-Security-Policy"
 
 
 def test_hostile_job_data_stays_inert_in_the_browser(

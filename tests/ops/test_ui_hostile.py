@@ -5,6 +5,7 @@ pages in a real browser and watches for a dialog."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import uuid
@@ -17,7 +18,7 @@ from sqlalchemy import Engine
 from heimdex_api.auth import ADMIN_ROLE, READONLY_ROLE, issue_token
 from heimdex_api.ui import templates
 from tests.ops import seed
-from tests.ops.seed import HOSTILE, IMG
+from tests.ops.seed import HOSTILE, IMG, SCRIPT
 from tests.stack import SECRET
 
 OWN_SCRIPT = "/ui/static/ui.js"
@@ -70,6 +71,8 @@ def hostile_pages(ids: dict[str, uuid.UUID], org: uuid.UUID) -> list[str]:
         f"/ui/orgs/{org}",
         "/ui/failures",
         "/ui/failures?status=failed",
+        "/ui/pools",
+        f"/ui/pools?notice={HOSTILE}",
         f"/ui/bulk?action=retry&type={HOSTILE}&error_code={HOSTILE}",
         f"/ui/bulk?action=cancel&id={HOSTILE}",
         f"/ui/bulk?action={HOSTILE}",
@@ -106,6 +109,18 @@ def test_hostile_job_data_renders_as_text_on_every_page(
     assert f"worker {HOSTILE}" in texts[f"/ui/jobs/{ids['running']}"]
     assert HOSTILE in texts["/ui"] and HOSTILE in texts["/ui/failures"]
     assert "is not a job id" in texts[f"/ui/bulk?action=cancel&id={HOSTILE}"]
+    pools = texts["/ui/pools"]
+    assert pools.count(HOSTILE) >= 3  # the paused type, its actor, the reason
+    assert f"no worker for queue {SCRIPT}'\"" in pools  # the queue's name
+    assert HOSTILE in texts[f"/ui/pools?notice={HOSTILE}"]
+    # The hostile type's pause is resumed through its own button's hidden fields.
+    form = re.search(r'action="/ui/pools/resume".*?</form>', client.get("/ui/pools").text, re.S)
+    assert form
+    fields = {
+        k: html.unescape(v) for k, v in re.findall(r'name="(\w+)" value="([^"]*)"', form.group(0))
+    }
+    resumed = client.post("/ui/pools/resume", data={**fields, "reason": HOSTILE})
+    assert f"Resumed type {HOSTILE}." in assert_inert(resumed.text)
 
     readonly = issue_token(SECRET, org_id=org, sub=HOSTILE, role=READONLY_ROLE)
     client.post("/ui/signin", data={"token": readonly})

@@ -35,8 +35,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from heimdex.errors import HeimdexError
-from heimdex.ledger import backfills, repository
+from heimdex.ledger import backfills, control, repository
 from heimdex.ledger import operations as ops
+from heimdex.ledger import pools as pool_view
 from heimdex.ledger import schedules as sched
 from heimdex.ledger.errors import JobNotFound
 from heimdex.ledger.fingerprint import error_fingerprint
@@ -149,7 +150,7 @@ def _admin(s: Session, form: Mapping[str, str]) -> None:
     _same_dashboard(s, form)
     if not s.can_act:
         raise UiForbidden(
-            f"changing jobs needs the {ADMIN_ROLE} role (you have {s.principal.role})"
+            f"changing jobs or pauses needs the {ADMIN_ROLE} role (you have {s.principal.role})"
         )
 
 
@@ -493,6 +494,51 @@ def backfills_page(request: Request, state: State, s: Operator) -> HTMLResponse:
     with _reads(state) as conn:
         found = backfills.progress(conn)
     return _page(request, "backfills.html", "Backfills", s, backfills=found)
+
+
+@router.get("/pools")
+def pools_page(request: Request, state: State, s: Operator) -> HTMLResponse:
+    """Per queue and org: running against the caps, shares of the last hour against the
+    weights, the pauses, and the oldest waiting job of each with why it waits. Read on the
+    primary (the page comes right after a pause or a resume), in one snapshot: the caps and
+    pauses that say why a job waits are those of the counts beside it."""
+    with (
+        state.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn,
+        conn.begin(),
+    ):
+        found = pool_view.view(conn)
+    return _page(request, "pools.html", "Pools", s, notice=True, v=found, kinds=control.PAUSE_KINDS)
+
+
+@router.post("/pools/{change}")
+async def pools_change(change: str, request: Request, state: State, s: Operator) -> Response:
+    """Pause or resume a queue, a job type or an org (`heimdex.ledger.control`, as
+    `heimdex pause|resume` and /ops do), with the session's operator as the actor."""
+    form = await _form(request)
+    _admin(s, form)
+    kind, value = form.get("kind", ""), form.get("value", "")
+    who = control.Who(s.principal.sub, form.get("reason", ""))
+
+    def pause() -> str:
+        with state.engine.begin() as conn:
+            _, held = control.pause(conn, who, kind=kind, value=value)
+        with state.engine.begin() as conn:
+            held += control.hold_stragglers(conn, kind=kind, value=value)
+        return f"Paused {kind} {value.strip()}: {held} queued jobs held."
+
+    def resume() -> str:
+        with state.engine.begin() as conn:
+            control.resume(conn, who, kind=kind, value=value)
+        return f"Resumed {kind} {value.strip()}."
+
+    run = {"pause": pause, "resume": resume}.get(change)
+    if run is None:
+        return _message(request, "Pools", f"Unknown change {change!r}: pause or resume.", s, 404)
+    try:
+        notice = await run_in_threadpool(run)
+    except HeimdexError as exc:
+        notice = f"Not done: {exc}"
+    return RedirectResponse(_url("/ui/pools", notice=notice), status_code=303)
 
 
 @router.get("/bulk")

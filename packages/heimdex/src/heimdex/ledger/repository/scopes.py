@@ -12,6 +12,11 @@ from __future__ import annotations
 # org of weight 1 takes one. 720720 is divisible by every weight from 1 to 16, and a bigint
 # holds 10^13 rounds of it.
 TURN_UNIT = 720720
+# A capped scope `l`'s held jobs are looked at again once a quarter of its cap is free (at
+# least one slot, at most a placing batch): a placing pass per that many outcomes rather than
+# per outcome. Placed jobs are claimable at once, so the cap still runs at least three
+# quarters full while its org has held jobs.
+ROOM_TO_WAKE = "l.max_running - l.used >= greatest(1, least(100, l.max_running / 4))"
 
 
 def scopes_of(alias: str) -> str:
@@ -56,7 +61,7 @@ def release(source: str) -> str:
     """CTEs (to follow a `WITH ... ,`) that give back the slots of the jobs in CTE `source`
     (columns org_id, queue; one row per job leaving placed-or-running): the scope rows are
     locked in id order (no two statements wait for each other's), then decremented. `freed`
-    returns each scope's `waiting`: held jobs wait for the slot (then wake the workers)."""
+    returns whether held jobs of each scope now have room to be placed (then wake the workers)."""
     return f"""rel AS (
     SELECT scope.id, count(*) AS n FROM {source} AS r CROSS JOIN {scopes_of("r")}
      GROUP BY scope.id
@@ -69,5 +74,5 @@ def release(source: str) -> str:
     UPDATE job_limit AS l SET used = greatest(l.used - rel.n, 0)
       FROM rel JOIN rel_locked AS k ON k.id = rel.id
      WHERE l.id = rel.id
-    RETURNING l.waiting AND l.max_running IS NOT NULL AS waiting
+    RETURNING l.waiting AND coalesce({ROOM_TO_WAKE}, false) AS waiting
 )"""

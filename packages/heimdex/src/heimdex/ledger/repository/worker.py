@@ -183,7 +183,7 @@ SELECT {", ".join(f"claimed.{c}" for c in CLAIMED_COLUMNS)}, counts.unplaced, co
                  ORDER BY u.run_at
                  LIMIT 1) IS NOT NULL
                OR EXISTS (SELECT FROM job_limit AS l
-                           WHERE l.waiting AND l.used < l.max_running) AS unplaced,
+                           WHERE l.waiting AND {scopes.ROOM_TO_WAKE}) AS unplaced,
                (SELECT count(*) FROM tick) AS ticks) AS counts
   LEFT JOIN claimed ON true
  ORDER BY claimed.priority DESC, claimed.run_at
@@ -255,7 +255,7 @@ WITH placer AS MATERIALIZED (
 ), rooms AS MATERIALIZED (
     SELECT l.id, l.org_id, l.queue, least(l.max_running - l.used, {PLACE_BATCH}) AS room
       FROM job_limit AS l
-     WHERE l.waiting AND l.used < l.max_running AND (SELECT alone FROM placer)
+     WHERE l.waiting AND {scopes.ROOM_TO_WAKE} AND (SELECT alone FROM placer)
 ), woken AS MATERIALIZED (
     SELECT h.id, h.org_id, h.queue, h.type, h.priority, h.run_at, true AS was_held, r.id AS by
       FROM rooms AS r
