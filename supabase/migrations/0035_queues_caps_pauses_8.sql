@@ -1,5 +1,4 @@
-CREATE OR REPLACE FUNCTION heimdex_private.job_last_turn(org uuid, q varchar, prio integer, floor bigint)
-    RETURNS bigint
+CREATE OR REPLACE FUNCTION heimdex_private.job_limit_room() RETURNS boolean
     LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY INVOKER
     SET search_path = ''
     SET enable_bitmapscan = off
@@ -8,11 +7,11 @@ CREATE OR REPLACE FUNCTION heimdex_private.job_last_turn(org uuid, q varchar, pr
     SET enable_sort = off
 AS $fn$
 BEGIN
-    RETURN (SELECT j.turn FROM public.job AS j
-             WHERE j.status = 'queued' AND j.turn IS NOT NULL
-               AND j.org_id = org AND j.queue = q AND j.priority = prio AND j.turn >= floor
-             ORDER BY j.turn DESC, j.id DESC
-             LIMIT 1);
+    -- `used < max_running` matches the partial index; the room to wake is
+    -- `scopes.ROOM_TO_WAKE` (a quarter of the cap, at least one slot, at most a placing batch).
+    RETURN EXISTS (SELECT FROM public.job_limit AS l
+                    WHERE l.waiting AND l.used < l.max_running
+                      AND l.max_running - l.used >= greatest(1, least(100, l.max_running / 4)));
 END
 $fn$;
 

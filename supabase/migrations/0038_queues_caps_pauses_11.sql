@@ -1,2 +1,2 @@
-COMMENT ON FUNCTION heimdex_private.job_queue_clock(varchar, integer, bigint) IS 'Where a queue stands at a priority: its lowest placed turn, if below floor; one probe';
+COMMENT ON FUNCTION heimdex_private.job_last_turn(uuid, varchar, integer, bigint) IS 'Last placed turn of an org in a queue at a priority, if at or after floor: one probe';
 

@@ -1,2 +1,2 @@
-DROP INDEX CONCURRENTLY IF EXISTS idx_job__org_turn;
+DROP INDEX CONCURRENTLY IF EXISTS idx_job__claim_order;
 

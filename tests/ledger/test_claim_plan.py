@@ -318,29 +318,50 @@ SELECT (CAST(:orgs AS uuid[]))[1 + g % 100], 'noop',
 def test_the_claims_question_about_capped_scopes_reads_only_those_with_room(
     engine: Engine,
 ) -> None:
-    """Every claim asks whether a capped scope has room again for the jobs held for it. With
-    thousands of orgs holding a cap or a weight, reading `job_limit` was most of the claim."""
+    """Every claim asks whether a capped scope has room again for the jobs held for it
+    (`heimdex_private.job_limit_room()`). With thousands of orgs holding a cap or a weight, a
+    sequential scan of `job_limit` was most of the claim: the planner does not know that the
+    scopes whose jobs wait are mostly full ones."""
     with engine.begin() as conn:
         conn.execute(
             text("""
 INSERT INTO job_limit (org_id, max_running, weight, used, waiting)
-SELECT gen_random_uuid(), CASE WHEN g % 2 = 0 THEN 2 END, 1 + g % 3,
-       CASE WHEN g % 2 = 0 THEN 2 ELSE 0 END, g % 4 = 0
+SELECT gen_random_uuid(), CASE WHEN g % 2 = 0 THEN 8 END, 1 + g % 3,
+       CASE WHEN g % 2 = 0 THEN 8 - (g % 3) % 2 ELSE 0 END, g % 4 = 0
   FROM generate_series(1, 4000) AS g""")
         )
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE job_limit"))
+    assert "job_limit_room()" in repository.worker.claim_sql(10)
+    plans: list[str] = []
+    with engine.connect() as conn:
         driver = conn.connection.driver_connection
         assert driver is not None
-        plan = "\n".join(
-            row[0]
-            for row in driver.execute(
-                "EXPLAIN " + repository.worker.claim_sql(10),
-                {"worker": "w", "lease": 30.0, "q0": "default"},
-            ).fetchall()
+        driver.add_notice_handler(lambda d: plans.append(d.message_primary or ""))
+        for setting in (
+            "LOAD 'auto_explain'",
+            "SET auto_explain.log_min_duration = 0",
+            "SET auto_explain.log_nested_statements = on",
+            "SET client_min_messages = log",
+        ):
+            driver.execute(setting)
+        answers = [
+            driver.execute("SELECT heimdex_private.job_limit_room()").fetchone()[0]  # type: ignore[index]
+            for _ in range(7)
+        ]
+        # One scope with a quarter of its cap free again: the answer turns.
+        driver.execute(
+            "UPDATE job_limit SET used = 6"
+            " WHERE id = (SELECT min(id) FROM job_limit WHERE waiting AND max_running = 8)"
         )
-    assert "idx_job_limit__room" in plan, plan
-    assert "Seq Scan on job_limit" not in plan, plan
+        answers.append(driver.execute("SELECT heimdex_private.job_limit_room()").fetchone()[0])  # type: ignore[index]
+        conn.rollback()
+    assert answers == [False] * 7 + [True], answers
+    probes = [p for p in plans if "FROM public.job_limit" in p]
+    assert len(probes) == 8, plans
+    for plan in probes:
+        assert "idx_job_limit__room" in plan, plan
+        assert "Seq Scan" not in plan, plan
 
 
 @pytest.mark.slow

@@ -26,7 +26,9 @@ Revises: c9e2b4d6f8a1
   it far past a slow pool's placed turns, and a newcomer's job in the slow pool waited behind
   that pool's whole backlog. The three-argument `job_last_turn` stays for the previous release.
 - `idx_job_limit__room`: the capped scopes whose held jobs wait and that have room again, which
-  every claim asks about (a handful of rows, however many orgs have a cap or a weight).
+  every claim asks about (a handful of rows, however many orgs have a cap or a weight), read in
+  `heimdex_private.job_limit_room()` with the same settings as the probes above: the planner,
+  not knowing that waiting scopes are mostly full ones, preferred a sequential scan.
 
 Cost on a live table: the two columns have constant defaults (catalog only since PostgreSQL 11,
 no rewrite, under lock_timeout); the indexes are built and the old ones dropped CONCURRENTLY
@@ -69,7 +71,22 @@ PROBE_SETTINGS = """
     SET enable_seqscan = off
     SET enable_incremental_sort = off
     SET enable_sort = off"""
+ROOM = "heimdex_private.job_limit_room"
 FUNCTIONS = {
+    f"{ROOM}()": (
+        f"""
+CREATE OR REPLACE FUNCTION {ROOM}() RETURNS boolean{PROBE_SETTINGS}
+AS $fn$
+BEGIN
+    -- `used < max_running` matches the partial index; the room to wake is
+    -- `scopes.ROOM_TO_WAKE` (a quarter of the cap, at least one slot, at most a placing batch).
+    RETURN EXISTS (SELECT FROM public.job_limit AS l
+                    WHERE l.waiting AND l.used < l.max_running
+                      AND l.max_running - l.used >= greatest(1, least(100, l.max_running / 4)));
+END
+$fn$""",
+        "Whether a capped scope whose held jobs wait has room again: one probe",
+    ),
     f"{LAST_TURN}{LAST_TURN_ARGS}": (
         f"""
 CREATE OR REPLACE FUNCTION {LAST_TURN}(org uuid, q varchar, prio integer, floor bigint)

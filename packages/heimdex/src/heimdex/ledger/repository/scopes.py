@@ -16,6 +16,7 @@ TURN_UNIT = 720720
 # least one slot, at most a placing batch): a placing pass per that many outcomes rather than
 # per outcome. Placed jobs are claimable at once, so the cap still runs at least three
 # quarters full while its org has held jobs.
+# `heimdex_private.job_limit_room()` (revision a9d4c6e2f8b1) holds the same rule.
 ROOM_TO_WAKE = "l.max_running - l.used >= greatest(1, least(100, l.max_running / 4))"
 
 

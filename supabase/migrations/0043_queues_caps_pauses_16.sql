@@ -1,0 +1,2 @@
+DROP INDEX CONCURRENTLY IF EXISTS idx_job__org_turn;
+
