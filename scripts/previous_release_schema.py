@@ -65,8 +65,8 @@ def pytest_plugin_registered(plugin: object, manager: pytest.PytestPluginManager
     A conftest's fixture would win over a plugin's of the same name, so the conftest's own
     attribute is replaced; pytest parses a conftest's fixtures after this hook has seen it.
     """
-    path = getattr(plugin, "__file__", None) or ""
-    if not isinstance(plugin, ModuleType) or not path.endswith(os.path.join("tests", "conftest.py")):
+    path = str(getattr(plugin, "__file__", None) or "")
+    if not isinstance(plugin, ModuleType) or Path(path).parts[-2:] != ("tests", "conftest.py"):
         return
     if not hasattr(plugin, "head_template") or not hasattr(plugin, "TEMPLATE"):
         pytest.exit(f"{path} has no head_template fixture and TEMPLATE name to replace")
