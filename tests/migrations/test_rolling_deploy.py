@@ -131,7 +131,13 @@ class Load:
 
     def more(self, n: int, port: int | None = None, *, what: str) -> None:
         target = self.count(port) + n
-        wait_for(lambda: self.count(port) >= target, what=what, timeout=120)
+
+        def reached() -> bool:
+            with self.lock:
+                assert not self.errors, f"{len(self.errors)} failed submissions: {self.errors[:3]}"
+            return self.count(port) >= target
+
+        wait_for(reached, what=what, timeout=120)
 
     def drain(self, port: int) -> None:
         with self.lock:
