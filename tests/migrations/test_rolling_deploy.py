@@ -15,7 +15,7 @@ import signal
 import subprocess
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,7 +145,9 @@ class Load:
         wait_for(lambda: self.in_flight.get(port, 0) == 0, what=f"requests in flight on {port}")
 
 
-def _healthy(port: int) -> bool:
+def _up(proc: subprocess.Popen[bytes], port: int, log: Callable[[], str]) -> bool:
+    """The API answers /healthz; an API that exited fails at once, with its log."""
+    assert proc.poll() is None, log()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
     try:
         conn.request("GET", "/healthz")
@@ -215,7 +217,11 @@ def test_the_previous_workers_beside_the_new_api_through_an_online_expand_lose_n
         old_port = free_port()
         old_api = release.start("api", "--host", "127.0.0.1", "--port", str(old_port))
         workers = [release.start("worker") for _ in range(2)]
-        wait_for(lambda: _healthy(old_port), what="the previous release's API", timeout=60)
+        wait_for(
+            lambda: _up(old_api, old_port, lambda: release.log_of(old_api)),
+            what="the previous release's API",
+            timeout=300,
+        )
         load.ports.append(old_port)
         for client in clients:
             client.start()
@@ -239,7 +245,11 @@ def test_the_previous_workers_beside_the_new_api_through_an_online_expand_lose_n
         # The new API joins, the previous one is drained and stopped; the old workers stay.
         new_port = free_port()
         new_api = new.start("api", "--host", "127.0.0.1", "--port", str(new_port))
-        wait_for(lambda: _healthy(new_port), what="the new API", timeout=60)
+        wait_for(
+            lambda: _up(new_api, new_port, lambda: new.log_of(new_api)),
+            what="the new API",
+            timeout=300,
+        )
         with load.lock:
             load.ports.append(new_port)
         load.more(BATCH, new_port, what="submissions to the new API beside the previous one")
