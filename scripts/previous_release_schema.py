@@ -27,6 +27,9 @@ import pytest
 
 HEAD_CLI_ENV = "HEIMDEX_HEAD_CLI"
 HEAD_INI_ENV = "HEIMDEX_HEAD_ALEMBIC_INI"  # another history's expand revisions (the step's tests)
+# A file the lines of `_report` are appended to, for a run with pytest-xdist workers (whose
+# terminal summary nobody sees); without it they end the terminal summary.
+REPORT_ENV = "HEIMDEX_PREVIOUS_RELEASE_REPORT"
 _report: list[str] = []
 
 
@@ -37,7 +40,13 @@ def _migrate(argv: list[str], url: str, what: str) -> None:
         output = (done.stdout + done.stderr).strip()
         pytest.exit(f"{what} failed (exit {done.returncode}):\n{output}", returncode=3)
     # stdout says what was applied and where it stopped; stderr is the per-step log.
-    _report.extend(f"{what}: {line}" for line in done.stdout.strip().splitlines())
+    lines = [f"{what}: {line}" for line in done.stdout.strip().splitlines()]
+    report = os.environ.get(REPORT_ENV)
+    if report:
+        with open(report, "a", encoding="utf-8") as out:
+            out.writelines(f"{line}\n" for line in lines)
+    else:
+        _report.extend(lines)
 
 
 def _expand_template(release_conftest: ModuleType) -> Any:
