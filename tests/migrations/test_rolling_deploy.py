@@ -1,6 +1,11 @@
-"""A rolling deploy: the previous release's worker keeps running beside the new API while
+"""A rolling deploy: the previous release's workers keep running beside the new API while
 `heimdex db upgrade --phase expand` runs online under steady submissions. Nothing may fail,
 and every accepted job is done exactly once.
+
+In a deploy's order: the previous release serves; the repository's expand revisions are applied
+under load; the new API joins the previous one; a test expand revision that works on the busy
+`job` table online (a column, a concurrent index) runs beside both; the previous API is drained
+and stopped. The previous release's workers run every job throughout.
 
 The previous release is an installed checkout named by HEIMDEX_PREVIOUS_RELEASE_DIR
 (`scripts/previous-release --install` makes one and prints its directory; .ci/run sets it).
@@ -34,6 +39,7 @@ pytestmark = pytest.mark.slow  # the previous release's processes, the new API, 
 
 RELEASE_DIR_ENV = "HEIMDEX_PREVIOUS_RELEASE_DIR"
 ONLINE_EXPAND = "rollxpand001"
+EXPAND = ("db", "upgrade", "--phase", "expand")
 CLIENTS = 4
 BATCH = 40  # submissions accepted between two steps of the deploy
 
@@ -227,22 +233,12 @@ def test_the_previous_workers_beside_the_new_api_through_an_online_expand_lose_n
             client.start()
         load.more(BATCH, what="submissions before the upgrade")
 
-        # The deploy's first step, online, under the load.
-        expand = heimdex(
-            "db",
-            "upgrade",
-            "--phase",
-            "expand",
-            "-c",
-            history.ini,
-            "--database-url",
-            url_arg(empty_db_url),
-        )
+        # The deploy's first step, online, under the load: the repository's expand revisions.
+        expand = heimdex(*EXPAND, "--database-url", url_arg(empty_db_url))
         assert expand.returncode == 0, expand.stdout + expand.stderr
-        assert version_of(empty_db_url) == ONLINE_EXPAND, expand.stdout
         load.more(BATCH, what="submissions after the upgrade")
 
-        # The new API joins, the previous one is drained and stopped; the old workers stay.
+        # The new API joins the previous one; the old workers run every job.
         new_port = free_port()
         new_api = new.start("api", "--host", "127.0.0.1", "--port", str(new_port))
         wait_for(
@@ -253,6 +249,14 @@ def test_the_previous_workers_beside_the_new_api_through_an_online_expand_lose_n
         with load.lock:
             load.ports.append(new_port)
         load.more(BATCH, new_port, what="submissions to the new API beside the previous one")
+
+        # An online expand revision on the busy table, beside both APIs and the old workers.
+        online = heimdex(*EXPAND, "-c", history.ini, "--database-url", url_arg(empty_db_url))
+        assert online.returncode == 0, online.stdout + online.stderr
+        assert version_of(empty_db_url) == ONLINE_EXPAND, online.stdout
+        load.more(BATCH, new_port, what="submissions to the new API after the online revision")
+
+        # The previous API is drained and stopped; the old workers stay.
         load.drain(old_port)
         old_api.terminate()
         # Uvicorn finishes its requests, then ends by the signal it was sent.
