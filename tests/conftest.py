@@ -46,12 +46,18 @@ def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginMa
     group.addoption("--dist", dest="dist", default="no")
 
 
+# Markers of tests that take minutes: such a test runs only when `-m` names its marker.
+OPT_IN = {
+    "failover": "minutes against a pg_auto_failover formation: run with -m failover",
+    "wallclock": "sleeps through real minutes: run with -m wallclock",
+}
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Tests marked `failover` take minutes: they run only when `-m` names them."""
-    if item.get_closest_marker("failover") and "failover" not in (
-        item.config.option.markexpr or ""
-    ):
-        pytest.skip("minutes against a pg_auto_failover formation: run with -m failover")
+    markexpr = item.config.option.markexpr or ""
+    for marker, reason in OPT_IN.items():
+        if item.get_closest_marker(marker) and marker not in markexpr:
+            pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

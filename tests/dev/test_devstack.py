@@ -117,7 +117,7 @@ def test_dev_brings_up_the_stack_runs_a_job_and_stops_on_ctrl_c(state_dir: Path)
         assert status == "succeeded"
     finally:
         proc.send_signal(signal.SIGINT)
-        output, logs = proc.communicate(timeout=60)
+        output, logs = proc.communicate(timeout=STOP_SECONDS)
     assert proc.returncode == 0, output + logs
     assert f"Heimdex is up at http://127.0.0.1:{port}" in output
     assert f"export HEIMDEX_TOKEN={token}" in output
@@ -160,6 +160,22 @@ def test_dev_refuses_a_busy_port_before_starting_anything(state_dir: Path) -> No
     assert not (state_dir / "pg").exists()
 
 
+# The stack's own bound on stopping: one shutdown grace for the API and the worker together
+# (plus its margin), then PostgreSQL's fast shutdown; with room for a loaded machine.
+STOP_SECONDS = 150
+
+
+def _wait_stopped(proc: subprocess.Popen[bytes], state_dir: Path) -> None:
+    try:
+        proc.wait(timeout=STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        tails = {
+            log.name: log.read_text().splitlines()[-5:]
+            for log in sorted((state_dir / "logs").glob("*.log"))
+        }
+        pytest.fail(f"heimdex dev did not stop within {STOP_SECONDS}s; its logs end: {tails}")
+
+
 def _read_until(fd: int, marker: bytes, deadline: float) -> bytes:
     seen = b""
     while marker not in seen and time.monotonic() < deadline:
@@ -192,7 +208,7 @@ def test_dev_on_a_terminal_shows_a_person_the_ready_block_in_colour_and_no_log_l
     try:
         screen = _read_until(main, b"Ctrl-C stops everything.", time.monotonic() + 90)
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        _wait_stopped(proc, state_dir)
         screen += _read_until(main, b"\0", time.monotonic() + 2)
     finally:
         if proc.poll() is None:

@@ -36,9 +36,9 @@ def test_retry_delay_per_policy_is_capped(policy: BackoffPolicy, expected: list[
 
 def test_builtin_types_come_from_the_entry_point_with_handlers() -> None:
     registry = load_registry()
-    assert registry.names() == ["mock_process", "noop"]
+    assert registry.names() == ["heimdex.backfill", "mock_process", "noop"]
     assert registry.without_handler() == []
-    with pytest.raises(UnknownJobType, match="known types: mock_process, noop"):
+    with pytest.raises(UnknownJobType, match=r"known types: heimdex\.backfill, mock_process, noop"):
         registry.validate("transcode", {})
     with pytest.raises(InvalidParams, match="stage_seconds"):
         registry.validate("mock_process", {"stage_seconds": -1})

@@ -245,8 +245,11 @@ def _api_client(db: OwnDatabase) -> TestClient:
 def test_eight_workers_run_every_job_exactly_once(
     client: TestClient, processes: Processes, engine: Engine
 ) -> None:
+    # Exactly once needs leases that outlast a loaded machine's stalls: an expired 1 s lease
+    # would (rightly) run its job again.
+    steady = {"HEIMDEX_LEASE_SECONDS": "30", "HEIMDEX_HEARTBEAT_SECONDS": "2"}
     for _ in range(8):
-        processes.start("worker", "--concurrency", "2", "--batch", "5")
+        processes.start("worker", "--concurrency", "2", "--batch", "5", env=steady)
     # Every worker listening before the jobs arrive: one worker alone drains 2,000 no-op jobs
     # faster than seven more processes start.
     wait_for(

@@ -7,6 +7,7 @@ import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from pydantic import BaseModel
@@ -233,3 +234,40 @@ def test_an_org_schedule_fires_for_its_org_and_resuming_skips_what_it_missed(
     assert resumed.next_fire_at == BASE + timedelta(minutes=35)
     assert _fire_together(engine, registry, BASE + timedelta(minutes=31)) == 0
     assert _fire_together(engine, registry, BASE + timedelta(minutes=35)) == 1
+
+
+def test_fire_times_are_utc_whatever_the_sessions_time_zone(
+    engine: Engine, registry: Registry
+) -> None:
+    """A session's TimeZone (the server's default, `ALTER ROLE ... SET timezone`, a worker's
+    PGTZ) changes how `now()` and the schedule's timestamps read, never which instants fire."""
+    org = uuid.uuid4()
+    with engine.begin() as conn:
+        conn.execute(text("SET LOCAL TIME ZONE 'Asia/Kolkata'"))
+        schedules.add_schedule(
+            conn, registry, org_id=org, name="nightly", type="minutely", cron="0 3 * * *",
+            params={},
+        )  # fmt: skip
+        next_fire_at = schedules.get_schedule(conn, org, "nightly").next_fire_at
+    at = next_fire_at.astimezone(UTC)
+    assert (at.hour, at.minute) == (3, 0), next_fire_at  # 03:00 UTC, not 03:00 in Kolkata
+
+
+def test_a_fire_time_is_one_job_whatever_the_sessions_time_zone(
+    engine: Engine, registry: Registry
+) -> None:
+    """Two workers whose sessions read time in other zones fire the same instant: one key."""
+    with engine.begin() as conn:
+        schedules.sync_declared(conn, schedules.declared_schedules(registry), now=BASE)
+    at = BASE + timedelta(minutes=1, seconds=5)
+    with engine.begin() as conn:
+        fired = schedules.fire_due(conn, registry, now=at)
+    assert [f.created for f in fired] == [True]
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE job_schedule SET next_fire_at = :t"), {"t": BASE})
+    with engine.begin() as conn:  # a row read before the first worker moved it on
+        conn.execute(text("SET LOCAL TIME ZONE 'America/New_York'"))
+        fired = schedules.fire_due(conn, registry, now=at.astimezone(ZoneInfo("America/New_York")))
+    assert [f.created for f in fired] == [False]
+    (row,) = _scheduled_jobs(engine)
+    assert row.idempotency_key == f"schedule:minutely:{(BASE + timedelta(minutes=1)).isoformat()}"

@@ -12,8 +12,8 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from sqlalchemy import Connection
 
+from heimdex.ledger import backfills, repository
 from heimdex.ledger import operations as ops
-from heimdex.ledger import repository
 from heimdex.ledger import schedules as sched
 from heimdex.ledger.fingerprint import error_fingerprint
 from heimdex.ledger.repository import JobFilter
@@ -256,6 +256,51 @@ def failures(
             limit=limit,
         )  # fmt: skip
     return FailureList(items=[FailureGroupOut(**vars(g)) for g in groups])
+
+
+class BackfillOut(BaseModel):
+    name: str
+    revision: str = Field(description="The data revision that recorded it")
+    table_name: str
+    state: str = Field(
+        description="done, or its job's status (queued, running, failed, dead_letter, "
+        "canceled), or `no job`"
+    )
+    percent: int
+    rows_done: int
+    estimated_rows: int = Field(description="Rows in the table when it was recorded")
+    batches_done: int
+    batch_size: int
+    rows_per_second: float | None
+    pause_factor: float | None
+    paused_seconds: float
+    job_id: uuid.UUID | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+
+class BackfillList(BaseModel):
+    items: list[BackfillOut]
+
+
+@router.get("/backfills", response_model=BackfillList)
+def list_backfills(state: State, _: Reader) -> BackfillList:
+    """The backfills data revisions handed to the ledger (`heimdex.backfill` jobs, in the
+    system org), oldest first, with their progress."""
+    with _autocommit(state) as conn:
+        found = backfills.progress(conn)
+    return BackfillList(
+        items=[
+            BackfillOut(
+                **{k: v for k, v in vars(b).items() if k in BackfillOut.model_fields},
+                state=b.state,
+                percent=b.percent,
+            )
+            for b in found
+        ]
+    )
 
 
 class ScheduleIn(BaseModel):

@@ -35,8 +35,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from heimdex.errors import HeimdexError
+from heimdex.ledger import backfills, repository
 from heimdex.ledger import operations as ops
-from heimdex.ledger import repository
 from heimdex.ledger import schedules as sched
 from heimdex.ledger.errors import JobNotFound
 from heimdex.ledger.fingerprint import error_fingerprint
@@ -484,6 +484,14 @@ def schedules_page(request: Request, state: State, s: Operator) -> HTMLResponse:
     with _reads(state) as conn:
         found = sched.list_schedules(conn)
     return _page(request, "schedules.html", "Schedules", s, schedules=found)
+
+
+@router.get("/backfills")
+def backfills_page(request: Request, state: State, s: Operator) -> HTMLResponse:
+    """The backfills data revisions handed to the ledger, with their progress."""
+    with _reads(state) as conn:
+        found = backfills.progress(conn)
+    return _page(request, "backfills.html", "Backfills", s, backfills=found)
 
 
 @router.get("/bulk")

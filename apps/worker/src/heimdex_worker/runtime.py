@@ -31,10 +31,12 @@ import subprocess
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from heimdex.ledger import repository, retention, service
@@ -79,6 +81,11 @@ class _Context:
         self._resumed = saved is not None
         self._state: dict[str, Any] = dict((saved or {}).get("state") or {})
         self._checkpoint_stage: str | None = (saved or {}).get("stage")
+
+    @property
+    def job_id(self) -> uuid.UUID:
+        job_id: uuid.UUID = self.held.job.id
+        return job_id
 
     @property
     def attempt(self) -> int:
@@ -145,6 +152,9 @@ class _Context:
         if recorded:
             raise CancelRequested(self.held.job.id)
         self.held.stage = name
+
+    def connect(self) -> AbstractContextManager[Connection]:
+        return self.worker.engine.connect()
 
     def popen(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         if kwargs.pop("start_new_session", True) is not True:

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from sqlalchemy import Connection
 from sqlalchemy.engine import URL
 
 from heimdex.db import missing_privilege
 from heimdex.errors import HeimdexError
+from heimdex.ledger import backfills
 from heimdex.logs import configure_logging
 from heimdex.settings import (
     PoolMode,
@@ -34,6 +37,7 @@ from heimdex_db.context import (
     DbContext,
     Tuning,
 )
+from heimdex_db.history import connect
 from heimdex_db.lint.findings import RLS_BASELINE_REVISION
 from heimdex_db.phases import PHASES, phase_of
 from heimdex_db.revision import require_extra
@@ -226,9 +230,108 @@ def status(*, config: Path | None, database_url: str | None) -> None:
         click.echo(f"pending: {pending.revision}  {pending.message}")
     for line in result.drift:
         click.echo(f"drift:   {line}")
+    for backfill in result.backfills:
+        click.echo(f"backfill: {backfill.describe()}")
     if result.code == 0:
         click.echo("up to date")
     sys.exit(int(result.code))
+
+
+@db.group(
+    "backfill",
+    epilog="""\b
+Examples:
+  heimdex db status                                 # every backfill's progress
+  heimdex db backfill throttle job_region --rows-per-second 5000
+  heimdex db backfill finish job_region             # the rest now, in the foreground
+""",
+)
+def backfill_group() -> None:
+    """The backfills data revisions handed to the ledger (docs/migrations.md, "Backfills as
+    jobs"): each runs as a `heimdex.backfill` job; `heimdex db status` shows their progress."""
+
+
+def _progress_of(conn: Connection, name: str) -> backfills.Progress:
+    with conn.begin():
+        found = backfills.progress(conn, [name])
+        known = [p.name for p in backfills.progress(conn)] if not found else []
+    if not found:
+        raise HeimdexError(
+            f"no backfill is named {name!r} (backfills: {', '.join(known) or 'none'})"
+        )
+    return found[0]
+
+
+@backfill_group.command(
+    epilog="""\b
+Examples:
+  heimdex db backfill throttle job_region --rows-per-second 5000
+  heimdex db backfill throttle job_region --pause-factor 1   # pause as long as each batch took
+  heimdex db backfill throttle job_region                    # no throttle
+"""
+)
+@click.argument("name")
+@click.option(
+    "--rows-per-second",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Pause after each batch so the rate stays under this.",
+)
+@click.option(
+    "--pause-factor",
+    type=click.FloatRange(min=0),
+    help="Pause this many times each batch's duration.",
+)
+@_config_option
+@_url_option()
+def throttle(
+    name: str,
+    *,
+    rows_per_second: float | None,
+    pause_factor: float | None,
+    config: Path | None,
+    database_url: str | None,
+) -> None:
+    """Set backfill NAME's throttle (both options unset: none); its next batch reads it."""
+    ctx = _context(config, database_url, needs_database=True)
+    with connect(ctx.url) as conn:
+        _progress_of(conn, name)
+        with conn.begin():
+            backfills.set_throttle(
+                conn, name, rows_per_second=rows_per_second, pause_factor=pause_factor
+            )
+        now = _progress_of(conn, name)
+    click.echo(f"throttle of {name} set; {now.describe()}")
+
+
+@backfill_group.command(
+    epilog="""\b
+Its job, if it runs meanwhile, takes turns with it batch by batch (no batch runs twice)
+and ends when it finds the backfill done.
+
+\b
+Example:
+  heimdex db backfill finish job_region && heimdex db upgrade
+"""
+)
+@click.argument("name")
+@click.option("--no-throttle", is_flag=True, help="Run the batches back to back, without pauses.")
+@_config_option
+@_url_option()
+def finish(name: str, *, no_throttle: bool, config: Path | None, database_url: str | None) -> None:
+    """Run backfill NAME's remaining batches now, from this process (as GitLab's finalize):
+    for a contract revision that waits on it, or one whose job stopped."""
+    ctx = _context(config, database_url, needs_database=True)
+    with connect(ctx.url) as conn:
+        _progress_of(conn, name)
+        while True:
+            with conn.begin():
+                batch = backfills.run_batch(conn, name)
+            if batch.finished:
+                break
+            if batch.pause and not no_throttle:
+                time.sleep(batch.pause)
+        done = _progress_of(conn, name)
+    click.echo(done.describe())
 
 
 def _report_migration(result: Any) -> None:

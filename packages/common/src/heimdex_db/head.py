@@ -35,7 +35,7 @@ def schema_problem(
     history this code ships); else one line saying where it is instead.
 
     Ahead is a newer release's expand revisions, applied while this release still serves during
-    a rolling deploy (docs/migrations.md §6c); its contract revisions wait until this one is gone.
+    a rolling deploy (docs/migrations.md §6d); its contract revisions wait until this one is gone.
     """
     current = database_revision(conn)
     if current == head or (current is not None and known and current not in known):

@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError
 
 from heimdex.db import missing_privilege
 from heimdex.errors import HeimdexError
+from heimdex_db.backfills import BackfillNotDone, check_done
 from heimdex_db.context import DbContext
 from heimdex_db.history import (
     connect,
@@ -277,6 +278,23 @@ def _run_step(ctx: DbContext, step: Step, *, position: str = "") -> None:
         return
 
 
+def _check_backfills(lock_conn: Connection, step: Step, applied: list[str]) -> None:
+    """Refuse `step` while a backfill it requires is not done; the revisions before it stay."""
+    if step.direction != "upgrade":
+        return
+    try:
+        check_done(lock_conn, step.script)
+    except BackfillNotDone as exc:
+        if applied:
+            raise BackfillNotDone(
+                f"{', '.join(applied)} applied; now at {applied[-1]}, stopped: {exc}"
+            ) from None
+        raise
+    finally:
+        if lock_conn.in_transaction():
+            lock_conn.rollback()
+
+
 # Called under the migration lock, on the lock's connection, with the revisions a downgrade
 # is about to revert (newest first), before any of them runs: it may refuse by raising.
 DowngradeGuard = Callable[[Connection, list[Script]], None]
@@ -327,8 +345,9 @@ def _migrate(
                     lock_conn.rollback()
         if not steps:
             logger.info("nothing to do: the database is at %s", before or "base")
-        applied = []
+        applied: list[str] = []
         for number, step in enumerate(steps, 1):
+            _check_backfills(lock_conn, step, applied)
             _run_step(ctx, step, position=f"[{number}/{len(steps)}] " if len(steps) > 1 else "")
             applied.append(step.script.revision)
         after = _single(current_revisions(cfg, lock_conn))

@@ -11,6 +11,7 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 
 from heimdex.errors import HeimdexError
+from heimdex.ledger.backfills import Progress, progress
 from heimdex_db.context import DbContext
 from heimdex_db.history import connect, current_revisions, inspect_with_env
 
@@ -38,6 +39,9 @@ class Status:
     pending: list[Pending] = field(default_factory=list)
     unknown: tuple[str, ...] = ()
     drift: list[str] = field(default_factory=list)
+    # Every backfill a data revision handed to the ledger, done or not (they do not change
+    # the exit code: a contract revision that needs one refuses on its own).
+    backfills: list[Progress] = field(default_factory=list)
 
     @property
     def code(self) -> StatusCode:
@@ -84,7 +88,7 @@ def _known(scripts: ScriptDirectory, revision: str) -> bool:
 
 
 def status(ctx: DbContext) -> Status:
-    """Current revision, heads, pending revisions (oldest first) and model drift.
+    """Current revision, heads, pending revisions (oldest first), model drift and backfills.
 
     Drift is only computed when the database is at the (single) head: before that the
     differences are the pending revisions themselves.
@@ -96,6 +100,9 @@ def status(ctx: DbContext) -> Status:
         current = current_revisions(cfg, conn)
         unknown = tuple(r for r in current if not _known(scripts, r))
         result = Status(current=current, heads=heads, unknown=unknown)
+        result.backfills = progress(conn)
+        if conn.in_transaction():
+            conn.rollback()
         if len(heads) != 1 or unknown:
             return result
         if current == heads:

@@ -244,12 +244,15 @@ class DevStack:
         return None
 
     def stop(self) -> None:
-        for name, proc in reversed(self.procs.items()):
-            if proc.poll() is not None:
-                continue
+        # All at once: none needs another to stop, so the stack takes one grace period, not
+        # one per process.
+        running = {name: proc for name, proc in self.procs.items() if proc.poll() is None}
+        for proc in running.values():
             proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.shutdown_grace_seconds + 5
+        for name, proc in running.items():
             try:
-                proc.wait(timeout=self.settings.shutdown_grace_seconds + 5)
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 logger.warning("killing %s", name, extra={"action": "dev.kill", "proc": name})
                 proc.kill()

@@ -11,12 +11,14 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Double,
     ForeignKey,
     Index,
     Integer,
     MetaData,
     Sequence,
     String,
+    Text,
     text,
 )
 from sqlalchemy.dialects.postgresql import ENUM, JSONB, TIMESTAMP, UUID
@@ -326,4 +328,73 @@ class JobSchedule(Base):
         TIMESTAMP(timezone=True),
         server_default=text("now()"),
         comment="Last modification timestamp",
+    )
+
+
+class Backfill(Base):
+    __tablename__ = "job_backfill"
+    __table_args__ = (
+        CheckConstraint("batch_size > 0", name="batch_size_positive"),
+        CheckConstraint(
+            "coalesce(rows_per_second, 1) > 0 AND coalesce(pause_factor, 0) >= 0",
+            name="throttle_positive",
+        ),
+        {"comment": "Backfills handed to the ledger by data revisions, with their progress"},
+    )
+
+    name: Mapped[str] = mapped_column(
+        String(100), primary_key=True, comment="Backfill name, unique"
+    )
+    revision: Mapped[str] = mapped_column(String(64), comment="Revision that recorded the backfill")
+    table_name: Mapped[str] = mapped_column(String(200), comment="Table the batches walk")
+    key_column: Mapped[str] = mapped_column(
+        String(63), comment="Unique column the batches walk in order"
+    )
+    batch_sql: Mapped[str] = mapped_column(
+        Text, comment="Statement run per batch, over the keys lo to hi (bind parameters)"
+    )
+    batch_size: Mapped[int] = mapped_column(Integer, comment="Keys per batch")
+    rows_per_second: Mapped[float | None] = mapped_column(
+        Double,
+        comment="Throttle: pause after each batch so the rate stays under this (NULL: none)",
+    )
+    pause_factor: Mapped[float | None] = mapped_column(
+        Double, comment="Throttle: pause this many times each batch's duration (NULL: none)"
+    )
+    estimated_rows: Mapped[int] = mapped_column(
+        BigInteger,
+        server_default=text("0"),
+        comment="Rows in the table when the backfill was recorded (an estimate)",
+    )
+    rows_done: Mapped[int] = mapped_column(
+        BigInteger,
+        server_default=text("0"),
+        comment="Rows (keys) the batches done so far covered",
+    )
+    batches_done: Mapped[int] = mapped_column(
+        Integer, server_default=text("0"), comment="Batches done"
+    )
+    last_key: Mapped[str | None] = mapped_column(
+        Text, comment="Last key done, as text (NULL: none yet)"
+    )
+    paused_seconds: Mapped[float] = mapped_column(
+        Double, server_default=text("0"), comment="Time the throttle paused, in seconds"
+    )
+    job_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True),
+        comment="The heimdex.backfill job (not a foreign key: retention may delete it)",
+    )
+    created_at: Mapped[datetime] = mapped_column(
+        TIMESTAMP(timezone=True),
+        server_default=text("now()"),
+        comment="When the revision recorded the backfill",
+    )
+    started_at: Mapped[datetime | None] = mapped_column(
+        TIMESTAMP(timezone=True), comment="When the first batch ran"
+    )
+    finished_at: Mapped[datetime | None] = mapped_column(
+        TIMESTAMP(timezone=True), comment="When the last batch ran (NULL: not done)"
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        TIMESTAMP(timezone=True), server_default=text("now()"), comment="Last progress"
     )

@@ -18,6 +18,7 @@ from alembic.config import Config
 from alembic.script import Script
 
 from heimdex.errors import HeimdexError
+from heimdex_db.backfills import guard_sql
 from heimdex_db.config import ARTIFACT_DIR
 from heimdex_db.context import DbContext
 from heimdex_db.history import ordered_revisions, scripts_of
@@ -92,6 +93,10 @@ def compile_artifacts(cfg: Config) -> list[Artifact]:
     first = int(getattr(history[0].module, "supabase_number", 1)) if history else 1
     for script in history:
         compiled = compile_revision(cfg, script)
+        if (guard := guard_sql(script)) is not None:
+            # In the transaction of the revision's first statements: they run only once it passed.
+            at = next((i + 1 for i, c in enumerate(compiled.chunks) if c.sql == "BEGIN;"), 0)
+            compiled.chunks.insert(at, Chunk(guard, 0, None, autocommit=False))
         parts = split_transactions(compiled.chunks)
         slug = slug_for(script)
         for i, content in enumerate(parts):

@@ -1,4 +1,6 @@
-"""The built-in job types: `noop` and upstream's `mock_process`, and the pattern for new ones."""
+"""The built-in job types: `noop`, upstream's `mock_process` and `heimdex.backfill` (the
+batches of a data revision's backfill, `heimdex.ledger.backfills`), and the pattern for new
+ones."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from heimdex.ledger import backfills
 from heimdex.ledger.registry import JobContext, JobError, JobTypes
 
 MOCK_STAGES = ("extracting", "analyzing", "indexing")
@@ -43,3 +46,6 @@ def mock_process(ctx: JobContext, params: MockProcessParams) -> dict[str, Any]:
         if params.fail_at_stage == stage:
             raise JobError("MOCK_STAGE_FAILED", f"mock_process failed at stage {stage!r}")
     return {"stages": list(MOCK_STAGES), "attempt": ctx.attempt}
+
+
+jobs.register(backfills.BACKFILL_TYPE, params=backfills.BackfillParams)(backfills.run)

@@ -1,8 +1,12 @@
-"""Cron expressions (five fields, UTC), through `cronsim`."""
+"""Cron expressions (five fields, UTC), through `cronsim`.
+
+`cronsim` reads an expression in the time zone of the datetime it is given, and a timestamp
+read from PostgreSQL comes in the session's zone (the server's default, the role's, PGTZ):
+every instant is moved to UTC first, so `0 3 * * *` is 03:00 UTC for every worker."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from cronsim import CronSim, CronSimError
 
@@ -31,13 +35,18 @@ def check_cron(expression: str) -> str:
     return expression
 
 
+def utc(at: datetime) -> datetime:
+    """`at` in UTC; a naive datetime is taken as UTC."""
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
 def next_fire(expression: str, after: datetime) -> datetime:
-    """The first fire time strictly after `after`."""
-    result: datetime = next(CronSim(expression, after))
+    """The first fire time strictly after `after`, in UTC."""
+    result: datetime = next(CronSim(expression, utc(after)))
     return result
 
 
 def last_fire(expression: str, now: datetime) -> datetime:
-    """The latest fire time at or before `now`."""
-    result: datetime = next(CronSim(expression, now + _TICK, reverse=True))
+    """The latest fire time at or before `now`, in UTC."""
+    result: datetime = next(CronSim(expression, utc(now) + _TICK, reverse=True))
     return result

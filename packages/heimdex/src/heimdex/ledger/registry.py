@@ -28,12 +28,14 @@ import re
 import subprocess
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from importlib.metadata import entry_points
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
+from sqlalchemy import Connection
 
 from heimdex.errors import HeimdexError, flatten_validation_errors
 from heimdex.ledger.cron import check_cron
@@ -46,6 +48,10 @@ SYSTEM_ORG_ID = uuid.UUID(int=0)
 
 class JobContext(Protocol):
     """What a handler sees of its attempt."""
+
+    @property
+    def job_id(self) -> uuid.UUID:
+        """The job this attempt runs."""
 
     @property
     def attempt(self) -> int:
@@ -74,6 +80,11 @@ class JobContext(Protocol):
     def check(self) -> None:
         """Raise if the attempt must stop now (timeout, shutdown, lost lease); no database
         round trip, so a loop may call it often."""
+
+    def connect(self) -> AbstractContextManager[Connection]:
+        """A connection to the ledger's database, from the worker's pool, for a job that works
+        on the database itself (the built-in `heimdex.backfill`); the handler owns its
+        transactions."""
 
     def popen(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """`subprocess.Popen` in a session of its own, terminated (then killed after the grace

@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 
-from heimdex.ledger.cron import check_cron, last_fire, next_fire
+from heimdex.ledger.cron import check_cron, last_fire, next_fire, utc
 from heimdex.ledger.errors import (
     IdempotencyConflict,
     InvalidParams,
@@ -40,7 +40,8 @@ __all__ = ["SYSTEM_ORG_ID", "Declared", "Fired", "fire_due", "sync_declared"]
 
 
 def idempotency_key(name: str, fire_at: datetime) -> str:
-    return f"schedule:{name}:{fire_at.isoformat()}"
+    """One spelling per instant (UTC), whatever zone the session read `next_fire_at` in."""
+    return f"schedule:{name}:{utc(fire_at).isoformat()}"
 
 
 @dataclass(frozen=True)
