@@ -101,6 +101,15 @@ class HistoryCopy:
         path.write_text(body)
         return path
 
+    def truncate_after(self, rev: str) -> None:
+        """Remove the revisions after `rev`: the copy's head becomes `rev`."""
+        scripts = ScriptDirectory.from_config(alembic_config(self.ini))
+        for script in scripts.walk_revisions():
+            if script.revision == rev:
+                return
+            Path(script.path).unlink()
+        raise AssertionError(f"{rev} is not in the history copy")
+
 
 def revisions_of(ini: Path | None = None) -> list[str]:
     """The revision ids of the history at `ini` (default: the repository's), oldest first."""

@@ -24,7 +24,7 @@ from heimdex_api.inputs import storable_input
 from heimdex_api.metrics import ApiMetrics
 from heimdex_api.routes import router
 from heimdex_api.state import AppState
-from heimdex_db.head import head_revision
+from heimdex_db.head import head_revision, known_revisions
 
 BODY_MAX_BYTES = 256 * 1024
 
@@ -46,6 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
             registry=registry,
             metrics=ApiMetrics(engine, reads),
             schema_head=head_revision(),
+            schema_known=known_revisions(),
         )
         try:
             yield

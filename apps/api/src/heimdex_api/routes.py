@@ -223,7 +223,7 @@ def readyz(request: Request, state: State) -> Any:
             conn.execute(text("SELECT 1"))
             # Of a multi-host URL (an HA cluster), the server this process writes to now.
             node = server_address(conn)
-            behind = schema_problem(conn, state.schema_head)
+            behind = schema_problem(conn, state.schema_head, state.schema_known)
         checks["postgres"] = "ok"
         checks["schema"] = behind or "ok"
     except Exception as exc:

@@ -21,3 +21,5 @@ class AppState:
     registry: Registry
     metrics: ApiMetrics
     schema_head: str | None
+    # Every revision this code ships: the database at another one is ahead (a newer release's).
+    schema_known: frozenset[str] = frozenset()
