@@ -1,0 +1,48 @@
+"""hot heartbeats: job's fillfactor leaves each page room for new versions of its rows
+
+Revision ID: a9c4e2f7b1d3
+Revises: f3c1a8e5b7d9
+
+A worker renews every lease it holds in one statement (the heartbeat, every few seconds), and
+records each stage boundary of a running job: both change no indexed column, so each new row
+version can be a heap-only tuple (HOT: no index entry, reclaimed by the next visit to its page)
+when the row's page has room for it. Pages filled to 100% (the default) have none once their
+jobs run: a worker holding a page's jobs moves most of their new versions to other pages at
+each heartbeat, with an entry in each of the job indexes, and the table and its indexes grow
+for as long as the jobs run (bench/long_jobs.py: 62% of the updates HOT, one worker with 250
+long jobs). `fillfactor = 75` leaves every page that inserts fill a quarter free: the versions
+that do not fit move once, to pages that keep room, and from the sixth or so heartbeat on every
+one is HOT, even when one worker holds every job of a page (tests/ledger/test_hot_heartbeats.py;
+100% in bench/long_jobs.py's window). 50 makes even the first heartbeats HOT, at twice the heap.
+
+What it costs: pages filled from now on (new jobs, on new pages or on the room retention frees)
+hold three quarters of the rows they held, so the heap of the jobs written from now on takes a
+third more pages; the indexes are unchanged. Existing pages are not rewritten.
+
+Cost on a live table: a storage parameter, catalog only (SHARE UPDATE EXCLUSIVE: reads and
+writes go on), under lock_timeout. Downgrade resets it; pages filled meanwhile keep their room.
+"""
+
+from __future__ import annotations
+
+from heimdex_db.online import ddl, online, set_lock_timeout
+
+revision = "a9c4e2f7b1d3"
+down_revision = "f3c1a8e5b7d9"
+branch_labels = None
+depends_on = None
+supabase_slug = "hot_heartbeats"
+
+FILLFACTOR = 75
+
+
+def upgrade() -> None:
+    set_lock_timeout()
+    with online():
+        ddl(f"ALTER TABLE job SET (fillfactor = {FILLFACTOR})", label="set job's fillfactor")
+
+
+def downgrade() -> None:
+    set_lock_timeout()
+    with online():
+        ddl("ALTER TABLE job RESET (fillfactor)", label="reset job's fillfactor")
