@@ -24,7 +24,8 @@ backlog waits. Over the next `--minutes` the table reads:
   start and end, and the heap pages holding the running jobs;
 - the connections the workers hold (pg_stat_activity, sampled every 10 s);
 - the claim statement timed again, now with the workers holding their jobs: against the
-  ledger as 10 minutes of heartbeats left it.
+  ledger as `--minutes` of heartbeats left it, on a server busy with them (the probe's wait,
+  and the statement's time on the server from pg_stat_statements).
 Then SIGTERM to the workers (their jobs go back to the queue) and the cluster is removed.
 Run it niced: the workers hold `--running` threads, PostgreSQL a backend per connection.
 """
@@ -185,7 +186,10 @@ def _submit(engine: Engine, orgs: list[uuid.UUID], n: int, *, seconds: float, st
                 )
 
 
-def _claim_probe(engine: Engine, samples: int) -> tuple[float, float]:
+def _claim_probe(engine: Engine, samples: int) -> tuple[float, float, float, float]:
+    """p50 and p99 ms of the claim as the probe waits for it, and its mean and max ms on the
+    server (pg_stat_statements: what the machine's load adds is the difference)."""
+
     def claim(_: int) -> None:
         with engine.connect() as conn:
             claimed = service.claim(conn, worker_id="bench-probe", limit=10, lease_seconds=30)
@@ -193,7 +197,11 @@ def _claim_probe(engine: Engine, samples: int) -> tuple[float, float]:
         if not claimed.jobs:
             raise SystemExit("the claim probe found nothing queued: raise --backlog")
 
-    return _timed(samples, claim)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("SELECT pg_stat_statements_reset()"))
+        p50, p99 = _timed(samples, claim)
+        _, _, mean, top = _statement(conn, CLAIM_SQL)
+    return p50, p99, mean, top
 
 
 def _start_workers(
@@ -408,6 +416,11 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, str]]:  # noqa: PLR091
             "claim 10 (rolled back), p50 / p99 ms",
             f"{claim_before[0]:.2f} / {claim_before[1]:.2f} (before the workers)",
             f"{claim_after[0]:.2f} / {claim_after[1]:.2f}",
+        ),
+        (
+            "the same on the server, mean / max ms",
+            f"{claim_before[2]:.2f} / {claim_before[3]:.2f}",
+            f"{claim_after[2]:.2f} / {claim_after[3]:.2f}",
         ),
     ]
     rows += [(f"`{name}`, MiB", _mib(sizes0[name]), _mib(sizes1[name])) for name in sorted(sizes0)]
