@@ -6,7 +6,7 @@ A throwaway PostgreSQL cluster (fsync on, `--shared-buffers`, pg_stat_statements
 migrated to head and loaded by bench/ledger_scale.py's loader: `--ledger` jobs over `--days`
 days, 97% succeeded, 1% each failed, dead_letter and canceled, 0.1% queued (short
 `mock_process` jobs), with `--events-per-job` events each, over `--orgs` orgs of Zipf-like
-sizes (the largest org has a sixth of the ledger, the smallest a few hundred jobs); then
+sizes (at 1M jobs over 200 orgs: the largest 170,000, the smallest 1,000); then
 VACUUM ANALYZE. On it `--running` + `--backlog` long jobs (`long_sleep`, bench/long_jobs_types.py:
 sleeps in `--stage-seconds` stages, recording each; it outlasts the run) are submitted through
 the service, over the same orgs.
@@ -28,6 +28,10 @@ backlog waits. Over the next `--minutes` the table reads:
   and the statement's time on the server from pg_stat_statements).
 Then SIGTERM to the workers (their jobs go back to the queue) and the cluster is removed.
 Run it niced: the workers hold `--running` threads, PostgreSQL a backend per connection.
+
+`--workers 1 --running 250` is the dense case: one worker holds every job of the pages its
+jobs were inserted on, so each heartbeat needs room for a second version of all of them;
+`--fillfactor N` sets `job`'s fillfactor before the load, to compare with the migrations' own.
 """
 
 from __future__ import annotations
@@ -279,12 +283,12 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, str]]:  # noqa: PLR091
         url = cluster.url().render_as_string(hide_password=False)
         command.upgrade(alembic_config(database_url=cluster.url()), "head")
         engine = make_engine(url, pool_size=2)
-        orgs = _zipf_orgs(args.orgs)
-        print(f"loading {args.ledger:,} jobs over {args.orgs} orgs ...", flush=True)
-        load(engine, args.ledger, orgs=orgs, days=args.days, events=args.events_per_job)
         if args.fillfactor:
             with engine.begin() as conn:
                 conn.execute(text(f"ALTER TABLE job SET (fillfactor = {int(args.fillfactor)})"))
+        orgs = _zipf_orgs(args.orgs)
+        print(f"loading {args.ledger:,} jobs over {args.orgs} orgs ...", flush=True)
+        load(engine, args.ledger, orgs=orgs, days=args.days, events=args.events_per_job)
         seconds = args.minutes * 60 + 3600  # outlasts the run: no job ends inside the window
         _submit(
             engine, orgs, args.running + args.backlog, seconds=seconds, stage=args.stage_seconds
@@ -446,8 +450,7 @@ def main() -> None:
         "--fillfactor",
         type=int,
         default=0,
-        help="set on `job` after the load, before the long jobs are submitted (an experiment:"
-        " default, the migrations' own)",
+        help="set on `job` before the load (to compare; default: the migrations' own)",
     )
     parser.add_argument("--orgs", type=int, default=200)
     parser.add_argument("--days", type=int, default=30, help="the loaded history's span")
@@ -461,6 +464,8 @@ def main() -> None:
         help="seconds the workers get to start --running jobs",
     )
     args = parser.parse_args()
+    # A SIGTERM unwinds like Ctrl-C: the workers are stopped and the cluster removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = run(args)
     print()
     print("| measure | | |")
