@@ -7,13 +7,14 @@ A worker renews every lease it holds in one statement (the heartbeat, every few 
 records each stage boundary of a running job: both change no indexed column, so each new row
 version can be a heap-only tuple (HOT: no index entry, reclaimed by the next visit to its page)
 when the row's page has room for it. Pages filled to 100% (the default) have none once their
-jobs run: a worker holding a page's jobs moves most of their new versions to other pages at
-each heartbeat, with an entry in each of the job indexes, and the table and its indexes grow
-for as long as the jobs run (bench/long_jobs.py: 62% of the updates HOT, one worker with 250
-long jobs). `fillfactor = 75` leaves every page that inserts fill a quarter free: the versions
-that do not fit move once, to pages that keep room, and from the sixth or so heartbeat on every
-one is HOT, even when one worker holds every job of a page (tests/ledger/test_hot_heartbeats.py;
-100% in bench/long_jobs.py's window). 50 makes even the first heartbeats HOT, at twice the heap.
+jobs run: a worker holding most of a page's jobs moves most of their new versions to other pages
+at each heartbeat, each with an entry in every index of `job`, until the running rows are
+spread thin (bench/long_jobs.py, one worker holding 250 jobs: 80% of the updates HOT over 3
+minutes, the rows spreading over three times the pages). `fillfactor = 75` leaves every page
+that inserts fill a quarter free: the versions that do not fit move once, to pages that keep
+room, and from about the seventh heartbeat on every one is HOT
+(tests/ledger/test_hot_heartbeats.py; 99.3% in the same run). 50 would make even the first
+heartbeats HOT, at twice the heap.
 
 What it costs: pages filled from now on (new jobs, on new pages or on the room retention frees)
 hold three quarters of the rows they held, so the heap of the jobs written from now on takes a
