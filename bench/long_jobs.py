@@ -40,6 +40,7 @@ import argparse
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -363,6 +364,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, str]]:  # noqa: PLR091
         finally:
             _stop_workers(procs)
         engine.dispose()
+    shutil.rmtree(logdir)  # kept when the run fails: the workers' logs say why
 
     upd, hot = job1.upd - job0.upd, job1.hot - job0.hot
     rows += [
