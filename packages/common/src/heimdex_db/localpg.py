@@ -116,6 +116,8 @@ class LocalPostgres:
     owns_datadir: bool = False
     # Tests trade durability for speed; benchmarks want what production runs (fsync on).
     durable: bool = False
+    # A bench holding thousands of connections raises it; set before `start()`.
+    max_connections: int = 200
 
     @classmethod
     def throwaway(cls, *, durable: bool = False) -> LocalPostgres:
@@ -174,7 +176,7 @@ class LocalPostgres:
             )  # fmt: skip
         options = (
             f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 "
-            "-c max_connections=200"
+            f"-c max_connections={self.max_connections}"
         )
         if not self.durable:
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"

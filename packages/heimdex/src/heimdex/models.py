@@ -81,6 +81,8 @@ class Base(DeclarativeBase):
 
 
 class Job(Base):
+    # The history also sets fillfactor 75 (revision a9c4e2f7b1d3: room for heartbeats' HOT
+    # updates), which a model cannot say.
     __tablename__ = "job"
     __table_args__ = (
         Index(

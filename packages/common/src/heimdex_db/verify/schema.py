@@ -72,6 +72,12 @@ _QUERIES: dict[str, str] = {
          WHERE n.nspname = :schema AND att.attnum > 0 AND NOT att.attisdropped
          GROUP BY 1
     """,
+    # Storage parameters (a fillfactor): set by revisions, read by the heap as it fills pages.
+    "storage": """
+        SELECT c.relname, array_to_string(c.reloptions, ',')
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = :schema AND c.reloptions IS NOT NULL
+    """,
     "policies": """
         SELECT tablename || '.' || policyname,
                cmd || ' ' || array_to_string(roles, ',') || ' using ' || coalesce(qual, '')
@@ -84,13 +90,14 @@ _QUERIES: dict[str, str] = {
 BOOKKEEPING = ("alembic_version",)
 # Only the history expresses these (models cannot): compare them between databases, not with
 # a schema built from the models.
-ACCESS_CONTROL = ("row_security", "grants", "column_grants", "policies")
+HISTORY_ONLY = ("row_security", "grants", "column_grants", "policies", "storage")
 
 
 def snapshot(
     connection: Connection, schema: str = "public", *, exclude: tuple[str, ...] = BOOKKEEPING
 ) -> Snapshot:
-    """Tables, columns, constraints, indexes, enums, RLS flags, grants and policies of `schema`.
+    """Tables, columns, constraints, indexes, enums, RLS flags, grants, storage parameters and
+    policies of `schema`.
 
     Objects of the `exclude` tables (Alembic's own bookkeeping by default) are left out.
     """
@@ -108,8 +115,9 @@ def snapshot(
     return result
 
 
-def without_access_control(snap: Snapshot) -> Snapshot:
-    return {kind: objects for kind, objects in snap.items() if kind not in ACCESS_CONTROL}
+def without_history_only(snap: Snapshot) -> Snapshot:
+    """What a schema built from the models can be compared on (HISTORY_ONLY left out)."""
+    return {kind: objects for kind, objects in snap.items() if kind not in HISTORY_ONLY}
 
 
 def diff(before: Snapshot, after: Snapshot) -> list[str]:
