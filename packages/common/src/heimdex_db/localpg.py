@@ -116,12 +116,18 @@ class LocalPostgres:
     owns_datadir: bool = False
     # Tests trade durability for speed; benchmarks want what production runs (fsync on).
     durable: bool = False
+    max_connections: int = 200
 
     @classmethod
-    def throwaway(cls, *, durable: bool = False) -> LocalPostgres:
+    def throwaway(cls, *, durable: bool = False, max_connections: int = 200) -> LocalPostgres:
         parent = Path(tempfile.mkdtemp(prefix="heimdex-pg-"))
         os.chmod(parent, 0o755)  # noqa: S103 - the unprivileged server user must reach it
-        return cls(datadir=parent / "data", owns_datadir=True, durable=durable)
+        return cls(
+            datadir=parent / "data",
+            owns_datadir=True,
+            durable=durable,
+            max_connections=max_connections,
+        )
 
     @property
     def socket_dir(self) -> Path:
@@ -174,7 +180,7 @@ class LocalPostgres:
             )  # fmt: skip
         options = (
             f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 "
-            "-c max_connections=200"
+            f"-c max_connections={self.max_connections}"
         )
         if not self.durable:
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"

@@ -1,0 +1,100 @@
+"""A worker's connections are a small fixed number whatever its concurrency: a slot is a thread,
+not a connection. On a server that accepts 25 connections, a worker of 100 slots runs 100 long
+jobs at once and 300 short ones beside them."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from alembic import command
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import URL
+
+from heimdex.db import make_engine
+from heimdex.ledger import repository
+from heimdex.ledger.repository import NewJob
+from heimdex_db.config import alembic_config
+from heimdex_db.localpg import LocalPostgres
+from tests.stack import Processes
+
+TYPES = "tests.worker.slots_types:jobs"
+MAX_CONNECTIONS = 25
+WORKER_CONNECTIONS = 10
+CONCURRENCY = 100
+QUICK = 300
+NAPS = 100
+
+
+@pytest.fixture
+def small_server() -> Iterator[URL]:
+    """A cluster of its own that accepts MAX_CONNECTIONS connections."""
+    pg = LocalPostgres.throwaway(max_connections=MAX_CONNECTIONS).start()
+    try:
+        url = pg.create_database("ledger")
+        command.upgrade(alembic_config(database_url=url), "head")
+        yield url
+    finally:
+        pg.destroy()
+
+
+def _submit(engine: Engine, type_: str, n: int) -> None:
+    org = uuid.uuid4()
+    with engine.begin() as conn:
+        repository.insert_jobs(conn, [NewJob(org, type_, {}, None)] * n)
+
+
+SAMPLE = text(
+    "SELECT (SELECT count(*) FROM pg_stat_activity"
+    "        WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    "          AND backend_type = 'client backend') AS connections,"
+    "       count(*) FILTER (WHERE type = 'nap' AND status = 'running') AS napping,"
+    "       count(*) FILTER (WHERE status = 'succeeded') AS succeeded"
+    "  FROM job"
+)
+
+
+@pytest.mark.slow
+def test_a_worker_of_100_slots_holds_a_fixed_number_of_connections(
+    small_server: URL, processes: Processes
+) -> None:
+    engine = make_engine(small_server, pool_size=1, max_overflow=0)
+    try:
+        _submit(engine, "nap", NAPS)
+        _submit(engine, "quick", QUICK)
+        worker = processes.start(
+            "worker", "--concurrency", str(CONCURRENCY), "--batch", "10",
+            env={
+                "DATABASE_URL": small_server.render_as_string(hide_password=False),
+                "HEIMDEX_JOB_MODULES": TYPES,
+                "HEIMDEX_WORKER_DB_CONNECTIONS": str(WORKER_CONNECTIONS),
+            },
+        )  # fmt: skip
+        most_connections = most_napping = succeeded = 0
+        deadline = time.monotonic() + 180  # guards against a hung test only
+        while succeeded < NAPS + QUICK and worker.poll() is None and time.monotonic() < deadline:
+            with engine.connect() as conn:
+                row = conn.execute(SAMPLE).one()
+            most_connections = max(most_connections, row.connections)
+            most_napping = max(most_napping, row.napping)
+            succeeded = row.succeeded
+            time.sleep(0.02)
+        log = processes.log_of(worker)
+        assert worker.poll() is None, f"the worker exited:\n{log[-3000:]}"
+        assert "too many clients" not in log
+        assert succeeded == NAPS + QUICK, f"{succeeded} jobs done:\n{log[-3000:]}"
+        # Every long job held a slot at the same time, the whole worker at most its connections.
+        assert most_napping == NAPS
+        assert 0 < most_connections <= WORKER_CONNECTIONS
+        with engine.connect() as conn:
+            runs = conn.execute(
+                text(
+                    "SELECT count(*), count(DISTINCT job_id) FROM job_event"
+                    " WHERE next_status = 'succeeded'"
+                )
+            ).one()
+        assert tuple(runs) == (NAPS + QUICK, NAPS + QUICK)
+    finally:
+        engine.dispose()
