@@ -84,6 +84,7 @@ def test_a_worker_of_100_slots_holds_a_fixed_number_of_connections(
         log = processes.log_of(worker)
         assert worker.poll() is None, f"the worker exited:\n{log[-3000:]}"
         assert "too many clients" not in log
+        assert f'"db_connections": {WORKER_CONNECTIONS}' in log  # said at start
         assert succeeded == NAPS + QUICK, f"{succeeded} jobs done:\n{log[-3000:]}"
         # Every long job held a slot at the same time, the whole worker at most its connections.
         assert most_napping == NAPS
