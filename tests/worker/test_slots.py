@@ -16,8 +16,10 @@ from sqlalchemy.engine import URL
 from heimdex.db import make_engine
 from heimdex.ledger import repository
 from heimdex.ledger.repository import NewJob
+from heimdex.settings import MIN_WORKER_DB_CONNECTIONS
 from heimdex_db.config import alembic_config
 from heimdex_db.localpg import LocalPostgres
+from heimdex_worker.db import Budget
 from tests.stack import Processes
 
 TYPES = "tests.worker.slots_types:jobs"
@@ -99,3 +101,15 @@ def test_a_worker_of_100_slots_holds_a_fixed_number_of_connections(
         assert tuple(runs) == (NAPS + QUICK, NAPS + QUICK)
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("total", [MIN_WORKER_DB_CONNECTIONS, 10, 100])
+@pytest.mark.parametrize(("concurrency", "batch"), [(1, 1), (4, 10), (4, 1), (100, 4), (1000, 1)])
+def test_the_budget_spends_every_connection_and_leaves_each_lane_one(
+    total: int, concurrency: int, batch: int
+) -> None:
+    budget = Budget.of(total, concurrency=concurrency, batch=batch)
+    # The LISTEN connection, the keeper's, the outcome writer's, the engine's spare.
+    assert budget.claims + budget.attempts + 4 == total == budget.pool_size + 1
+    assert budget.attempts >= budget.claims >= 1
+    assert budget.claims <= min(concurrency, -(-concurrency // batch) + 1)
