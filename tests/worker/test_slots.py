@@ -1,26 +1,35 @@
 """A worker's connections are a small fixed number whatever its concurrency: a slot is a thread,
 not a connection. On a server that accepts 25 connections, a worker of 100 slots runs 100 long
-jobs at once and 300 short ones beside them."""
+jobs at once and 300 short ones beside them; the connections are split into lanes, so handlers
+waiting for theirs never hold up a claim or an outcome."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from alembic import command
+from pydantic import BaseModel
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
 from heimdex.db import make_engine
-from heimdex.ledger import repository
+from heimdex.ledger import builtin, repository, service
+from heimdex.ledger.registry import JobContext, JobTypes, Registry
 from heimdex.ledger.repository import NewJob
-from heimdex.settings import MIN_WORKER_DB_CONNECTIONS
+from heimdex.metrics import LedgerMetrics
+from heimdex.settings import MIN_WORKER_DB_CONNECTIONS, Settings
 from heimdex_db.config import alembic_config
 from heimdex_db.localpg import LocalPostgres
 from heimdex_worker.db import Budget
-from tests.stack import Processes
+from heimdex_worker.metrics import WorkerMetrics
+from heimdex_worker.runtime import Worker
+from tests.stack import Processes, wait_for
 
 TYPES = "tests.worker.slots_types:jobs"
 MAX_CONNECTIONS = 25
@@ -113,3 +122,66 @@ def test_the_budget_spends_every_connection_and_leaves_each_lane_one(
     assert budget.claims + budget.attempts + 4 == total == budget.pool_size + 1
     assert budget.attempts >= budget.claims >= 1
     assert budget.claims <= min(concurrency, -(-concurrency // batch) + 1)
+
+
+class Empty(BaseModel):
+    pass
+
+
+def _submit_one(engine: Engine, registry: Registry, org: uuid.UUID, type_: str) -> str:
+    with engine.begin() as conn:
+        submitted = service.submit_job(
+            conn, registry, org_id=org, spec=service.JobSpec(type=type_, params={})
+        )
+    return str(submitted.job.id)
+
+
+def _status(engine: Engine, job_id: str) -> str:
+    with engine.connect() as conn:
+        status: str = conn.execute(
+            text("SELECT status FROM job WHERE id = :id"), {"id": job_id}
+        ).scalar_one()
+    return status
+
+
+def test_claims_and_outcomes_go_on_while_every_attempt_connection_is_taken(
+    settings: Settings, engine: Engine, org_id: uuid.UUID
+) -> None:
+    types = JobTypes()
+    staging = threading.Event()
+
+    @types.register("stager", params=Empty)
+    def stager(ctx: JobContext, params: Empty) -> dict[str, Any]:
+        staging.set()
+        ctx.stage("one", 50)  # waits for a connection of the attempts' lane
+        return {}
+
+    registry = Registry([("builtin", builtin.jobs), ("tests", types)])
+    worker = Worker(
+        settings,
+        engine,
+        registry,
+        session_engine=engine,
+        worker_id=f"test-{uuid.uuid4()}",
+        concurrency=2,
+        batch=1,
+        metrics=WorkerMetrics(LedgerMetrics(engine)),
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    try:
+        with contextlib.ExitStack() as taken:
+            for _ in range(worker.budget.attempts):
+                taken.enter_context(worker.lanes.attempts.autocommit())
+            thread.start()
+            staged = _submit_one(engine, registry, org_id, "stager")
+            assert staging.wait(30)
+            # The other slot claims, runs and writes the outcome of a job meanwhile.
+            quick = _submit_one(engine, registry, org_id, "noop")
+            wait_for(lambda: _status(engine, quick) == "succeeded", what="the no-op job")
+            assert _status(engine, staged) == "running"
+        wait_for(lambda: _status(engine, staged) == "succeeded", what="the stage written")
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join()
