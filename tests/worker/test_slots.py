@@ -119,8 +119,8 @@ def test_the_budget_spends_every_connection_and_leaves_each_lane_one(
 ) -> None:
     budget = Budget.of(total, concurrency=concurrency, batch=batch)
     # The LISTEN connection, the keeper's, the outcome writer's, the engine's spare.
-    assert budget.claims + budget.attempts + 4 == total == budget.pool_size + 1
-    assert budget.attempts >= budget.claims >= 1
+    assert budget.claims + budget.attempts + budget.handlers + 4 == total == budget.pool_size + 1
+    assert min(budget.claims, budget.attempts, budget.handlers) >= 1
     assert budget.claims <= min(concurrency, -(-concurrency // batch) + 1)
 
 

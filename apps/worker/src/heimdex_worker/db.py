@@ -37,12 +37,14 @@ class Budget:
     """How a worker spends its `HEIMDEX_WORKER_DB_CONNECTIONS`: one each for the LISTEN
     connection, the keeper, the outcome writer (one writer at a time) and what uses the engine
     directly (metrics scrapes, a retention slice); the rest between claims (as many as the
-    runners keep in flight, up to half of the rest) and the attempts' own writes (a start,
-    stages and checkpoints, placement)."""
+    runners keep in flight, up to half of the rest), the handlers' own connections
+    (`ctx.connect()`, a third of what is left) and the attempts' writes (a start, stages and
+    checkpoints, placement)."""
 
     total: int
     claims: int
     attempts: int
+    handlers: int
 
     @classmethod
     def of(cls, total: int, *, concurrency: int, batch: int) -> Budget:
@@ -52,7 +54,9 @@ class Budget:
         # a batch between them and send more, emptier claims.
         wanted = min(concurrency, -(-concurrency // batch) + 1)
         claims = max(1, min(wanted, shared // 2))
-        return cls(total=total, claims=claims, attempts=shared - claims)
+        rest = shared - claims
+        handlers = max(1, rest // 3)
+        return cls(total=total, claims=claims, attempts=rest - handlers, handlers=handlers)
 
     @property
     def pool_size(self) -> int:
@@ -66,11 +70,12 @@ class Lanes:
     def __init__(self, engine: Engine, budget: Budget) -> None:
         self.claims = Lane(engine, budget.claims)
         self.attempts = Lane(engine, budget.attempts)
+        self.handlers = Lane(engine, budget.handlers)
         self.outcomes = Lane(engine, 1)
         self.keeper = Lane(engine, 1)
 
     def close(self) -> None:
-        for lane in (self.claims, self.attempts, self.outcomes, self.keeper):
+        for lane in (self.claims, self.attempts, self.handlers, self.outcomes, self.keeper):
             lane.close()
 
 
@@ -108,15 +113,23 @@ class Lane:
     def transaction(self) -> Iterator[Connection]:
         """A connection of the lane inside one transaction (committed at the end, rolled back
         on an exception)."""
+        with self.session() as conn, conn.begin():
+            yield conn
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Connection]:
+        """A connection of the lane in the engine's isolation level, whose transactions the
+        caller owns; one it leaves open is rolled back."""
         with self.autocommit() as conn:
             if conn.in_transaction():  # begun by an autocommit statement: nothing server-side
                 conn.commit()
             conn.execution_options(isolation_level=self.engine.dialect.default_isolation_level)
             try:
-                with conn.begin():
-                    yield conn
+                yield conn
             finally:
                 if not (conn.closed or conn.invalidated):
+                    if conn.in_transaction():
+                        conn.rollback()
                     conn.execution_options(isolation_level="AUTOCOMMIT")
 
     def _take(self) -> Connection:

@@ -108,6 +108,7 @@ def run_worker(
             "pool_size": budget.pool_size,
             "claim_connections": budget.claims,
             "attempt_connections": budget.attempts,
+            "handler_connections": budget.handlers,
             "types": registry.names(),
             "listen": settings.listen and session_engine is not None,
             "pool_mode": settings.pool_mode.value,

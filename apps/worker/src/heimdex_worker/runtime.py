@@ -19,8 +19,9 @@ Threads of one process, each with one job; this module wires them:
 - the listener (`listener.py`) holds a LISTEN connection and turns notifications into wake-ups.
 A slot is a thread, not a connection: the threads share a few lanes of connections (`db.Lanes`,
 sized by `HEIMDEX_WORKER_DB_CONNECTIONS` whatever the concurrency), each thread taking one for a
-statement: the claims', the outcome writer's, the keeper's, and the attempts' own writes (a
-start, stages, checkpoints), so a handler waiting for a connection never holds up a claim.
+statement: the claims', the outcome writer's, the keeper's, the attempts' own writes (a start,
+stages, checkpoints) and the handlers' (`ctx.connect()`), so a handler waiting for a connection
+never holds up a claim.
 LISTEN and retention's lock need a session: behind a transaction pooler they use
 `HEIMDEX_SESSION_DATABASE_URL`, and without it the worker polls and does not prune.
 """
@@ -159,7 +160,7 @@ class _Context:
         self.held.stage = name
 
     def connect(self) -> AbstractContextManager[Connection]:
-        return self.worker.engine.connect()
+        return self.worker.lanes.handlers.session()
 
     def popen(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         if kwargs.pop("start_new_session", True) is not True:

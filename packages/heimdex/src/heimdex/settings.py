@@ -41,8 +41,9 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 _OFF = ("", "off", "never", "none")
 MAX_WORKER_CONCURRENCY = 1000
 # One connection each for the LISTEN, the keeper, the outcome writer, claims, the attempts'
-# own writes, and what uses the engine directly (metrics, a retention slice).
-MIN_WORKER_DB_CONNECTIONS = 6
+# writes, the handlers' own (`ctx.connect()`), and what uses the engine directly (metrics, a
+# retention slice).
+MIN_WORKER_DB_CONNECTIONS = 7
 
 
 def parse_age(value: str) -> timedelta | None:
