@@ -185,3 +185,48 @@ def test_claims_and_outcomes_go_on_while_every_attempt_connection_is_taken(
         stop.set()
         if thread.is_alive():
             thread.join()
+
+
+def test_a_handlers_own_connection_comes_from_its_lane_and_what_it_left_open_is_rolled_back(
+    settings: Settings, engine: Engine, org_id: uuid.UUID
+) -> None:
+    types = JobTypes()
+    seen: list[tuple[int, bool]] = []
+
+    @types.register("writer", params=Empty)
+    def writer(ctx: JobContext, params: Empty) -> dict[str, Any]:
+        with ctx.connect() as conn:
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            conn.execute(text("CREATE TABLE IF NOT EXISTS left_open (n int)"))
+            conn.commit()
+            conn.execute(text("INSERT INTO left_open VALUES (1)"))  # never committed
+            seen.append((pid, conn.connection.driver_connection.autocommit))
+        return {}
+
+    registry = Registry([("builtin", builtin.jobs), ("tests", types)])
+    worker = Worker(
+        settings.model_copy(update={"worker_db_connections": MIN_WORKER_DB_CONNECTIONS}),
+        engine,
+        registry,
+        session_engine=engine,
+        worker_id=f"test-{uuid.uuid4()}",
+        concurrency=2,
+        batch=1,
+        metrics=WorkerMetrics(LedgerMetrics(engine)),
+    )
+    assert worker.budget.handlers == 1
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    thread.start()
+    try:
+        jobs = [_submit_one(engine, registry, org_id, "writer") for _ in range(2)]
+        for job in jobs:
+            wait_for(lambda job=job: _status(engine, job) == "succeeded", what="the writer")
+    finally:
+        stop.set()
+        thread.join()
+    # One connection of the lane served both, in a transaction of the handler's own each time.
+    assert [autocommit for _, autocommit in seen] == [False, False]
+    assert seen[0][0] == seen[1][0]
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM left_open")).scalar_one() == 0
