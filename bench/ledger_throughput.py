@@ -4,8 +4,8 @@
 
 One throwaway PostgreSQL 15 cluster with fsync on (what production runs), one database per
 system. Every measurement runs in a fresh child process, in rounds interleaved across the
-systems (H, P, Q, H, P, Q, ...), so a noisy neighbour hits them alike; the table shows medians
-and each system's ratio to Heimdex.
+systems (H, P, Q, Q, P, H, H, P, Q, ...: every other round in reverse), so a noisy neighbour
+hits them alike; the table shows medians and each system's ratio to Heimdex.
 
 - processing: N no-op jobs (over `--orgs` orgs for Heimdex) enqueued in bulk by a child of their
   own (not timed) and ANALYZEd, then one consumer with concurrency 4 drains them; jobs/s from
@@ -661,7 +661,9 @@ def main() -> None:  # noqa: PLR0912, PLR0915 - argument handling, the rounds an
     try:
         for round_ in range(1, args.rounds + 1):
             _progress(f"round {round_}/{args.rounds}")
-            for section, system, batch, jobs in rows:
+            # Every other round in reverse: whoever runs first in a round (a cold cache, a
+            # neighbour's burst) is not always the same system.
+            for section, system, batch, jobs in rows if round_ % 2 else rows[::-1]:
                 result = measure(cluster, system, jobs, batch)
                 if result is not None:
                     results[(section, system, batch)].append(result)

@@ -19,7 +19,7 @@ from heimdex.ledger.repository import ClaimedJob, NewJob
 from heimdex.metrics import LedgerMetrics
 from heimdex.models import JobStatus
 from heimdex.settings import Settings
-from heimdex_worker.db import ThreadConnections
+from heimdex_worker.db import Lane
 from heimdex_worker.held import Done, HeldJobs
 from heimdex_worker.keeper import Keeper
 from heimdex_worker.listener import listen
@@ -65,17 +65,15 @@ def held() -> HeldJobs:
 
 
 @pytest.fixture
-def connections(engine: Engine) -> Iterator[ThreadConnections]:
-    connections = ThreadConnections(engine)
-    yield connections
-    connections.close()
+def lane(engine: Engine) -> Iterator[Lane]:
+    lane = Lane(engine, 1)
+    yield lane
+    lane.close()
 
 
 @pytest.fixture
-def writer(
-    engine: Engine, connections: ThreadConnections, held: HeldJobs, metrics: WorkerMetrics
-) -> OutcomeWriter:
-    return OutcomeWriter(engine, connections, held, policy=POLICY, metrics=metrics)
+def writer(lane: Lane, held: HeldJobs, metrics: WorkerMetrics) -> OutcomeWriter:
+    return OutcomeWriter(lane, held, policy=POLICY, metrics=metrics)
 
 
 def _ended(held: HeldJobs, jobs: list[ClaimedJob]) -> list[Done]:
@@ -150,8 +148,8 @@ def test_the_keepers_write_through_an_outage_puts_the_outcomes_back(
     job_id = done[0][0].job.id
     # The writer's own engine, on a database that refuses new connections for a while.
     own = make_engine(db_url)
-    connections = ThreadConnections(own)
-    writer = OutcomeWriter(own, connections, held, policy=POLICY, metrics=metrics)
+    lane = Lane(own, 1)
+    writer = OutcomeWriter(lane, held, policy=POLICY, metrics=metrics)
     allow = f'ALTER DATABASE "{db_url.database}" WITH ALLOW_CONNECTIONS'
     try:
         with admin_engine.connect() as admin:
@@ -168,26 +166,22 @@ def test_the_keepers_write_through_an_outage_puts_the_outcomes_back(
     finally:
         with admin_engine.connect() as admin:
             admin.execute(text(f"{allow} true"))
-        connections.close()
+        lane.close()
         own.dispose()
 
 
 @pytest.fixture
 def keeper_parts(
     settings: Settings,
-    connections: ThreadConnections,
+    engine: Engine,
     held: HeldJobs,
     writer: OutcomeWriter,
     metrics: WorkerMetrics,
 ) -> Iterator[tuple[Keeper, threading.Event, threading.Event]]:
-    # The writer's connections, as in the worker: the keeper's thread writes parked outcomes
-    # on its own connection of them, which it closes as it ends.
     finish, wake = threading.Event(), threading.Event()
-    engine = connections.engine
     keeper = Keeper(
         settings,
-        engine,
-        connections,
+        Lane(engine, 1),
         held,
         writer,
         policy=POLICY,
@@ -200,19 +194,12 @@ def keeper_parts(
     )
     yield keeper, finish, wake
     finish.set()
+    keeper.lane.close()
 
 
 def _thread(keeper: Keeper) -> threading.Thread:
-    """The keeper on a thread of its own, which closes its connection as it ends (as the
-    worker's threads do)."""
-
-    def run() -> None:
-        try:
-            keeper.run()
-        finally:
-            keeper.connections.close()
-
-    return threading.Thread(target=run)
+    """The keeper on a thread of its own, as in the worker."""
+    return threading.Thread(target=keeper.run)
 
 
 def _lease_expires(engine: Engine, job_id: uuid.UUID) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from heimdex.logs import configure_logging
-from heimdex.settings import load_settings
+from heimdex.settings import MAX_WORKER_CONCURRENCY, load_settings
 from heimdex_worker.main import parse_queues, run_worker, stop_on_signals
 
 
@@ -19,8 +19,9 @@ Examples:
 )
 @click.option(
     "--concurrency",
-    type=click.IntRange(1, 256),
-    help="Jobs run at once, one thread each (default: HEIMDEX_WORKER_CONCURRENCY, 4).",
+    type=click.IntRange(1, MAX_WORKER_CONCURRENCY),
+    help="Jobs run at once, one thread each (default: HEIMDEX_WORKER_CONCURRENCY, 4); the "
+    "threads share HEIMDEX_WORKER_DB_CONNECTIONS connections whatever their number.",
 )
 @click.option(
     "--batch",

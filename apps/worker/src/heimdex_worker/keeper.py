@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from heimdex.ledger import control, repository, retention, schedules, service
 from heimdex.ledger.registry import Registry
 from heimdex.settings import Settings
-from heimdex_worker.db import ThreadConnections, failure_fields
+from heimdex_worker.db import Lane, failure_fields
 from heimdex_worker.held import HeldJobs
 from heimdex_worker.metrics import WorkerMetrics
 from heimdex_worker.outcomes import OutcomeWriter
@@ -33,8 +33,7 @@ class Keeper:
     def __init__(
         self,
         settings: Settings,
-        engine: Engine,
-        connections: ThreadConnections,
+        lane: Lane,
         held: HeldJobs,
         writer: OutcomeWriter,
         *,
@@ -47,11 +46,11 @@ class Keeper:
         registry: Registry,
     ) -> None:
         self.settings = settings
-        self.engine = engine
+        # The keeper's own connection: a heartbeat never waits behind claims or outcomes.
+        self.lane = lane
         # Retention holds a session advisory lock: None behind a transaction pooler without a
         # session URL, and then the keeper does not prune.
         self.retention_engine = retention_engine
-        self.connections = connections
         self.held = held
         self.writer = writer
         self.policy = policy
@@ -86,7 +85,7 @@ class Keeper:
             due = [h for h in held if now - h.claimed_at >= self.settings.heartbeat_seconds / 2]
             if due:
                 try:
-                    with self.connections.autocommit() as conn:
+                    with self.lane.autocommit() as conn:
                         kept = repository.renew_leases(
                             conn, [h.token for h in due], lease_seconds=self.settings.lease_seconds
                         )
@@ -129,7 +128,7 @@ class Keeper:
             if not waiting:
                 return
             try:
-                with self.connections.autocommit() as conn:
+                with self.lane.autocommit() as conn:
                     repository.record_prefetched(conn, [(h.job.id, h.token) for h in waiting])
             except DBAPIError as exc:
                 logger.warning(
@@ -166,7 +165,7 @@ class Keeper:
         """Recount the caps' slots from the job rows (ledger/control.py): a count left wrong
         heals, and held jobs a scope has room for are looked at again."""
         try:
-            with self.engine.begin() as conn:
+            with self.lane.transaction() as conn:
                 control.lock_placer(conn)
                 changed = control.reconcile(conn)
         except DBAPIError as exc:
@@ -183,10 +182,10 @@ class Keeper:
         """Keep the declared schedules' rows in step (once), then fire the due schedules."""
         try:
             if not self.declared_synced:
-                with self.engine.begin() as conn:
+                with self.lane.transaction() as conn:
                     schedules.sync_declared(conn, self.declared)
                 self.declared_synced = True
-            with self.engine.begin() as conn:
+            with self.lane.transaction() as conn:
                 fired = schedules.fire_due(conn, self.registry)
         except DBAPIError as exc:
             logger.warning(
@@ -211,7 +210,7 @@ class Keeper:
 
     def reap(self) -> None:
         try:
-            with self.engine.begin() as conn:
+            with self.lane.transaction() as conn:
                 reaped = service.reap_expired_leases(
                     conn, policy=self.policy, stale_after_seconds=self.settings.lease_seconds
                 )

@@ -8,6 +8,7 @@ import logging
 import threading
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 from sqlalchemy.engine import URL
 
 from heimdex.db import libpq_conninfo
@@ -16,13 +17,16 @@ from heimdex_worker.db import MAX_RETRY_WAIT_SECONDS
 
 logger = logging.getLogger(__name__)
 
+# How a worker's connections show in pg_stat_activity.
+APPLICATION_NAME = "heimdex-worker"
+
 
 def listen(url: URL, *, finish: threading.Event, wake: threading.Event) -> None:
     """Set `wake` on every notification (and once on each connect) until `finish` is set;
     reconnect with backoff when the connection drops. `url` must reach a session (direct, or a
     session pooler): through a transaction pooler LISTEN lands on a server connection the
     pooler hands to other clients, and nothing is ever delivered."""
-    conninfo = libpq_conninfo(url)
+    conninfo = make_conninfo(libpq_conninfo(url), application_name=APPLICATION_NAME)
     wait = 0.1
     while not finish.is_set():
         try:

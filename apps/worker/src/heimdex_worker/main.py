@@ -11,6 +11,7 @@ import threading
 
 from prometheus_client import start_http_server
 from sqlalchemy import Engine
+from sqlalchemy.engine import URL
 
 from heimdex.db import make_engine
 from heimdex.errors import HeimdexError
@@ -19,6 +20,8 @@ from heimdex.metrics import LedgerMetrics
 from heimdex.models import DEFAULT_QUEUE
 from heimdex.replica import make_read_engines
 from heimdex.settings import Settings
+from heimdex_worker.db import Budget
+from heimdex_worker.listener import APPLICATION_NAME
 from heimdex_worker.metrics import WorkerMetrics
 from heimdex_worker.runtime import Worker
 
@@ -53,6 +56,11 @@ def parse_queues(raw: str) -> list[str]:
     return list(dict.fromkeys(check_queue_name(q) for q in names))
 
 
+def _named(url: URL) -> dict[str, str]:
+    """The worker's `application_name`, unless the URL sets one."""
+    return {} if "application_name" in url.query else {"application_name": APPLICATION_NAME}
+
+
 def run_worker(
     settings: Settings,
     stop: threading.Event,
@@ -77,14 +85,15 @@ def run_worker(
         )
     concurrency = concurrency or settings.worker_concurrency
     batch = batch or settings.claim_batch
-    # Connections: one per runner (its claims, outcomes and stages), one more per runner while
-    # it writes failed attempts (their own transaction), and the keeper's (heartbeat, reaper,
-    # retention); beyond the pool, one per fresh runner that took a stuck handler's slot.
+    budget = Budget.of(settings.worker_db_connections, concurrency=concurrency, batch=batch)
+    # The lanes take their connections from this pool and never need more (`Budget`); the spare
+    # one serves metrics scrapes and a retention slice.
     engine = make_engine(
         settings.sqlalchemy_url,
         pool_mode=settings.pool_mode,
-        pool_size=2 * concurrency + 4,
-        max_overflow=4 + concurrency,
+        pool_size=budget.pool_size,
+        max_overflow=0,
+        connect_args=_named(settings.sqlalchemy_url),
     )
     session_engine = _session_engine(settings, engine)
     # The queue gauges accept lag: the replica of HEIMDEX_READ_DATABASE_URL, as the API's do.
@@ -110,6 +119,11 @@ def run_worker(
             "action": "worker.started",
             "concurrency": concurrency,
             "batch": batch,
+            "db_connections": budget.total,
+            "pool_size": budget.pool_size,
+            "claim_connections": budget.claims,
+            "attempt_connections": budget.attempts,
+            "handler_connections": budget.handlers,
             "types": registry.names(),
             "queues": queues,
             "listen": settings.listen and session_engine is not None,

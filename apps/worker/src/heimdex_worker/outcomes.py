@@ -9,13 +9,12 @@ import threading
 import time
 import uuid
 
-from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from heimdex.ledger import service
 from heimdex.ledger.repository import Outcome
 from heimdex.models import JobStatus
-from heimdex_worker.db import ThreadConnections, retrying
+from heimdex_worker.db import Lane, retrying
 from heimdex_worker.held import Done, HeldJobs
 from heimdex_worker.metrics import WorkerMetrics
 
@@ -31,15 +30,14 @@ class OutcomeWriter:
 
     def __init__(
         self,
-        engine: Engine,
-        connections: ThreadConnections,
+        lane: Lane,
         held: HeldJobs,
         *,
         policy: service.RetryPolicy,
         metrics: WorkerMetrics,
     ) -> None:
-        self.engine = engine
-        self.connections = connections
+        # One writer at a time: a lane of one connection.
+        self.lane = lane
         self.held = held
         self.policy = policy
         self.metrics = metrics
@@ -123,9 +121,9 @@ class OutcomeWriter:
 
         def write() -> Written:
             if not failures:
-                with self.connections.autocommit() as conn:
+                with self.lane.autocommit() as conn:
                     return service.write_outcomes(conn, direct), []
-            with self.engine.begin() as conn:
+            with self.lane.transaction() as conn:
                 written = service.write_outcomes(conn, direct)
                 return written, service.fail_attempts(conn, failures, policy=self.policy)
 

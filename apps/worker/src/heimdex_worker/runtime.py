@@ -17,6 +17,11 @@ Threads of one process, each with one job; this module wires them:
   time, by advisory lock; a slice stops after a quarter of the heartbeat period, so leases are
   always renewed in time, and the next tick goes on while old jobs are left);
 - the listener (`listener.py`) holds a LISTEN connection and turns notifications into wake-ups.
+A slot is a thread, not a connection: the threads share a few lanes of connections (`db.Lanes`,
+sized by `HEIMDEX_WORKER_DB_CONNECTIONS` whatever the concurrency), each thread taking one for a
+statement: the claims', the outcome writer's, the keeper's, the attempts' own writes (a start,
+stages, checkpoints) and the handlers' (`ctx.connect()`), so a handler waiting for a connection
+never holds up a claim.
 LISTEN and retention's lock need a session: behind a transaction pooler they use
 `HEIMDEX_SESSION_DATABASE_URL`, and without it the worker polls and does not prune.
 """
@@ -47,7 +52,8 @@ from heimdex.models import DEFAULT_QUEUE, STAGE_MAX
 from heimdex.settings import Settings
 from heimdex_worker.db import (
     MAX_RETRY_WAIT_SECONDS,
-    ThreadConnections,
+    Budget,
+    Lanes,
     failure_fields,
     retrying,
 )
@@ -138,7 +144,7 @@ class _Context:
 
     def _record(self, name: str, progress: int, state: Mapping[str, Any] | None) -> None:
         def record() -> bool | None:
-            with self.worker.connections.autocommit() as conn:
+            with self.worker.lanes.attempts.autocommit() as conn:
                 return repository.record_stage(
                     conn, self.held.job.id, self.held.token, stage=name, progress=progress,
                     checkpoint=state,
@@ -154,7 +160,7 @@ class _Context:
         self.held.stage = name
 
     def connect(self) -> AbstractContextManager[Connection]:
-        return self.worker.engine.connect()
+        return self.worker.lanes.handlers.session()
 
     def popen(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         if kwargs.pop("start_new_session", True) is not True:
@@ -222,20 +228,20 @@ class Worker:
         )
         self.stopping = threading.Event()
         self.wake = threading.Event()
-        self.connections = ThreadConnections(engine)
+        self.budget = Budget.of(
+            settings.worker_db_connections, concurrency=concurrency, batch=batch
+        )
+        self.lanes = Lanes(engine, self.budget)
         self.held = HeldJobs()
         # Claimed jobs not started yet, shared by the runners (deque: append and popleft are
         # atomic, and no thread is woken per job).
         self._ready: collections.deque[Held] = collections.deque()
         self.writer = OutcomeWriter(
-            engine, self.connections, self.held, policy=self.policy, metrics=metrics
+            self.lanes.outcomes, self.held, policy=self.policy, metrics=metrics
         )
-        # Claims in flight at once in this process: one per batch of runners, plus one ahead
-        # (batch 1 at concurrency 4: four; batch 10: two). Every idle runner claiming at once
-        # would split a batch between them and send more, emptier claims.
-        self._claim_slots = threading.BoundedSemaphore(
-            min(concurrency, -(-concurrency // batch) + 1)
-        )
+        # Claims in flight at once in this process (`Budget.claims`), each on a connection of
+        # the claims' own lane: a claim never waits behind an attempt's write.
+        self._claim_slots = threading.BoundedSemaphore(self.budget.claims)
         # One runner of this process places due jobs at a time (`_place`); the placing
         # statement lets one placer of the deployment work at a time.
         self._placing = threading.Lock()
@@ -248,8 +254,7 @@ class Worker:
         )
         self.keeper = Keeper(
             settings,
-            engine,
-            self.connections,
+            self.lanes.keeper,
             self.held,
             self.writer,
             policy=self.policy,
@@ -393,7 +398,7 @@ class Worker:
         return fresh[0]
 
     def _claim(self, limit: int) -> repository.Claim:
-        with self.connections.autocommit() as conn:
+        with self.lanes.claims.autocommit() as conn:
             claim = service.claim(
                 conn, worker_id=self.worker_id, limit=limit,
                 lease_seconds=self.settings.lease_seconds, queues=self.queues,
@@ -408,7 +413,7 @@ class Worker:
         if not self._placing.acquire(blocking=False):
             return False
         try:
-            with self.connections.autocommit() as conn:
+            with self.lanes.attempts.autocommit() as conn:
                 placed = repository.place_due(conn)
         except DBAPIError as exc:
             logger.warning(
@@ -483,7 +488,7 @@ class Worker:
         }
 
         def record() -> bool:
-            with self.connections.autocommit() as conn:
+            with self.lanes.attempts.autocommit() as conn:
                 return repository.record_resumed(conn, held.job.id, held.token, detail)
 
         if not retrying("recording a resume", record, give_up=self.stopping.is_set):
@@ -524,7 +529,7 @@ class Worker:
         Retried through an outage until the worker stops."""
 
         def record() -> bool:
-            with self.connections.autocommit() as conn:
+            with self.lanes.attempts.autocommit() as conn:
                 return repository.record_start(conn, held.job.id, held.token)
 
         started: bool = retrying("recording a start", record, give_up=self.stopping.is_set)
@@ -564,13 +569,7 @@ class Worker:
         self._runners += 1
 
     def _start(self, name: str, target: Callable[[], None]) -> None:
-        def run() -> None:
-            try:
-                target()
-            finally:
-                self.connections.close()
-
-        thread = threading.Thread(target=run, name=name, daemon=True)
+        thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
 
@@ -592,6 +591,7 @@ class Worker:
         for thread in self._threads:
             # Runners are done once nothing is held (or stuck in a handler past the grace).
             thread.join(timeout=5 if thread.name == "keeper" else 0.5)
+        self.lanes.close()
         if self.archive is not None:
             self.archive.close()
         left = len(self.held)

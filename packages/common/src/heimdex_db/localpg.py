@@ -120,10 +120,15 @@ class LocalPostgres:
     max_connections: int = 200
 
     @classmethod
-    def throwaway(cls, *, durable: bool = False) -> LocalPostgres:
+    def throwaway(cls, *, durable: bool = False, max_connections: int = 200) -> LocalPostgres:
         parent = Path(tempfile.mkdtemp(prefix="heimdex-pg-"))
         os.chmod(parent, 0o755)  # noqa: S103 - the unprivileged server user must reach it
-        return cls(datadir=parent / "data", owns_datadir=True, durable=durable)
+        return cls(
+            datadir=parent / "data",
+            owns_datadir=True,
+            durable=durable,
+            max_connections=max_connections,
+        )
 
     @property
     def socket_dir(self) -> Path:

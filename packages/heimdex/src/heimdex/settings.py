@@ -39,6 +39,11 @@ FAILED_GROUP = (JobStatus.FAILED, JobStatus.DEAD_LETTER)
 _AGE = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)?\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _OFF = ("", "off", "never", "none")
+MAX_WORKER_CONCURRENCY = 1000
+# One connection each for the LISTEN, the keeper, the outcome writer, claims, the attempts'
+# writes, the handlers' own (`ctx.connect()`), and what uses the engine directly (metrics, a
+# retention slice).
+MIN_WORKER_DB_CONNECTIONS = 7
 
 
 def parse_age(value: str) -> timedelta | None:
@@ -212,7 +217,15 @@ class Settings(BaseSettings):
         default=5.0, gt=0, validation_alias="HEIMDEX_BODY_TIMEOUT_SECONDS"
     )
     worker_concurrency: int = Field(
-        default=4, ge=1, le=256, validation_alias="HEIMDEX_WORKER_CONCURRENCY"
+        default=4, ge=1, le=MAX_WORKER_CONCURRENCY, validation_alias="HEIMDEX_WORKER_CONCURRENCY"
+    )
+    # A slot is a thread, not a connection: a worker's connections are this many whatever its
+    # concurrency (its LISTEN connection included; heimdex_worker.db.Budget spends them).
+    worker_db_connections: int = Field(
+        default=10,
+        ge=MIN_WORKER_DB_CONNECTIONS,
+        le=100,
+        validation_alias="HEIMDEX_WORKER_DB_CONNECTIONS",
     )
     claim_batch: int = Field(default=4, ge=1, le=1000, validation_alias="HEIMDEX_CLAIM_BATCH")
     # The queues a worker claims, comma-separated (empty: every queue of its job types).

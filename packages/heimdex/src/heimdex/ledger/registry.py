@@ -85,7 +85,8 @@ class JobContext(Protocol):
     def connect(self) -> AbstractContextManager[Connection]:
         """A connection to the ledger's database, from the worker's pool, for a job that works
         on the database itself (the built-in `heimdex.backfill`); the handler owns its
-        transactions."""
+        transactions. A worker keeps a few such connections whatever its concurrency
+        (`HEIMDEX_WORKER_DB_CONNECTIONS`): hold one for a batch, not for the whole attempt."""
 
     def popen(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """`subprocess.Popen` in a session of its own, terminated (then killed after the grace

@@ -1,0 +1,33 @@
+"""The job types bench/worker_connections.py runs (the harness puts bench/ on the worker's
+PYTHONPATH: `HEIMDEX_JOB_MODULES=worker_connections_jobs:jobs`)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import BaseModel
+
+from heimdex.ledger.registry import JobContext, JobTypes
+
+jobs = JobTypes()
+NAP_STAGES = 10
+NAP_STAGE_SECONDS = 0.5
+
+
+class Empty(BaseModel):
+    pass
+
+
+@jobs.register("quick", params=Empty)
+def quick(ctx: JobContext, params: Empty) -> dict[str, Any]:
+    return {}
+
+
+@jobs.register("nap", params=Empty)
+def nap(ctx: JobContext, params: Empty) -> dict[str, Any]:
+    """Five seconds in ten stages: each boundary is a write through the handler's context."""
+    for stage in range(1, NAP_STAGES + 1):
+        time.sleep(NAP_STAGE_SECONDS)
+        ctx.stage(f"nap{stage}", stage * 100 // NAP_STAGES)
+    return {}
