@@ -1,12 +1,15 @@
-"""A copy of the history to break on purpose, and the `heimdex` CLI run as a real process."""
+"""A copy of the history to break on purpose, and the `heimdex` CLI run in this process or as a
+real one."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,8 +17,10 @@ from pathlib import Path
 
 import pytest
 from alembic.script import ScriptDirectory
+from click.testing import CliRunner
 from sqlalchemy.engine import URL
 
+from heimdex.cli import main
 from heimdex_db.config import (
     VERSION_TABLE_SCHEMA,
     alembic_config,
@@ -140,6 +145,40 @@ def clean_env(**extra: str) -> dict[str, str]:
 def heimdex(
     *args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """`heimdex ARGS` in this process through click's `CliRunner`: the same command, options,
+    settings and exit code as the console script, without a Python start and its imports.
+    `cwd` and `env` apply for the call only. Where the process is the point (the console
+    script, a signal, the playbook's command line), `heimdex_process`."""
+    environ = env or clean_env()
+    overrides: dict[str, str | None] = {k: None for k in os.environ if k not in environ}
+    overrides.update(environ)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    here = Path.cwd()
+    os.chdir(cwd or REPO)
+    try:
+        result = CliRunner(env=overrides).invoke(main, [*map(str, args)], prog_name="heimdex")
+    finally:
+        os.chdir(here)
+        # The command's log handler wrote to the runner's (now closed) stderr.
+        for handler in [h for h in root.handlers if h not in handlers]:
+            handler.close()
+            root.removeHandler(handler)
+        root.setLevel(level)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        # What the interpreter would print when the process dies of it.
+        assert result.exc_info is not None
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    return subprocess.CompletedProcess(
+        ["heimdex", *map(str, args)], result.exit_code, result.stdout, stderr
+    )
+
+
+def heimdex_process(
+    *args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`heimdex ARGS` as the console script, in a process of its own."""
     return subprocess.run(
         [str(HEIMDEX), *map(str, args)],
         cwd=cwd or REPO,
