@@ -3,13 +3,11 @@ real one."""
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
-import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from alembic.script import ScriptDirectory
-from click.testing import CliRunner
 from sqlalchemy.engine import URL
 
 from heimdex.cli import main
@@ -25,6 +22,7 @@ from heimdex_db.config import (
     VERSION_TABLE_SCHEMA,
     alembic_config,
 )
+from tests.inprocess import run_in_process
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = REPO / "packages" / "common"
@@ -145,33 +143,18 @@ def clean_env(**extra: str) -> dict[str, str]:
 def heimdex(
     *args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """`heimdex ARGS` in this process through click's `CliRunner`: the same command, options,
-    settings and exit code as the console script, without a Python start and its imports.
-    `cwd` and `env` apply for the call only. Where the process is the point (the console
-    script, a signal, the playbook's command line), `heimdex_process`."""
-    environ = env or clean_env()
-    overrides: dict[str, str | None] = {k: None for k in os.environ if k not in environ}
-    overrides.update(environ)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    here = Path.cwd()
-    os.chdir(cwd or REPO)
-    try:
-        result = CliRunner(env=overrides).invoke(main, [*map(str, args)], prog_name="heimdex")
-    finally:
-        os.chdir(here)
-        # The command's log handler wrote to the runner's (now closed) stderr.
-        for handler in [h for h in root.handlers if h not in handlers]:
-            handler.close()
-            root.removeHandler(handler)
-        root.setLevel(level)
-    stderr = result.stderr
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        # What the interpreter would print when the process dies of it.
-        assert result.exc_info is not None
-        stderr += "".join(traceback.format_exception(*result.exc_info))
+    """`heimdex ARGS` run in this process (tests/inprocess.py): the console script's entry
+    function, options, settings and exit code, without an interpreter start and its imports.
+    Where the process is the point (what the console script imports), `heimdex_process`."""
+    argv = [str(arg) for arg in args]
+    proc = run_in_process(
+        lambda: main.main(argv, prog_name="heimdex"),
+        ["heimdex", *argv],
+        cwd=cwd or REPO,
+        env=env or clean_env(),
+    )
     return subprocess.CompletedProcess(
-        ["heimdex", *map(str, args)], result.exit_code, result.stdout, stderr
+        proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode()
     )
 
 
