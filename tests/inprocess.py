@@ -22,6 +22,8 @@ from pathlib import Path
 from alembic.config import main as alembic_main
 from click.testing import CliRunner
 
+from heimdex.cli import main
+
 
 def run_in_process(
     entry: Callable[[], object], argv: Sequence[str], *, cwd: Path, env: Mapping[str, str]
@@ -63,4 +65,16 @@ def alembic(*args: str, cwd: Path, env: Mapping[str, str]) -> subprocess.Complet
     argv = list(args)
     return run_in_process(
         lambda: alembic_main(argv=argv, prog="alembic"), ["alembic", *argv], cwd=cwd, env=env
+    )
+
+
+def heimdex(*args: str, cwd: Path, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    """`heimdex ARGS` run in this process: the console script's entry function, options,
+    settings and exit code, its output as text."""
+    argv = list(args)
+    proc = run_in_process(
+        lambda: main.main(argv, prog_name="heimdex"), ["heimdex", *argv], cwd=cwd, env=env
+    )
+    return subprocess.CompletedProcess(
+        proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode()
     )

@@ -17,12 +17,11 @@ import pytest
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL
 
-from heimdex.cli import main
 from heimdex_db.config import (
     VERSION_TABLE_SCHEMA,
     alembic_config,
 )
-from tests.inprocess import run_in_process
+from tests import inprocess as in_process
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = REPO / "packages" / "common"
@@ -146,16 +145,7 @@ def heimdex(
     """`heimdex ARGS` run in this process (tests/inprocess.py): the console script's entry
     function, options, settings and exit code, without an interpreter start and its imports.
     Where the process is the point (what the console script imports), `heimdex_process`."""
-    argv = [str(arg) for arg in args]
-    proc = run_in_process(
-        lambda: main.main(argv, prog_name="heimdex"),
-        ["heimdex", *argv],
-        cwd=cwd or REPO,
-        env=env or clean_env(),
-    )
-    return subprocess.CompletedProcess(
-        proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode()
-    )
+    return in_process.heimdex(*map(str, args), cwd=cwd or REPO, env=env or clean_env())
 
 
 def heimdex_process(
