@@ -52,10 +52,14 @@ def run_in_process(
             stdout, stderr = out.getvalue(), err.getvalue()
     finally:
         os.chdir(here)
-        # A command's log handler wrote to the swapped (now closed) stderr.
+        # A command's log handler wrote to the swapped (now closed) stderr; the ones it
+        # replaced (a worker's, a test's) come back.
         for handler in [h for h in root.handlers if h not in handlers]:
             handler.close()
             root.removeHandler(handler)
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
         root.setLevel(level)
     return subprocess.CompletedProcess(list(argv), code, stdout, stderr)
 
