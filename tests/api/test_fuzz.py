@@ -158,7 +158,7 @@ def api_url(
             return False
 
     try:
-        wait_for(up, what="the API")
+        wait_for(up, what="the API", timeout=120)  # two start at once on a loaded machine
         yield base
     finally:
         proc.kill()
