@@ -36,6 +36,9 @@ def test_a_groups_tests_run_on_one_worker(
     out = pytester.path / "groups.txt"
     monkeypatch.setenv("GROUPS_OUT", str(out))
     monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    # Only xdist (named below): the other installed plugins (schemathesis, hypothesis, ...) are
+    # seconds of imports in each of the three processes, and these tests use none of them.
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
     if with_hook:
         pytester.makeconftest("from tests.xdist_groups import pytest_collection_modifyitems\n")
     pytester.makepyfile(test_inner=TESTS)

@@ -43,6 +43,7 @@ def multi_host(first: str, second: URL) -> str:
     )
 
 
+@pytest.mark.slow  # a second cluster of its own
 def test_read_only_server_is_left_for_the_new_primary(
     other_server: LocalPostgres, create_database: DatabaseFactory
 ) -> None:

@@ -33,6 +33,8 @@ from heimdex_db.localpg import LocalPostgres
 from tests.conftest import alembic_cfg
 from tests.stack import FAST, SECRET, ThreadWorkers, wait_for
 
+pytestmark = pytest.mark.slow  # a primary and a streaming replica of their own
+
 
 @dataclass
 class Replicated:

@@ -238,6 +238,7 @@ SELECT CASE WHEN g % 100 = 0 THEN CAST(:other AS uuid) ELSE CAST(:big AS uuid) E
     _assert_one_index_scan(probes)
 
 
+@pytest.mark.slow  # a large backlog, analyzed
 def test_the_org_probe_keeps_its_index_when_the_statistics_predate_the_turns(
     engine: Engine,
 ) -> None:

@@ -1,4 +1,5 @@
-"""A copy of the history to break on purpose, and the `heimdex` CLI run as a real process."""
+"""A copy of the history to break on purpose, and the `heimdex` CLI run in this process or as a
+real one."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from heimdex_db.config import (
     VERSION_TABLE_SCHEMA,
     alembic_config,
 )
+from tests import inprocess as in_process
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = REPO / "packages" / "common"
@@ -149,6 +151,16 @@ def clean_env(**extra: str) -> dict[str, str]:
 def heimdex(
     *args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """`heimdex ARGS` run in this process (tests/inprocess.py): the console script's entry
+    function, options, settings and exit code, without an interpreter start and its imports.
+    Where the process is the point (what the console script imports), `heimdex_process`."""
+    return in_process.heimdex(*map(str, args), cwd=cwd or REPO, env=env or clean_env())
+
+
+def heimdex_process(
+    *args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`heimdex ARGS` as the console script, in a process of its own."""
     return subprocess.run(
         [str(HEIMDEX), *map(str, args)],
         cwd=cwd or REPO,

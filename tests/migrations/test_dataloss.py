@@ -44,7 +44,7 @@ def _at_regions(history: HistoryCopy, url: URL) -> str:
     return before
 
 
-@pytest.mark.slow  # `heimdex db` as a process
+@pytest.mark.slow  # the whole history upgraded
 def test_a_downgrade_that_would_delete_data_lists_each_item_and_changes_nothing(
     history: HistoryCopy, empty_db_url: URL
 ) -> None:
@@ -78,7 +78,7 @@ def test_a_downgrade_that_would_delete_data_lists_each_item_and_changes_nothing(
     assert scalar(empty_db_url, "SELECT count(*) FROM region") == 3
 
 
-@pytest.mark.slow  # `heimdex db` as a process
+@pytest.mark.slow  # the whole history upgraded
 def test_allow_data_loss_drops_them(history: HistoryCopy, empty_db_url: URL) -> None:
     before = _at_regions(history, empty_db_url)
     execute(empty_db_url, "INSERT INTO region VALUES ('eu')", JOB.format(region="'eu'"))
@@ -100,6 +100,7 @@ def test_allow_data_loss_drops_them(history: HistoryCopy, empty_db_url: URL) -> 
     assert scalar(empty_db_url, "SELECT to_regclass('region') IS NULL") is True
 
 
+@pytest.mark.slow  # the whole history upgraded
 def test_a_downgrade_dropping_only_empty_tables_and_null_columns_needs_no_flag(
     history: HistoryCopy, empty_db_url: URL
 ) -> None:
@@ -111,6 +112,7 @@ def test_a_downgrade_dropping_only_empty_tables_and_null_columns_needs_no_flag(
     assert result.after == before
 
 
+@pytest.mark.slow  # the whole history upgraded
 def test_counted_across_several_revisions_a_column_with_its_table_once(
     history: HistoryCopy, empty_db_url: URL
 ) -> None:

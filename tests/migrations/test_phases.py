@@ -11,7 +11,7 @@ from tests.dbutil import scalar, version_of
 
 from .conftest import HistoryCopy, heimdex, url_arg
 
-pytestmark = pytest.mark.slow  # `heimdex db` as a process
+pytestmark = pytest.mark.slow  # histories upgraded from the base
 
 LOCK = "op.execute(\"SET LOCAL lock_timeout = '5s'\")"
 

@@ -24,6 +24,8 @@ __all__ = [
     "test_upgrade",
 ]
 
+pytestmark = pytest.mark.slow  # the whole history walked, up and down
+
 
 @pytest.fixture
 def alembic_config():  # type: ignore[no-untyped-def]

@@ -19,6 +19,7 @@ from heimdex_db.status import status
 from heimdex_db.supabase.artifacts import ArtifactsStale, compile_artifacts, sql
 from heimdex_db.verify.schema import render_diff, snapshot
 from tests.dbutil import scalar
+from tests.inprocess import alembic
 
 from .conftest import COMMON, REPO, HistoryCopy, clean_env, heimdex, revisions_of, url_arg
 from .test_online import EVENTS_CHECKSUM, LOAD, ROWS_CHECKSUM
@@ -26,17 +27,21 @@ from .test_online import EVENTS_CHECKSUM, LOAD, ROWS_CHECKSUM
 ARTIFACTS = REPO / "supabase" / "migrations"
 
 
-def _playbook_sql(range_: str) -> bytes:
-    """The playbook's verbatim step 3 (without docker): stdout of `alembic upgrade ... --sql`."""
+def _playbook_sql(range_: str, *, process: bool = False) -> bytes:
+    """The playbook's verbatim step 3 (without docker): stdout of `alembic upgrade ... --sql`,
+    as a process (the command line as typed) or in this one (the same entry function)."""
     env = clean_env(ALEMBIC_CONFIG=str(COMMON / "alembic.ini"), PYTHONPATH=str(COMMON / "src"))
-    proc = subprocess.run(
+    if not process:
+        proc = alembic("upgrade", range_, "--sql", cwd=COMMON, env=env)
+        assert proc.returncode == 0, proc.stderr.decode()
+        return proc.stdout
+    return subprocess.run(
         [sys.executable, "-m", "alembic", "upgrade", range_, "--sql"],
         cwd=COMMON,
         env=env,
         capture_output=True,
         check=True,
-    )
-    return proc.stdout
+    ).stdout
 
 
 @pytest.mark.slow
@@ -44,7 +49,7 @@ def test_committed_artifacts_are_the_playbook_commands_output_byte_for_byte() ->
     names = sorted(p.name for p in ARTIFACTS.glob("*.sql"))
     assert names[:2] == ["0001_job_ledger_init.sql", "0002_job_ledger_hardening.sql"]
     assert (ARTIFACTS / "0001_job_ledger_init.sql").read_bytes() == _playbook_sql(
-        "001_job_ledger_init"
+        "001_job_ledger_init", process=True
     )
     # Each revision's files, concatenated, are the playbook's output for it (a revision with an
     # autocommit block is cut into several files where Alembic commits).
@@ -56,7 +61,9 @@ def test_committed_artifacts_are_the_playbook_commands_output_byte_for_byte() ->
     assert sorted(n for group in files.values() for n in group) == names
     for i in range(1, len(revisions)):
         joined = b"".join((ARTIFACTS / n).read_bytes() for n in files[revisions[i]])
-        assert joined == _playbook_sql(f"{revisions[i - 1]}:{revisions[i]}"), revisions[i]
+        span = f"{revisions[i - 1]}:{revisions[i]}"
+        # The first and the last as the command line, the others in this process.
+        assert joined == _playbook_sql(span, process=i == len(revisions) - 1), revisions[i]
     # A published revision keeps its one file; a new one with a concurrent build gets several.
     assert files["3af4686817cc"] == ["0002_job_ledger_hardening.sql"]
     assert len(files["b8e2d4f6a1c3"]) > 1

@@ -21,7 +21,7 @@ from tests.dbutil import execute, schema_of, version_of
 from .conftest import COMMON, REPO, HistoryCopy, heimdex, revisions_of, url_arg
 from .test_supabase_cli import supabase_cli, supabase_push
 
-pytestmark = pytest.mark.slow  # `heimdex db` as a process, histories built and walked
+pytestmark = pytest.mark.slow  # histories squashed (pg_dump), rebuilt and walked
 
 __all__ = ["supabase_cli"]  # the fixture, shared with the Supabase CLI tests
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from sqlalchemy.engine import URL
 
 from heimdex_db.context import DbContext
@@ -12,7 +11,6 @@ from tests.dbutil import execute
 from .conftest import VERSION_TABLE, HistoryCopy, heimdex, revisions_of, url_arg
 
 
-@pytest.mark.slow
 def test_empty_database_lists_pending_revisions_with_messages(empty_db_url: URL) -> None:
     proc = heimdex("db", "status", "--database-url", url_arg(empty_db_url))
     assert proc.returncode == StatusCode.PENDING == 3, proc.stderr
@@ -23,7 +21,6 @@ def test_empty_database_lists_pending_revisions_with_messages(empty_db_url: URL)
     assert pending == revisions_of()
 
 
-@pytest.mark.slow
 def test_at_head_is_zero(db_url: URL) -> None:
     proc = heimdex("db", "status", "--database-url", url_arg(db_url))
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -37,7 +34,6 @@ def test_partly_migrated_database_lists_only_what_is_left(db_url: URL) -> None:
     assert [p.revision for p in result.pending] == revisions_of()[1:]
 
 
-@pytest.mark.slow
 def test_models_drifting_from_the_database_is_four(db_url: URL) -> None:
     execute(db_url, "ALTER TABLE job ADD COLUMN sneaked_in integer")
     proc = heimdex("db", "status", "--database-url", url_arg(db_url))
@@ -46,7 +42,6 @@ def test_models_drifting_from_the_database_is_four(db_url: URL) -> None:
     assert "sneaked_in" in proc.stdout
 
 
-@pytest.mark.slow
 def test_multiple_heads_is_five(history: HistoryCopy, db_url: URL) -> None:
     head = history.head
     history.add_revision("aaaa00000001", head, "pass")
@@ -56,7 +51,6 @@ def test_multiple_heads_is_five(history: HistoryCopy, db_url: URL) -> None:
     assert "multiple heads" in proc.stdout
 
 
-@pytest.mark.slow
 def test_database_at_an_unknown_revision_is_six(db_url: URL) -> None:
     execute(db_url, f"UPDATE {VERSION_TABLE} SET version_num = 'feedface0000'")
     proc = heimdex("db", "status", "--database-url", url_arg(db_url))
@@ -64,7 +58,6 @@ def test_database_at_an_unknown_revision_is_six(db_url: URL) -> None:
     assert "unknown revision in the database: feedface0000" in proc.stdout
 
 
-@pytest.mark.slow
 def test_unreachable_database_is_one_line_and_exit_one() -> None:
     proc = heimdex("db", "status", "--database-url", "postgresql://u:s3cret@127.0.0.1:1/ledger")
     assert proc.returncode == 1

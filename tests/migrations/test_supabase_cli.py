@@ -130,7 +130,7 @@ def test_a_new_concurrent_index_revision_is_applied_by_the_cli_like_alembic_does
     )
 
 
-@pytest.mark.slow  # `heimdex db` as a process
+@pytest.mark.slow  # every artifact compiled
 def test_check_refuses_a_file_mixing_a_concurrent_index_with_other_statements(
     tmp_path: Path,
 ) -> None:

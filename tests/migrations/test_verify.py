@@ -16,7 +16,7 @@ from heimdex_db.verify.command import VerifyFailed, verify
 
 from .conftest import HistoryCopy, clean_env, heimdex, revisions_of, url_arg
 
-pytestmark = pytest.mark.slow  # clusters of its own, `heimdex db verify` as a process
+pytestmark = pytest.mark.slow  # clusters of its own, every revision up/down/up
 
 LOCK = "op.execute(\"SET LOCAL lock_timeout = '5s'\")"
 

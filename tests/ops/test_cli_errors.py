@@ -81,7 +81,14 @@ def unprivileged(
         conn.execute(text(f"DROP ROLE {role}"))
 
 
-@pytest.fixture(params=["unreachable", "wrong-password", "missing-database", "no-privileges"])
+@pytest.fixture(
+    params=[
+        "unreachable",
+        pytest.param("wrong-password", marks=pytest.mark.slow),  # a cluster of its own
+        "missing-database",
+        "no-privileges",
+    ]
+)
 def case(request: pytest.FixtureRequest, pg_admin_url: URL) -> Case:
     if request.param == "unreachable":
         port = free_port()

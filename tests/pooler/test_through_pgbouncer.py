@@ -9,7 +9,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 import uuid
 from collections import Counter
@@ -25,6 +24,7 @@ from heimdex.ledger import repository, service
 from heimdex.ledger.registry import load_registry
 from heimdex.settings import PoolMode
 from heimdex_db.localpg import free_port
+from tests.inprocess import heimdex
 from tests.pooler.conftest import PgbouncerFactory
 from tests.stack import Processes, auth, wait_for
 
@@ -186,14 +186,8 @@ def test_a_worker_behind_a_transaction_pooler_listens_on_the_session_url_or_says
 
 
 def _heimdex(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "heimdex", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    """`heimdex ARGS` in this process (tests/inprocess.py), with `env` over this environment."""
+    return heimdex(*args, cwd=Path.cwd(), env={**os.environ, **env})
 
 
 def test_heimdex_db_refuses_a_transaction_pooler_and_runs_through_a_session_one(

@@ -7,8 +7,6 @@ Supabase's `postgres` would be: a superuser bypasses RLS, so it would prove noth
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from sqlalchemy.engine import URL
 from heimdex_db.config import alembic_config
 from heimdex_db.supabase.artifacts import compile_artifacts
 from tests.conftest import WORKER
+from tests.inprocess import alembic
 
 COMMON = Path(__file__).resolve().parents[2] / "packages" / "common"
 OWNER = "heimdex_owner"
@@ -31,20 +30,14 @@ DatabaseFactory = Callable[..., URL]
 
 
 def offline_sql(start: str | None, end: str) -> str:
-    """`alembic upgrade [start:]end --sql` run in packages/common with no database reachable."""
+    """`alembic upgrade [start:]end --sql` run in packages/common with no database reachable
+    (in this process: tests/inprocess.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k != "DATABASE_URL"}
     env.update(PGHOST="nowhere.invalid", PGPORT="1")
     span = f"{start}:{end}" if start else end
-    proc = subprocess.run(
-        [sys.executable, "-m", "alembic", "upgrade", span, "--sql"],
-        cwd=COMMON,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+    proc = alembic("upgrade", span, "--sql", cwd=COMMON, env=env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode()
 
 
 def artifacts() -> list[tuple[str, str]]:

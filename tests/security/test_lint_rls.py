@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import pytest
 from heimdex_db.config import alembic_config, script_directory
 from heimdex_db.lint.findings import Finding
 from heimdex_db.lint.rls import RLS_BASELINE_REVISION, RULE, check_rls
+from tests.inprocess import alembic
 from tests.security.conftest import COMMON, offline_sql
 
 NEW_REVISION = """\
@@ -54,16 +53,10 @@ def downgrade() -> None:
 
 def _alembic_sql(ini: Path, span: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k != "DATABASE_URL"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "alembic", "-c", str(ini), "upgrade", span, "--sql"],
-        cwd=ini.parent,
-        env={**env, "PGHOST": "nowhere.invalid", "PGPORT": "1"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+    env.update(PGHOST="nowhere.invalid", PGPORT="1")
+    proc = alembic("-c", str(ini), "upgrade", span, "--sql", cwd=ini.parent, env=env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode()
 
 
 @pytest.mark.slow

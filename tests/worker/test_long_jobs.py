@@ -347,6 +347,7 @@ def _submit_resumable(engine: Engine, org: uuid.UUID, key: str, hold: Path | Non
     return str(row.id)
 
 
+@pytest.mark.slow  # worker processes, killed or signalled
 @pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_a_job_interrupted_in_stage_3_resumes_without_running_stages_1_and_2_again(
     kill: signal.Signals,
