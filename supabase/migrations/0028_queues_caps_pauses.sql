@@ -41,7 +41,7 @@ CREATE TABLE job_limit (
 );
 
 CREATE TABLE job_pause (
-    kind varchar(10) NOT NULL,
+    kind text NOT NULL,
     value varchar(100) NOT NULL,
     actor varchar(200) NOT NULL,
     reason varchar(1000) NOT NULL,

@@ -102,7 +102,10 @@ def test_upgrade_phase_expand_applies_the_expand_revisions_up_to_the_first_contr
 def test_upgrade_phase_expand_applies_nothing_before_a_revision_of_no_phase(
     history: HistoryCopy, empty_db_url: URL
 ) -> None:
-    head = _phased(history)
+    _phased(history)
+    # The newest revision of this repository's history that declares no phase (the ones
+    # after it are expand revisions).
+    head = "f3c1a8e5b7d9"
     before = history.revisions[history.revisions.index(head) - 1]
     upgrade(DbContext.build(history.ini, database_url=empty_db_url), before)
 

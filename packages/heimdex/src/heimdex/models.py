@@ -491,7 +491,7 @@ class JobPause(Base):
         {"comment": "Paused queues, job types and orgs: their queued jobs are not claimed"},
     )
 
-    kind: Mapped[str] = mapped_column(String(10), primary_key=True, comment="queue, type or org")
+    kind: Mapped[str] = mapped_column(Text, primary_key=True, comment="queue, type or org")
     value: Mapped[str] = mapped_column(
         String(100), primary_key=True, comment="Name of the queue or type, or the org id"
     )
