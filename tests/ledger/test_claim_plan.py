@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -181,9 +183,10 @@ SELECT (CAST(:orgs AS uuid[]))[1 + g % 10], 'noop', 1 FROM generate_series(1, 10
     assert plan["Plan"]["Total Cost"] < threshold / 10, plan["Plan"]["Total Cost"]
 
 
-def _probe_plans(engine: Engine, orgs: list[uuid.UUID]) -> tuple[list[int | None], list[str]]:
-    """Each org's last turn at priority 0, probed 7 times (past PL/pgSQL's five custom plans,
-    onto its generic one), and the probes' plans (auto_explain)."""
+@contextmanager
+def _explained(engine: Engine) -> Iterator[tuple[psycopg.Connection[Any], list[str]]]:
+    """A driver connection whose statements, nested ones included (the probe functions'), log
+    their plans (auto_explain, with ANALYZE) into the list; what they changed is rolled back."""
     plans: list[str] = []
     with engine.connect() as conn:
         driver = conn.connection.driver_connection
@@ -197,6 +200,16 @@ def _probe_plans(engine: Engine, orgs: list[uuid.UUID]) -> tuple[list[int | None
             "SET client_min_messages = log",
         ):
             driver.execute(setting)
+        try:
+            yield driver, plans
+        finally:
+            conn.rollback()
+
+
+def _probe_plans(engine: Engine, orgs: list[uuid.UUID]) -> tuple[list[int | None], list[str]]:
+    """Each org's last turn at priority 0, probed 7 times (past PL/pgSQL's five custom plans,
+    onto its generic one), and the probes' plans (auto_explain)."""
+    with _explained(engine) as (driver, plans):
         lasts = [
             driver.execute(
                 "SELECT heimdex_private.job_last_turn(%s, 'default', 0, 0)", (org,)
@@ -204,7 +217,6 @@ def _probe_plans(engine: Engine, orgs: list[uuid.UUID]) -> tuple[list[int | None
             for org in orgs
             for _ in range(7)
         ]
-        conn.rollback()
     probes = [p for p in plans if "FROM public.job" in p]
     assert len(probes) == 7 * len(orgs), plans
     return lasts, probes
@@ -288,18 +300,7 @@ SELECT (CAST(:orgs AS uuid[]))[1 + g % 100], 'noop',
         )
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE job"))
-    plans: list[str] = []
-    with engine.connect() as conn:
-        driver = conn.connection.driver_connection
-        assert driver is not None
-        driver.add_notice_handler(lambda d: plans.append(d.message_primary or ""))
-        for setting in (
-            "LOAD 'auto_explain'",
-            "SET auto_explain.log_min_duration = 0",
-            "SET auto_explain.log_nested_statements = on",
-            "SET client_min_messages = log",
-        ):
-            driver.execute(setting)
+    with _explained(engine) as (driver, plans):
         clocks = [
             driver.execute(
                 "SELECT heimdex_private.job_queue_clock(%s, 0, 10000000)", (queue,)
@@ -307,7 +308,6 @@ SELECT (CAST(:orgs AS uuid[]))[1 + g % 100], 'noop',
             for queue in ("gpu", "default", "idle")
             for _ in range(7)
         ]
-        conn.rollback()
     assert clocks == [1010] * 7 + [1001] * 7 + [10_000_000] * 7, clocks
     probes = [p for p in plans if "FROM public.job" in p]
     assert len(probes) == 21, plans
@@ -334,18 +334,7 @@ SELECT gen_random_uuid(), CASE WHEN g % 2 = 0 THEN 8 END, 1 + g % 3,
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE job_limit"))
     assert "job_limit_room()" in repository.worker.claim_sql(10)
-    plans: list[str] = []
-    with engine.connect() as conn:
-        driver = conn.connection.driver_connection
-        assert driver is not None
-        driver.add_notice_handler(lambda d: plans.append(d.message_primary or ""))
-        for setting in (
-            "LOAD 'auto_explain'",
-            "SET auto_explain.log_min_duration = 0",
-            "SET auto_explain.log_nested_statements = on",
-            "SET client_min_messages = log",
-        ):
-            driver.execute(setting)
+    with _explained(engine) as (driver, plans):
         answers = [
             driver.execute("SELECT heimdex_private.job_limit_room()").fetchone()[0]  # type: ignore[index]
             for _ in range(7)
@@ -356,7 +345,6 @@ SELECT gen_random_uuid(), CASE WHEN g % 2 = 0 THEN 8 END, 1 + g % 3,
             " WHERE id = (SELECT min(id) FROM job_limit WHERE waiting AND max_running = 8)"
         )
         answers.append(driver.execute("SELECT heimdex_private.job_limit_room()").fetchone()[0])  # type: ignore[index]
-        conn.rollback()
     assert answers == [False] * 7 + [True], answers
     probes = [p for p in plans if "FROM public.job_limit" in p]
     assert len(probes) == 8, plans
